@@ -1,0 +1,289 @@
+"""The `kerasft` command line: `fit`, `predict`, `evaluate`.
+
+Heavy libraries load inside the subcommands; `--backend` (or `KERAS_BACKEND`) is applied before
+Keras is imported. The default backend is TensorFlow: on the 2-core CPU machines this project is
+measured on it trains fastest (see README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BACKENDS = ("tensorflow", "jax", "torch")
+DEFAULT_BACKEND = "tensorflow"
+MODEL_FILE = "model.keras"
+
+log = logging.getLogger("kerasft")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from kerasft.config import RecipeConfig
+    from kerasft.data import DATA_ENV
+    from kerasft.presets import DEFAULT_PRESET
+
+    parser = argparse.ArgumentParser(prog="kerasft", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        help=f"Keras backend (default: $KERAS_BACKEND, else {DEFAULT_BACKEND})",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    fit = sub.add_parser("fit", help="two-stage fine-tuning on the reference 60/20/20 split")
+    fit.add_argument("--data", default=os.environ.get(DATA_ENV), help=f"data file (or ${DATA_ENV})")
+    fit.add_argument("--out", required=True, help="run directory to create")
+    fit.add_argument("--preset", default=DEFAULT_PRESET, help="preset name or directory")
+    fit.add_argument("--text-column")
+    fit.add_argument("--label-column")
+    fit.add_argument("--skip-invalid", action="store_true", help="drop rows without text/label")
+    fit.add_argument("--limit", type=int, help="stratified subsample of N rows before the split")
+    fit.add_argument("--sequence-length", type=int, default=RecipeConfig.sequence_length)
+    fit.add_argument("--warmup-epochs", type=_positive_int, default=RecipeConfig.warmup_epochs)
+    fit.add_argument("--warmup-lr", type=float, default=RecipeConfig.warmup_learning_rate)
+    fit.add_argument("--finetune-epochs", type=_positive_int, default=RecipeConfig.finetune_epochs)
+    fit.add_argument("--finetune-lr", type=float, default=RecipeConfig.finetune_learning_rate)
+    fit.add_argument("--batch-size", type=int, default=RecipeConfig.batch_size)
+    fit.add_argument("--seed", type=int, default=RecipeConfig.seed)
+    fit.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    fit.add_argument("--quiet", action="store_true", help="no per-step progress bars")
+
+    predict = sub.add_parser("predict", help="label texts with a fitted run")
+    predict.add_argument("run_dir")
+    predict.add_argument("texts", nargs="+")
+    predict.add_argument("--json", action="store_true")
+
+    evaluate = sub.add_parser("evaluate", help="score every row of a labelled file")
+    evaluate.add_argument("run_dir")
+    evaluate.add_argument("--data", required=True)
+    evaluate.add_argument("--text-column")
+    evaluate.add_argument("--label-column")
+    evaluate.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `kerasft` console script. Returns the exit code."""
+    args = build_parser().parse_args(argv)
+    if args.backend:
+        os.environ["KERAS_BACKEND"] = args.backend
+    else:
+        os.environ.setdefault("KERAS_BACKEND", DEFAULT_BACKEND)
+    logging.basicConfig(level=logging.INFO, format="[kerasft] %(message)s")
+    from kerasft.data import DataError
+
+    try:
+        return {"fit": cmd_fit, "predict": cmd_predict, "evaluate": cmd_evaluate}[args.command](
+            args
+        )
+    except (DataError, FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
+        print(f"kerasft {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _prepare_out(out: Path, overwrite: bool) -> Path:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise FileExistsError(
+            f"Run directory {str(out)!r} exists and is not empty. Pass --overwrite to replace it."
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Replaces `out` by the finished `tmp` directory (rename, never a half-written run)."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    names = ("keras", "keras-hub", "tensorflow", "jax", "torch", "numpy", "scikit-learn")
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return versions
+
+
+def cmd_fit(args) -> int:
+    import keras
+
+    from kerasft.config import RecipeConfig
+    from kerasft.data import DataError, load_dataset, reference_split, stratified_limit
+    from kerasft.plots import plot_history
+    from kerasft.tuner import TwoStageFineTuner
+
+    if not args.data:
+        raise DataError("No data file: pass --data FILE or set $KERASFT_DATA.")
+    recipe = RecipeConfig(
+        preset=args.preset,
+        sequence_length=args.sequence_length,
+        warmup_epochs=args.warmup_epochs,
+        warmup_learning_rate=args.warmup_lr,
+        finetune_epochs=args.finetune_epochs,
+        finetune_learning_rate=args.finetune_lr,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+    out = Path(args.out)
+    tmp = _prepare_out(out, args.overwrite)
+    try:
+        start = time.perf_counter()
+        data = load_dataset(args.data, args.text_column, args.label_column, args.skip_invalid)
+        total_rows = len(data)
+        if args.limit is not None:
+            data = data.subset(stratified_limit(data.labels, args.limit, seed=args.seed))
+        train_idx, val_idx, test_idx = reference_split(data.labels)
+        log.info(
+            "%s: %d rows (%d skipped) -> train %d / validation %d / test %d; backend %s",
+            args.data,
+            len(data),
+            data.skipped,
+            len(train_idx),
+            len(val_idx),
+            len(test_idx),
+            keras.backend.backend(),
+        )
+        tuner = TwoStageFineTuner(**recipe.to_dict(), verbose=2 if args.quiet else "auto")
+        train, val, test = (data.subset(i) for i in (train_idx, val_idx, test_idx))
+        log.info("stage 1: warm-up (backbone frozen), stage 2: fine-tune (all layers)")
+        history = tuner.fit(train, validation_data=val)
+
+        metrics = {}
+        for name, split in (("validation", val), ("test", test)):
+            log.info("scoring the %s split (%d rows)", name, len(split))
+            metrics[name] = tuner.score(split)
+        tuner.save(tmp / MODEL_FILE)
+        seconds = dict(tuner.stage_seconds, total=time.perf_counter() - start)
+        report = {
+            **metrics,
+            "backend": keras.backend.backend(),
+            "preset": args.preset,
+            "label_names": tuner.label_names,
+            "rows": {
+                "file": total_rows,
+                "used": len(data),
+                "skipped": data.skipped,
+                "train": len(train),
+                "validation": len(val),
+                "test": len(test),
+            },
+            "seconds": seconds,
+            "samples_per_second": tuner.stage_samples_per_second,
+        }
+        _write_json(tmp / "metrics.json", report)
+        _write_json(tmp / "history.json", _jsonable(history.history))
+        _write_json(
+            tmp / "config.json",
+            {
+                "recipe": tuner.get_config(),
+                "data": str(args.data),
+                "columns": data.columns,
+                "limit": args.limit,
+                "split": {"test_size": 0.2, "validation_size": 0.25, "random_state": 30},
+                "backend": keras.backend.backend(),
+                "versions": _versions(),
+                "command": sys.argv,
+            },
+        )
+        plot_history(
+            history.history, tmp / "training_curves.png", f"{args.preset} ({report['backend']})"
+        )
+        _publish(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    test = metrics["test"]
+    print(
+        f"test accuracy {test['accuracy']:.4f}  f1 {test['f1']:.4f}  precision "
+        f"{test['precision']:.4f}  recall {test['recall']:.4f}  "
+        f"({seconds['total']:.0f} s; warm-up {seconds['warmup']:.0f} s, "
+        f"fine-tune {seconds['finetune']:.0f} s) -> {out}"
+    )
+    return 0
+
+
+def _load_run(run_dir: str):
+    from kerasft.tuner import TwoStageFineTuner
+
+    path = Path(run_dir) / MODEL_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"No {MODEL_FILE} in {run_dir!r}: is it a `kerasft fit` run directory?"
+        )
+    tuner = TwoStageFineTuner.load(path)
+    tuner.verbose = 0
+    return tuner
+
+
+def cmd_predict(args) -> int:
+    tuner = _load_run(args.run_dir)
+    proba = tuner.predict_proba(args.texts)
+    rows = []
+    for text, p in zip(args.texts, proba, strict=True):
+        k = int(p.argmax())
+        rows.append({"text": text, "label": tuner.label_names[k], "probability": float(p[k])})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            print(f"{row['label']}\t{row['probability']:.4f}\t{row['text']}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from kerasft.data import load_dataset
+
+    tuner = _load_run(args.run_dir)
+    metrics = tuner.score(load_dataset(args.data, args.text_column, args.label_column))
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        for key in ("rows", "accuracy", "precision", "recall", "f1"):
+            print(
+                f"{key:>10}: {metrics[key]:.4f}" if key != "rows" else f"{key:>10}: {metrics[key]}"
+            )
+        print(f"{'confusion':>10}: {metrics['confusion_matrix']} (rows = true, cols = predicted)")
+    return 0
+
+
+def _jsonable(obj):
+    import numpy as np
+
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(_jsonable(obj), indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

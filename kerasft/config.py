@@ -1,0 +1,99 @@
+"""`RecipeConfig`: the validated two-stage recipe, one place for every hyperparameter."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from kerasft.presets import OFFLINE_PRESET
+
+
+@dataclasses.dataclass
+class RecipeConfig:
+    """Hyperparameters of the two-stage recipe.
+
+    Stage 1 ("warm-up") trains the head with the backbone frozen; stage 2 ("fine-tune") trains
+    every layer at a lower learning rate. Both use Adam, one-hot labels and
+    `CategoricalCrossentropy(from_logits=True)`.
+
+    Args:
+        preset: KerasHub preset name, local directory, or `"all_minilm_l6_v2"`.
+        num_classes: number of classes; None infers it from the training labels.
+        sequence_length: maximum tokens per text (batches are padded only as far as needed).
+        warmup_epochs: stage-1 epochs (>= 0).
+        warmup_learning_rate: stage-1 Adam learning rate.
+        finetune_epochs: stage-2 epochs (>= 0).
+        finetune_learning_rate: stage-2 Adam learning rate.
+        batch_size: rows per batch.
+        seed: seed for weight init, dropout and the per-epoch reshuffle.
+        cache_features: in stage 1, run the frozen backbone once and train the head on cached
+            features instead of recomputing them every epoch.
+
+    Raises:
+        ValueError: on construction, for any out-of-range value (the message names it).
+    """
+
+    preset: str = OFFLINE_PRESET
+    num_classes: int | None = None
+    sequence_length: int = 128
+    warmup_epochs: int = 2
+    warmup_learning_rate: float = 1e-3
+    finetune_epochs: int = 2
+    finetune_learning_rate: float = 5e-5
+    batch_size: int = 32
+    seed: int = 30
+    cache_features: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.preset, os.PathLike):
+            self.preset = os.fspath(self.preset)
+        checks = {
+            "num_classes": (
+                self.num_classes is None or _is_int(self.num_classes, 2),
+                ">= 2 or None",
+            ),
+            "sequence_length": (_is_int(self.sequence_length, 8, 512), "an int in [8, 512]"),
+            "warmup_epochs": (_is_int(self.warmup_epochs, 0), "an int >= 0"),
+            "finetune_epochs": (_is_int(self.finetune_epochs, 0), "an int >= 0"),
+            "batch_size": (_is_int(self.batch_size, 1), "an int >= 1"),
+            "seed": (_is_int(self.seed, 0), "an int >= 0"),
+            "warmup_learning_rate": (_is_rate(self.warmup_learning_rate), "a float in (0, 1]"),
+            "finetune_learning_rate": (_is_rate(self.finetune_learning_rate), "a float in (0, 1]"),
+            "preset": (isinstance(self.preset, str) and bool(self.preset), "a non-empty string"),
+            "cache_features": (isinstance(self.cache_features, bool), "True or False"),
+        }
+        for name, (ok, allowed) in checks.items():
+            if not ok:
+                raise ValueError(
+                    f"{name} must be {allowed}. Received: {name}={getattr(self, name)!r}"
+                )
+        if self.warmup_epochs + self.finetune_epochs == 0:
+            raise ValueError(
+                "At least one stage needs epochs. Received: warmup_epochs=0, finetune_epochs=0"
+            )
+
+    def to_dict(self) -> dict:
+        """Returns the config as a JSON-serialisable dict."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, config: dict) -> RecipeConfig:
+        """Rebuilds a config; unknown keys are an error, not silently ignored."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ValueError(f"Unknown recipe keys {unknown}. Allowed: {sorted(known)}")
+        return cls(**config)
+
+
+def _is_int(value, low: int, high: int | None = None) -> bool:
+    return (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and value >= low
+        and (high is None or value <= high)
+    )
+
+
+def _is_rate(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1

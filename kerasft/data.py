@@ -1,0 +1,277 @@
+"""Labelled text loading, the reference 60/20/20 split and stratified subsampling.
+
+Supported files: JSON Lines (`.jsonl`/`.ndjson`), a JSON array of objects (`.json`), CSV (`.csv`)
+and TSV (`.tsv`/`.tab`) with a header row. Text and label columns are auto-detected from common
+names (`headline`, `sentence`, `text`, ... / `is_sarcastic`, `label`, ...) and can be given by name.
+Labels may be ints or strings; they are mapped to class ids `0..K-1` in sorted order and the names
+are kept in `TextDataset.label_names`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+DATA_ENV = "KERASFT_DATA"
+TEXT_COLUMNS = ("text", "sentence", "headline", "review", "content", "document", "title")
+LABEL_COLUMNS = ("label", "labels", "is_sarcastic", "target", "class", "category", "sentiment")
+_FORMATS = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".tab": "tsv",
+}
+REFERENCE_SEED = 30
+
+
+class DataError(ValueError):
+    """Raised for unusable input data; the message names the file, row and problem."""
+
+
+@dataclass
+class TextDataset:
+    """Texts with integer class ids.
+
+    Attributes:
+        texts: the texts, in file order.
+        labels: int array of class ids, `labels[i]` indexes `label_names`.
+        label_names: class names; ints are kept as their string form (`"0"`, `"1"`).
+        source: where the rows came from.
+        skipped: rows dropped by `skip_invalid=True` (always 0 otherwise).
+    """
+
+    texts: list[str]
+    labels: np.ndarray
+    label_names: list[str]
+    source: str = ""
+    skipped: int = 0
+    columns: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, indices) -> TextDataset:
+        """Returns the rows at `indices` (same label names)."""
+        indices = np.asarray(indices)
+        return TextDataset(
+            [self.texts[i] for i in indices],
+            self.labels[indices],
+            self.label_names,
+            self.source,
+            columns=self.columns,
+        )
+
+
+def _read_records(path: Path, fmt: str) -> tuple[list[dict], str]:
+    """Returns the records and how rows are called in error messages ("line" or "row")."""
+    if fmt == "jsonl":
+        records = []
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}: line {lineno}: malformed JSON ({e.msg}).") from e
+                if not isinstance(record, dict):
+                    raise DataError(
+                        f"{path}: line {lineno}: expected a JSON object, got "
+                        f"{type(record).__name__}."
+                    )
+                record["__row__"] = lineno
+                records.append(record)
+        return records, "line"
+    if fmt == "json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: line {e.lineno}: malformed JSON ({e.msg}).") from e
+        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+            raise DataError(f"{path}: expected a JSON array of objects.")
+        for i, record in enumerate(data, start=1):
+            record["__row__"] = i
+        return data, "record"
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f, delimiter="\t" if fmt == "tsv" else ",")
+        records = []
+        for record in reader:
+            if None in record:
+                raise DataError(
+                    f"{path}: line {reader.line_num}: more fields than the header "
+                    f"{reader.fieldnames}."
+                )
+            record["__row__"] = reader.line_num
+            records.append(record)
+    return records, "line"
+
+
+def _pick_column(columns: list[str], given: str | None, candidates, role: str, path: Path) -> str:
+    if given is not None:
+        if given not in columns:
+            raise DataError(
+                f"{path}: {role} column {given!r} not found. Available columns: {columns}."
+            )
+        return given
+    lowered = {c.lower(): c for c in columns}
+    found = [lowered[c] for c in candidates if c in lowered]
+    if not found:
+        raise DataError(
+            f"{path}: no {role} column found among {columns}. Expected one of {list(candidates)}, "
+            f"or name it with {role}_column=..."
+        )
+    if len(found) > 1:
+        raise DataError(
+            f"{path}: ambiguous {role} column: {found} all match. Choose one with {role}_column=..."
+        )
+    return found[0]
+
+
+def _label_names(raw_labels: list) -> tuple[np.ndarray, list[str]]:
+    as_int = []
+    for v in raw_labels:
+        if isinstance(v, bool):
+            as_int = None
+            break
+        try:
+            as_int.append(int(v))
+            if isinstance(v, float) and v != int(v):
+                as_int = None
+                break
+        except (TypeError, ValueError):
+            as_int = None
+            break
+    keys = as_int if as_int is not None else [str(v) for v in raw_labels]
+    names = sorted(set(keys))
+    index = {name: i for i, name in enumerate(names)}
+    return np.array([index[k] for k in keys], dtype="int32"), [str(n) for n in names]
+
+
+def load_dataset(
+    path: str | Path,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    skip_invalid: bool = False,
+) -> TextDataset:
+    """Loads labelled texts from a JSONL, JSON, CSV or TSV file.
+
+    Args:
+        path: the file. Its suffix picks the format (`.jsonl`, `.ndjson`, `.json`, `.csv`,
+            `.tsv`, `.tab`).
+        text_column: the text column; auto-detected when None.
+        label_column: the label column; auto-detected when None.
+        skip_invalid: drop rows with an empty text or label instead of failing (the count is
+            logged and kept in `TextDataset.skipped`).
+
+    Returns:
+        A `TextDataset`.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        DataError: unknown format, empty file, malformed row, missing/ambiguous columns, a
+            missing label, or a single class.
+
+    Example:
+        >>> ds = load_dataset("../shared/data/sarcasm_headlines_v1.jsonl")
+        >>> ds.label_names
+        ['0', '1']
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Data file not found: {str(path)!r}")
+    fmt = _FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise DataError(
+            f"{path}: unsupported file type {path.suffix!r}. Supported: {sorted(_FORMATS)}."
+        )
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: the file is empty.")
+    records, unit = _read_records(path, fmt)
+    if not records:
+        raise DataError(f"{path}: the file has no data rows.")
+    columns = [c for c in records[0] if c != "__row__"]
+    text_col = _pick_column(columns, text_column, TEXT_COLUMNS, "text", path)
+    label_col = _pick_column(columns, label_column, LABEL_COLUMNS, "label", path)
+
+    texts, raw_labels, skipped = [], [], 0
+    for record in records:
+        text, label = record.get(text_col), record.get(label_col)
+        problem = None
+        if label is None or (isinstance(label, str) and not label.strip()):
+            problem = f"missing label in column {label_col!r}"
+        elif not isinstance(text, str) or not text.strip():
+            problem = f"missing text in column {text_col!r}"
+        if problem:
+            if skip_invalid:
+                skipped += 1
+                continue
+            raise DataError(
+                f"{path}: {unit} {record['__row__']}: {problem}. Fix the row or pass "
+                "skip_invalid=True to drop such rows."
+            )
+        texts.append(text)
+        raw_labels.append(label.strip() if isinstance(label, str) else label)
+    if skipped:
+        logger.warning("%s: skipped %d invalid rows (skip_invalid=True).", path, skipped)
+    if not texts:
+        raise DataError(f"{path}: no valid rows left (skipped {skipped}).")
+    labels, names = _label_names(raw_labels)
+    if len(names) < 2:
+        raise DataError(
+            f"{path}: only one class ({names[0]!r}) in column {label_col!r}; classification "
+            "needs at least two."
+        )
+    return TextDataset(
+        texts, labels, names, str(path), skipped, {"text": text_col, "label": label_col}
+    )
+
+
+def reference_split(
+    labels: np.ndarray, seed: int = REFERENCE_SEED
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Returns train/validation/test row indices of the reference 60/20/20 split.
+
+    Exactly scikit-learn's `train_test_split(X, y, test_size=0.2, stratify=y, random_state=30)`
+    followed by `train_test_split(X_rest, y_rest, test_size=0.25, stratify=y_rest,
+    random_state=30)`: the selection depends only on `y` and the seed, so splitting row indices
+    selects the very same rows in the same order.
+
+    Args:
+        labels: class ids, one per row.
+        seed: `random_state` for both splits.
+
+    Returns:
+        `(train_idx, val_idx, test_idx)` int arrays.
+    """
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(labels))
+    rest, test = train_test_split(idx, test_size=0.2, stratify=labels, random_state=seed)
+    train, val = train_test_split(rest, test_size=0.25, stratify=labels[rest], random_state=seed)
+    return train, val, test
+
+
+def stratified_limit(labels: np.ndarray, limit: int, seed: int = REFERENCE_SEED) -> np.ndarray:
+    """Returns sorted indices of a stratified subsample of `limit` rows.
+
+    Raises:
+        DataError: if `limit` is not in `[4 * num_classes, len(labels)]`.
+    """
+    from sklearn.model_selection import train_test_split
+
+    n, k = len(labels), len(np.unique(labels))
+    if not isinstance(limit, int) or not 4 * k <= limit <= n:
+        raise DataError(f"limit must be an int in [{4 * k}, {n}]. Received: limit={limit!r}")
+    if limit == n:
+        return np.arange(n)
+    keep, _ = train_test_split(np.arange(n), train_size=limit, stratify=labels, random_state=seed)
+    return np.sort(keep)

@@ -1,0 +1,209 @@
+"""The reference recipe's steps as small public functions; `TwoStageFineTuner` is built from them.
+
+The steps, as in the course material: load a pretrained classifier, compile it with a learning
+rate, train one stage with `train_base=False` (backbone frozen, head only) then `train_base=True`
+(everything, lower learning rate).
+
+Example:
+    >>> clf = load_pretrained_classifier("all_minilm_l6_v2", num_classes=2, sequence_length=64)
+    >>> train = encode(clf, texts, labels, num_classes=2, shuffle=True)
+    >>> h1 = train_stage(clf, train, epochs=1, learning_rate=1e-3, train_base=False)
+    >>> h2 = train_stage(clf, train, epochs=2, learning_rate=5e-5, train_base=True)
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+from kerasft.batching import BucketedBatches, tokenize
+from kerasft.presets import load_classifier
+
+load_pretrained_classifier = load_classifier
+
+
+def compile_classifier(model: keras.Model, learning_rate: float) -> keras.Model:
+    """Compiles `model` with the recipe's loss: a fresh Adam, one-hot CE from logits, accuracy.
+
+    A fresh optimizer every time: after `trainable` changes Keras needs a recompile, and Adam's
+    moments from another stage (or none) must not leak in.
+
+    Args:
+        model: a classifier, or any model that outputs logits.
+        learning_rate: Adam's learning rate, > 0.
+
+    Returns:
+        `model`, compiled.
+
+    Raises:
+        ValueError: for a non-positive learning rate.
+    """
+    if not learning_rate > 0:
+        raise ValueError(f"learning_rate must be > 0. Received: learning_rate={learning_rate!r}")
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss=keras.losses.CategoricalCrossentropy(from_logits=True),
+        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+    )
+    return model
+
+
+def encode(
+    classifier,
+    texts: list[str],
+    labels: np.ndarray | None = None,
+    num_classes: int | None = None,
+    batch_size: int = 32,
+    shuffle: bool = False,
+    seed: int = 0,
+) -> BucketedBatches:
+    """Tokenizes `texts` once with the classifier's preprocessor into length-bucketed batches.
+
+    Args:
+        classifier: a KerasHub text classifier with a preprocessor.
+        texts: the texts.
+        labels: int class ids, or None for prediction.
+        num_classes: classes for the one-hot targets (defaults to `classifier.num_classes`).
+        batch_size: rows per batch.
+        shuffle: reshuffle every epoch (training data).
+        seed: seed of the shuffles.
+
+    Returns:
+        A `BucketedBatches` dataset usable by `fit`, `evaluate` and `predict` on every backend.
+    """
+    token_ids, lengths = tokenize(classifier.preprocessor, texts)
+    return BucketedBatches(
+        token_ids,
+        lengths,
+        labels=labels,
+        num_classes=num_classes or classifier.num_classes,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        seed=seed,
+    )
+
+
+def core_model(classifier) -> keras.Model:
+    """The classifier's graph without its preprocessor: token ids in, logits out, shared weights.
+
+    KerasHub's `Task.fit` re-applies the preprocessor to its input; training this plain functional
+    view on pre-tokenized batches avoids that while updating the classifier's own variables.
+    """
+    return keras.Model(classifier.input, classifier.output, name="core")
+
+
+def _head_parts(classifier) -> tuple[keras.Model, keras.Model]:
+    backbone = classifier.backbone
+    features = backbone(backbone.input)[:, backbone.cls_token_index, :]
+    extractor = keras.Model(backbone.input, features, name="cls_features")
+    inputs = keras.Input((backbone.hidden_dim,), name="cls_features")
+    x = classifier.pooled_dense(inputs)
+    x = classifier.output_dropout(x)
+    head = keras.Model(inputs, classifier.output_dense(x), name="head")
+    return extractor, head
+
+
+class _FeatureBatches(keras.utils.PyDataset):
+    """Cached backbone features with one-hot targets, reshuffled every epoch with the seed."""
+
+    def __init__(self, features, targets, batch_size, shuffle, seed):
+        super().__init__()
+        self.features, self.targets = features, targets
+        self.batch_size, self.shuffle, self.seed, self.epoch = batch_size, shuffle, seed, 0
+        self.order = self._order()
+
+    def _order(self):
+        n = len(self.features)
+        if not self.shuffle:
+            return np.arange(n)
+        return np.random.default_rng([self.seed, self.epoch]).permutation(n)
+
+    def __len__(self):
+        return -(-len(self.features) // self.batch_size)
+
+    def __getitem__(self, i):
+        rows = self.order[i * self.batch_size : (i + 1) * self.batch_size]
+        return self.features[rows], self.targets[rows]
+
+    def on_epoch_end(self):
+        self.epoch += 1
+        self.order = self._order()
+
+
+def extract_features(classifier, data: BucketedBatches, verbose: int | str = "auto") -> np.ndarray:
+    """Runs the (frozen) backbone once and returns the `[CLS]` features in input order."""
+    extractor, _ = _head_parts(classifier)
+    unshuffled = BucketedBatches(
+        data.token_ids, data.lengths, batch_size=max(64, data.batch_size), shuffle=False
+    )
+    return unshuffled.restore_order(extractor.predict(unshuffled, verbose=verbose))
+
+
+def train_stage(
+    classifier,
+    train: BucketedBatches,
+    validation: BucketedBatches | None = None,
+    *,
+    epochs: int,
+    learning_rate: float,
+    train_base: bool,
+    initial_epoch: int = 0,
+    callbacks: list | None = None,
+    cache_features: bool = True,
+    verbose: int | str = "auto",
+) -> keras.callbacks.History:
+    """Trains one stage of the recipe.
+
+    `train_base=False` freezes the backbone and trains the head only. With `cache_features=True`
+    (default) the frozen backbone runs once over the data (inference mode) and the head trains on
+    the cached `[CLS]` features: the same gradient steps on the head without recomputing what a
+    frozen backbone already computed. `train_base=True` unfreezes every layer.
+
+    Args:
+        classifier: a KerasHub `DistilBertTextClassifier`.
+        train: training batches (`encode(..., shuffle=True)`).
+        validation: optional validation batches.
+        epochs: epochs of this stage (0 returns an empty History).
+        learning_rate: Adam's learning rate for this stage.
+        train_base: whether the backbone is trained.
+        initial_epoch: first epoch number (to continue numbering across stages).
+        callbacks: Keras callbacks.
+        cache_features: use cached backbone features when the backbone is frozen.
+        verbose: Keras verbosity.
+
+    Returns:
+        The stage's `keras.callbacks.History`.
+    """
+    classifier.backbone.trainable = train_base
+    if epochs == 0:
+        return keras.callbacks.History()
+    if train_base or not cache_features:
+        model = compile_classifier(core_model(classifier), learning_rate)
+        fit_x, fit_val = train, validation
+    else:
+        _, model = _head_parts(classifier)
+        compile_classifier(model, learning_rate)
+        fit_x = _FeatureBatches(
+            extract_features(classifier, train, verbose),
+            train.targets,
+            train.batch_size,
+            shuffle=train.shuffle,
+            seed=train.seed,
+        )
+        fit_val = None
+        if validation is not None:
+            fit_val = _FeatureBatches(
+                extract_features(classifier, validation, verbose),
+                validation.targets,
+                validation.batch_size,
+                shuffle=False,
+                seed=0,
+            )
+    return model.fit(
+        fit_x,
+        validation_data=fit_val,
+        epochs=initial_epoch + epochs,
+        initial_epoch=initial_epoch,
+        callbacks=callbacks,
+        verbose=verbose,
+    )

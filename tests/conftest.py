@@ -1,0 +1,87 @@
+"""Shared test helpers: per-backend subprocesses, a tiny DistilBERT preset, toy data, paths."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+# In-process tests are backend-independent; pin one so they behave the same everywhere.
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+ROOT = Path(__file__).resolve().parents[1]
+BACKENDS = ("jax", "tensorflow", "torch")
+SARCASM = Path(
+    os.environ.get("KERASFT_DATA", ROOT.parent / "shared" / "data" / "sarcasm_headlines_v1.jsonl")
+)
+
+POSITIVE = ["good", "great", "fine", "nice", "happy", "sunny"]
+NEGATIVE = ["bad", "awful", "sad", "grim", "ugly", "rainy"]
+FILLER = ["the", "day", "was", "very", "a", "movie", "and", "so", "really", "today"]
+
+
+def toy_texts(n: int, seed: int = 0) -> tuple[list[str], list[int]]:
+    """Sentences whose label is decided by one sentiment word; lengths vary from 3 to 17 words."""
+    import random
+
+    rng = random.Random(seed)
+    texts, labels = [], []
+    for i in range(n):
+        label = i % 2
+        words = rng.choices(FILLER, k=rng.randint(2, 16))
+        words.insert(rng.randint(0, len(words)), rng.choice(POSITIVE if label else NEGATIVE))
+        texts.append(" ".join(words))
+        labels.append(label)
+    return texts, labels
+
+
+def run_backend(backend: str, code: str, timeout: int = 600, env: dict | None = None) -> dict:
+    """Runs `code` in a fresh Python with KERAS_BACKEND=backend; returns the JSON it prints last.
+
+    The code must print one JSON object on its last stdout line.
+    """
+    full_env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": str(ROOT), **(env or {})}
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, f"{backend} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+TINY_PRESET_CODE = """
+import sys, keras_hub
+sys.path.insert(0, {tests!r})
+from conftest import FILLER, NEGATIVE, POSITIVE
+vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + FILLER + POSITIVE + NEGATIVE
+tokenizer = keras_hub.models.DistilBertTokenizer(vocabulary=vocab, lowercase=True)
+backbone = keras_hub.models.DistilBertBackbone(
+    vocabulary_size=len(vocab), num_layers=2, num_heads=2, hidden_dim=16,
+    intermediate_dim=32, max_sequence_length=64,
+)
+backbone.save_to_preset({out!r})
+tokenizer.save_to_preset({out!r})
+print("{{}}")
+"""
+
+
+@pytest.fixture(scope="session")
+def tiny_preset(tmp_path_factory) -> Path:
+    """A KerasHub preset directory of a 2-layer, hidden-16 DistilBERT with a 27-word vocabulary."""
+    out = tmp_path_factory.mktemp("tiny") / "preset"
+    run_backend("tensorflow", TINY_PRESET_CODE.format(tests=str(ROOT / "tests"), out=str(out)))
+    return out
+
+
+@pytest.fixture(scope="session")
+def sarcasm_file() -> Path:
+    if not SARCASM.is_file():
+        pytest.fail(f"The sarcasm dataset is required at {SARCASM} (or set $KERASFT_DATA).")
+    return SARCASM

@@ -1,0 +1,62 @@
+"""The same `TwoStageFineTuner` API call on JAX, TensorFlow and PyTorch (one process each)."""
+
+import pytest
+
+from conftest import BACKENDS, ROOT, run_backend
+
+TUNER_CODE = """
+import json, os, sys
+import numpy as np
+sys.path.insert(0, {tests!r})
+from conftest import toy_texts
+from kerasft import TwoStageFineTuner
+
+texts, labels = toy_texts(192, seed=0)
+val_texts, val_labels = toy_texts(64, seed=1)
+names = np.array(["neg", "pos"])
+tuner = TwoStageFineTuner(
+    {preset!r}, sequence_length=32, warmup_epochs=2, warmup_learning_rate=1e-2,
+    finetune_epochs=3, finetune_learning_rate=3e-3, batch_size=16, seed=3, verbose=0,
+)
+history = tuner.fit(texts, names[labels], validation_data=(val_texts, names[val_labels]))
+proba = tuner.predict_proba(val_texts)
+pred = tuner.predict(val_texts)
+path = os.path.join({tmp!r}, "model.keras")
+tuner.save(path)
+loaded = TwoStageFineTuner.load(path)
+onehot = np.eye(2)[labels]
+again = TwoStageFineTuner({preset!r}, sequence_length=32, warmup_epochs=1, finetune_epochs=0,
+                          batch_size=16, verbose=0)
+again_history = again.fit(texts, onehot)
+print(json.dumps({{
+    "history": history.history,
+    "label_names": tuner.label_names,
+    "proba_shape": list(proba.shape),
+    "proba_sums": np.round(proba.sum(1), 5).tolist(),
+    "val_accuracy": float((pred == np.array(val_labels)).mean()),
+    "evaluate": tuner.evaluate(val_texts, names[val_labels]),
+    "loaded_same": bool(np.allclose(loaded.predict_proba(val_texts), proba, atol=1e-5)),
+    "loaded_labels": loaded.label_names,
+    "trainable": tuner.model.backbone.trainable,
+    "onehot_stages": again_history.history["stage"],
+    "seconds": tuner.stage_seconds,
+}}))
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_stage_fit_predict_save_load(backend, tiny_preset, tmp_path):
+    code = TUNER_CODE.format(tests=str(ROOT / "tests"), preset=str(tiny_preset), tmp=str(tmp_path))
+    r = run_backend(backend, code)
+    h = r["history"]
+    assert h["stage"] == [1, 1, 2, 2, 2]
+    assert len(h["loss"]) == len(h["val_accuracy"]) == 5
+    assert h["loss"][-1] < h["loss"][0], h["loss"]
+    assert r["val_accuracy"] >= 0.9, r
+    assert r["label_names"] == ["neg", "pos"]
+    assert r["proba_shape"] == [64, 2] and set(r["proba_sums"]) == {1.0}
+    assert abs(r["evaluate"]["accuracy"] - r["val_accuracy"]) < 1e-6
+    assert r["loaded_same"] and r["loaded_labels"] == ["neg", "pos"]
+    assert r["trainable"] is True
+    assert r["onehot_stages"] == [1]
+    assert set(r["seconds"]) == {"warmup", "finetune"}
