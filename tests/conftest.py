@@ -24,15 +24,16 @@ FILLER = ["the", "day", "was", "very", "a", "movie", "and", "so", "really", "tod
 
 
 def toy_texts(n: int, seed: int = 0) -> tuple[list[str], list[int]]:
-    """Sentences whose label is decided by one sentiment word; lengths vary from 3 to 17 words."""
+    """Sentences labelled by their two sentiment words; 4 to 14 words long."""
     import random
 
     rng = random.Random(seed)
     texts, labels = [], []
     for i in range(n):
         label = i % 2
-        words = rng.choices(FILLER, k=rng.randint(2, 16))
-        words.insert(rng.randint(0, len(words)), rng.choice(POSITIVE if label else NEGATIVE))
+        words = rng.choices(FILLER, k=rng.randint(2, 12))
+        for _ in range(2):
+            words.insert(rng.randint(0, len(words)), rng.choice(POSITIVE if label else NEGATIVE))
         texts.append(" ".join(words))
         labels.append(label)
     return texts, labels
@@ -57,14 +58,15 @@ def run_backend(backend: str, code: str, timeout: int = 600, env: dict | None = 
 
 
 TINY_PRESET_CODE = """
-import sys, keras_hub
+import sys, keras, keras_hub
 sys.path.insert(0, {tests!r})
+keras.utils.set_random_seed(0)
 from conftest import FILLER, NEGATIVE, POSITIVE
 vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + FILLER + POSITIVE + NEGATIVE
 tokenizer = keras_hub.models.DistilBertTokenizer(vocabulary=vocab, lowercase=True)
 backbone = keras_hub.models.DistilBertBackbone(
-    vocabulary_size=len(vocab), num_layers=2, num_heads=2, hidden_dim=16,
-    intermediate_dim=32, max_sequence_length=64,
+    vocabulary_size=len(vocab), num_layers=2, num_heads=2, hidden_dim=32,
+    intermediate_dim=64, max_sequence_length=64,
 )
 backbone.save_to_preset({out!r})
 tokenizer.save_to_preset({out!r})
@@ -74,7 +76,7 @@ print("{{}}")
 
 @pytest.fixture(scope="session")
 def tiny_preset(tmp_path_factory) -> Path:
-    """A KerasHub preset directory of a 2-layer, hidden-16 DistilBERT with a 27-word vocabulary."""
+    """A KerasHub preset directory of a seeded 2-layer, hidden-32 DistilBERT, 27-word vocabulary."""
     out = tmp_path_factory.mktemp("tiny") / "preset"
     run_backend("tensorflow", TINY_PRESET_CODE.format(tests=str(ROOT / "tests"), out=str(out)))
     return out

@@ -11,12 +11,12 @@ sys.path.insert(0, {tests!r})
 from conftest import toy_texts
 from kerasft import TwoStageFineTuner
 
-texts, labels = toy_texts(192, seed=0)
+texts, labels = toy_texts(256, seed=0)
 val_texts, val_labels = toy_texts(64, seed=1)
 names = np.array(["neg", "pos"])
 tuner = TwoStageFineTuner(
     {preset!r}, sequence_length=32, warmup_epochs=2, warmup_learning_rate=1e-2,
-    finetune_epochs=3, finetune_learning_rate=3e-3, batch_size=16, seed=3, verbose=0,
+    finetune_epochs=8, finetune_learning_rate=3e-3, batch_size=16, seed=3, verbose=0,
 )
 history = tuner.fit(texts, names[labels], validation_data=(val_texts, names[val_labels]))
 proba = tuner.predict_proba(val_texts)
@@ -49,8 +49,8 @@ def test_two_stage_fit_predict_save_load(backend, tiny_preset, tmp_path):
     code = TUNER_CODE.format(tests=str(ROOT / "tests"), preset=str(tiny_preset), tmp=str(tmp_path))
     r = run_backend(backend, code)
     h = r["history"]
-    assert h["stage"] == [1, 1, 2, 2, 2]
-    assert len(h["loss"]) == len(h["val_accuracy"]) == 5
+    assert h["stage"] == [1] * 2 + [2] * 8
+    assert len(h["loss"]) == len(h["val_accuracy"]) == 10
     assert h["loss"][-1] < h["loss"][0], h["loss"]
     assert r["val_accuracy"] >= 0.9, r
     assert r["label_names"] == ["neg", "pos"]
