@@ -1,0 +1,91 @@
+"""The `kerasft` command line: error paths (fast) and a short real run with the offline preset."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from kerasft.cli import main
+
+
+def test_fit_refuses_non_empty_run_dir(tmp_path, capsys):
+    (tmp_path / "keep.txt").write_text("precious")
+    code = main(["fit", "--data", "x.jsonl", "--out", str(tmp_path)])
+    assert code == 2
+    assert "exists and is not empty. Pass --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "keep.txt").read_text() == "precious"
+
+
+def test_fit_without_data(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("KERASFT_DATA", raising=False)
+    assert main(["fit", "--out", str(tmp_path / "run")]) == 2
+    assert "No data file: pass --data FILE or set $KERASFT_DATA" in capsys.readouterr().err
+
+
+def test_fit_missing_data_file_leaves_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["fit", "--data", str(tmp_path / "nope.jsonl"), "--out", str(out)]) == 2
+    assert "Data file not found" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # no run dir, no temp dir left behind
+
+
+def test_fit_bad_hyperparameter(tmp_path, capsys):
+    assert main(["fit", "--data", "x", "--out", str(tmp_path / "r"), "--batch-size", "0"]) == 2
+    assert "batch_size must be an int >= 1. Received: batch_size=0" in capsys.readouterr().err
+
+
+def test_predict_on_a_non_run_dir(tmp_path, capsys):
+    assert main(["predict", str(tmp_path), "hello"]) == 2
+    assert "No model.keras in" in capsys.readouterr().err
+
+
+def cli(*args, env=None):
+    proc = subprocess.run(
+        [sys.executable, "-m", "kerasft.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_fit_predict_evaluate_offline_preset(sarcasm_file, tmp_path_factory):
+    env = {"KERASFT_CACHE": str(tmp_path_factory.getbasetemp() / "kerasft-cache")}
+    run = tmp_path_factory.mktemp("cli") / "run"
+    args = ["--backend", "tensorflow", "fit", "--data", str(sarcasm_file), "--out", str(run)]
+    args += ["--preset", "all_minilm_l6_v2", "--limit", "1000", "--quiet"]
+    args += ["--warmup-epochs", "1", "--finetune-epochs", "2", "--finetune-lr", "1e-4"]
+    out = cli(*args, env=env)
+    assert "test accuracy" in out
+    assert {p.name for p in run.iterdir()} == {
+        "model.keras", "model.keras.json", "metrics.json", "history.json",
+        "training_curves.png", "config.json",
+    }  # fmt: skip
+    metrics = json.loads((run / "metrics.json").read_text())
+    history = json.loads((run / "history.json").read_text())
+    assert metrics["rows"] == {
+        "file": 26709, "used": 1000, "skipped": 0, "train": 600, "validation": 200, "test": 200,
+    }  # fmt: skip
+    assert metrics["backend"] == "tensorflow"
+    for split in ("validation", "test"):
+        assert {"accuracy", "precision", "recall", "f1", "confusion_matrix"} <= set(metrics[split])
+    assert history["stage"] == [1, 2, 2]
+    assert history["loss"][-1] < history["loss"][0]
+    # Majority class is 56% of the rows: the model must do clearly better than chance.
+    assert metrics["test"]["accuracy"] >= 0.65, metrics["test"]
+    assert set(metrics["seconds"]) == {"warmup", "finetune", "total"}
+
+    lines = cli("predict", str(run), "area man wins argument with toaster", env=env).splitlines()
+    label, probability, text = lines[-1].split("\t")
+    assert label in ("0", "1") and 0.5 <= float(probability) <= 1.0
+    assert text == "area man wins argument with toaster"
+
+    scored = json.loads(cli("evaluate", str(run), "--data", str(sarcasm_file), "--json", env=env))
+    assert scored["rows"] == 26709 and scored["accuracy"] >= 0.6
