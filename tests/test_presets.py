@@ -123,3 +123,18 @@ def test_offline_preset_equals_numpy_bert(backend, tmp_path_factory):
     assert r["sequence_length"] == 64
     assert min(r["lengths"]) > 5
     assert r["max_diff"] <= 1e-4, r
+
+
+def test_unreachable_remote_preset_suggests_offline(monkeypatch):
+    import keras_hub
+
+    from kerasft.presets import load_classifier
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Failed to resolve 'api.kaggle.com'")
+
+    monkeypatch.setattr(
+        keras_hub.models.DistilBertTextClassifierPreprocessor, "from_preset", offline
+    )
+    with pytest.raises(RuntimeError, match="use the offline preset: preset='all_minilm_l6_v2'"):
+        load_classifier("distil_bert_base_en_uncased")

@@ -1,0 +1,26 @@
+"""Exporters: SavedModel, ONNX and LiteRT (+ INT8), verified against the Keras model.
+
+One module per format (`saved_model`, `onnx`, `litert`), one dispatcher (`export`), one shared
+verification step (`verify`) and a dependency-light `runtime` for the exports. Importing this
+package imports nothing heavy.
+
+Example:
+    >>> from exporters import export
+    >>> export("runs/sarcasm", "exports/sarcasm-onnx", format="onnx")
+"""
+
+import importlib
+
+_EXPORTS = {
+    "export": "exporters.dispatch",
+    "SUPPORTED": "exporters.dispatch",
+    "VerificationError": "exporters.verify",
+    "load": "exporters.runtime",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'exporters' has no attribute {name!r}")

@@ -1,0 +1,175 @@
+"""Dependency-light inference on export directories.
+
+`load(export_dir).predict(texts)` tokenizes with the export's `tokenizer.json` (`tokenizers`),
+runs the model with its own runtime and returns labels and probabilities:
+
+- ONNX: `onnxruntime` + `tokenizers` + `numpy` only. Importing this module never imports keras,
+  keras_hub, tensorflow, jax or torch.
+- SavedModel: TensorFlow only (no Keras model objects).
+- LiteRT: the LiteRT interpreter (`ai-edge-litert`, or `tf.lite` when TensorFlow is installed).
+
+Example:
+    >>> from exporters.runtime import load
+    >>> model = load("exports/sarcasm-onnx-int8")
+    >>> model.predict(["area man wins argument with toaster"]).labels
+    ['1']
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class Predictions:
+    """Per-text results: `labels[i]` is the arg-max class name of `probabilities[i]`."""
+
+    labels: list[str]
+    probabilities: np.ndarray
+    logits: np.ndarray
+
+
+class ExportedClassifier:
+    """Base class: tokenization, batching and softmax; subclasses run the model.
+
+    Args:
+        export_dir: a directory written by `exporters.export`.
+    """
+
+    def __init__(self, export_dir: str | Path):
+        from tokenizers import Tokenizer
+
+        self.export_dir = Path(export_dir)
+        manifest_path = self.export_dir / "manifest.json"
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"No manifest.json in {str(self.export_dir)!r}: not an export.")
+        self.manifest = json.loads(manifest_path.read_text())
+        self.label_names = self.manifest["label_names"]
+        self.tokenizer = Tokenizer.from_file(str(self.export_dir / "tokenizer.json"))
+
+    def encode(self, texts: list[str]) -> dict[str, np.ndarray]:
+        """Returns `{"token_ids", "padding_mask"}` int32, padded to the longest text."""
+        if isinstance(texts, str):
+            raise TypeError("predict() takes a list of texts; wrap a single string in a list.")
+        encodings = self.tokenizer.encode_batch(list(texts))
+        return {
+            "token_ids": np.array([e.ids for e in encodings], dtype="int32"),
+            "padding_mask": np.array([e.attention_mask for e in encodings], dtype="int32"),
+        }
+
+    def logits(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        raise NotImplementedError
+
+    def predict(self, texts: list[str], batch_size: int = 32) -> Predictions:
+        """Classifies `texts`.
+
+        Args:
+            texts: the texts.
+            batch_size: texts per model call.
+
+        Returns:
+            `Predictions` with labels, probabilities `(N, K)` and logits.
+        """
+        texts = list(texts)
+        logits = [
+            self.logits(self.encode(texts[i : i + batch_size]))
+            for i in range(0, len(texts), batch_size)
+        ]
+        logits = np.concatenate(logits) if logits else np.zeros((0, len(self.label_names)))
+        shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        proba = shifted / shifted.sum(axis=-1, keepdims=True)
+        return Predictions([self.label_names[i] for i in proba.argmax(-1)], proba, logits)
+
+
+class OnnxClassifier(ExportedClassifier):
+    """ONNX export on onnxruntime (CPU provider unless `providers` says otherwise)."""
+
+    def __init__(self, export_dir, providers: list[str] | None = None, threads: int | None = None):
+        super().__init__(export_dir)
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(
+            str(self.export_dir / self.manifest["model_file"]),
+            options,
+            providers=providers or ["CPUExecutionProvider"],
+        )
+        self.input_names = {i.name for i in self.session.get_inputs()}
+
+    def logits(self, inputs):
+        feed = {k: v for k, v in inputs.items() if k in self.input_names}
+        return self.session.run(None, feed)[0]
+
+
+class SavedModelClassifier(ExportedClassifier):
+    """SavedModel export served by TensorFlow's `serving_default` signature."""
+
+    def __init__(self, export_dir):
+        super().__init__(export_dir)
+        import tensorflow as tf
+
+        self._tf = tf
+        self.signature = tf.saved_model.load(str(self.export_dir / "saved_model")).signatures[
+            "serving_default"
+        ]
+
+    def logits(self, inputs):
+        out = self.signature(**{k: self._tf.constant(v) for k, v in inputs.items()})
+        return next(iter(out.values())).numpy()
+
+
+class LiteRTClassifier(ExportedClassifier):
+    """LiteRT (TFLite) export on the LiteRT interpreter, resized to each batch's shape."""
+
+    def __init__(self, export_dir, threads: int | None = None):
+        super().__init__(export_dir)
+        try:
+            from ai_edge_litert.interpreter import Interpreter
+        except ImportError:  # pragma: no cover - fallback when only TensorFlow is installed
+            from tensorflow.lite import Interpreter
+        self.interpreter = Interpreter(
+            model_path=str(self.export_dir / self.manifest["model_file"]), num_threads=threads
+        )
+        self.runner = self.interpreter.get_signature_runner("serving_default")
+
+    def logits(self, inputs):
+        out = self.runner(**inputs)
+        return next(iter(out.values()))
+
+
+_RUNTIMES = {
+    "onnx": OnnxClassifier,
+    "saved_model": SavedModelClassifier,
+    "litert": LiteRTClassifier,
+}
+
+
+def load(export_dir: str | Path, **kwargs) -> ExportedClassifier:
+    """Opens an export directory with the runtime its manifest names.
+
+    Args:
+        export_dir: the export directory.
+        **kwargs: runtime options (`providers`, `threads` for ONNX; `threads` for LiteRT).
+
+    Returns:
+        An `ExportedClassifier`.
+
+    Raises:
+        FileNotFoundError: if `export_dir` has no `manifest.json`.
+        ValueError: for an unknown format in the manifest.
+    """
+    manifest_path = Path(export_dir) / "manifest.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(
+            f"No manifest.json in {str(export_dir)!r}: not an export directory."
+        )
+    fmt = json.loads(manifest_path.read_text()).get("format")
+    if fmt not in _RUNTIMES:
+        raise ValueError(f"Unknown export format={fmt!r}. Supported formats: {sorted(_RUNTIMES)}")
+    return _RUNTIMES[fmt](export_dir, **kwargs)
