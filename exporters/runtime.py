@@ -143,6 +143,25 @@ class LiteRTClassifier(ExportedClassifier):
         return next(iter(out.values()))
 
 
+def verify_checksums(export_dir: str | Path) -> None:
+    """Checks every file of an export against the sha256 in its manifest.
+
+    Raises:
+        ValueError: naming the first file that is missing or differs.
+    """
+    import hashlib
+
+    export_dir = Path(export_dir)
+    manifest = json.loads((export_dir / "manifest.json").read_text())
+    for name, expected in manifest["files"].items():
+        path = export_dir / name
+        if not path.is_file():
+            raise ValueError(f"{export_dir}: {name} is missing.")
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest != expected:
+            raise ValueError(f"{export_dir}: {name} has sha256 {digest}, manifest says {expected}.")
+
+
 _RUNTIMES = {
     "onnx": OnnxClassifier,
     "saved_model": SavedModelClassifier,

@@ -23,6 +23,7 @@ _EXPORTS = {
     "load_classifier": "kerasft.presets",
     "load_pretrained_classifier": "kerasft.recipe",
     "compile_classifier": "kerasft.recipe",
+    "initialize_head": "kerasft.recipe",
     "encode": "kerasft.recipe",
     "train_stage": "kerasft.recipe",
     "classification_metrics": "kerasft.metrics",

@@ -1,4 +1,4 @@
-"""The `kerasft` command line: `fit`, `predict`, `evaluate`.
+"""The `kerasft` command line: `fit`, `export`, `predict`, `evaluate`.
 
 Heavy libraries load inside the subcommands; `--backend` (or `KERAS_BACKEND`) is applied before
 Keras is imported. The default backend is TensorFlow: on the 2-core CPU machines this project is
@@ -61,8 +61,20 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     fit.add_argument("--quiet", action="store_true", help="no per-step progress bars")
 
-    predict = sub.add_parser("predict", help="label texts with a fitted run")
-    predict.add_argument("run_dir")
+    export = sub.add_parser("export", help="export a run to SavedModel, ONNX or LiteRT, verified")
+    export.add_argument("run_dir")
+    export.add_argument("--format", required=True, choices=("onnx", "saved_model", "litert"))
+    export.add_argument(
+        "--int8",
+        choices=("dynamic", "static", "keras"),
+        help="dynamic: onnxruntime dynamic INT8 (onnx) or dynamic-range (litert); static: "
+        "calibrated QDQ INT8 (onnx); keras: Keras quantize('int8') (saved_model)",
+    )
+    export.add_argument("--out", required=True, help="export directory to create")
+    export.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+
+    predict = sub.add_parser("predict", help="label texts with a run or export directory")
+    predict.add_argument("run_dir", help="a `kerasft fit` run or a `kerasft export` directory")
     predict.add_argument("texts", nargs="+")
     predict.add_argument("--json", action="store_true")
 
@@ -78,7 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `kerasft` console script. Returns the exit code."""
     args = build_parser().parse_args(argv)
-    if args.backend:
+    if args.command == "export":
+        # Exports are traced under TensorFlow from the backend-neutral .keras file, whatever
+        # backend trained the model (the manifest records that one).
+        os.environ["KERAS_BACKEND"] = "tensorflow"
+    elif args.backend:
         os.environ["KERAS_BACKEND"] = args.backend
     else:
         os.environ.setdefault("KERAS_BACKEND", DEFAULT_BACKEND)
@@ -86,9 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     from kerasft.data import DataError
 
     try:
-        return {"fit": cmd_fit, "predict": cmd_predict, "evaluate": cmd_evaluate}[args.command](
-            args
-        )
+        commands = {
+            "fit": cmd_fit,
+            "export": cmd_export,
+            "predict": cmd_predict,
+            "evaluate": cmd_evaluate,
+        }
+        return commands[args.command](args)
     except (DataError, FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
         print(f"kerasft {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -219,13 +239,38 @@ def _load_run(run_dir: str):
     return tuner
 
 
+def cmd_export(args) -> int:
+    from exporters import export
+
+    quantize = args.int8
+    out = export(
+        args.run_dir, args.out, format=args.format, quantize=quantize, overwrite=args.overwrite
+    )
+    manifest = json.loads((out / "manifest.json").read_text())
+    check, variant = manifest["verification"], manifest["quantization"] or "fp32"
+    print(
+        f"{args.format} {variant}: {manifest['size_bytes'] / 1e6:.1f} MB, "
+        f"verified on {check['texts']} texts (max |logit diff| {check['max_abs_logit_diff']:.2g}, "
+        f"label agreement {check['label_agreement']:.2%}) -> {out}"
+    )
+    return 0
+
+
 def cmd_predict(args) -> int:
-    tuner = _load_run(args.run_dir)
-    proba = tuner.predict_proba(args.texts)
-    rows = []
-    for text, p in zip(args.texts, proba, strict=True):
-        k = int(p.argmax())
-        rows.append({"text": text, "label": tuner.label_names[k], "probability": float(p[k])})
+    if (Path(args.run_dir) / "manifest.json").is_file():  # an export: its own runtime, no Keras
+        from exporters.runtime import load
+
+        result = load(args.run_dir).predict(args.texts)
+        labels, proba = result.labels, result.probabilities.max(axis=1)
+    else:
+        tuner = _load_run(args.run_dir)
+        all_proba = tuner.predict_proba(args.texts)
+        labels = [tuner.label_names[k] for k in all_proba.argmax(axis=1)]
+        proba = all_proba.max(axis=1)
+    rows = [
+        {"text": text, "label": label, "probability": float(p)}
+        for text, label, p in zip(args.texts, labels, proba, strict=True)
+    ]
     if args.json:
         print(json.dumps(rows, indent=2))
     else:

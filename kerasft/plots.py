@@ -20,6 +20,7 @@ def plot_history(history: dict, path: str | Path, title: str = "") -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = list(range(1, len(history.get("stage", [])) + 1))
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -31,6 +32,7 @@ def plot_history(history: dict, path: str | Path, title: str = "") -> Path:
         if 1 in stages and 2 in stages:
             ax.axvline(stages.count(1) + 0.5, color="grey", linestyle=":", label="unfreeze")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(metric)
         ax.legend()
     fig.suptitle(title)

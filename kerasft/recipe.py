@@ -22,6 +22,29 @@ from kerasft.presets import load_classifier
 load_pretrained_classifier = load_classifier
 
 
+def initialize_head(classifier, seed: int, stddev: float = 0.02) -> None:
+    """Draws the classification head's weights from NumPy with `seed`: the same on every backend.
+
+    Keras initializers draw from each backend's own RNG, so the same seed gives a different head
+    on JAX, TensorFlow and PyTorch. This uses KerasHub's DistilBERT head initialisation
+    (truncated normal, `stddev` 0.02, zero biases) from one NumPy generator instead, so runs on
+    different backends start from identical weights.
+
+    Args:
+        classifier: a KerasHub `DistilBertTextClassifier`.
+        seed: the generator's seed.
+        stddev: standard deviation of the truncated normal (cut at 2 stddev).
+    """
+    rng = np.random.default_rng(seed)
+    for layer in (classifier.pooled_dense, classifier.output_dense):
+        shape = tuple(layer.kernel.shape)
+        values = rng.normal(0.0, stddev, size=shape)
+        while np.any(out := np.abs(values) > 2 * stddev):
+            values[out] = rng.normal(0.0, stddev, size=int(out.sum()))
+        layer.kernel.assign(values.astype(layer.kernel.dtype))
+        layer.bias.assign(np.zeros(tuple(layer.bias.shape), dtype=layer.bias.dtype))
+
+
 def compile_classifier(model: keras.Model, learning_rate: float) -> keras.Model:
     """Compiles `model` with the recipe's loss: a fresh Adam, one-hot CE from logits, accuracy.
 

@@ -27,7 +27,8 @@ class TwoStageFineTuner:
     Both stages use a fresh Adam, batches of `batch_size`, one-hot labels with
     `CategoricalCrossentropy(from_logits=True)` and accuracy. Texts are tokenized once, batches
     are padded only to their length bucket and reshuffled every epoch with `seed`. Runs unchanged
-    on the JAX, TensorFlow and PyTorch backends.
+    on the JAX, TensorFlow and PyTorch backends; the new head starts from the same seeded
+    weights on each of them.
 
     Args:
         preset: KerasHub preset name, local preset/checkpoint directory, or `"all_minilm_l6_v2"`
@@ -136,6 +137,7 @@ class TwoStageFineTuner:
         self.model = recipe.load_pretrained_classifier(
             self.preset, self.num_classes, self.sequence_length
         )
+        recipe.initialize_head(self.model, self.seed)
         train = recipe.encode(
             self.model, texts, labels, batch_size=self.batch_size, shuffle=True, seed=self.seed
         )

@@ -60,3 +60,23 @@ def test_two_stage_fit_predict_save_load(backend, tiny_preset, tmp_path):
     assert r["trainable"] is True
     assert r["onehot_stages"] == [1]
     assert set(r["seconds"]) == {"warmup", "finetune"}
+
+
+HEAD_CODE = """
+import json
+import keras
+from kerasft.presets import load_classifier
+from kerasft.recipe import initialize_head
+clf = load_classifier({preset!r}, num_classes=3, sequence_length=16)
+initialize_head(clf, seed=11)
+kernel = keras.ops.convert_to_numpy(clf.output_dense.kernel).ravel()[:20]
+bias = float(abs(keras.ops.convert_to_numpy(clf.output_dense.bias)).sum())
+print(json.dumps({{"kernel": kernel.tolist(), "bias": bias}}))
+"""
+
+
+def test_seeded_head_is_identical_on_every_backend(tiny_preset):
+    results = [run_backend(b, HEAD_CODE.format(preset=str(tiny_preset))) for b in BACKENDS]
+    assert results[0]["kernel"] == results[1]["kernel"] == results[2]["kernel"]
+    assert max(abs(v) for v in results[0]["kernel"]) <= 0.04 and results[0]["bias"] == 0
+    assert len(set(results[0]["kernel"])) == 20  # really drawn, not constant

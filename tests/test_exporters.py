@@ -1,0 +1,143 @@
+"""Exports from models trained on every backend, verified; runtime isolation; atomic writes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import BACKENDS, ROOT, toy_texts
+from exporters.dispatch import check_format, export
+from exporters.runtime import load, verify_checksums
+
+VARIANTS = [
+    ("saved_model", None),
+    ("saved_model", "keras"),
+    ("onnx", None),
+    ("onnx", "dynamic"),
+    ("onnx", "static"),
+    ("litert", None),
+    ("litert", "dynamic"),
+]
+
+
+def test_format_checked_up_front(tmp_path):
+    with pytest.raises(ValueError, match=r"Unrecognized format='tflite'. Supported formats are"):
+        check_format("tflite", None)
+    with pytest.raises(ValueError, match=r"format='onnx' does not support quantize='keras'"):
+        export(tmp_path / "missing-run", tmp_path / "out", format="onnx", quantize="keras")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="session")
+def toy_data(tmp_path_factory):
+    texts, labels = toy_texts(400, seed=5)
+    path = tmp_path_factory.mktemp("toy") / "toy.jsonl"
+    path.write_text(
+        "".join(
+            json.dumps({"text": t, "label": ["neg", "pos"][y]}) + "\n"
+            for t, y in zip(texts, labels, strict=True)
+        )
+    )
+    return path
+
+
+def fit_run(backend, preset, data, out):
+    args = [sys.executable, "-m", "kerasft.cli", "--backend", backend, "fit", "--data", str(data)]
+    args += ["--out", str(out), "--preset", str(preset), "--sequence-length", "32", "--quiet"]
+    args += ["--batch-size", "16", "--warmup-epochs", "2", "--warmup-lr", "1e-2"]
+    args += ["--finetune-epochs", "8", "--finetune-lr", "3e-3"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def toy_runs(tiny_preset, toy_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    return {b: fit_run(b, tiny_preset, toy_data, root / b) for b in BACKENDS}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("format, quantize", VARIANTS)
+def test_export_matrix(backend, format, quantize, toy_runs, tmp_path):
+    run = toy_runs[backend]
+    assert json.loads((run / "metrics.json").read_text())["test"]["accuracy"] >= 0.9
+    out = export(run, tmp_path / "export", format=format, quantize=quantize)
+    manifest = json.loads((out / "manifest.json").read_text())
+    check = manifest["verification"]
+    assert check["passed"] and check["texts"] == 80 and check["tokenizer_mismatches"] == 0
+    if quantize is None:
+        assert check["max_abs_logit_diff"] <= 1e-4 and check["label_agreement"] == 1.0
+    else:
+        assert check["label_agreement"] >= 0.99
+    assert manifest["source_backend"] == backend
+    assert manifest["label_names"] == ["neg", "pos"] and manifest["sequence_length"] == 32
+    assert {"tokenizer.json", "vocab.txt"} <= set(manifest["files"])
+    verify_checksums(out)
+    result = load(out).predict(["the day was so good and great", "an awful sad grim movie"])
+    assert result.labels == ["pos", "neg"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left
+
+
+RUNTIME_ONLY = """
+import json, sys
+BLOCKED = {"keras", "keras_hub", "tensorflow", "jax", "torch"}
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"{name} is blocked in this test")
+sys.meta_path.insert(0, Block())
+from exporters.runtime import load
+result = load(sys.argv[1]).predict(["the day was so good and great", "an awful sad grim movie"])
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+print(json.dumps({"labels": result.labels, "loaded": loaded}))
+"""
+
+
+def test_runtime_runs_without_keras_tf_jax_torch(toy_runs, tmp_path):
+    out = export(toy_runs["torch"], tmp_path / "onnx", format="onnx", quantize="dynamic")
+    proc = subprocess.run(
+        [sys.executable, "-c", RUNTIME_ONLY, str(out)],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.splitlines()[-1]) == {"labels": ["pos", "neg"], "loaded": []}
+
+
+def test_export_twice_refuses_then_overwrites(toy_runs, tmp_path):
+    out = export(toy_runs["tensorflow"], tmp_path / "e", format="onnx")
+    before = (out / "manifest.json").read_text()
+    with pytest.raises(FileExistsError, match="exists and is not empty. Pass --overwrite"):
+        export(toy_runs["tensorflow"], out, format="onnx")
+    assert (out / "manifest.json").read_text() == before
+    export(toy_runs["jax"], out, format="onnx", overwrite=True)
+    assert json.loads((out / "manifest.json").read_text())["source_backend"] == "jax"
+    verify_checksums(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e"]
+
+
+def test_killed_export_never_leaves_a_broken_artifact(toy_runs, tmp_path):
+    target = tmp_path / "e"
+    export(toy_runs["tensorflow"], target, format="onnx")
+    good = (target / "manifest.json").read_text()
+    cmd = [sys.executable, "-m", "kerasft.cli", "export", str(toy_runs["jax"]), "--format", "onnx"]
+    cmd += ["--int8", "static", "--out", str(target), "--overwrite"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(
+        p.name.startswith(".e.tmp-") and any(p.iterdir()) for p in tmp_path.iterdir()
+    ):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert time.time() < deadline, "the export never started writing"
+    # The target is still the previous, complete, verified export.
+    assert (target / "manifest.json").read_text() == good
+    verify_checksums(target)
+    assert load(target).predict(["so good"]).labels == ["pos"]
