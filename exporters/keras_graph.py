@@ -71,8 +71,9 @@ class ServingGraph:
             logits = core({"token_ids": token_ids, "padding_mask": padding_mask}, training=False)
             return {"logits": logits}
 
+        # add_endpoint tracks every variable the endpoint uses; an extra `track(core)` would
+        # store each weight a second time in the SavedModel.
         self.archive = keras.export.ExportArchive()
-        self.archive.track(core)
         self.serve = self.archive.add_endpoint(
             "serve",
             serve,

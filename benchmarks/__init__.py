@@ -1,0 +1,1 @@
+"""Benchmarks and reports (`python -m benchmarks.export_accuracy`: exports accuracy/size)."""

@@ -1,0 +1,113 @@
+"""Accuracy and size of every export variant of a run, on its reference test split.
+
+Exports the run in every format x quantization that `exporters` supports, classifies the whole
+test split with each export's own runtime, and compares with the Keras model: accuracy, number of
+predictions that differ from Keras, model file size and total export size.
+
+    python -m benchmarks.export_accuracy --run RUN_DIR --exports EXPORTS_DIR --out report.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+VARIANTS = [
+    ("onnx", None),
+    ("onnx", "dynamic"),
+    ("onnx", "static"),
+    ("saved_model", None),
+    ("saved_model", "keras"),
+    ("litert", None),
+    ("litert", "dynamic"),
+]
+
+
+def _test_split(run: Path):
+    from kerasft.data import load_dataset, reference_split, stratified_limit
+
+    config = json.loads((run / "config.json").read_text())
+    data = load_dataset(config["data"], config["columns"]["text"], config["columns"]["label"])
+    if config.get("limit"):
+        data = data.subset(stratified_limit(data.labels, config["limit"], config["recipe"]["seed"]))
+    return data.subset(reference_split(data.labels)[2])
+
+
+def _model_size(export_dir: Path, manifest: dict) -> int:
+    path = export_dir / manifest["model_file"]
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", required=True, type=Path)
+    parser.add_argument("--exports", required=True, type=Path, help="where exports are written")
+    parser.add_argument("--out", required=True, type=Path, help="report JSON")
+    args = parser.parse_args(argv)
+    # Exports are traced under TensorFlow; loading the Keras model there avoids a subprocess.
+    os.environ["KERAS_BACKEND"] = "tensorflow"
+
+    import numpy as np
+
+    from exporters import export
+    from exporters.runtime import load
+    from kerasft.tuner import TwoStageFineTuner
+
+    test = _test_split(args.run)
+    tuner = TwoStageFineTuner.load(args.run / "model.keras")
+    tuner.verbose = 0
+    keras_pred = tuner.predict(test.texts)
+    keras_acc = float(np.mean(keras_pred == test.labels))
+    rows = [{"variant": "keras fp32", "accuracy": keras_acc, "differs_from_keras": 0}]
+    print(f"keras fp32: accuracy {keras_acc:.4f} on {len(test)} test rows", flush=True)
+    for fmt, quantize in VARIANTS:
+        name = f"{fmt} {quantize or 'fp32'}"
+        out = args.exports / f"{fmt}-{quantize or 'fp32'}"
+        start = time.perf_counter()
+        export(args.run, out, format=fmt, quantize=quantize, overwrite=True)
+        export_seconds = time.perf_counter() - start
+        manifest = json.loads((out / "manifest.json").read_text())
+        start = time.perf_counter()
+        result = load(out).predict(test.texts)
+        predict_seconds = time.perf_counter() - start
+        ids = np.array([tuner.label_names.index(label) for label in result.labels])
+        row = {
+            "variant": name,
+            "accuracy": float(np.mean(ids == test.labels)),
+            "differs_from_keras": int(np.sum(ids != keras_pred)),
+            "model_bytes": _model_size(out, manifest),
+            "export_bytes": manifest["size_bytes"],
+            "verification": manifest["verification"],
+            "fusions": manifest.get("fusions"),
+            "export_seconds": round(export_seconds, 1),
+            "test_split_seconds": round(predict_seconds, 1),
+        }
+        rows.append(row)
+        print(
+            f"{name}: accuracy {row['accuracy']:.4f}, differs {row['differs_from_keras']}, "
+            f"model {row['model_bytes'] / 1e6:.1f} MB",
+            flush=True,
+        )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(
+        json.dumps({"run": str(args.run), "test_rows": len(test), "rows": rows}, indent=2) + "\n"
+    )
+    print("\n| variant | test accuracy | vs Keras (pts) | differs from Keras | model MB |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for row in rows:
+        size = f"{row['model_bytes'] / 1e6:.1f}" if "model_bytes" in row else ""
+        print(
+            f"| {row['variant']} | {row['accuracy']:.4f} | "
+            f"{100 * (row['accuracy'] - keras_acc):+.2f} | {row['differs_from_keras']} | {size} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
