@@ -247,13 +247,16 @@ def export(
                 hidden_size=clf.backbone.hidden_dim,
                 calibration=list(_keras_batches(clf, list(calibration_texts or texts))),
             )
-        write_tokenizer_assets(clf.preprocessor.tokenizer, clf.preprocessor.sequence_length, tmp)
+        tokenizer = write_tokenizer_assets(
+            clf.preprocessor.tokenizer, clf.preprocessor.sequence_length, tmp
+        )
         manifest = {
             "format": format,
             "quantization": quantize and f"int8-{quantize}",
             "model_file": info["model_file"],
             "label_names": src.label_names,
             "sequence_length": clf.preprocessor.sequence_length,
+            "tokenizer": tokenizer,
             "inputs": ["token_ids", "padding_mask"],
             "opset": info.get("opset"),
             "fusions": info.get("fusions"),

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from exporters.tokenizer import kerashub_words
+
 
 @dataclass
 class Predictions:
@@ -50,16 +52,39 @@ class ExportedClassifier:
         self.manifest = json.loads(manifest_path.read_text())
         self.label_names = self.manifest["label_names"]
         self.tokenizer = Tokenizer.from_file(str(self.export_dir / "tokenizer.json"))
+        self.tokenizer.no_padding()
+        self._settings = self.manifest["tokenizer"]
+        self._max_len = self.manifest["sequence_length"]
+        self._cls, self._sep = (self.tokenizer.token_to_id(t) for t in ("[CLS]", "[SEP]"))
+        self._unk, self._pad = (self.tokenizer.token_to_id(t) for t in ("[UNK]", "[PAD]"))
+
+    def _exact_ids(self, text: str) -> list[int]:
+        """KerasHub's tokenization of a non-ASCII text (see `exporters.tokenizer`)."""
+        ids = []
+        for word in kerashub_words(text, **self._settings):
+            if len(word.encode("utf-8")) > 100:  # KerasHub's FastWordpiece byte limit
+                ids.append(self._unk)
+            else:
+                ids += [t.id for t in self.tokenizer.model.tokenize(word)]
+        return [self._cls, *ids[: self._max_len - 2], self._sep]
 
     def encode(self, texts: list[str]) -> dict[str, np.ndarray]:
-        """Returns `{"token_ids", "padding_mask"}` int32, padded to the longest text."""
+        """Returns `{"token_ids", "padding_mask"}` int32, padded to the longest text.
+
+        ASCII texts go through `tokenizer.json` (identical to KerasHub there); texts with other
+        characters through the exact KerasHub pre-tokenisation and the same WordPiece model.
+        """
         if isinstance(texts, str):
             raise TypeError("predict() takes a list of texts; wrap a single string in a list.")
-        encodings = self.tokenizer.encode_batch(list(texts))
-        return {
-            "token_ids": np.array([e.ids for e in encodings], dtype="int32"),
-            "padding_mask": np.array([e.attention_mask for e in encodings], dtype="int32"),
-        }
+        texts = list(texts)
+        rows = [e.ids for e in self.tokenizer.encode_batch(texts)]
+        rows = [r if t.isascii() else self._exact_ids(t) for r, t in zip(rows, texts, strict=True)]
+        lengths = np.array([len(r) for r in rows])
+        ids = np.full((len(rows), lengths.max(initial=0)), self._pad, dtype="int32")
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = r
+        mask = np.arange(ids.shape[1])[None, :] < lengths[:, None]
+        return {"token_ids": ids, "padding_mask": mask.astype("int32")}
 
     def logits(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         raise NotImplementedError

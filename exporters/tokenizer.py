@@ -7,13 +7,34 @@ verification checks that both give identical token ids on real texts.
 
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
+
+# KerasHub's WordPiece pre-tokenisation (keras_hub/src/tokenizers/word_piece_tokenizer.py),
+# in the Oniguruma syntax `tokenizers` uses. RE2's `\s` (KerasHub) is ASCII-only, so no-break
+# and other Unicode spaces stay inside words there, as they do here.
+_WHITESPACE = r"[\t\n\f\r ]|\p{Cc}|\p{Cf}"
+_PUNCTUATION = r"[!-/]|[:-@]|[\[-`]|[{-~]|\p{P}"
+_CJK = (
+    r"[\x{4E00}-\x{9FFF}]|[\x{3400}-\x{4DBF}]|[\x{20000}-\x{2A6DF}]|[\x{2A700}-\x{2B73F}]"
+    r"|[\x{2B740}-\x{2B81F}]|[\x{2B820}-\x{2CEAF}]|[\x{F900}-\x{FAFF}]|[\x{2F800}-\x{2FA1F}]"
+)
 
 
 def build_tokenizer_json(
-    vocabulary: list[str], lowercase: bool, strip_accents: bool, sequence_length: int, path: Path
+    vocabulary: list[str],
+    lowercase: bool,
+    strip_accents: bool,
+    sequence_length: int,
+    path: Path,
 ) -> Path:
-    """Writes a `tokenizer.json` equivalent to KerasHub's WordPiece tokenizer + preprocessor.
+    """Writes a `tokenizer.json` that tokenizes like KerasHub's WordPiece tokenizer + preprocessor.
+
+    KerasHub splits on ASCII whitespace and on control/format characters (dropping them),
+    isolates punctuation and CJK characters, then lowercases and runs WordPiece; a word it cannot
+    cover becomes `[UNK]`. The same steps are expressed with `tokenizers` components here.
+    (KerasHub lowercases with NFKC case folding, this with plain lowercasing: they differ only
+    for rare characters such as ligatures; export verification checks real texts for it.)
 
     Args:
         vocabulary: the WordPiece vocabulary, index = token id.
@@ -25,14 +46,19 @@ def build_tokenizer_json(
     Returns:
         `path`.
     """
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
 
     vocab = {token: i for i, token in enumerate(vocabulary)}
     tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]", max_input_chars_per_word=100))
-    tok.normalizer = normalizers.BertNormalizer(
-        clean_text=True, handle_chinese_chars=True, strip_accents=strip_accents, lowercase=lowercase
+    steps = [normalizers.NFD(), normalizers.StripAccents()] if strip_accents else []
+    steps += [normalizers.Lowercase()] if lowercase else []
+    tok.normalizer = normalizers.Sequence(steps)
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_WHITESPACE), behavior="removed"),
+            pre_tokenizers.Split(Regex(f"{_PUNCTUATION}|{_CJK}"), behavior="isolated"),
+        ]
     )
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
         special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
@@ -43,11 +69,11 @@ def build_tokenizer_json(
     return path
 
 
-def write_tokenizer_assets(keras_tokenizer, sequence_length: int, out_dir: Path) -> list[str]:
+def write_tokenizer_assets(keras_tokenizer, sequence_length: int, out_dir: Path) -> dict:
     """Writes `vocab.txt` and `tokenizer.json` for a KerasHub WordPiece tokenizer.
 
     Returns:
-        The file names written.
+        The tokenizer settings for the manifest (`lowercase`, `strip_accents`).
     """
     vocabulary = list(keras_tokenizer.get_vocabulary())
     (out_dir / "vocab.txt").write_text("\n".join(vocabulary) + "\n", encoding="utf-8")
@@ -58,4 +84,71 @@ def write_tokenizer_assets(keras_tokenizer, sequence_length: int, out_dir: Path)
         sequence_length=sequence_length,
         path=out_dir / "tokenizer.json",
     )
-    return ["vocab.txt", "tokenizer.json"]
+    return {
+        "lowercase": bool(keras_tokenizer.lowercase),
+        "strip_accents": bool(keras_tokenizer.strip_accents),
+    }
+
+
+# --- exact KerasHub pre-tokenisation for non-ASCII text (standard library only) -------------
+
+_CJK_RANGES = (
+    (0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F),
+    (0x2B740, 0x2B81F), (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F),
+)  # fmt: skip
+_IGNORABLE = {0x034F, 0x115F, 0x1160, 0x17B4, 0x17B5, 0x3164, 0xFFA0}
+
+
+def _is_ignorable(ch: str) -> bool:
+    o = ord(ch)
+    return (
+        o in _IGNORABLE
+        or 0x180B <= o <= 0x180F
+        or 0xFE00 <= o <= 0xFE0F
+        or 0xE0000 <= o <= 0xE0FFF
+        or unicodedata.category(ch) == "Cf"
+    )
+
+
+def _casefold(word: str) -> str:
+    """`tf_text.case_fold_utf8`: NFKC_Casefold, dropping default-ignorable code points."""
+    word = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", word).casefold())
+    return "".join(c for c in word if not _is_ignorable(c))
+
+
+def kerashub_words(text: str, lowercase: bool, strip_accents: bool) -> list[str]:
+    """Splits `text` into words exactly as KerasHub's WordPiece tokenizer does.
+
+    ASCII whitespace and control/format characters separate words and are dropped; ASCII
+    symbols, Unicode punctuation and CJK characters are words of their own; each word is then
+    NFKC-case-folded (when `lowercase`). Unlike a `tokenizers` normalizer, the folding happens
+    after the split, so "…" stays one word and becomes "...".
+    """
+    if strip_accents:
+        text = unicodedata.normalize("NFD", text)
+        text = "".join(c for c in text if unicodedata.category(c) != "Mn")
+    words, current = [], []
+    for ch in text:
+        o, category = ord(ch), unicodedata.category(ch)
+        if ch in "\t\n\f\r " or category in ("Cc", "Cf"):
+            split, keep = True, False
+        elif (
+            33 <= o <= 47 or 58 <= o <= 64 or 91 <= o <= 96 or 123 <= o <= 126
+            or category.startswith("P") or any(lo <= o <= hi for lo, hi in _CJK_RANGES)
+        ):  # fmt: skip
+            split, keep = True, True
+        else:
+            split = keep = False
+        if split:
+            if current:
+                words.append("".join(current))
+                current = []
+            if keep:
+                words.append(ch)
+        else:
+            current.append(ch)
+    if current:
+        words.append("".join(current))
+    if lowercase:
+        words = [_casefold(w) for w in words]
+    return [w for w in words if w]

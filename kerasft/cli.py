@@ -56,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--warmup-lr", type=float, default=RecipeConfig.warmup_learning_rate)
     fit.add_argument("--finetune-epochs", type=_positive_int, default=RecipeConfig.finetune_epochs)
     fit.add_argument("--finetune-lr", type=float, default=RecipeConfig.finetune_learning_rate)
+    fit.add_argument(
+        "--finetune-schedule",
+        choices=("constant", "linear"),
+        default=RecipeConfig.finetune_schedule,
+        help="stage-2 learning rate: constant, or linear decay to 0",
+    )
     fit.add_argument("--batch-size", type=int, default=RecipeConfig.batch_size)
     fit.add_argument("--seed", type=int, default=RecipeConfig.seed)
     fit.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
@@ -145,6 +151,7 @@ def cmd_fit(args) -> int:
         warmup_learning_rate=args.warmup_lr,
         finetune_epochs=args.finetune_epochs,
         finetune_learning_rate=args.finetune_lr,
+        finetune_schedule=args.finetune_schedule,
         batch_size=args.batch_size,
         seed=args.seed,
     )

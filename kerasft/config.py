@@ -28,6 +28,8 @@ class RecipeConfig:
         seed: seed for weight init, dropout and the per-epoch reshuffle.
         cache_features: in stage 1, run the frozen backbone once and train the head on cached
             features instead of recomputing them every epoch.
+        finetune_schedule: stage-2 learning rate over time: `"constant"` or `"linear"` (decays
+            linearly to 0 over the stage, the usual BERT fine-tuning schedule).
 
     Raises:
         ValueError: on construction, for any out-of-range value (the message names it).
@@ -43,6 +45,7 @@ class RecipeConfig:
     batch_size: int = 32
     seed: int = 30
     cache_features: bool = True
+    finetune_schedule: str = "constant"
 
     def __post_init__(self):
         if isinstance(self.preset, os.PathLike):
@@ -61,6 +64,10 @@ class RecipeConfig:
             "finetune_learning_rate": (_is_rate(self.finetune_learning_rate), "a float in (0, 1]"),
             "preset": (isinstance(self.preset, str) and bool(self.preset), "a non-empty string"),
             "cache_features": (isinstance(self.cache_features, bool), "True or False"),
+            "finetune_schedule": (
+                self.finetune_schedule in ("constant", "linear"),
+                "'constant' or 'linear'",
+            ),
         }
         for name, (ok, allowed) in checks.items():
             if not ok:

@@ -45,7 +45,7 @@ def initialize_head(classifier, seed: int, stddev: float = 0.02) -> None:
         layer.bias.assign(np.zeros(tuple(layer.bias.shape), dtype=layer.bias.dtype))
 
 
-def compile_classifier(model: keras.Model, learning_rate: float) -> keras.Model:
+def compile_classifier(model: keras.Model, learning_rate) -> keras.Model:
     """Compiles `model` with the recipe's loss: a fresh Adam, one-hot CE from logits, accuracy.
 
     A fresh optimizer every time: after `trainable` changes Keras needs a recompile, and Adam's
@@ -53,7 +53,7 @@ def compile_classifier(model: keras.Model, learning_rate: float) -> keras.Model:
 
     Args:
         model: a classifier, or any model that outputs logits.
-        learning_rate: Adam's learning rate, > 0.
+        learning_rate: Adam's learning rate (> 0) or a `keras.optimizers.schedules` schedule.
 
     Returns:
         `model`, compiled.
@@ -61,7 +61,8 @@ def compile_classifier(model: keras.Model, learning_rate: float) -> keras.Model:
     Raises:
         ValueError: for a non-positive learning rate.
     """
-    if not learning_rate > 0:
+    schedule = isinstance(learning_rate, keras.optimizers.schedules.LearningRateSchedule)
+    if not schedule and not learning_rate > 0:
         raise ValueError(f"learning_rate must be > 0. Received: learning_rate={learning_rate!r}")
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
@@ -173,6 +174,7 @@ def train_stage(
     initial_epoch: int = 0,
     callbacks: list | None = None,
     cache_features: bool = True,
+    linear_decay: bool = False,
     verbose: int | str = "auto",
 ) -> keras.callbacks.History:
     """Trains one stage of the recipe.
@@ -192,6 +194,8 @@ def train_stage(
         initial_epoch: first epoch number (to continue numbering across stages).
         callbacks: Keras callbacks.
         cache_features: use cached backbone features when the backbone is frozen.
+        linear_decay: decay the learning rate linearly to 0 over the stage's steps (the usual
+            BERT fine-tuning schedule) instead of keeping it constant.
         verbose: Keras verbosity.
 
     Returns:
@@ -200,6 +204,10 @@ def train_stage(
     classifier.backbone.trainable = train_base
     if epochs == 0:
         return keras.callbacks.History()
+    if linear_decay:
+        learning_rate = keras.optimizers.schedules.PolynomialDecay(
+            learning_rate, decay_steps=epochs * len(train), end_learning_rate=0.0
+        )
     if train_base or not cache_features:
         model = compile_classifier(core_model(classifier), learning_rate)
         fit_x, fit_val = train, validation

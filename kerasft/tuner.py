@@ -42,6 +42,7 @@ class TwoStageFineTuner:
         batch_size: rows per batch.
         seed: seed for initialisation, dropout and shuffling.
         cache_features: train stage 1 on backbone features computed once.
+        finetune_schedule: `"constant"` or `"linear"` (decay to 0) stage-2 learning rate.
         callbacks: Keras callbacks for both stages (not part of `get_config`).
         verbose: Keras verbosity for fit/predict progress.
 
@@ -71,6 +72,7 @@ class TwoStageFineTuner:
         batch_size: int = RecipeConfig.batch_size,
         seed: int = RecipeConfig.seed,
         cache_features: bool = RecipeConfig.cache_features,
+        finetune_schedule: str = RecipeConfig.finetune_schedule,
         callbacks: list | None = None,
         verbose: int | str = "auto",
     ):
@@ -85,6 +87,7 @@ class TwoStageFineTuner:
             batch_size=batch_size,
             seed=seed,
             cache_features=cache_features,
+            finetune_schedule=finetune_schedule,
         )
         for name, value in self.recipe.to_dict().items():
             setattr(self, name, value)
@@ -164,6 +167,7 @@ class TwoStageFineTuner:
             initial_epoch=initial_epoch,
             callbacks=self.callbacks,
             cache_features=self.cache_features,
+            linear_decay=stage == "finetune" and self.finetune_schedule == "linear",
             verbose=self.verbose,
         )
         seconds = time.perf_counter() - start

@@ -1,0 +1,57 @@
+"""The export runtime tokenizes exactly like the KerasHub preprocessor of the model."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+
+from exporters.runtime import ExportedClassifier
+from exporters.tokenizer import write_tokenizer_assets
+
+HARD_TEXTS = [
+    "grab them by the… hand: trump's nonverbal behavior",  # "…" folds to "..." after the split
+    "historical archives: iroquois inſurgency quelled by gov't.!",  # long s folds to "s"
+    "Ｆｕｌｌｗｉｄｔｈ letters",
+    "Straße naïve café ﬁne",
+    "film\u00a0reveals",  # no-break space stays inside the word -> [UNK]
+    "americans\u200bnations",  # zero-width space splits
+    "control\x99char and soft\u00adhyphen",
+    "漢字テスト and emoji 😀",
+    "x" * 150,
+    "é" * 60,
+    "  lead and trail  ",
+    "ΣΊΣΥΦΟΣ",
+]
+
+
+@pytest.fixture(scope="module")
+def preprocessor():
+    import keras_hub
+
+    from kerasft.presets import minilm_source_dir
+
+    tokenizer = keras_hub.models.DistilBertTokenizer(
+        vocabulary=str(minilm_source_dir() / "vocab.txt"), lowercase=True
+    )
+    return keras_hub.models.DistilBertTextClassifierPreprocessor(tokenizer, sequence_length=24)
+
+
+def test_runtime_matches_kerashub(preprocessor, sarcasm_file, tmp_path):
+    settings = write_tokenizer_assets(preprocessor.tokenizer, 24, tmp_path)
+    manifest = {"label_names": ["0", "1"], "tokenizer": settings, "sequence_length": 24}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    runtime = ExportedClassifier(tmp_path)
+    rows = [json.loads(line)["headline"] for line in sarcasm_file.open()]
+    texts = HARD_TEXTS + rows[:3000] + [r for r in rows if not r.isascii()]
+    expected = preprocessor(texts)
+    ids = keras.ops.convert_to_numpy(expected["token_ids"])
+    mask = keras.ops.convert_to_numpy(expected["padding_mask"]).astype(bool)
+    got = runtime.encode(texts)
+    width = got["token_ids"].shape[1]
+    assert width == mask.sum(1).max()  # padded to the longest text only
+    for i, text in enumerate(texts):
+        want = ids[i][mask[i]].tolist()
+        have = got["token_ids"][i][got["padding_mask"][i].astype(bool)].tolist()
+        assert have == want, (text, have, want)
+    assert np.array_equal(got["padding_mask"].sum(1), mask.sum(1))
