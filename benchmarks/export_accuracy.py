@@ -55,7 +55,7 @@ def main(argv=None) -> int:
 
     import numpy as np
 
-    from exporters import export
+    from exporters import VerificationError, export
     from exporters.runtime import load
     from kerasft.tuner import TwoStageFineTuner
 
@@ -70,7 +70,12 @@ def main(argv=None) -> int:
         name = f"{fmt} {quantize or 'fp32'}"
         out = args.exports / f"{fmt}-{quantize or 'fp32'}"
         start = time.perf_counter()
-        export(args.run, out, format=fmt, quantize=quantize, overwrite=True)
+        try:
+            export(args.run, out, format=fmt, quantize=quantize, overwrite=True)
+        except VerificationError as e:  # report it with its numbers, go on with the others
+            rows.append({"variant": name, "failed_verification": str(e), **e.report})
+            print(f"{name}: FAILED verification: {e}", flush=True)
+            continue
         export_seconds = time.perf_counter() - start
         manifest = json.loads((out / "manifest.json").read_text())
         start = time.perf_counter()
@@ -101,6 +106,9 @@ def main(argv=None) -> int:
     print("\n| variant | test accuracy | vs Keras (pts) | differs from Keras | model MB |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for row in rows:
+        if "failed_verification" in row:
+            print(f"| {row['variant']} | export refused: {row['failed_verification']} | | | |")
+            continue
         size = f"{row['model_bytes'] / 1e6:.1f}" if "model_bytes" in row else ""
         print(
             f"| {row['variant']} | {row['accuracy']:.4f} | "

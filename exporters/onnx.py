@@ -25,8 +25,55 @@ def _optimize(raw_path: Path, out_path: Path, num_heads: int, hidden_size: int) 
         opt_level=1,
         use_gpu=False,
     )
+    gemm_to_matmul(model.model)
     model.save_model_to_file(str(out_path))
     return {k: v for k, v in model.get_fused_operator_statistics().items() if v}
+
+
+def gemm_to_matmul(model):
+    """Rewrites each `Gemm` (alpha 1, beta 1 or no bias, A not transposed) as `MatMul` [+ `Add`].
+
+    tf2onnx fuses Keras `Dense` layers into `Gemm`, which onnxruntime's dynamic quantizer does not
+    quantize; as `MatMul` it does (the same arithmetic). Transposed constant weights are
+    transposed once here.
+
+    Returns:
+        The number of nodes rewritten.
+    """
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    uses = {}
+    for node in model.graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    nodes, rewritten = [], 0
+    for node in model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        has_bias = len(node.input) > 2 and node.input[2]
+        simple = attrs.get("alpha", 1.0) == 1.0 and (not has_bias or attrs.get("beta", 1.0) == 1.0)
+        if node.op_type != "Gemm" or not simple or attrs.get("transA", 0):
+            nodes.append(node)
+            continue
+        a, b = node.input[0], node.input[1]
+        if attrs.get("transB", 0):
+            if b not in inits or uses[b] > 1:
+                nodes.append(node)
+                continue
+            weight = numpy_helper.to_array(inits[b]).T.copy()
+            inits[b].CopyFrom(numpy_helper.from_array(weight, b))
+        product = f"{node.name}_matmul" if has_bias else node.output[0]
+        nodes.append(helper.make_node("MatMul", [a, b], [product], name=f"{node.name}_MatMul"))
+        if has_bias:
+            nodes.append(
+                helper.make_node(
+                    "Add", [product, node.input[2]], list(node.output), name=f"{node.name}_Add"
+                )
+            )
+        rewritten += 1
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return rewritten
 
 
 class _Calibration:
@@ -85,6 +132,7 @@ def write(
             str(fp32),
             str(int8),
             weight_type=QuantType.QInt8,
+            per_channel=True,
             op_types_to_quantize=["MatMul", "Attention", "Gather", "EmbedLayerNormalization"],
         )
     else:

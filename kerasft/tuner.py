@@ -131,9 +131,9 @@ class TwoStageFineTuner:
         """
         texts, labels = self._texts_and_labels(x, y, fitting=True)
         val = None
-        if validation_data is not None:
+        if validation_data is not None:  # labels matched to the training classes by name
             if isinstance(validation_data, TextDataset):
-                validation_data = (validation_data.texts, validation_data.labels)
+                validation_data = (validation_data, None)
             val_texts, val_labels = self._texts_and_labels(*validation_data)
         keras.utils.set_random_seed(self.seed)
         self.backend = keras.backend.backend()
