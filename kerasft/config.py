@@ -23,7 +23,7 @@ class RecipeConfig:
         warmup_epochs: stage-1 epochs (>= 0).
         warmup_learning_rate: stage-1 Adam learning rate.
         finetune_epochs: stage-2 epochs (>= 0).
-        finetune_learning_rate: stage-2 Adam learning rate.
+        finetune_learning_rate: stage-2 Adam learning rate (the peak, with the linear schedule).
         batch_size: rows per batch.
         seed: seed for weight init, dropout and the per-epoch reshuffle.
         cache_features: in stage 1, run the frozen backbone once and train the head on cached
@@ -41,11 +41,11 @@ class RecipeConfig:
     warmup_epochs: int = 2
     warmup_learning_rate: float = 1e-3
     finetune_epochs: int = 2
-    finetune_learning_rate: float = 5e-5
+    finetune_learning_rate: float = 1e-4
     batch_size: int = 32
     seed: int = 30
     cache_features: bool = True
-    finetune_schedule: str = "constant"
+    finetune_schedule: str = "linear"
 
     def __post_init__(self):
         if isinstance(self.preset, os.PathLike):
