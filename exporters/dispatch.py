@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from kerasft.fileio import check_target_dir, publish_dir, temp_dir_beside
+from kerasft.versions import EXPORT, package_versions
 
 # format -> allowed `quantize` values (None = fp32).
 SUPPORTED = {
@@ -113,28 +114,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _versions() -> dict:
-    import importlib.metadata as md
-
-    names = (
-        "keras",
-        "keras-hub",
-        "tensorflow",
-        "tf2onnx",
-        "onnx",
-        "onnxruntime",
-        "tokenizers",
-        "ai-edge-litert",
-    )
-    out = {}
-    for name in names:
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
-    return out
 
 
 def _export_in_tensorflow(source, out_dir, format, quantize, overwrite, texts, calibration_texts):
@@ -261,7 +240,7 @@ def export(
             "opset": info.get("opset"),
             "fusions": info.get("fusions"),
             "source_backend": src.backend,
-            "versions": _versions(),
+            "versions": package_versions(EXPORT),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         report = verify(runtime.load(tmp), texts, keras_ids, keras_logits, quantize is not None)

@@ -120,19 +120,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _versions() -> dict:
-    import importlib.metadata as md
-
-    names = ("keras", "keras-hub", "tensorflow", "jax", "torch", "numpy", "scikit-learn")
-    versions = {}
-    for name in names:
-        try:
-            versions[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
-    return versions
-
-
 def cmd_fit(args) -> int:
     import keras
 
@@ -141,6 +128,7 @@ def cmd_fit(args) -> int:
     from kerasft.fileio import check_target_dir, publish_dir, temp_dir_beside
     from kerasft.plots import plot_history
     from kerasft.tuner import TwoStageFineTuner
+    from kerasft.versions import TRAINING, package_versions
 
     if not args.data:
         raise DataError("No data file: pass --data FILE or set $KERASFT_DATA.")
@@ -213,7 +201,7 @@ def cmd_fit(args) -> int:
                 "limit": args.limit,
                 "split": {"test_size": 0.2, "validation_size": 0.25, "random_state": 30},
                 "backend": keras.backend.backend(),
-                "versions": _versions(),
+                "versions": package_versions(TRAINING),
                 "command": sys.argv,
             },
         )
