@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kerasft.cli import MODEL_FILE
 from kerasft.fileio import check_target_dir, publish_dir, temp_dir_beside
 from kerasft.versions import EXPORT, package_versions
 
@@ -26,7 +27,6 @@ SUPPORTED = {
 }
 VERIFY_TEXTS = 512
 CALIBRATION_TEXTS = 256
-MODEL_FILE = "model.keras"
 
 
 def check_format(format: str, quantize: str | None) -> None:

@@ -9,8 +9,6 @@ see stays small: one `(batch_size, L)` per bucket plus at most one short remaind
 
 from __future__ import annotations
 
-import math
-
 import keras
 import numpy as np
 
@@ -146,8 +144,3 @@ class BucketedBatches(keras.utils.PyDataset):
     def num_shapes(self) -> int:
         """Distinct `(batch, length)` shapes this epoch (what a compiled backend traces)."""
         return len({(len(b), int(self.bucket_len[b].max())) for b in self.batches})
-
-
-def padded_fraction(lengths: np.ndarray, max_len: int) -> float:
-    """Share of positions that fixed-length padding to `max_len` would waste (for reports)."""
-    return 1.0 - float(np.sum(lengths)) / (len(lengths) * max_len) if len(lengths) else math.nan
