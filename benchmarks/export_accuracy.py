@@ -49,6 +49,9 @@ def main(argv=None) -> int:
     parser.add_argument("--run", required=True, type=Path)
     parser.add_argument("--exports", required=True, type=Path, help="where exports are written")
     parser.add_argument("--out", required=True, type=Path, help="report JSON")
+    parser.add_argument(
+        "--formats", default="onnx,saved_model,litert", help="comma-separated formats to export"
+    )
     args = parser.parse_args(argv)
     # Exports are traced under TensorFlow; loading the Keras model there avoids a subprocess.
     os.environ["KERAS_BACKEND"] = "tensorflow"
@@ -66,7 +69,11 @@ def main(argv=None) -> int:
     keras_acc = float(np.mean(keras_pred == test.labels))
     rows = [{"variant": "keras fp32", "accuracy": keras_acc, "differs_from_keras": 0}]
     print(f"keras fp32: accuracy {keras_acc:.4f} on {len(test)} test rows", flush=True)
-    for fmt, quantize in VARIANTS:
+    formats = args.formats.split(",")
+    unknown = sorted(set(formats) - {fmt for fmt, _ in VARIANTS})
+    if unknown:
+        parser.error(f"unknown formats {unknown}; choose from onnx, saved_model, litert")
+    for fmt, quantize in [v for v in VARIANTS if v[0] in formats]:
         name = f"{fmt} {quantize or 'fp32'}"
         out = args.exports / f"{fmt}-{quantize or 'fp32'}"
         start = time.perf_counter()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -195,7 +196,7 @@ def export(
             source, out_dir, format, quantize, overwrite, texts, calibration_texts
         )
     from exporters import litert, onnx, runtime, saved_model
-    from exporters.keras_graph import ServingGraph, onnx_friendly_gelu
+    from exporters.keras_graph import ServingGraph, onnx_friendly_ops
     from exporters.tokenizer import write_tokenizer_assets
     from exporters.verify import verify
 
@@ -208,7 +209,7 @@ def export(
     out_dir = Path(out_dir)
     tmp = temp_dir_beside(out_dir)
     try:
-        with onnx_friendly_gelu(clf):
+        with onnx_friendly_ops(clf) if format == "onnx" else contextlib.nullcontext():
             graph = ServingGraph(clf)
             keras_ids, keras_logits = _reference(graph, clf, texts)
             if quantize == "keras":

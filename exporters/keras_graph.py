@@ -14,31 +14,65 @@ import math
 
 
 def erf_gelu(x):
-    """Exact GELU as `0.5 * x * (1 + erf(x / sqrt(2)))`.
+    """Exact GELU as `x * (1 + erf(x / sqrt(2))) * 0.5`.
 
     TensorFlow's exact GELU is written with `erfc`, which tf2onnx emits as an `Erfc` node that
-    onnxruntime rejects. This form is the same function (equal to float rounding) and traces to
-    `Erf`, which onnxruntime runs and its transformer optimizer fuses into one `Gelu` op.
+    onnxruntime rejects. This form is the same function (equal to float rounding), traces to
+    `Erf`, and in this operand order matches onnxruntime's GELU fusion pattern.
     """
     from keras import ops
 
-    return 0.5 * x * (1.0 + ops.erf(x / math.sqrt(2.0)))
+    return (x * (1.0 + ops.erf(x / math.sqrt(2.0)))) * 0.5
+
+
+def _explicit_layer_norm(layer):
+    """`LayerNormalization.call` as ReduceMean/Sub/Pow/ReduceMean/Add/Sqrt/Div/Mul/Add."""
+    from keras import ops
+
+    def call(inputs):
+        mean = ops.mean(inputs, axis=-1, keepdims=True)
+        centered = inputs - mean
+        variance = ops.mean(ops.power(centered, 2.0), axis=-1, keepdims=True)
+        return centered / ops.sqrt(variance + layer.epsilon) * layer.gamma + layer.beta
+
+    return call
 
 
 @contextlib.contextmanager
-def onnx_friendly_gelu(classifier):
-    """Temporarily swaps each encoder's feed-forward GELU for `erf_gelu` (restored on exit)."""
+def onnx_friendly_ops(classifier):
+    """Temporarily traces GELU and LayerNorm in the forms tf2onnx and onnxruntime handle best.
+
+    Each encoder's feed-forward GELU becomes `erf_gelu`, and each last-axis LayerNormalization
+    (with centre and scale) computes its textbook formula instead of TensorFlow's moments: the
+    same functions to float rounding (export verification checks it), in the shapes onnxruntime
+    fuses. For ONNX only: LiteRT has no builtin `Erf` and fuses TensorFlow's own GELU, and
+    SavedModel needs no change. Restored on exit.
+    """
+    import keras
+
     dense_layers = [
         layer._feedforward_intermediate_dense for layer in classifier.backbone.transformer_layers
     ]
     saved = [dense.activation for dense in dense_layers]
+    norms = [
+        layer
+        for layer in classifier.backbone._flatten_layers()
+        if isinstance(layer, keras.layers.LayerNormalization)
+        and layer.center
+        and layer.scale
+        and layer.axis in (-1, [-1], [2])
+    ]
     try:
         for dense in dense_layers:
             dense.activation = erf_gelu
+        for norm in norms:
+            norm.call = _explicit_layer_norm(norm)
         yield classifier
     finally:
         for dense, activation in zip(dense_layers, saved, strict=True):
             dense.activation = activation
+        for norm in norms:
+            del norm.call
 
 
 class ServingGraph:

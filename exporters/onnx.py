@@ -14,7 +14,11 @@ DEFAULT_OPSET = 17
 
 
 def _optimize(raw_path: Path, out_path: Path, num_heads: int, hidden_size: int) -> dict:
-    """Applies onnxruntime's transformer graph fusions (attention, LayerNorm, GELU)."""
+    """Applies onnxruntime's transformer graph fusions; returns what it fused.
+
+    LayerNorm (as SkipLayerNormalization after residual adds) and GELU fuse; the attention block
+    that Keras' einsum-based MultiHeadAttention becomes does not match onnxruntime's patterns.
+    """
     from onnxruntime.transformers import optimizer
 
     model = optimizer.optimize_model(
@@ -28,6 +32,37 @@ def _optimize(raw_path: Path, out_path: Path, num_heads: int, hidden_size: int) 
     gemm_to_matmul(model.model)
     model.save_model_to_file(str(out_path))
     return {k: v for k, v in model.get_fused_operator_statistics().items() if v}
+
+
+def global_average_pool_to_reduce_mean(model) -> int:
+    """Rewrites `GlobalAveragePool` over a rank-3 tensor as `ReduceMean(axes=[2], keepdims=1)`.
+
+    tf2onnx writes a last-axis mean of a `(batch, sequence, hidden)` tensor as a
+    `GlobalAveragePool`; as the equivalent `ReduceMean` it forms the LayerNorm pattern
+    onnxruntime fuses. Nodes whose input rank is not known to be 3 are left alone.
+
+    Returns:
+        The number of nodes rewritten.
+    """
+    import onnx
+    from onnx import helper
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    rank = {
+        v.name: len(v.type.tensor_type.shape.dim)
+        for v in list(inferred.graph.value_info) + list(inferred.graph.input)
+        if v.type.tensor_type.HasField("shape")
+    }
+    rewritten = 0
+    for node in model.graph.node:
+        if node.op_type == "GlobalAveragePool" and rank.get(node.input[0]) == 3:
+            node.op_type = "ReduceMean"
+            del node.attribute[:]
+            node.attribute.extend(
+                [helper.make_attribute("axes", [2]), helper.make_attribute("keepdims", 1)]
+            )
+            rewritten += 1
+    return rewritten
 
 
 def gemm_to_matmul(model):
@@ -117,6 +152,7 @@ def write(
     proto, _ = tf2onnx.convert.from_function(
         graph.serve, input_signature=graph.serve.input_signature, opset=opset
     )
+    global_average_pool_to_reduce_mean(proto)
     onnx.save(proto, str(raw))
     fp32 = out_dir / "model.onnx"
     fusions = _optimize(raw, fp32, num_heads, hidden_size)
@@ -127,6 +163,8 @@ def write(
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     int8 = out_dir / "model.int8.onnx"
+    # Fused ops (com.microsoft domain) leave some tensors untyped for ONNX shape inference.
+    extra = {"DefaultTensorType": onnx.TensorProto.FLOAT}
     if quantize == "dynamic":
         quantize_dynamic(
             str(fp32),
@@ -134,6 +172,7 @@ def write(
             weight_type=QuantType.QInt8,
             per_channel=True,
             op_types_to_quantize=["MatMul", "Attention", "Gather", "EmbedLayerNormalization"],
+            extra_options=extra,
         )
     else:
         quantize_static(
@@ -145,6 +184,7 @@ def write(
             activation_type=QuantType.QInt8,
             weight_type=QuantType.QInt8,
             op_types_to_quantize=["MatMul", "Gather"],
+            extra_options=extra,
         )
     fp32.unlink()
     info["model_file"] = int8.name
