@@ -8,7 +8,8 @@ Example:
     >>> clf = load_pretrained_classifier("all_minilm_l6_v2", num_classes=2, sequence_length=64)
     >>> train = encode(clf, texts, labels, num_classes=2, shuffle=True)
     >>> h1 = train_stage(clf, train, epochs=1, learning_rate=1e-3, train_base=False)
-    >>> h2 = train_stage(clf, train, epochs=2, learning_rate=5e-5, train_base=True)
+    >>> h2 = train_stage(clf, train, epochs=2, learning_rate=1e-4, train_base=True,
+    ...                  linear_decay=True)
 """
 
 from __future__ import annotations
