@@ -51,11 +51,17 @@ class _Source:
     run_dir: Path | None
 
 
-def _load_source(source) -> _Source:
+def _load_source(source, copy: bool) -> _Source:
+    """Opens the model to export; `copy` gives an in-memory tuner's model as a fresh copy."""
     from kerasft.tuner import TwoStageFineTuner
 
     if isinstance(source, TwoStageFineTuner):
-        return _Source(source._fitted(), source.label_names, source.backend or "", None)
+        if not copy:
+            return _Source(source._fitted(), source.label_names, source.backend or "", None)
+        with tempfile.TemporaryDirectory() as tmp:
+            source.save(Path(tmp) / MODEL_FILE)
+            return _Source(TwoStageFineTuner.load(Path(tmp) / MODEL_FILE).model,
+                           source.label_names, source.backend or "", None)  # fmt: skip
     path = Path(source)
     model_path = path / MODEL_FILE if path.is_dir() else path
     if not model_path.is_file():
@@ -200,7 +206,7 @@ def export(
     from exporters.tokenizer import write_tokenizer_assets
     from exporters.verify import verify
 
-    src = _load_source(source)
+    src = _load_source(source, copy=quantize == "keras")  # never quantize the caller's model
     if texts is None:
         texts, default_calibration = _run_texts(src.run_dir)
         calibration_texts = calibration_texts or default_calibration
@@ -225,7 +231,11 @@ def export(
                 opset=opset or onnx.DEFAULT_OPSET,
                 num_heads=clf.backbone.num_heads,
                 hidden_size=clf.backbone.hidden_dim,
-                calibration=list(_keras_batches(clf, list(calibration_texts or texts))),
+                calibration=(
+                    list(_keras_batches(clf, list(calibration_texts or texts)))
+                    if quantize == "static"
+                    else None
+                ),
             )
         tokenizer = write_tokenizer_assets(
             clf.preprocessor.tokenizer, clf.preprocessor.sequence_length, tmp

@@ -144,3 +144,40 @@ def test_killed_export_never_leaves_a_broken_artifact(toy_runs, tmp_path):
     assert (target / "manifest.json").read_text() == good
     verify_checksums(target)
     assert load(target).predict(["so good"]).labels == ["pos"]
+
+
+IN_MEMORY_CODE = """
+import json, sys
+import numpy as np
+sys.path.insert(0, {tests!r})
+from conftest import toy_texts
+from exporters import export
+from kerasft import TwoStageFineTuner
+
+texts, labels = toy_texts(96, seed=2)
+tuner = TwoStageFineTuner({preset!r}, sequence_length=32, warmup_epochs=1, finetune_epochs=1,
+                          batch_size=16, verbose=0)
+tuner.fit(texts, labels)
+before = tuner.predict_proba(texts[:8])
+out = export(tuner, {out!r}, format={fmt!r}, quantize={quantize!r}, texts=texts[:40])
+manifest = json.loads((out / "manifest.json").read_text())
+print(json.dumps({{
+    "backend": manifest["source_backend"], "passed": manifest["verification"]["passed"],
+    "unchanged": bool(np.array_equal(before, tuner.predict_proba(texts[:8]))),
+}}))
+"""
+
+
+@pytest.mark.parametrize(
+    "backend, fmt, quantize", [("jax", "onnx", None), ("tensorflow", "saved_model", "keras")]
+)
+def test_export_in_memory_tuner(backend, fmt, quantize, tiny_preset, tmp_path):
+    from conftest import run_backend
+
+    code = IN_MEMORY_CODE.format(
+        tests=str(ROOT / "tests"), preset=str(tiny_preset), out=str(tmp_path / "e"),
+        fmt=fmt, quantize=quantize,
+    )  # fmt: skip
+    r = run_backend(backend, code)
+    # From JAX the export re-runs under TensorFlow; Keras INT8 never touches the caller's model.
+    assert r == {"backend": backend, "passed": True, "unchanged": True}
