@@ -191,12 +191,12 @@ def cmd_fit(args) -> int:
             "samples_per_second": tuner.stage_samples_per_second,
         }
         _write_json(tmp / "metrics.json", report)
-        _write_json(tmp / "history.json", _jsonable(history.history))
+        _write_json(tmp / "history.json", history.history)
         _write_json(
             tmp / "config.json",
             {
                 "recipe": tuner.get_config(),
-                "data": str(args.data),
+                "data": str(Path(args.data).resolve()),  # export reads it from anywhere
                 "columns": data.columns,
                 "limit": args.limit,
                 "split": {"test_size": 0.2, "validation_size": 0.25, "random_state": 30},
