@@ -183,7 +183,7 @@ class TwoStageFineTuner:
     def predict_proba(self, x) -> np.ndarray:
         """Returns class probabilities, shape `(N, num_classes)`, in input order."""
         data = recipe.encode(self._fitted(), self._texts(x), batch_size=self.batch_size)
-        logits = recipe.core_model(self.model).predict(data, verbose=0)
+        logits = self._core().predict(data, verbose=0)
         return keras.ops.convert_to_numpy(keras.ops.softmax(data.restore_order(logits), axis=-1))
 
     def predict(self, x) -> np.ndarray:
@@ -194,8 +194,10 @@ class TwoStageFineTuner:
         """Returns `{"loss", "accuracy"}` of the fitted model on `x`, `y` (labels as in `fit`)."""
         texts, labels = self._texts_and_labels(x, y)
         data = recipe.encode(self._fitted(), texts, labels, batch_size=self.batch_size)
-        model = recipe.compile_classifier(recipe.core_model(self.model), 1e-3)
-        return model.evaluate(data, verbose=0, return_dict=True)
+        core = self._core()
+        if not core.compiled:
+            recipe.compile_classifier(core, 1e-3)  # the rate is unused: loss and metric only
+        return core.evaluate(data, verbose=0, return_dict=True)
 
     def score(self, x, y=None) -> dict:
         """Returns accuracy, precision, recall, F1 and the confusion matrix on `x`, `y`.
@@ -261,6 +263,13 @@ class TwoStageFineTuner:
         return tuner
 
     # --- helpers ------------------------------------------------------------------------------
+
+    def _core(self) -> keras.Model:
+        """The preprocessor-free view of `self.model`, built once per model (no retracing)."""
+        cached = getattr(self, "_core_cache", None)
+        if cached is None or cached[0] is not self._fitted():
+            self._core_cache = (self.model, recipe.core_model(self.model))
+        return self._core_cache[1]
 
     def _fitted(self):
         if self.model is None:
