@@ -27,16 +27,6 @@ VARIANTS = [
 ]
 
 
-def _test_split(run: Path):
-    from kerasft.data import load_dataset, reference_split, stratified_limit
-
-    config = json.loads((run / "config.json").read_text())
-    data = load_dataset(config["data"], config["columns"]["text"], config["columns"]["label"])
-    if config.get("limit"):
-        data = data.subset(stratified_limit(data.labels, config["limit"], config["recipe"]["seed"]))
-    return data.subset(reference_split(data.labels)[2])
-
-
 def _model_size(export_dir: Path, manifest: dict) -> int:
     path = export_dir / manifest["model_file"]
     if path.is_dir():
@@ -60,9 +50,10 @@ def main(argv=None) -> int:
 
     from exporters import VerificationError, export
     from exporters.runtime import load
+    from kerasft.data import run_splits
     from kerasft.tuner import TwoStageFineTuner
 
-    test = _test_split(args.run)
+    test = run_splits(args.run)[2]
     tuner = TwoStageFineTuner.load(args.run / "model.keras")
     tuner.verbose = 0
     keras_pred = tuner.predict(test.texts)

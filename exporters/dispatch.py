@@ -76,21 +76,16 @@ def _load_source(source, copy: bool) -> _Source:
 
 def _run_texts(run_dir: Path | None, seed: int = 30) -> tuple[list[str], list[str]]:
     """Test-split texts (verification) and training texts (calibration) of a run's data."""
-    from kerasft.data import load_dataset, reference_split, stratified_limit
+    from kerasft.data import run_splits
 
-    config_path = run_dir / "config.json" if run_dir else None
-    if config_path is None or not config_path.is_file():
+    if run_dir is None or not (run_dir / "config.json").is_file():
         raise ValueError(
             "No texts to verify the export with: pass texts=[...] (and calibration_texts for "
             "static INT8), or export a `kerasft fit` run directory whose data file is readable."
         )
-    config = json.loads(config_path.read_text())
-    data = load_dataset(config["data"], config["columns"]["text"], config["columns"]["label"])
-    if config.get("limit"):
-        data = data.subset(stratified_limit(data.labels, config["limit"], config["recipe"]["seed"]))
-    train, _, test = reference_split(data.labels)
+    train, _, test = run_splits(run_dir)
     rng = np.random.default_rng(seed)
-    pick = lambda idx, n: [data.texts[i] for i in np.sort(rng.permutation(idx)[:n])]  # noqa: E731
+    pick = lambda ds, n: [ds.texts[i] for i in np.sort(rng.permutation(len(ds))[:n])]  # noqa: E731
     return pick(test, VERIFY_TEXTS), pick(train, CALIBRATION_TEXTS)
 
 
