@@ -1,4 +1,4 @@
-"""The `kerasft` command line: `fit`, `export`, `predict`, `evaluate`.
+"""The `kerasft` command line: `fit`, `export`, `predict`, `evaluate`, `bench`.
 
 Heavy libraries load inside the subcommands; `--backend` (or `KERAS_BACKEND`) is applied before
 Keras is imported. The default backend is TensorFlow: on the 2-core CPU machines this project is
@@ -90,12 +90,25 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--text-column")
     evaluate.add_argument("--label-column")
     evaluate.add_argument("--json", action="store_true")
+
+    sub.add_parser(
+        "bench",
+        add_help=False,
+        help="latency of every variant vs Hugging Face peers (python -m benchmarks.latency)",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `kerasft` console script. Returns the exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "bench":  # its own parser: `kerasft bench --help` lists its options
+        from benchmarks.latency import main as bench_main
+
+        return bench_main(extra)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "export":
         # Exports are traced under TensorFlow from the backend-neutral .keras file, whatever
         # backend trained the model (the manifest records that one).

@@ -87,3 +87,33 @@ def sarcasm_file() -> Path:
     if not SARCASM.is_file():
         pytest.fail(f"The sarcasm dataset is required at {SARCASM} (or set $KERASFT_DATA).")
     return SARCASM
+
+
+@pytest.fixture(scope="session")
+def toy_data(tmp_path_factory):
+    texts, labels = toy_texts(400, seed=5)
+    path = tmp_path_factory.mktemp("toy") / "toy.jsonl"
+    path.write_text(
+        "".join(
+            json.dumps({"text": t, "label": ["neg", "pos"][y]}) + "\n"
+            for t, y in zip(texts, labels, strict=True)
+        )
+    )
+    return path
+
+
+def fit_run(backend, preset, data, out):
+    args = [sys.executable, "-m", "kerasft.cli", "--backend", backend, "fit", "--data", str(data)]
+    args += ["--out", str(out), "--preset", str(preset), "--sequence-length", "32", "--quiet"]
+    args += ["--batch-size", "16", "--warmup-epochs", "2", "--warmup-lr", "1e-2"]
+    args += ["--finetune-epochs", "8", "--finetune-lr", "3e-3"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def toy_runs(tiny_preset, toy_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    return {b: fit_run(b, tiny_preset, toy_data, root / b) for b in BACKENDS}

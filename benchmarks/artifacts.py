@@ -1,0 +1,163 @@
+"""Builds (or reuses) every artifact the latency harness serves, for one model role.
+
+Run by the harness in a TensorFlow-backend subprocess:
+
+    python -m benchmarks.artifacts --run RUN_DIR --root DIR --role run|base [--widen 2]
+
+For the role `run` the fine-tuned model is used as it is; for `base` it is first widened to the
+DistilBERT-base shape (`benchmarks.models.widen`). Then every export variant is written by
+`exporters.export` (so each is verified against the Keras model), plus the peers' artifacts: a
+transformers checkpoint of the same weights and Optimum's ONNX export with its INT8 quantization.
+Every artifact is built in a temporary directory and renamed into place, so an existing one is
+complete and is reused; `index.json` lists them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+EXPORTS = [
+    ("onnx", None),
+    ("onnx", "dynamic"),
+    ("onnx", "static"),
+    ("saved_model", None),
+    ("saved_model", "keras"),
+    ("litert", None),
+    ("litert", "dynamic"),
+]
+
+
+BASE_CALIBRATION_TEXTS = 64
+
+
+def export_name(fmt: str, quantize: str | None) -> str:
+    return f"{fmt}-{'int8-' + quantize if quantize else 'fp32'}"
+
+
+def has_peers() -> bool:
+    """Whether the optional `bench` extra (transformers, Optimum) is installed."""
+    return all(importlib.util.find_spec(m) for m in ("transformers", "optimum.onnxruntime"))
+
+
+def _build(target: Path, make) -> Path:
+    """Calls `make(tmp_dir)` and renames the result to `target`; skips a complete `target`."""
+    from kerasft.fileio import publish_dir, temp_dir_beside
+
+    if target.is_dir() and (target / ".complete").is_file():
+        return target
+    tmp = temp_dir_beside(target)
+    try:
+        make(tmp)
+        (tmp / ".complete").write_text("")
+        publish_dir(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def prepare(run: Path, root: Path, role: str, widen: int, verify_texts: int, peers: bool, log):
+    """Builds the role's artifacts under `root / role` and returns the index written there."""
+    from exporters import export
+    from exporters.dispatch import _run_texts
+    from kerasft.tuner import TwoStageFineTuner
+
+    out = root / role
+    out.mkdir(parents=True, exist_ok=True)
+    texts, calibration = _run_texts(run)
+    texts = texts[:verify_texts]
+    if role == "base":
+        # onnxruntime's static calibration holds every calibrated tensor of every batch in
+        # memory (about 20 GB for 256 texts on the DistilBERT-base shape): 64 texts there.
+        calibration = calibration[:BASE_CALIBRATION_TEXTS]
+    tuner = TwoStageFineTuner.load(run / "model.keras")
+    model_file = run / "model.keras"
+    if role == "base":
+        from benchmarks.models import widen as widen_model
+
+        def make_base(tmp):
+            wide = TwoStageFineTuner.load(run / "model.keras")
+            wide.model = widen_model(tuner.model, widen)
+            wide.save(tmp / "model.keras")
+
+        log(f"widening the model x{widen} to the DistilBERT-base shape")
+        model_file = _build(out / "keras", make_base) / "model.keras"
+        tuner = TwoStageFineTuner.load(model_file)
+    backbone = tuner.model.backbone
+    index = {
+        "role": role,
+        "keras": str(model_file),
+        "shape": {
+            "layers": backbone.num_layers,
+            "hidden": backbone.hidden_dim,
+            "heads": backbone.num_heads,
+            "intermediate": backbone.intermediate_dim,
+            "parameters": int(tuner.model.count_params()),
+            "max_sequence_length": backbone.max_sequence_length,
+        },
+        "vocabulary_size": backbone.vocabulary_size,
+        "label_names": tuner.label_names,
+        "exports": {},
+    }
+    for fmt, quantize in EXPORTS:
+        name = export_name(fmt, quantize)
+        log(f"{role}: export {name}")
+        target = out / "exports" / name
+        if not (target / "manifest.json").is_file():  # exports publish atomically
+            export(
+                model_file, target, format=fmt, quantize=quantize, texts=texts,
+                calibration_texts=calibration, overwrite=True,
+            )  # fmt: skip
+        index["exports"][name] = str(target)
+    if peers and has_peers():
+        from benchmarks.models import optimum_export, to_transformers
+
+        log(f"{role}: transformers checkpoint of the same weights")
+        hf = _build(
+            out / "transformers", lambda tmp: to_transformers(tuner.model, tmp, tuner.label_names)
+        )
+        index["transformers"] = str(hf)
+        log(f"{role}: Optimum ONNX export + Optimum dynamic INT8")
+
+        def make_optimum(tmp):
+            info = optimum_export(hf, tmp / "fp32", tmp / "int8")
+            rel = {
+                k: str(Path(v).relative_to(tmp)) if k != "recipe" else v for k, v in info.items()
+            }
+            (tmp / "optimum.json").write_text(json.dumps(rel))
+
+        opt = _build(out / "optimum", make_optimum)
+        info = json.loads((opt / "optimum.json").read_text())
+        index["optimum"] = {
+            "fp32": str(opt / info["fp32"]), "int8": str(opt / info["int8"]),
+            "recipe": info["recipe"],
+        }  # fmt: skip
+    (out / "index.json").write_text(json.dumps(index, indent=2))
+    return index
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", required=True, type=Path)
+    parser.add_argument("--root", required=True, type=Path)
+    parser.add_argument("--role", required=True, choices=("run", "base"))
+    parser.add_argument("--widen", type=int, default=2)
+    parser.add_argument("--verify-texts", type=int, default=512)
+    parser.add_argument("--no-peers", action="store_true")
+    args = parser.parse_args(argv)
+    os.environ["KERAS_BACKEND"] = "tensorflow"
+
+    def log(message):
+        print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+    prepare(args.run, args.root, args.role, args.widen, args.verify_texts, not args.no_peers, log)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

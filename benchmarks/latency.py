@@ -1,0 +1,544 @@
+"""Latency of every way kerasft can serve a fine-tuned classifier, beside Hugging Face's peers.
+
+    python -m benchmarks.latency --run RUN_DIR --out REPORT_DIR [--device cpu|gpu|auto]
+        [--batch-sizes 1,8,32] [--seq-lens 32,128] [--quick]
+
+(also `kerasft bench ...`). Variants: the Keras model on each installed backend (compiled
+predict, each backend in its own process), Keras' native INT8 model, the SavedModel on
+TensorFlow, ONNX fp32 and every ONNX INT8 recipe on onnxruntime, LiteRT fp32 and INT8, and the
+peers on the same weights: transformers PyTorch eager and Optimum's ONNX export with its dynamic
+INT8 quantization (optional `bench` extra; the report says when they are missing).
+
+Method: accuracy and label agreement are measured with the fine-tuned model on its sarcasm test
+split; latency with a DistilBERT-base-shaped model that computes the same function
+(`--latency-model base`, see `benchmarks.models.widen`) or the run's own model
+(`--latency-model run`). Every variant runs in its own worker process; after per-shape warm-up
+(compilation excluded), the timed rounds interleave the variants in a new random order per round
+so machine noise hits all of them alike. Threads are fixed (`--threads`) and reported. Output:
+`report.json`, `report.md` and PNG charts in REPORT_DIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.report import BASELINE
+
+ROOT = Path(__file__).resolve().parents[1]
+KERAS_BACKENDS = ("jax", "tensorflow", "torch")
+
+
+@dataclass
+class Variant:
+    """One way of serving the model: a worker spec plus where its numbers go."""
+
+    name: str
+    family: str  # keras | export | peer
+    spec: dict
+    env: dict = field(default_factory=dict)
+    size_bytes: int | None = None
+    quantized: bool = False
+    onnx_int8: bool = False
+
+
+def _size(path: Path) -> int:
+    path = Path(path)
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def variants(index: dict, threads: int, device: str) -> tuple[list[Variant], list[str]]:
+    """The variants for one model role, and notes on those that cannot run here."""
+    base = {"threads": threads, "device": device, "vocabulary_size": index["vocabulary_size"]}
+    out, notes = [], []
+    keras_file = index["keras"]
+    for backend in KERAS_BACKENDS:
+        if not _installed(backend):
+            notes.append(f"keras {backend}: {backend} is not installed")
+            continue
+        out.append(
+            Variant(
+                f"keras {backend} fp32",
+                "keras",
+                {**base, "kind": "keras", "path": keras_file},
+                {"KERAS_BACKEND": backend},
+                _size(keras_file),
+            )
+        )
+    out.append(
+        Variant(
+            "keras tensorflow int8",
+            "keras",
+            {**base, "kind": "keras", "int8": True, "path": keras_file},
+            {"KERAS_BACKEND": "tensorflow"},
+            quantized=True,
+        )
+    )
+    for name, export_dir in index["exports"].items():
+        manifest = json.loads((Path(export_dir) / "manifest.json").read_text())
+        fmt = manifest["format"]
+        model_path = Path(export_dir) / manifest["model_file"]
+        if fmt == "litert" and device == "gpu":
+            notes.append(f"{name}: the LiteRT interpreter runs on the CPU only; skipped on GPU")
+            continue
+        quant = manifest["quantization"]
+        label = f"{fmt.replace('_', '')} {quant or 'fp32'}"
+        out.append(Variant(label, "export", {**base, "kind": fmt, "path": str(model_path)},
+                           size_bytes=_size(model_path), quantized=bool(quant),
+                           onnx_int8=fmt == "onnx" and bool(quant)))  # fmt: skip
+    if "transformers" in index:
+        hf = index["transformers"]
+        out.append(Variant("transformers torch-eager fp32", "peer",
+                           {**base, "kind": "transformers", "path": hf},
+                           size_bytes=_size(Path(hf) / "model.safetensors")))  # fmt: skip
+        for precision in ("fp32", "int8"):
+            path = index["optimum"][precision]
+            out.append(Variant(f"optimum onnx {precision}", "peer",
+                               {**base, "kind": "onnx", "path": path}, size_bytes=_size(path),
+                               quantized=precision == "int8"))  # fmt: skip
+    else:
+        notes.append(
+            "peers (transformers, Optimum) not installed: pip install -e '.[bench]' to compare"
+        )
+    return out, notes
+
+
+class Worker:
+    """A running `benchmarks.worker` process for one variant."""
+
+    def __init__(self, variant: Variant, log_dir: Path, device: str):
+        env = {**os.environ, "PYTHONPATH": str(ROOT), **variant.env}
+        if device == "cpu":
+            env["CUDA_VISIBLE_DEVICES"] = ""  # no framework may grab a GPU in a CPU benchmark
+        env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+        self.variant = variant
+        self.log = open(log_dir / f"{variant.name.replace(' ', '_')}.log", "w")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.worker", json.dumps(variant.spec)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env,
+            cwd=ROOT,
+        )  # fmt: skip
+        self.info = self._reply()
+
+    def _reply(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{self.variant.name}: worker exited (see {self.log.name})")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(f"{self.variant.name}: {reply['error']} (see {self.log.name})")
+        return reply
+
+    def call(self, **cmd) -> dict:
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        return self._reply()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write('{"op": "quit"}\n')
+                self.proc.stdin.flush()
+                self.proc.wait(timeout=60)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+        self.log.close()
+
+
+def detect_device(requested: str) -> tuple[str, str]:
+    """Returns `(device, description)`; `auto` picks the GPU when `nvidia-smi` lists one.
+
+    Raises:
+        ValueError: `gpu` was requested and no NVIDIA GPU is visible.
+    """
+    gpus = ""
+    if shutil.which("nvidia-smi"):
+        proc = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
+        gpus = proc.stdout.strip() if proc.returncode == 0 else ""
+    if requested == "gpu" and not gpus:
+        raise ValueError("--device gpu was requested but `nvidia-smi -L` lists no NVIDIA GPU.")
+    device = "gpu" if requested == "gpu" or (requested == "auto" and gpus) else "cpu"
+    return device, gpus or "none"
+
+
+def machine_info(threads: int, gpus: str) -> dict:
+    from kerasft.versions import package_versions
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    names = (
+        "keras",
+        "keras-hub",
+        "tensorflow",
+        "jax",
+        "torch",
+        "onnx",
+        "onnxruntime",
+        "ai-edge-litert",
+        "tf2onnx",
+        "transformers",
+        "optimum",
+        "optimum-onnx",
+        "numpy",
+    )
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": threads,
+        "gpu": gpus,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": package_versions(names),
+    }
+
+
+def _parse_ints(text: str, name: str, low: int, high: int) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or any(not low <= v <= high for v in values):
+        raise ValueError(
+            f"{name} must be comma-separated integers in [{low}, {high}]. Received: {name}={text!r}"
+        )
+    return sorted(set(values))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="benchmarks.latency", description=__doc__.splitlines()[0])
+    parser.add_argument("--run", required=True, type=Path, help="a `kerasft fit` run directory")
+    parser.add_argument("--out", required=True, type=Path, help="report directory to create")
+    parser.add_argument("--device", choices=("cpu", "gpu", "auto"), default="auto")
+    parser.add_argument("--batch-sizes", default="1,8,32")
+    parser.add_argument("--seq-lens", default="32,128")
+    parser.add_argument(
+        "--latency-model", choices=("base", "run"), default=None,
+        help="base: DistilBERT-base-shaped widening of the run's model (default); run: the run's "
+        "own model (default with --quick)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--widen", type=int, default=2, help="width factor for --latency-model base"
+    )
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="intra-op threads")
+    parser.add_argument("--rounds", type=int, help="interleaved timing rounds (default 8; quick 3)")
+    parser.add_argument(
+        "--round-seconds", type=float, help="time per variant per cell per round (default 1.0)"
+    )
+    parser.add_argument(
+        "--test-rows", type=int, help="test rows for accuracy (default all; quick 256)"
+    )
+    parser.add_argument("--artifacts", type=Path, help="where exports are built and reused")
+    parser.add_argument("--no-peers", action="store_true", help="skip transformers and Optimum")
+    parser.add_argument(
+        "--quick", action="store_true",
+        help="smoke run: the run's own model, batch 1,8 x 32 tokens, 3 rounds, 256 test rows",
+    )  # fmt: skip
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    return parser
+
+
+def _settings(args) -> dict:
+    if args.quick:
+        defaults = {"batch_sizes": "1,8", "seq_lens": "32", "rounds": 3, "round_seconds": 0.3,
+                    "test_rows": 256, "latency_model": "run", "verify_texts": 128}  # fmt: skip
+        # explicit options still win over the quick defaults
+        if args.batch_sizes != "1,8,32":
+            defaults["batch_sizes"] = args.batch_sizes
+        if args.seq_lens != "32,128":
+            defaults["seq_lens"] = args.seq_lens
+    else:
+        defaults = {"batch_sizes": args.batch_sizes, "seq_lens": args.seq_lens, "rounds": 8,
+                    "round_seconds": 1.0, "test_rows": None, "latency_model": "base",
+                    "verify_texts": 512}  # fmt: skip
+    s = {
+        "batch_sizes": _parse_ints(defaults["batch_sizes"], "batch_sizes", 1, 1024),
+        "seq_lens": _parse_ints(defaults["seq_lens"], "seq_lens", 2, 512),
+        "rounds": args.rounds if args.rounds is not None else defaults["rounds"],
+        "round_seconds": args.round_seconds or defaults["round_seconds"],
+        "test_rows": args.test_rows if args.test_rows is not None else defaults["test_rows"],
+        "latency_model": args.latency_model or defaults["latency_model"],
+        "verify_texts": defaults["verify_texts"],
+        "threads": args.threads,
+    }
+    for key in ("rounds", "threads"):
+        if s[key] < 1:
+            raise ValueError(f"{key} must be >= 1. Received: {key}={s[key]}")
+    if s["round_seconds"] <= 0:
+        raise ValueError(f"round_seconds must be > 0. Received: {s['round_seconds']}")
+    return s
+
+
+def _prepare(run: Path, root: Path, role: str, widen: int, verify_texts: int, peers: bool) -> dict:
+    cmd = [sys.executable, "-m", "benchmarks.artifacts", "--run", str(run), "--root", str(root),
+           "--role", role, "--widen", str(widen), "--verify-texts", str(verify_texts)]  # fmt: skip
+    if not peers:
+        cmd.append("--no-peers")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "KERAS_BACKEND": "tensorflow",
+           "TF_CPP_MIN_LOG_LEVEL": "2"}  # fmt: skip
+    log = root / f"prepare-{role}.log"
+    with log.open("w") as f:
+        proc = subprocess.run(cmd, env=env, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode:
+        tail = "\n".join(log.read_text().splitlines()[-25:])
+        raise RuntimeError(f"Preparing the {role} artifacts failed (log: {log}):\n{tail}")
+    return json.loads((root / role / "index.json").read_text())
+
+
+def _default_artifacts(run: Path) -> Path:
+    import hashlib
+
+    from kerasft.presets import cache_dir
+
+    h = hashlib.sha256()
+    with (run / "model.keras").open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return cache_dir() / "bench" / h.hexdigest()[:16]
+
+
+def _test_inputs(index: dict, run: Path, rows: int | None, path: Path) -> np.ndarray:
+    """Tokenizes the run's test split with the export runtime's tokenizer (KerasHub-exact)."""
+    from exporters.runtime import load
+    from kerasft.data import run_splits
+
+    test = run_splits(run)[2]
+    order = np.arange(len(test))
+    if rows is not None and rows < len(test):
+        order = np.sort(np.random.default_rng(0).permutation(len(test))[:rows])
+    texts = [test.texts[i] for i in order]
+    encoder = load(index["exports"]["onnx-fp32"])
+    batches = {}
+    for n, i in enumerate(range(0, len(texts), 32)):
+        feed = encoder.encode(texts[i : i + 32])
+        batches[f"ids_{n}"], batches[f"mask_{n}"] = feed["token_ids"], feed["padding_mask"]
+    np.savez(path, **batches)
+    return test.labels[order]
+
+
+def open_workers(vs: list[Variant], work: Path, device: str, progress) -> tuple[dict, dict]:
+    """Starts one worker per variant; returns `(workers, failed)` by variant name."""
+    workers, failed = {}, {}
+    for v in vs:
+        progress.set_description(f"loading {v.name}")
+        try:
+            workers[v.name] = Worker(v, work, device)
+        except RuntimeError as e:
+            failed[v.name] = str(e)
+    return workers, failed
+
+
+def _close(workers: dict) -> None:
+    for w in workers.values():
+        w.close()
+
+
+def measure_accuracy(index, run, rows, work: Path, progress, workers: dict, vs) -> dict:
+    """Classifies the test split with every variant's worker."""
+    labels = _test_inputs(index, run, rows, work / "test_inputs.npz")
+    results, preds = {}, {}
+    for v in vs:
+        progress.set_description(f"accuracy: {v.name}")
+        out = work / f"logits-{v.name.replace(' ', '_')}.npy"
+        try:
+            if v.name not in workers:
+                raise RuntimeError("worker did not start")
+            workers[v.name].call(op="predict", inputs=str(work / "test_inputs.npz"), out=str(out))
+        except RuntimeError as e:
+            results[v.name] = {"error": str(e)}
+        else:
+            preds[v.name] = np.load(out).argmax(-1)
+            results[v.name] = {"accuracy": float(np.mean(preds[v.name] == labels))}
+        progress.update(1)
+    # Agreement is with the Keras fp32 model on the default backend (else any Keras fp32).
+    fp32 = [v.name for v in vs if v.family == "keras" and not v.quantized and v.name in preds]
+    reference = BASELINE if BASELINE in preds else (fp32[0] if fp32 else None)
+    for name, pred in preds.items():
+        if reference:
+            results[name]["agreement_with_fp32"] = float(np.mean(pred == preds[reference]))
+    return {"rows": int(len(labels)), "reference": reference, "results": results}
+
+
+def measure_latency(settings, progress, workers: dict, failed: dict, vs) -> tuple[dict, dict]:
+    """Interleaved timing of every variant on every (batch, sequence) cell."""
+    cells = [(b, s) for s in settings["seq_lens"] for b in settings["batch_sizes"]]
+    workers = dict(workers)
+    samples = {(name, cell): [] for name in workers for cell in cells}
+    runs = {}
+
+    def timed(name, cell, n):
+        try:
+            return workers[name].call(op="time", batch=cell[0], seq=cell[1], runs=n)["seconds"]
+        except RuntimeError as e:  # a variant that fails is reported, the others go on
+            failed[name] = str(e)
+            workers.pop(name)
+            return None
+
+    for cell in cells:  # warm-up: compilation and first-call allocation are never timed
+        for name in list(workers):
+            progress.set_description(f"latency: warm-up {name} b{cell[0]} s{cell[1]}")
+            t = timed(name, cell, 2)
+            if t:
+                runs[(name, cell)] = max(1, min(200, round(settings["round_seconds"] / min(t))))
+            progress.update(1)
+    rng = np.random.default_rng(0)
+    for r in range(settings["rounds"]):
+        for cell in cells:
+            for name in rng.permutation([n for n in workers if (n, cell) in runs]):
+                progress.set_description(f"latency: round {r + 1} b{cell[0]} s{cell[1]}")
+                t = timed(name, cell, runs[(name, cell)]) if name in workers else None
+                samples[(name, cell)] += t or []
+                progress.update(1)
+    memory = {name: w.call(op="stats")["peak_rss_mb"] for name, w in workers.items()}
+    info = {name: w.info["info"] for name, w in workers.items()}
+    table = {}
+    by_name = {v.name: v for v in vs}
+    for name in workers:
+        v = by_name[name]
+        table[name] = {
+            "family": v.family,
+            "quantized": v.quantized,
+            "onnx_int8": v.onnx_int8,
+            "size_bytes": v.size_bytes,
+            "peak_rss_mb": memory[name],
+            "runtime": info[name],
+            "cells": {},
+        }
+        for b, s in cells:
+            t = np.array(samples[(name, (b, s))])
+            if not len(t):
+                continue
+            table[name]["cells"][f"b{b}_s{s}"] = {
+                "batch": b, "seq": s, "n": int(len(t)),
+                "p50_ms": float(np.percentile(t, 50) * 1e3),
+                "p90_ms": float(np.percentile(t, 90) * 1e3),
+                "p99_ms": float(np.percentile(t, 99) * 1e3),
+                "mean_ms": float(t.mean() * 1e3),
+                "samples_per_s": float(b / t.mean()),
+            }  # fmt: skip
+    for name, error in failed.items():
+        table[name] = {"error": error, "cells": {}}
+    return table, {"cells": [f"b{b}_s{s}" for b, s in cells]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `python -m benchmarks.latency` and `kerasft bench`. Returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+        print(f"benchmarks.latency: error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args) -> int:
+    from tqdm import tqdm
+
+    from benchmarks.artifacts import has_peers
+    from benchmarks.report import write_report
+    from kerasft.fileio import check_target_dir, publish_dir, temp_dir_beside
+
+    started = time.time()
+    settings = _settings(args)
+    run_dir = args.run
+    for required in ("model.keras", "config.json"):
+        if not (run_dir / required).is_file():
+            raise FileNotFoundError(
+                f"No {required} in {str(run_dir)!r}: pass a `kerasft fit` run directory as --run."
+            )
+    check_target_dir(args.out, args.overwrite, "Report directory")
+    device, gpus = detect_device(args.device)
+    peers = not args.no_peers
+    notes = []
+    if peers and not has_peers():
+        peers = False
+        notes.append("peers (transformers, Optimum) not installed: pip install -e '.[bench]'")
+    root = args.artifacts or _default_artifacts(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    roles = ["run"] + (["base"] if settings["latency_model"] == "base" else [])
+    print(f"[bench] device {device}; artifacts in {root}", file=sys.stderr, flush=True)
+    indexes = {}
+    for role in roles:
+        print(f"[bench] preparing the {role} model's artifacts (exports are verified)...",
+              file=sys.stderr, flush=True)  # fmt: skip
+        indexes[role] = _prepare(run_dir, root, role, args.widen, settings["verify_texts"], peers)
+    latency_index = indexes[settings["latency_model"]]
+    longest = latency_index["shape"]["max_sequence_length"]
+    if max(settings["seq_lens"]) > longest:
+        raise ValueError(
+            f"seq_lens={settings['seq_lens']} exceed the model's {longest} position embeddings."
+        )
+    tmp = temp_dir_beside(args.out)
+    work = root / "work"
+    work.mkdir(exist_ok=True)
+    try:
+        n_acc = len(variants(indexes["run"], settings["threads"], device)[0])
+        n_lat = len(variants(latency_index, settings["threads"], device)[0])
+        n_cells = len(settings["batch_sizes"]) * len(settings["seq_lens"])
+        total = n_acc + n_lat * n_cells * (1 + settings["rounds"])
+        with tqdm(total=total, unit="step", file=sys.stderr, dynamic_ncols=True) as progress:
+            run_vs, notes_run = variants(indexes["run"], settings["threads"], device)
+            lat_vs, notes_lat = variants(latency_index, settings["threads"], device)
+            workers, failed = open_workers(run_vs, work, device, progress)
+            try:
+                accuracy = measure_accuracy(
+                    indexes["run"], run_dir, settings["test_rows"], work, progress, workers, run_vs
+                )
+                if latency_index is not indexes["run"]:  # new workers on the latency model
+                    _close(workers)
+                    workers, failed = open_workers(lat_vs, work, device, progress)
+                latency, cells = measure_latency(settings, progress, workers, failed, lat_vs)
+            finally:
+                _close(workers)
+        report = {
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+            "device": device,
+            "machine": machine_info(settings["threads"], gpus),
+            "settings": settings,
+            "models": {
+                role: {"shape": idx["shape"], "keras": idx["keras"]}
+                for role, idx in indexes.items()
+            },  # fmt: skip
+            "latency_model": settings["latency_model"],
+            "optimum_recipe": latency_index.get("optimum", {}).get("recipe"),
+            "accuracy": accuracy,
+            "latency": latency,
+            **cells,
+            "notes": sorted(set(notes + notes_run + notes_lat)),
+            "seconds": round(time.time() - started, 1),
+        }
+        write_report(report, tmp)
+        publish_dir(tmp, args.out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print((args.out / "report.md").read_text())
+    print(f"[bench] {report['seconds']:.0f} s -> {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

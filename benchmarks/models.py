@@ -1,0 +1,214 @@
+"""The models the latency harness measures, built from a fine-tuned run's classifier.
+
+- `widen`: a DistilBERT-base-shaped classifier (e.g. hidden 768, 12 heads, FFN 3072) that
+  computes *exactly* the fine-tuned model's function. Every hidden feature, head dimension and
+  FFN unit is duplicated `factor` times (LayerNorm statistics of `[x, x]` equal those of `x`;
+  kernels that read duplicated inputs are divided by `factor`; the query is scaled so that the
+  attention scores keep their `1/sqrt(head_dim)` temperature). Latency depends only on shapes, so
+  this gives real DistilBERT-base timings with weights whose predictions mean something (INT8
+  exports of it still verify against it), where the pretrained base preset is unreachable.
+- `to_transformers`: the same weights as a Hugging Face `DistilBertForSequenceClassification`
+  checkpoint, for the peers (transformers eager, Optimum's ONNX export and INT8 quantization).
+- `optimum_export`: Optimum's own export and dynamic INT8 recipe, as its documentation shows it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+
+def _widened_weight(src: np.ndarray, shape: tuple, path: str, factor: int) -> np.ndarray:
+    reps = []
+    for have, want in zip(src.shape, shape, strict=True):
+        if want not in (have, have * factor):
+            raise ValueError(f"{path}: cannot widen shape {src.shape} to {shape}.")
+        reps.append(want // have)
+    out = np.tile(src, reps)
+    tiled = [axis for axis, r in enumerate(reps) if r > 1]
+    if path.endswith("kernel") and any(axis < src.ndim - 1 for axis in tiled):
+        out = out / factor  # the kernel reads `factor` copies of each input feature
+    if "query" in path:
+        out = out / math.sqrt(factor)  # q·k doubles per head; keep the softmax temperature
+    return out.astype(src.dtype)
+
+
+def widen(classifier, factor: int):
+    """Returns a classifier `factor` times wider that computes the same logits as `classifier`.
+
+    Args:
+        classifier: a KerasHub `DistilBertTextClassifier`.
+        factor: integer width multiplier for hidden size, head size and FFN size (the number of
+            heads and layers stay). 2 turns all-MiniLM-L6-v2 (384/12/1536) into the
+            DistilBERT-base shape (768/12/3072).
+
+    Returns:
+        A new `DistilBertTextClassifier` sharing `classifier`'s preprocessor.
+
+    Raises:
+        ValueError: if `factor` is not an int >= 1.
+
+    Example:
+        >>> base_shaped = widen(load_classifier("all_minilm_l6_v2"), 2)
+    """
+    import keras_hub
+
+    if not isinstance(factor, int) or factor < 1:
+        raise ValueError(f"factor must be an int >= 1. Received: factor={factor!r}")
+    b = classifier.backbone
+    backbone = keras_hub.models.DistilBertBackbone(
+        vocabulary_size=b.vocabulary_size,
+        num_layers=b.num_layers,
+        num_heads=b.num_heads,
+        hidden_dim=b.hidden_dim * factor,
+        intermediate_dim=b.intermediate_dim * factor,
+        dropout=b.dropout,
+        max_sequence_length=b.max_sequence_length,
+    )
+    wide = keras_hub.models.DistilBertTextClassifier(
+        backbone,
+        num_classes=classifier.num_classes,
+        preprocessor=classifier.preprocessor,
+        activation=classifier.activation,
+        dropout=classifier.dropout,
+    )
+    src_weights = classifier.backbone.weights + _head_weights(classifier)
+    dst_weights = backbone.weights + _head_weights(wide)
+    if len(src_weights) != len(dst_weights):
+        raise ValueError("Source and widened models have different variables.")
+    for src, dst in zip(src_weights, dst_weights, strict=True):
+        value = np.asarray(src.numpy() if hasattr(src, "numpy") else src)
+        dst.assign(_widened_weight(value, tuple(dst.shape), src.path, factor))
+    return wide
+
+
+def _head_weights(classifier) -> list:
+    layers = (classifier.pooled_dense, classifier.output_dense)
+    return [w for layer in layers for w in (layer.kernel, layer.bias)]
+
+
+def to_transformers(classifier, out_dir: str | Path, label_names: list[str]) -> Path:
+    """Writes the classifier as a Hugging Face `DistilBertForSequenceClassification` checkpoint.
+
+    The inverse of KerasHub's DistilBERT converter, plus the classification head
+    (`pooled_dense` -> `pre_classifier`, `output_dense` -> `classifier`).
+
+    Args:
+        classifier: a KerasHub `DistilBertTextClassifier`.
+        out_dir: directory for `config.json`, `model.safetensors` and the tokenizer files.
+        label_names: class names, in class-id order.
+
+    Returns:
+        `out_dir` as a `Path`.
+    """
+    import torch
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    b = classifier.backbone
+    h = b.hidden_dim
+    t = lambda w: np.asarray(w.numpy() if hasattr(w, "numpy") else w)  # noqa: E731
+    emb = b.get_layer("token_and_position_embedding")
+    sd = {
+        "distilbert.embeddings.word_embeddings.weight": t(emb.token_embedding.embeddings),
+        "distilbert.embeddings.position_embeddings.weight": t(
+            emb.position_embedding.position_embeddings
+        ),
+        "distilbert.embeddings.LayerNorm.weight": t(b.embeddings_layer_norm.gamma),
+        "distilbert.embeddings.LayerNorm.bias": t(b.embeddings_layer_norm.beta),
+        "pre_classifier.weight": t(classifier.pooled_dense.kernel).T,
+        "pre_classifier.bias": t(classifier.pooled_dense.bias),
+        "classifier.weight": t(classifier.output_dense.kernel).T,
+        "classifier.bias": t(classifier.output_dense.bias),
+    }
+    for i, layer in enumerate(b.transformer_layers):
+        p = f"distilbert.transformer.layer.{i}."
+        att = layer._self_attention_layer
+        for ours, theirs in (("query", "q_lin"), ("key", "k_lin"), ("value", "v_lin")):
+            dense = getattr(att, f"{ours}_dense")
+            sd[p + f"attention.{theirs}.weight"] = t(dense.kernel).reshape(h, h).T
+            sd[p + f"attention.{theirs}.bias"] = t(dense.bias).reshape(h)
+        sd[p + "attention.out_lin.weight"] = t(att.output_dense.kernel).reshape(h, h).T
+        sd[p + "attention.out_lin.bias"] = t(att.output_dense.bias)
+        for ours, theirs in (
+            (layer._self_attention_layer_norm, "sa_layer_norm"),
+            (layer._feedforward_layer_norm, "output_layer_norm"),
+        ):
+            sd[p + f"{theirs}.weight"] = t(ours.gamma)
+            sd[p + f"{theirs}.bias"] = t(ours.beta)
+        sd[p + "ffn.lin1.weight"] = t(layer._feedforward_intermediate_dense.kernel).T
+        sd[p + "ffn.lin1.bias"] = t(layer._feedforward_intermediate_dense.bias)
+        sd[p + "ffn.lin2.weight"] = t(layer._feedforward_output_dense.kernel).T
+        sd[p + "ffn.lin2.bias"] = t(layer._feedforward_output_dense.bias)
+    config = DistilBertConfig(
+        vocab_size=b.vocabulary_size,
+        max_position_embeddings=b.max_sequence_length,
+        n_layers=b.num_layers,
+        n_heads=b.num_heads,
+        dim=h,
+        hidden_dim=b.intermediate_dim,
+        activation="gelu",
+        num_labels=classifier.num_classes,
+        id2label=dict(enumerate(label_names)),
+        label2id={name: i for i, name in enumerate(label_names)},
+    )
+    model = DistilBertForSequenceClassification(config).eval()
+    state = {k: torch.from_numpy(np.ascontiguousarray(v, dtype="float32")) for k, v in sd.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or missing:
+        raise ValueError(f"Weight mapping incomplete: missing={missing}, unexpected={unexpected}")
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    vocab = classifier.preprocessor.tokenizer.get_vocabulary()
+    (out_dir / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    (out_dir / "tokenizer_config.json").write_text(
+        json.dumps({"do_lower_case": True, "tokenizer_class": "DistilBertTokenizer"})
+    )
+    return out_dir
+
+
+def optimum_config(cpu_flags: set[str]):
+    """Optimum's recommended dynamic INT8 configuration for this CPU (its factory presets)."""
+    from optimum.onnxruntime.configuration import AutoQuantizationConfig
+
+    if "avx512_vnni" in cpu_flags:
+        return "avx512_vnni", AutoQuantizationConfig.avx512_vnni(is_static=False, per_channel=False)
+    if "avx512f" in cpu_flags:
+        return "avx512", AutoQuantizationConfig.avx512(is_static=False, per_channel=False)
+    if "avx2" in cpu_flags:
+        return "avx2", AutoQuantizationConfig.avx2(is_static=False, per_channel=False)
+    return "arm64", AutoQuantizationConfig.arm64(is_static=False, per_channel=False)
+
+
+def optimum_export(hf_dir: str | Path, fp32_dir: str | Path, int8_dir: str | Path) -> dict:
+    """Optimum's ONNX export of a transformers checkpoint, and its dynamic INT8 quantization.
+
+    Exactly the documented path a user takes: `ORTModelForSequenceClassification.from_pretrained(
+    ..., export=True)`, then `ORTQuantizer` with the `AutoQuantizationConfig` preset for the CPU.
+
+    Returns:
+        `{"fp32": path, "int8": path, "recipe": name}` (paths of the `.onnx` files).
+    """
+    from optimum.onnxruntime import ORTModelForSequenceClassification, ORTQuantizer
+
+    model = ORTModelForSequenceClassification.from_pretrained(str(hf_dir), export=True)
+    model.save_pretrained(str(fp32_dir))
+    recipe, qconfig = optimum_config(cpu_flags())
+    quantizer = ORTQuantizer.from_pretrained(str(fp32_dir))
+    quantizer.quantize(save_dir=str(int8_dir), quantization_config=qconfig)
+    (int8,) = Path(int8_dir).glob("*.onnx")
+    return {"fp32": str(Path(fp32_dir) / "model.onnx"), "int8": str(int8), "recipe": recipe}
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags of this machine (empty where /proc/cpuinfo is unavailable)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            return set(line.split(":", 1)[1].split())
+    return set()

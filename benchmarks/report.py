@@ -1,0 +1,200 @@
+"""Turns the harness's measurements into `report.json`, `report.md` and PNG charts."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+BASELINE = "keras tensorflow fp32"
+OPTIMUM_INT8 = "optimum onnx int8"
+TARGET_CELLS = ("b1_s32", "b1_s128", "b32_s32", "b32_s128")
+NOISE_MARGIN = 1.03  # issue 4: ratio <= 1.00, 3% accepted for machine noise
+KERAS_SPEEDUP = 3.0
+
+
+def _p50(latency: dict, name: str, cell: str) -> float | None:
+    return latency.get(name, {}).get("cells", {}).get(cell, {}).get("p50_ms")
+
+
+def best_onnx_int8(latency: dict, cells: list[str]) -> str | None:
+    """This project's ONNX INT8 recipe with the lowest geometric-mean median over all cells."""
+    candidates = {}
+    for name, row in latency.items():
+        if row.get("onnx_int8") and all(_p50(latency, name, c) for c in cells):
+            candidates[name] = sum(math.log(_p50(latency, name, c)) for c in cells) / len(cells)
+    return min(candidates, key=candidates.get) if candidates else None
+
+
+def targets(report: dict) -> dict:
+    """Issue 4's targets, evaluated on the measured medians."""
+    latency, cells = report["latency"], report["cells"]
+    best = best_onnx_int8(latency, cells)
+    out = {"best_onnx_int8": best, "vs_optimum": {}, "vs_slowest_keras": None}
+    if best is None:
+        return out
+    for cell in TARGET_CELLS:
+        ours, peer = _p50(latency, best, cell), _p50(latency, OPTIMUM_INT8, cell)
+        if ours and peer:
+            ratio = ours / peer
+            out["vs_optimum"][cell] = {"ratio": ratio, "met": ratio <= NOISE_MARGIN}
+    keras_fp32 = [
+        n for n, r in latency.items()
+        if r.get("family") == "keras" and not r.get("quantized") and _p50(latency, n, "b1_s128")
+    ]  # fmt: skip
+    if keras_fp32 and _p50(latency, best, "b1_s128"):
+        slowest = max(keras_fp32, key=lambda n: _p50(latency, n, "b1_s128"))
+        speedup = _p50(latency, slowest, "b1_s128") / _p50(latency, best, "b1_s128")
+        out["vs_slowest_keras"] = {
+            "slowest": slowest, "speedup": speedup, "met": speedup >= KERAS_SPEEDUP,
+        }  # fmt: skip
+    return out
+
+
+def _fmt(x, digits=1):
+    return "" if x is None else f"{x:,.{digits}f}"
+
+
+def _markdown(report: dict, goals: dict) -> str:
+    m, s = report["machine"], report["settings"]
+    lat_shape = report["models"][report["latency_model"]]["shape"]
+    acc = report["accuracy"]
+    lines = [
+        "# kerasft latency report",
+        "",
+        f"Command: `{report['command']}`  ",
+        f"Device: **{report['device']}**; CPU {m['cpu']}, {m['cores']} cores, "
+        f"{m['threads']} intra-op threads per runtime; GPU: {m['gpu']}  ",
+        f"Latency model ({report['latency_model']}): {lat_shape['layers']} layers, hidden "
+        f"{lat_shape['hidden']}, {lat_shape['heads']} heads, FFN {lat_shape['intermediate']}, "
+        f"{lat_shape['parameters'] / 1e6:.1f} M parameters. Accuracy model: the fine-tuned run, "
+        f"{acc['rows']} test rows; agreement is with `{acc.get('reference')}`.  ",
+        f"Method: {s['rounds']} interleaved rounds (random variant order each round) of about "
+        f"{s['round_seconds']} s per variant and cell after per-shape warm-up; inputs are token "
+        "ids with every position attended (tokenization excluded). Medians (p50) decide every "
+        f"ratio. Total {report['seconds']:.0f} s.",
+        "",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in sorted(m["versions"].items())),
+        "",
+    ]
+    best = goals["best_onnx_int8"]
+    if best:
+        lines += ["## Targets", "", f"This project's fastest ONNX INT8 recipe: **{best}**.", ""]
+        if goals["vs_optimum"]:
+            lines += ["| cell | ours / Optimum INT8 (p50) | <= 1.03 |", "| --- | ---: | --- |"]
+            for cell, g in goals["vs_optimum"].items():
+                lines.append(f"| {cell} | {g['ratio']:.3f} | {'yes' if g['met'] else 'NO'} |")
+            lines.append("")
+        if goals["vs_slowest_keras"]:
+            g = goals["vs_slowest_keras"]
+            lines += [
+                f"At batch 1 / 128 tokens it is **{g['speedup']:.1f}x** faster than the slowest "
+                f"Keras fp32 backend ({g['slowest']}): target 3x "
+                f"{'met' if g['met'] else 'NOT met'}.",
+                "",
+            ]
+    lines += ["## Latency per cell (sorted by p50)", ""]
+    latency = report["latency"]
+    for cell in report["cells"]:
+        rows = [(n, r["cells"][cell]) for n, r in latency.items() if cell in r.get("cells", {})]
+        rows.sort(key=lambda x: x[1]["p50_ms"])
+        b, q = cell[1:].split("_s")
+        lines += [
+            f"### batch {b}, {q} tokens",
+            "",
+            "| variant | p50 ms | p90 ms | p99 ms | samples/s | vs Keras TF fp32 "
+            "| vs Optimum INT8 | n |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        base, peer = _p50(latency, BASELINE, cell), _p50(latency, OPTIMUM_INT8, cell)
+        for name, c in rows:
+            r_base = f"{c['p50_ms'] / base:.2f}x" if base else ""
+            r_peer = f"{c['p50_ms'] / peer:.2f}x" if peer else ""
+            lines.append(
+                f"| {name} | {_fmt(c['p50_ms'], 2)} | {_fmt(c['p90_ms'], 2)} | "
+                f"{_fmt(c['p99_ms'], 2)} | {_fmt(c['samples_per_s'])} | {r_base} | {r_peer} | "
+                f"{c['n']} |"
+            )
+        lines.append("")
+    lines += [
+        "## Variants",
+        "",
+        "| variant | model file MB | peak RSS MB | test accuracy | agreement with fp32 | runtime |",
+        "| --- | ---: | ---: | ---: | ---: | --- |",
+    ]
+    names = list(dict.fromkeys([*latency, *acc["results"]]))
+    for name in names:
+        row, a = latency.get(name, {}), acc["results"].get(name, {})
+        size = row.get("size_bytes")
+        err = row.get("error") or a.get("error")
+        runtime = json.dumps(row.get("runtime", {})) if not err else f"failed: {err[:120]}"
+        lines.append(
+            f"| {name} | {_fmt(size / 1e6 if size else None)} | {_fmt(row.get('peak_rss_mb'), 0)} "
+            f"| {_fmt(a.get('accuracy'), 4)} | {_fmt(a.get('agreement_with_fp32'), 4)} | "
+            f"{runtime.replace('|', '/')} |"
+        )
+    lines.append("")
+    if report["notes"]:
+        lines += ["## Notes", "", *[f"- {n}" for n in report["notes"]], ""]
+    lines += [
+        "Charts: `latency.png` (p50 per variant, batch size and sequence length), "
+        "`accuracy_vs_latency.png`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _charts(report: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    latency, cells = report["latency"], report["cells"]
+    seqs = sorted({int(c.split("_s")[1]) for c in cells})
+    batches = sorted({int(c[1:].split("_s")[0]) for c in cells})
+    names = sorted(
+        (n for n in latency if latency[n].get("cells")),
+        key=lambda n: _p50(latency, n, cells[-1]) or math.inf,
+    )
+    fig, axes = plt.subplots(len(seqs), 1, figsize=(12, 4.5 * len(seqs)), squeeze=False)
+    width = 0.8 / len(batches)
+    for ax, seq in zip(axes[:, 0], seqs, strict=True):
+        for j, b in enumerate(batches):
+            values = [_p50(latency, n, f"b{b}_s{seq}") or 0 for n in names]
+            ax.bar([i + j * width for i in range(len(names))], values, width, label=f"batch {b}")
+        ax.set_yscale("log")
+        ax.set_ylabel("p50 latency (ms, log)")
+        ax.set_title(f"{seq} tokens ({report['device']})")
+        ax.set_xticks([i + width * (len(batches) - 1) / 2 for i in range(len(names))])
+        ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+        ax.legend()
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "latency.png", dpi=110)
+    plt.close(fig)
+
+    cell = f"b1_s{seqs[-1]}" if 1 in batches else cells[-1]
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for name, a in report["accuracy"]["results"].items():
+        p50 = _p50(latency, name, cell)
+        if p50 and "accuracy" in a:
+            ax.scatter(p50, a["accuracy"])
+            ax.annotate(name, (p50, a["accuracy"]), fontsize=7, xytext=(4, 2),
+                        textcoords="offset points")  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xlabel(f"p50 latency at {cell} (ms, log, {report['latency_model']} model)")
+    ax.set_ylabel("test accuracy (fine-tuned run)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_vs_latency.png", dpi=110)
+    plt.close(fig)
+
+
+def write_report(report: dict, out: Path) -> None:
+    """Writes `report.json`, `report.md`, `latency.png` and `accuracy_vs_latency.png` to `out`."""
+    out = Path(out)
+    report["targets"] = targets(report)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.md").write_text(_markdown(report, report["targets"]))
+    _charts(report, out)

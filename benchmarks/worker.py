@@ -1,0 +1,197 @@
+"""One benchmark variant in its own process, driven by the harness over stdin/stdout.
+
+    python -m benchmarks.worker '{"kind": "onnx", "path": "...", "threads": 2, "device": "cpu"}'
+
+The worker loads one model with one runtime and answers JSON-line commands:
+
+- `{"op": "time", "batch": B, "seq": S, "runs": K}` -> `{"seconds": [...]}`: one untimed call on
+  the shape (re-allocation after a shape change), then K timed calls on the monotonic clock. Each
+  call ends with the logits copied to host memory, which synchronises a GPU.
+- `{"op": "predict", "inputs": NPZ, "out": NPY}`: logits for every batch of a tokenized file.
+- `{"op": "stats"}` -> `{"peak_rss_mb": ...}`; `{"op": "quit"}`.
+
+Backend- and runtime-specific code lives here only, one small loader per kind. The inputs of a
+timed cell are the same everywhere: token ids drawn with seed 0, every position attended.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+import traceback
+import warnings
+
+import numpy as np
+
+
+def _keras(spec):
+    """A Keras model on the current backend, through its compiled `predict_on_batch`."""
+    import keras
+
+    from kerasft.recipe import core_model
+    from kerasft.tuner import TwoStageFineTuner
+
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(spec["threads"])
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    elif backend == "torch":
+        import torch
+
+        torch.set_num_threads(spec["threads"])
+    model = core_model(TwoStageFineTuner.load(spec["path"]).model)
+    if spec.get("int8"):
+        with warnings.catch_warnings():  # "Layer X has no quantize method" for non-Dense layers
+            warnings.simplefilter("ignore")
+            model.quantize("int8")
+    # jit_compile="auto": XLA on JAX and TensorFlow; PyTorch runs eagerly under no_grad.
+    model.compile(jit_compile="auto")
+
+    def run(ids, mask):
+        return np.asarray(model.predict_on_batch({"token_ids": ids, "padding_mask": mask}))
+
+    return run, {"backend": backend, "jit_compile": str(model.jit_compile)}
+
+
+def _onnx(spec):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = spec["threads"]
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    providers = ["CPUExecutionProvider"]
+    if spec["device"] == "gpu":
+        providers.insert(0, "CUDAExecutionProvider")
+    session = ort.InferenceSession(spec["path"], options, providers=providers)
+    ids_name, mask_name = (i.name for i in session.get_inputs())
+    int64 = session.get_inputs()[0].type == "tensor(int64)"
+
+    def run(ids, mask):
+        if int64:
+            ids, mask = ids.astype("int64"), mask.astype("int64")
+        return session.run(None, {ids_name: ids, mask_name: mask})[0]
+
+    return run, {"providers": session.get_providers()}
+
+
+def _saved_model(spec):
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(spec["threads"])
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    signature = tf.saved_model.load(spec["path"]).signatures["serving_default"]
+
+    def run(ids, mask):
+        out = signature(token_ids=tf.constant(ids), padding_mask=tf.constant(mask))
+        return next(iter(out.values())).numpy()
+
+    return run, {"gpus": len(tf.config.list_physical_devices("GPU"))}
+
+
+def _litert(spec):
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=spec["path"], num_threads=spec["threads"])
+    runner = interpreter.get_signature_runner("serving_default")
+
+    def run(ids, mask):
+        return next(iter(runner(token_ids=ids, padding_mask=mask).values()))
+
+    return run, {"device": "cpu (LiteRT interpreter)"}
+
+
+def _transformers(spec):
+    """Hugging Face transformers, PyTorch eager, `torch.inference_mode()`."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    torch.set_num_threads(spec["threads"])
+    device = "cuda" if spec["device"] == "gpu" else "cpu"
+    model = AutoModelForSequenceClassification.from_pretrained(spec["path"]).eval().to(device)
+
+    def run(ids, mask):
+        with torch.inference_mode():
+            out = model(
+                input_ids=torch.from_numpy(ids).long().to(device),
+                attention_mask=torch.from_numpy(mask).long().to(device),
+            ).logits
+        return out.float().cpu().numpy()
+
+    return run, {"device": device, "torch": torch.__version__}
+
+
+LOADERS = {
+    "keras": _keras,
+    "onnx": _onnx,
+    "saved_model": _saved_model,
+    "litert": _litert,
+    "transformers": _transformers,
+}
+
+
+def timing_inputs(batch: int, seq: int, vocabulary_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The inputs of a timed cell: token ids drawn with seed 0, every position attended."""
+    rng = np.random.default_rng(0)
+    low = min(1000, vocabulary_size // 2)  # past the special tokens of any vocabulary
+    ids = rng.integers(low, vocabulary_size, size=(batch, seq)).astype("int32")
+    return ids, np.ones((batch, seq), dtype="int32")
+
+
+def _serve(spec, proto) -> None:
+    run, info = LOADERS[spec["kind"]](spec)
+    proto.write(json.dumps({"ready": True, "info": info}) + "\n")
+    proto.flush()
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        try:
+            if cmd["op"] == "time":
+                ids, mask = timing_inputs(cmd["batch"], cmd["seq"], spec["vocabulary_size"])
+                run(ids, mask)
+                seconds = []
+                for _ in range(cmd["runs"]):
+                    start = time.perf_counter()
+                    run(ids, mask)
+                    seconds.append(time.perf_counter() - start)
+                reply = {"seconds": seconds}
+            elif cmd["op"] == "predict":
+                data = np.load(cmd["inputs"])
+                n = len([k for k in data.files if k.startswith("ids_")])
+                logits = [run(data[f"ids_{i}"], data[f"mask_{i}"]) for i in range(n)]
+                np.save(cmd["out"], np.concatenate(logits).astype("float32"))
+                reply = {"ok": True}
+            elif cmd["op"] == "stats":
+                kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                reply = {"peak_rss_mb": round(kib / 1024, 1)}
+            elif cmd["op"] == "quit":
+                return
+            else:
+                reply = {"error": f"unknown op {cmd['op']!r}"}
+        except Exception as e:  # reported to the harness, which marks the variant failed
+            traceback.print_exc()
+            reply = {"error": f"{type(e).__name__}: {e}"}
+        proto.write(json.dumps(reply) + "\n")
+        proto.flush()
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    # The protocol owns the real stdout; anything a library prints goes to stderr (the log).
+    proto = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    try:
+        _serve(spec, proto)
+    except Exception as e:
+        traceback.print_exc()
+        proto.write(json.dumps({"error": f"{type(e).__name__}: {e}"}) + "\n")
+        proto.flush()
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""Latency harness: the equivalent wide model, the transformers peer, targets, the quick run."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from benchmarks.latency import main as bench_main
+from benchmarks.report import targets
+from conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def tiny_classifier(tiny_preset):
+    import keras
+
+    from kerasft.presets import load_classifier
+
+    clf = load_classifier(str(tiny_preset), num_classes=2, sequence_length=32)
+    rng = np.random.default_rng(1)  # a head that is not ~0, so logits differ per text
+    for w in clf.pooled_dense.weights + clf.output_dense.weights:
+        w.assign(rng.normal(0, 0.3, w.shape).astype("float32"))
+    keras.utils.set_random_seed(0)
+    return clf
+
+
+TEXTS = ["the day was good", "an awful grim movie and so rainy today", "happy"]
+
+
+def test_widen_is_the_same_function(tiny_classifier):
+    from benchmarks.models import widen
+
+    wide = widen(tiny_classifier, 2)
+    assert wide.backbone.hidden_dim == 64 and wide.backbone.intermediate_dim == 128
+    assert wide.backbone.num_heads == tiny_classifier.backbone.num_heads
+    a = tiny_classifier.predict(TEXTS, verbose=0)
+    b = wide.predict(TEXTS, verbose=0)
+    assert np.abs(a - b).max() < 1e-5 and np.abs(a).max() > 1e-2
+    with pytest.raises(ValueError, match="factor must be an int >= 1. Received: factor=0"):
+        widen(tiny_classifier, 0)
+
+
+def test_transformers_checkpoint_has_the_same_weights(tiny_classifier, tmp_path):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from benchmarks.models import to_transformers
+
+    hf_dir = to_transformers(tiny_classifier, tmp_path / "hf", ["neg", "pos"])
+    model = AutoModelForSequenceClassification.from_pretrained(hf_dir).eval()
+    x = tiny_classifier.preprocessor(TEXTS)
+    with torch.no_grad():
+        logits = model(
+            input_ids=torch.tensor(np.asarray(x["token_ids"])).long(),
+            attention_mask=torch.tensor(np.asarray(x["padding_mask"])).long(),
+        ).logits.numpy()
+    assert np.abs(logits - tiny_classifier.predict(TEXTS, verbose=0)).max() < 1e-5
+    assert model.config.id2label == {0: "neg", 1: "pos"}
+
+
+CELLS = ["b1_s32", "b1_s128", "b32_s32", "b32_s128"]
+
+
+def _latency(*p50, **extra) -> dict:
+    """A latency row: medians for the four target cells (or a dict of cells), plus fields."""
+    cells = p50[0] if isinstance(p50[0], dict) else dict(zip(CELLS, p50, strict=True))
+    return {"cells": {c: {"p50_ms": v} for c, v in cells.items()}, **extra}
+
+
+def test_targets_use_one_recipe_and_the_noise_margin():
+    latency = {
+        "onnx int8-dynamic": _latency(1.0, 2.0, 10, 40, onnx_int8=True),
+        "onnx int8-static": _latency(0.9, 3.0, 20, 80, onnx_int8=True),
+        "optimum onnx int8": _latency(1.0, 1.95, 10, 30),
+        "keras jax fp32": _latency({"b1_s128": 7.0}, family="keras"),
+        "keras torch fp32": _latency({"b1_s128": 5.0}, family="keras"),
+    }
+    goals = targets({"latency": latency, "cells": CELLS})
+    assert goals["best_onnx_int8"] == "onnx int8-dynamic"  # geometric mean over all cells
+    assert goals["vs_optimum"]["b1_s128"]["met"]  # 2.0 / 1.95 = 1.026, inside the 3% margin
+    assert not goals["vs_optimum"]["b32_s128"]["met"]  # 40 / 30
+    assert goals["vs_slowest_keras"] == {"slowest": "keras jax fp32", "speedup": 3.5, "met": True}
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--batch-sizes", "1,x"], "batch_sizes must be comma-separated integers in [1, 1024]"),
+        (["--seq-lens", "1024"], "seq_lens must be comma-separated integers in [2, 512]"),
+        (["--rounds", "0"], "rounds must be >= 1. Received: rounds=0"),
+        (["--quick", "--seq-lens", "128"], "seq_lens=[128] exceed the model's 64 position"),
+    ],
+)
+def test_bad_options_are_named(argv, message, toy_runs, tmp_path, capsys):
+    out = tmp_path / "report"
+    run = ["--run", str(toy_runs["tensorflow"]), "--artifacts", str(tmp_path / "a")]
+    assert bench_main([*run, "--out", str(out), "--no-peers", *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_missing_run_is_named(tmp_path, capsys):
+    assert bench_main(["--run", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
+    assert "No model.keras in" in capsys.readouterr().err
+
+
+def test_quick_bench_runs_every_variant(toy_runs, tmp_path):
+    out, artifacts = tmp_path / "report", tmp_path / "artifacts"
+    cmd = [sys.executable, "-m", "kerasft.cli", "bench", "--run", str(toy_runs["tensorflow"])]
+    cmd += ["--out", str(out), "--quick", "--artifacts", str(artifacts), "--device", "cpu"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads((out / "report.json").read_text())
+    expected = {
+        "keras jax fp32", "keras tensorflow fp32", "keras torch fp32", "keras tensorflow int8",
+        "onnx fp32", "onnx int8-dynamic", "onnx int8-static", "savedmodel fp32",
+        "savedmodel int8-keras", "litert fp32", "litert int8-dynamic",
+        "transformers torch-eager fp32", "optimum onnx fp32", "optimum onnx int8",
+    }  # fmt: skip
+    assert set(report["latency"]) == expected
+    for name, row in report["latency"].items():
+        assert set(row["cells"]) == {"b1_s32", "b8_s32"}, name
+        for cell in row["cells"].values():
+            assert cell["n"] >= 3 and 0 < cell["p50_ms"] <= cell["p90_ms"] <= cell["p99_ms"]
+        assert row["peak_rss_mb"] > 0
+    for name, acc in report["accuracy"]["results"].items():  # the toy task is easy
+        assert acc["accuracy"] >= 0.9 and acc["agreement_with_fp32"] >= 0.95, name
+    assert report["machine"]["threads"] >= 1 and report["machine"]["versions"]["onnxruntime"]
+    assert report["targets"]["best_onnx_int8"] in {"onnx int8-dynamic", "onnx int8-static"}
+    assert {p.name for p in out.iterdir()} == {
+        "report.json", "report.md", "latency.png", "accuracy_vs_latency.png",
+    }  # fmt: skip
+    md = (out / "report.md").read_text()
+    assert "### batch 1, 32 tokens" in md and "| optimum onnx int8 |" in md
+    # A second run reuses the verified artifacts and refuses to overwrite the report.
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 2 and "exists and is not empty" in again.stderr
