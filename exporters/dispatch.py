@@ -224,8 +224,7 @@ def export(
                 tmp,
                 quantize=quantize,
                 opset=opset or onnx.DEFAULT_OPSET,
-                num_heads=clf.backbone.num_heads,
-                hidden_size=clf.backbone.hidden_dim,
+                backbone=clf.backbone,
                 calibration=(
                     list(_keras_batches(clf, list(calibration_texts or texts)))
                     if quantize == "static"

@@ -8,7 +8,10 @@ INT8 recipes (onnxruntime's quantization tools):
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+
+import numpy as np
 
 DEFAULT_OPSET = 17
 
@@ -16,8 +19,9 @@ DEFAULT_OPSET = 17
 def _optimize(raw_path: Path, out_path: Path, num_heads: int, hidden_size: int) -> dict:
     """Applies onnxruntime's transformer graph fusions; returns what it fused.
 
-    LayerNorm (as SkipLayerNormalization after residual adds) and GELU fuse; the attention block
-    that Keras' einsum-based MultiHeadAttention becomes does not match onnxruntime's patterns.
+    LayerNorm (as SkipLayerNormalization after residual adds) and GELU fuse here; attention was
+    fused before (`fuse_attention`), since Keras' einsum-based attention matches none of
+    onnxruntime's patterns.
     """
     from onnxruntime.transformers import optimizer
 
@@ -111,6 +115,104 @@ def gemm_to_matmul(model):
     return rewritten
 
 
+_QUERY_ADD = re.compile(r"transformer_layer_(\d+)[^/]*/self_attention_layer[^/]*/query[^/]*/Add$")
+_OUTPUT_ADD = re.compile(
+    r"transformer_layer_(\d+)[^/]*/self_attention_layer[^/]*/attention_output[^/]*/BiasAdd$"
+)
+
+
+def _attention_input(producers: dict, query_add) -> str:
+    """Walks up the query projection (Squeeze/Reshape/MatMul/Unsqueeze) to the block's input."""
+    tensor = query_add.input[0]
+    while tensor in producers and producers[tensor].op_type in (
+        "Squeeze", "Reshape", "MatMul", "Gemm", "Unsqueeze",
+    ):  # fmt: skip
+        tensor = producers[tensor].input[0]
+    return tensor
+
+
+def fuse_attention(model, backbone, mask_input: str = "padding_mask") -> int:
+    """Replaces each Keras self-attention block with onnxruntime's fused `Attention` operator.
+
+    tf2onnx writes Keras' einsum-based `MultiHeadAttention` (projections, masked softmax with
+    `SelectV2`, transposes) in a shape onnxruntime's attention fusion does not recognise. Here
+    each block, from its input to the output projection's bias add, becomes
+    `com.microsoft.Attention(x, W_qkv, b_qkv, padding_mask)` followed by the output projection
+    as `MatMul` + `Add`, with the weights taken from the Keras layers; the nodes left unused are
+    removed. The fused operator is what onnxruntime's dynamic quantizer turns into
+    `QAttention`. Export verification compares the result with the Keras model.
+
+    Args:
+        model: an `onnx.ModelProto` written by tf2onnx from the serving graph.
+        backbone: the KerasHub `DistilBertBackbone` the graph was traced from.
+        mask_input: the graph input holding the `(batch, sequence)` 0/1 padding mask.
+
+    Returns:
+        The number of attention blocks fused.
+    """
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    producers = {out: node for node in graph.node for out in node.output}
+    queries = {int(_QUERY_ADD.search(n.name).group(1)): n for n in graph.node
+               if _QUERY_ADD.search(n.name)}  # fmt: skip
+    outputs = {int(_OUTPUT_ADD.search(n.name).group(1)): n for n in graph.node
+               if _OUTPUT_ADD.search(n.name)}  # fmt: skip
+    if sorted(queries) != list(range(backbone.num_layers)) or sorted(outputs) != sorted(queries):
+        return 0
+    h = backbone.hidden_dim
+    value = lambda w: np.asarray(w.numpy(), dtype="float32")  # noqa: E731
+    new_nodes = {}
+    for i, layer in enumerate(backbone.transformer_layers):
+        att = layer._self_attention_layer
+        dense = (att.query_dense, att.key_dense, att.value_dense)
+        w_qkv = np.concatenate([value(d.kernel).reshape(h, h) for d in dense], axis=1)
+        b_qkv = np.concatenate([value(d.bias).reshape(h) for d in dense])
+        w_out = value(att.output_dense.kernel).reshape(h, h)
+        b_out = value(att.output_dense.bias)
+        p = f"kerasft_attention_{i}"
+        graph.initializer.extend(
+            numpy_helper.from_array(a, f"{p}_{n}")
+            for a, n in ((w_qkv, "qkv_weight"), (b_qkv, "qkv_bias"), (w_out, "out_weight"),
+                         (b_out, "out_bias"))
+        )  # fmt: skip
+        x = _attention_input(producers, queries[i])
+        new_nodes[outputs[i].name] = [
+            helper.make_node(
+                "Attention", [x, f"{p}_qkv_weight", f"{p}_qkv_bias", mask_input], [f"{p}_context"],
+                name=f"{p}", domain="com.microsoft", num_heads=backbone.num_heads,
+            ),
+            helper.make_node("MatMul", [f"{p}_context", f"{p}_out_weight"], [f"{p}_projected"],
+                             name=f"{p}_out_MatMul"),
+            helper.make_node("Add", [f"{p}_projected", f"{p}_out_bias"], list(outputs[i].output),
+                             name=f"{p}_out_Add"),
+        ]  # fmt: skip
+    nodes = []
+    for node in graph.node:
+        nodes += new_nodes.get(node.name, [node])
+    del graph.node[:]
+    graph.node.extend(_live(nodes, {o.name for o in graph.output}))
+    used = {name for node in graph.node for name in node.input}
+    keep = [init for init in graph.initializer if init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    if not any(op.domain == "com.microsoft" for op in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return len(new_nodes)
+
+
+def _live(nodes: list, outputs: set) -> list:
+    """The nodes that contribute to `outputs`, in their original order."""
+    producers = {out: node for node in nodes for out in node.output}
+    needed, stack = set(), list(outputs)
+    while stack:
+        node = producers.get(stack.pop())
+        if node is not None and id(node) not in needed:
+            needed.add(id(node))
+            stack.extend(i for i in node.input if i)
+    return [node for node in nodes if id(node) in needed]
+
+
 class _Calibration:
     """onnxruntime `CalibrationDataReader` over tokenized calibration texts."""
 
@@ -126,8 +228,7 @@ def write(
     out_dir: Path,
     quantize: str | None = None,
     opset: int = DEFAULT_OPSET,
-    num_heads: int = 12,
-    hidden_size: int = 768,
+    backbone=None,
     calibration=None,
     **_,
 ) -> dict:
@@ -138,8 +239,8 @@ def write(
         out_dir: the (temporary) export directory.
         quantize: None, `"dynamic"` or `"static"`.
         opset: ONNX opset.
-        num_heads: attention heads (for the fusions).
-        hidden_size: hidden size (for the fusions).
+        backbone: the KerasHub backbone the graph was traced from (attention weights, heads and
+            hidden size for the fusions).
         calibration: for `"static"`, a list of input feeds `{"token_ids", "padding_mask"}`.
 
     Returns:
@@ -153,9 +254,11 @@ def write(
         graph.serve, input_signature=graph.serve.input_signature, opset=opset
     )
     global_average_pool_to_reduce_mean(proto)
+    attention = fuse_attention(proto, backbone)
     onnx.save(proto, str(raw))
     fp32 = out_dir / "model.onnx"
-    fusions = _optimize(raw, fp32, num_heads, hidden_size)
+    fusions = _optimize(raw, fp32, backbone.num_heads, backbone.hidden_dim)
+    fusions["Attention"] = attention
     raw.unlink()
     info = {"model_file": fp32.name, "opset": opset, "fusions": fusions}
     if quantize is None:

@@ -48,8 +48,8 @@ def test_export_matrix(backend, format, quantize, toy_runs, tmp_path):
     assert manifest["source_backend"] == backend
     assert manifest["label_names"] == ["neg", "pos"] and manifest["sequence_length"] == 32
     assert {"tokenizer.json", "vocab.txt"} <= set(manifest["files"])
-    if format == "onnx":  # onnxruntime's GELU and (Skip)LayerNorm fusions were applied
-        assert manifest["fusions"]["Gelu"] == 2
+    if format == "onnx":  # attention, GELU and (Skip)LayerNorm run as onnxruntime's fused ops
+        assert manifest["fusions"]["Attention"] == 2 and manifest["fusions"]["Gelu"] == 2
         assert manifest["fusions"].get("SkipLayerNormalization", 0) >= 4
     verify_checksums(out)
     result = load(out).predict(["the day was so good and great", "an awful sad grim movie"])
