@@ -89,16 +89,41 @@ def _run_texts(run_dir: Path | None, seed: int = 30) -> tuple[list[str], list[st
     return pick(test, VERIFY_TEXTS), pick(train, CALIBRATION_TEXTS)
 
 
-def _keras_batches(classifier, texts: list[str], batch_size: int = 32):
-    """KerasHub-tokenized feeds, each padded to its longest text (as the runtime pads)."""
+def _keras_batches(classifier, texts: list[str], batch_size: int = 32, shape=(None, None)):
+    """KerasHub-tokenized feeds, each padded to its longest text (as the runtime pads).
+
+    With a fixed `shape` (batch, sequence), feeds are padded to it instead: the sequence with
+    padding tokens, a short batch by repeating its first row.
+    """
     import keras
 
+    batch_size = shape[0] or batch_size
     for i in range(0, len(texts), batch_size):
         out = classifier.preprocessor(texts[i : i + batch_size])
         mask = keras.ops.convert_to_numpy(out["padding_mask"]).astype("int32")
-        width = int(mask.sum(1).max())
+        width = shape[1] or int(mask.sum(1).max())
         ids = keras.ops.convert_to_numpy(out["token_ids"]).astype("int32")
-        yield {"token_ids": ids[:, :width], "padding_mask": mask[:, :width]}
+        feed = {"token_ids": ids[:, :width], "padding_mask": mask[:, :width]}
+        if shape[0] and len(ids) < shape[0]:
+            rows = np.r_[np.arange(len(ids)), np.zeros(shape[0] - len(ids), dtype=int)]
+            feed = {k: v[rows] for k, v in feed.items()}
+        yield feed
+
+
+def check_fixed_shape(fixed_shape, max_positions: int) -> tuple[int | None, int | None]:
+    """Validates `fixed_shape` = (batch or None, sequence or None); returns it as a tuple.
+
+    Raises:
+        ValueError: naming the bad value and what is allowed.
+    """
+    shape = tuple(fixed_shape) if fixed_shape is not None else (None, None)
+    ok = len(shape) == 2 and all(v is None or (isinstance(v, int) and v >= 1) for v in shape)
+    if not ok or (shape[1] is not None and not 2 <= shape[1] <= max_positions):
+        raise ValueError(
+            "fixed_shape must be (batch, sequence) with positive ints or None for a dynamic axis, "
+            f"sequence in [2, {max_positions}]. Received: fixed_shape={fixed_shape!r}"
+        )
+    return shape
 
 
 def _reference(graph, classifier, texts):
@@ -118,7 +143,9 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _export_in_tensorflow(source, out_dir, format, quantize, overwrite, texts, calibration_texts):
+def _export_in_tensorflow(
+    source, out_dir, format, quantize, overwrite, texts, calibration_texts, fixed_shape
+):
     """Re-runs `export` in a TensorFlow-backend subprocess on the backend-neutral `.keras` file."""
     with tempfile.TemporaryDirectory() as tmp:
         if not isinstance(source, (str, os.PathLike)):
@@ -132,6 +159,7 @@ def _export_in_tensorflow(source, out_dir, format, quantize, overwrite, texts, c
             "overwrite": overwrite,
             "texts": texts,
             "calibration_texts": calibration_texts,
+            "fixed_shape": fixed_shape,
         }
         (Path(tmp) / "request.json").write_text(json.dumps(request))
         env = {**os.environ, "KERAS_BACKEND": "tensorflow"}
@@ -158,6 +186,7 @@ def export(
     texts: list[str] | None = None,
     calibration_texts: list[str] | None = None,
     opset: int | None = None,
+    fixed_shape: tuple[int | None, int | None] | None = None,
 ) -> Path:
     """Exports a fine-tuned classifier, verifies it with its own runtime, and publishes it.
 
@@ -176,6 +205,9 @@ def export(
         texts: real texts to verify with (default: 512 test-split texts of the run's data).
         calibration_texts: texts for static INT8 calibration (default: 256 training texts).
         opset: ONNX opset (default 17).
+        fixed_shape: `(batch, sequence)` to fix either input axis (None keeps it dynamic; the
+            default keeps both). A fixed sequence length also caps the tokens per text; the
+            runtime pads every call to the fixed shape.
 
     Returns:
         `out_dir` as a `Path`.
@@ -194,7 +226,7 @@ def export(
 
     if keras.backend.backend() != "tensorflow":
         return _export_in_tensorflow(
-            source, out_dir, format, quantize, overwrite, texts, calibration_texts
+            source, out_dir, format, quantize, overwrite, texts, calibration_texts, fixed_shape
         )
     from exporters import litert, onnx, runtime, saved_model
     from exporters.keras_graph import ServingGraph, onnx_friendly_ops
@@ -207,17 +239,22 @@ def export(
         calibration_texts = calibration_texts or default_calibration
     texts = list(texts)
     clf = src.classifier
+    shape = check_fixed_shape(fixed_shape, clf.backbone.max_sequence_length)
     out_dir = Path(out_dir)
     tmp = temp_dir_beside(out_dir)
+    max_tokens = clf.preprocessor.sequence_length
     try:
+        if shape[1]:  # a fixed sequence caps tokens per text; restored below
+            clf.preprocessor.sequence_length = shape[1]
         with onnx_friendly_ops(clf) if format == "onnx" else contextlib.nullcontext():
-            graph = ServingGraph(clf)
+            graph = ServingGraph(clf)  # dynamic: the Keras reference for every text
             keras_ids, keras_logits = _reference(graph, clf, texts)
             if quantize == "keras":
                 with warnings.catch_warnings():  # "Layer X has no quantize method" for each
                     warnings.simplefilter("ignore")  # non-Dense layer: expected, not news
                     graph.model.quantize("int8")
-                graph = ServingGraph(clf)
+            if quantize == "keras" or shape != (None, None):
+                graph = ServingGraph(clf, fixed_shape=shape)
             writer = {"saved_model": saved_model, "onnx": onnx, "litert": litert}[format]
             info = writer.write(
                 graph,
@@ -226,7 +263,7 @@ def export(
                 opset=opset or onnx.DEFAULT_OPSET,
                 backbone=clf.backbone,
                 calibration=(
-                    list(_keras_batches(clf, list(calibration_texts or texts)))
+                    list(_keras_batches(clf, list(calibration_texts or texts), shape=shape))
                     if quantize == "static"
                     else None
                 ),
@@ -242,6 +279,7 @@ def export(
             "sequence_length": clf.preprocessor.sequence_length,
             "tokenizer": tokenizer,
             "inputs": ["token_ids", "padding_mask"],
+            "input_shape": list(shape),
             "opset": info.get("opset"),
             "fusions": info.get("fusions"),
             "source_backend": src.backend,
@@ -256,6 +294,7 @@ def export(
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         publish_dir(tmp, out_dir)
     finally:
+        clf.preprocessor.sequence_length = max_tokens
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 

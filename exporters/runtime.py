@@ -55,6 +55,8 @@ class ExportedClassifier:
         self.tokenizer.no_padding()
         self._settings = self.manifest["tokenizer"]
         self._max_len = self.manifest["sequence_length"]
+        # (batch, sequence) the model was exported with; None = a dynamic axis.
+        self.fixed_batch, self.fixed_length = self.manifest.get("input_shape", [None, None])
         self._cls, self._sep = (self.tokenizer.token_to_id(t) for t in ("[CLS]", "[SEP]"))
         self._unk, self._pad = (self.tokenizer.token_to_id(t) for t in ("[UNK]", "[PAD]"))
 
@@ -80,7 +82,8 @@ class ExportedClassifier:
         rows = [e.ids for e in self.tokenizer.encode_batch(texts)]
         rows = [r if t.isascii() else self._exact_ids(t) for r, t in zip(rows, texts, strict=True)]
         lengths = np.array([len(r) for r in rows])
-        ids = np.full((len(rows), lengths.max(initial=0)), self._pad, dtype="int32")
+        width = self.fixed_length or lengths.max(initial=0)
+        ids = np.full((len(rows), width), self._pad, dtype="int32")
         for i, r in enumerate(rows):
             ids[i, : len(r)] = r
         mask = np.arange(ids.shape[1])[None, :] < lengths[:, None]
@@ -100,10 +103,13 @@ class ExportedClassifier:
             `Predictions` with labels, probabilities `(N, K)` and logits.
         """
         texts = list(texts)
-        logits = [
-            self.logits(self.encode(texts[i : i + batch_size]))
-            for i in range(0, len(texts), batch_size)
-        ]
+        batch_size = self.fixed_batch or batch_size
+        logits = []
+        for i in range(0, len(texts), batch_size):
+            chunk = texts[i : i + batch_size]
+            # A fixed batch axis gets a short last batch filled up with its first text.
+            filled = chunk + chunk[:1] * (batch_size - len(chunk)) if self.fixed_batch else chunk
+            logits.append(self.logits(self.encode(filled))[: len(chunk)])
         logits = np.concatenate(logits) if logits else np.zeros((0, len(self.label_names)))
         shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
         proba = shifted / shifted.sum(axis=-1, keepdims=True)

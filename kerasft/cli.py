@@ -77,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
         "calibrated QDQ INT8 (onnx); keras: Keras quantize('int8') (saved_model)",
     )
     export.add_argument("--out", required=True, help="export directory to create")
+    export.add_argument("--batch-size", type=int, help="fix the batch axis to N (default: dynamic)")
+    export.add_argument(
+        "--sequence-length",
+        type=int,
+        help="fix the sequence axis to N tokens; texts are cut to N (default: dynamic)",
+    )
     export.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
     predict = sub.add_parser("predict", help="label texts with a run or export directory")
@@ -252,7 +258,12 @@ def cmd_export(args) -> int:
 
     quantize = args.int8
     out = export(
-        args.run_dir, args.out, format=args.format, quantize=quantize, overwrite=args.overwrite
+        args.run_dir,
+        args.out,
+        format=args.format,
+        quantize=quantize,
+        overwrite=args.overwrite,
+        fixed_shape=(args.batch_size, args.sequence_length),
     )
     manifest = json.loads((out / "manifest.json").read_text())
     check, variant = manifest["verification"], manifest["quantization"] or "fp32"

@@ -151,3 +151,19 @@ def test_export_in_memory_tuner(backend, fmt, quantize, tiny_preset, tmp_path):
     r = run_backend(backend, code)
     # From JAX the export re-runs under TensorFlow; Keras INT8 never touches the caller's model.
     assert r == {"backend": backend, "passed": True, "unchanged": True}
+
+
+def test_fixed_shape_export_pads_every_call(toy_runs, tmp_path):
+    import onnxruntime as ort
+
+    out = export(toy_runs["torch"], tmp_path / "e", format="onnx", quantize="dynamic",
+                 fixed_shape=(4, 16))  # fmt: skip
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["input_shape"] == [4, 16] and manifest["verification"]["passed"]
+    session = ort.InferenceSession(str(out / manifest["model_file"]))
+    assert [i.shape for i in session.get_inputs()] == [[4, 16], [4, 16]]
+    texts = ["the day was so good and great", "an awful sad grim movie", "good", "bad", "nice"]
+    assert load(out).predict(texts).labels == ["pos", "neg", "pos", "neg", "pos"]  # 4 + 1 (filled)
+    with pytest.raises(ValueError, match=r"Received: fixed_shape=\(1, 1000\)"):
+        export(toy_runs["torch"], tmp_path / "bad", format="onnx", fixed_shape=(1, 1000))
+    assert not (tmp_path / "bad").exists()
