@@ -228,8 +228,8 @@ def _parse_ints(text: str, name: str, low: int, high: int) -> list[int]:
     return sorted(set(values))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="benchmarks.latency", description=__doc__.splitlines()[0])
+def build_parser(prog: str = "python -m benchmarks.latency") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--run", required=True, type=Path, help="a `kerasft fit` run directory")
     parser.add_argument("--out", required=True, type=Path, help="report directory to create")
     parser.add_argument("--device", choices=("cpu", "gpu", "auto"), default="auto")
@@ -444,14 +444,15 @@ def measure_latency(settings, progress, workers: dict, failed: dict, vs) -> tupl
     return table, {"cells": [f"b{b}_s{s}" for b, s in cells]}
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m benchmarks.latency") -> int:
     """Entry point of `python -m benchmarks.latency` and `kerasft bench`. Returns the exit code."""
-    parser = build_parser()
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
+    args.command = " ".join([prog, *(sys.argv[1:] if argv is None else argv)])
     try:
         return run(args)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
-        print(f"benchmarks.latency: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
 
 
@@ -515,7 +516,7 @@ def run(args) -> int:
             finally:
                 _close(workers)
         report = {
-            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+            "command": args.command,
             "device": device,
             "machine": machine_info(settings["threads"], gpus),
             "settings": settings,

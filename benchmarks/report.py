@@ -1,4 +1,7 @@
-"""Turns the harness's measurements into `report.json`, `report.md` and PNG charts."""
+"""Turns the harness's measurements into `report.json`, `report.md` and PNG charts.
+
+`python -m benchmarks.report REPORT_DIR` re-renders the Markdown and charts from `report.json`.
+"""
 
 from __future__ import annotations
 
@@ -119,6 +122,9 @@ def _markdown(report: dict, goals: dict) -> str:
     lines += [
         "## Variants",
         "",
+        f"Model file and peak resident memory of the worker are for the latency model "
+        f"({report['latency_model']}); accuracy and agreement for the fine-tuned run's model.",
+        "",
         "| variant | model file MB | peak RSS MB | test accuracy | agreement with fp32 | runtime |",
         "| --- | ---: | ---: | ---: | ---: | --- |",
     ]
@@ -175,17 +181,17 @@ def _charts(report: dict, out: Path) -> None:
     plt.close(fig)
 
     cell = f"b1_s{seqs[-1]}" if 1 in batches else cells[-1]
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    for name, a in report["accuracy"]["results"].items():
+    fig, ax = plt.subplots(figsize=(10, 5.5))
+    markers = "osD^v<>PX*"
+    for i, (name, a) in enumerate(report["accuracy"]["results"].items()):
         p50 = _p50(latency, name, cell)
         if p50 and "accuracy" in a:
-            ax.scatter(p50, a["accuracy"])
-            ax.annotate(name, (p50, a["accuracy"]), fontsize=7, xytext=(4, 2),
-                        textcoords="offset points")  # fmt: skip
+            ax.scatter(p50, a["accuracy"], marker=markers[i % len(markers)], label=name)
     ax.set_xscale("log")
     ax.set_xlabel(f"p50 latency at {cell} (ms, log, {report['latency_model']} model)")
     ax.set_ylabel("test accuracy (fine-tuned run)")
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(out / "accuracy_vs_latency.png", dpi=110)
     plt.close(fig)
@@ -198,3 +204,10 @@ def write_report(report: dict, out: Path) -> None:
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(_markdown(report, report["targets"]))
     _charts(report, out)
+
+
+if __name__ == "__main__":  # re-render a report directory from its report.json
+    import sys
+
+    directory = Path(sys.argv[1])
+    write_report(json.loads((directory / "report.json").read_text()), directory)

@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":  # its own parser: `kerasft bench --help` lists its options
         from benchmarks.latency import main as bench_main
 
-        return bench_main(extra)
+        return bench_main(extra, prog="kerasft bench")
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "export":
