@@ -186,7 +186,8 @@ def _charts(report: dict, out: Path) -> None:
     for i, (name, a) in enumerate(report["accuracy"]["results"].items()):
         p50 = _p50(latency, name, cell)
         if p50 and "accuracy" in a:
-            ax.scatter(p50, a["accuracy"], marker=markers[i % len(markers)], label=name)
+            ax.scatter(p50, a["accuracy"], marker=markers[i % len(markers)], label=name,
+                       color=plt.cm.tab20(i % 20))  # fmt: skip
     ax.set_xscale("log")
     ax.set_xlabel(f"p50 latency at {cell} (ms, log, {report['latency_model']} model)")
     ax.set_ylabel("test accuracy (fine-tuned run)")
