@@ -24,17 +24,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-EXPORTS = [
-    ("onnx", None),
-    ("onnx", "dynamic"),
-    ("onnx", "static"),
-    ("saved_model", None),
-    ("saved_model", "keras"),
-    ("litert", None),
-    ("litert", "dynamic"),
-]
-
-
 BASE_CALIBRATION_TEXTS = 8
 
 
@@ -84,12 +73,12 @@ def _export_in_own_process(model_file, target, fmt, quantize, texts, calibration
 
 def prepare(run: Path, root: Path, role: str, widen: int, verify_texts: int, peers: bool, log):
     """Builds the role's artifacts under `root / role` and returns the index written there."""
-    from exporters.dispatch import _run_texts
+    from exporters.dispatch import VARIANTS, verification_texts
     from kerasft.tuner import TwoStageFineTuner
 
     out = root / role
     out.mkdir(parents=True, exist_ok=True)
-    texts, calibration = _run_texts(run)
+    texts, calibration = verification_texts(run)
     texts = texts[:verify_texts]
     if role == "base":
         # onnxruntime's quantize_static peaks at 17 GB resident on the DistilBERT-base shape
@@ -124,7 +113,7 @@ def prepare(run: Path, root: Path, role: str, widen: int, verify_texts: int, pee
         "label_names": tuner.label_names,
         "exports": {},
     }
-    for fmt, quantize in EXPORTS:
+    for fmt, quantize in VARIANTS:
         name = export_name(fmt, quantize)
         log(f"{role}: export {name}")
         target = out / "exports" / name

@@ -16,16 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-VARIANTS = [
-    ("onnx", None),
-    ("onnx", "dynamic"),
-    ("onnx", "static"),
-    ("saved_model", None),
-    ("saved_model", "keras"),
-    ("litert", None),
-    ("litert", "dynamic"),
-]
-
 
 def _model_size(export_dir: Path, manifest: dict) -> int:
     path = export_dir / manifest["model_file"]
@@ -49,6 +39,7 @@ def main(argv=None) -> int:
     import numpy as np
 
     from exporters import VerificationError, export
+    from exporters.dispatch import VARIANTS
     from exporters.runtime import load
     from kerasft.data import run_splits
     from kerasft.tuner import TwoStageFineTuner

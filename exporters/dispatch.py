@@ -26,6 +26,8 @@ SUPPORTED = {
     "onnx": (None, "dynamic", "static"),
     "litert": (None, "dynamic"),
 }
+# Every (format, quantize) pair export() supports, fp32 first within each format.
+VARIANTS = [(fmt, quantize) for fmt, allowed in SUPPORTED.items() for quantize in allowed]
 VERIFY_TEXTS = 512
 CALIBRATION_TEXTS = 256
 
@@ -74,7 +76,7 @@ def _load_source(source, copy: bool) -> _Source:
     )
 
 
-def _run_texts(run_dir: Path | None, seed: int = 30) -> tuple[list[str], list[str]]:
+def verification_texts(run_dir: Path | None, seed: int = 30) -> tuple[list[str], list[str]]:
     """Test-split texts (verification) and training texts (calibration) of a run's data."""
     from kerasft.data import run_splits
 
@@ -235,7 +237,7 @@ def export(
 
     src = _load_source(source, copy=quantize == "keras")  # never quantize the caller's model
     if texts is None:
-        texts, default_calibration = _run_texts(src.run_dir)
+        texts, default_calibration = verification_texts(src.run_dir)
         calibration_texts = calibration_texts or default_calibration
     texts = list(texts)
     clf = src.classifier
