@@ -500,13 +500,11 @@ def run(args) -> int:
     work = root / "work"
     work.mkdir(exist_ok=True)
     try:
-        n_acc = len(variants(indexes["run"], settings["threads"], device)[0])
-        n_lat = len(variants(latency_index, settings["threads"], device)[0])
+        run_vs, notes_run = variants(indexes["run"], settings["threads"], device)
+        lat_vs, notes_lat = variants(latency_index, settings["threads"], device)
         n_cells = len(settings["batch_sizes"]) * len(settings["seq_lens"])
-        total = n_acc + n_lat * n_cells * (1 + settings["rounds"])
+        total = len(run_vs) + len(lat_vs) * n_cells * (1 + settings["rounds"])
         with tqdm(total=total, unit="step", file=sys.stderr, dynamic_ncols=True) as progress:
-            run_vs, notes_run = variants(indexes["run"], settings["threads"], device)
-            lat_vs, notes_lat = variants(latency_index, settings["threads"], device)
             workers, failed = open_workers(run_vs, work, device, progress)
             try:
                 accuracy = measure_accuracy(
