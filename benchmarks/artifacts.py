@@ -19,9 +19,7 @@ import importlib.util
 import json
 import os
 import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 BASE_CALIBRATION_TEXTS = 8
@@ -52,28 +50,9 @@ def _build(target: Path, make) -> Path:
     return target
 
 
-def _export_in_own_process(model_file, target, fmt, quantize, texts, calibration) -> None:
-    """`exporters.export` in a fresh process, so each export's memory is returned after it.
-
-    Static INT8 calibration of the DistilBERT-base shape needs about 17 GB on its own; after
-    other exports in the same process it was killed at 24 GB.
-    """
-    with tempfile.TemporaryDirectory() as tmp:
-        request = Path(tmp) / "request.json"
-        request.write_text(json.dumps({
-            "source": str(model_file), "out_dir": str(target), "format": fmt,
-            "quantize": quantize, "overwrite": True, "texts": texts,
-            "calibration_texts": calibration,
-        }))  # fmt: skip
-        env = {**os.environ, "KERAS_BACKEND": "tensorflow"}
-        proc = subprocess.run([sys.executable, "-m", "exporters.dispatch", str(request)], env=env)
-    if proc.returncode:
-        raise RuntimeError(f"Export {fmt} {quantize or 'fp32'} failed (exit {proc.returncode}).")
-
-
 def prepare(run: Path, root: Path, role: str, widen: int, verify_texts: int, peers: bool, log):
     """Builds the role's artifacts under `root / role` and returns the index written there."""
-    from exporters.dispatch import VARIANTS, verification_texts
+    from exporters.dispatch import VARIANTS, export_in_subprocess, verification_texts
     from kerasft.tuner import TwoStageFineTuner
 
     out = root / role
@@ -118,7 +97,9 @@ def prepare(run: Path, root: Path, role: str, widen: int, verify_texts: int, pee
         log(f"{role}: export {name}")
         target = out / "exports" / name
         if not (target / "manifest.json").is_file():  # exports publish atomically
-            _export_in_own_process(model_file, target, fmt, quantize, texts, calibration)
+            # Own process each: base-shaped static INT8 needs ~17 GB alone and was killed at
+            # 24 GB after other exports in the same process.
+            export_in_subprocess(model_file, target, fmt, quantize, True, texts, calibration, None)
         index["exports"][name] = str(target)
     if peers and has_peers():
         from benchmarks.models import optimum_export, to_transformers

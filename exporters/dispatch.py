@@ -145,10 +145,14 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _export_in_tensorflow(
+def export_in_subprocess(
     source, out_dir, format, quantize, overwrite, texts, calibration_texts, fixed_shape
 ):
-    """Re-runs `export` in a TensorFlow-backend subprocess on the backend-neutral `.keras` file."""
+    """Re-runs `export` in a TensorFlow-backend subprocess on the backend-neutral `.keras` file.
+
+    Used when the current backend is not TensorFlow, and by the latency harness so that each
+    export's memory is returned when it ends. Raises `RuntimeError` with the subprocess's stderr.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         if not isinstance(source, (str, os.PathLike)):
             source.save(Path(tmp) / MODEL_FILE)
@@ -227,7 +231,7 @@ def export(
     import keras
 
     if keras.backend.backend() != "tensorflow":
-        return _export_in_tensorflow(
+        return export_in_subprocess(
             source, out_dir, format, quantize, overwrite, texts, calibration_texts, fixed_shape
         )
     from exporters import litert, onnx, runtime, saved_model
@@ -301,6 +305,6 @@ def export(
     return out_dir
 
 
-if __name__ == "__main__":  # the TensorFlow-backend subprocess of `_export_in_tensorflow`
+if __name__ == "__main__":  # the TensorFlow-backend subprocess of `export_in_subprocess`
     request = json.loads(Path(sys.argv[1]).read_text())
     export(request.pop("source"), request.pop("out_dir"), **request)
