@@ -14,7 +14,8 @@ split; latency with a DistilBERT-base-shaped model that computes the same functi
 (`--latency-model base`, see `benchmarks.models.widen`) or the run's own model
 (`--latency-model run`). Every variant runs in its own worker process; after per-shape warm-up
 (compilation excluded), the timed rounds interleave the variants in a new random order per round
-so machine noise hits all of them alike. Threads are fixed (`--threads`) and reported. Output:
+so machine noise hits all of them alike; each variant gets blocks of equal time, each after an
+untimed pause that lets the previous runtime's spinning threads go idle. Threads are fixed (`--threads`) and reported. Output:
 `report.json`, `report.md` and PNG charts in REPORT_DIR.
 """
 
@@ -244,10 +245,17 @@ def build_parser(prog: str = "python -m benchmarks.latency") -> argparse.Argumen
         "--widen", type=int, default=2, help="width factor for --latency-model base"
     )
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="intra-op threads")
-    parser.add_argument("--rounds", type=int, help="interleaved timing rounds (default 8; quick 3)")
     parser.add_argument(
-        "--round-seconds", type=float, help="time per variant per cell per round (default 1.0)"
+        "--rounds", type=int, help="interleaved timing rounds (default 12; quick 3)"
     )
+    parser.add_argument(
+        "--round-seconds", type=float, help="time per variant per cell per round (default 0.5)"
+    )
+    parser.add_argument(
+        "--settle-seconds", type=float,
+        help="untimed pause before each variant's block, so the previous runtime's spinning "
+        "threads leave the cores (default 0.2; quick 0.1)",
+    )  # fmt: skip
     parser.add_argument(
         "--test-rows", type=int, help="test rows for accuracy (default all; quick 256)"
     )
@@ -264,20 +272,24 @@ def build_parser(prog: str = "python -m benchmarks.latency") -> argparse.Argumen
 def _settings(args) -> dict:
     if args.quick:
         defaults = {"batch_sizes": "1,8", "seq_lens": "32", "rounds": 3, "round_seconds": 0.3,
-                    "test_rows": 256, "latency_model": "run"}  # fmt: skip
+                    "settle_seconds": 0.1, "test_rows": 256, "latency_model": "run"}  # fmt: skip
         # explicit options still win over the quick defaults
         if args.batch_sizes != "1,8,32":
             defaults["batch_sizes"] = args.batch_sizes
         if args.seq_lens != "32,128":
             defaults["seq_lens"] = args.seq_lens
     else:
-        defaults = {"batch_sizes": args.batch_sizes, "seq_lens": args.seq_lens, "rounds": 8,
-                    "round_seconds": 1.0, "test_rows": None, "latency_model": "base"}  # fmt: skip
+        defaults = {"batch_sizes": args.batch_sizes, "seq_lens": args.seq_lens, "rounds": 12,
+                    "round_seconds": 0.5, "settle_seconds": 0.2, "test_rows": None,
+                    "latency_model": "base"}  # fmt: skip
     s = {
         "batch_sizes": _parse_ints(defaults["batch_sizes"], "batch_sizes", 1, 1024),
         "seq_lens": _parse_ints(defaults["seq_lens"], "seq_lens", 2, 512),
         "rounds": args.rounds if args.rounds is not None else defaults["rounds"],
         "round_seconds": args.round_seconds or defaults["round_seconds"],
+        "settle_seconds": (
+            args.settle_seconds if args.settle_seconds is not None else defaults["settle_seconds"]
+        ),
         "test_rows": args.test_rows if args.test_rows is not None else defaults["test_rows"],
         "latency_model": args.latency_model or defaults["latency_model"],
         "threads": args.threads,
@@ -287,6 +299,8 @@ def _settings(args) -> dict:
             raise ValueError(f"{key} must be >= 1. Received: {key}={s[key]}")
     if s["round_seconds"] <= 0:
         raise ValueError(f"round_seconds must be > 0. Received: {s['round_seconds']}")
+    if s["settle_seconds"] < 0:
+        raise ValueError(f"settle_seconds must be >= 0. Received: {s['settle_seconds']}")
     return s
 
 
@@ -312,14 +326,19 @@ def _prepare(run: Path, root: Path, role: str, widen: int, peers: bool) -> dict:
 
 
 def _default_artifacts(run: Path) -> Path:
+    """`$KERASFT_CACHE/bench/<key>`: the key hashes the model file and the code that builds the
+    artifacts (exporters, benchmarks.artifacts, benchmarks.models), so changed exporters rebuild."""
     import hashlib
 
     from kerasft.presets import cache_dir
 
     h = hashlib.sha256()
-    with (run / "model.keras").open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    sources = sorted((ROOT / "exporters").glob("*.py"))
+    sources += [ROOT / "benchmarks" / "artifacts.py", ROOT / "benchmarks" / "models.py"]
+    for path in [run / "model.keras", *sources]:
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):  # noqa: B023
+                h.update(chunk)
     return cache_dir() / "bench" / h.hexdigest()[:16]
 
 
@@ -390,11 +409,14 @@ def measure_latency(settings, progress, workers: dict, failed: dict, vs) -> tupl
     cells = [(b, s) for s in settings["seq_lens"] for b in settings["batch_sizes"]]
     workers = dict(workers)
     samples = {(name, cell): [] for name in workers for cell in cells}
-    runs = {}
+    warm = set()
 
-    def timed(name, cell, n):
+    def timed(name, cell, seconds, min_runs, settle):
         try:
-            return workers[name].call(op="time", batch=cell[0], seq=cell[1], runs=n)["seconds"]
+            return workers[name].call(
+                op="time", batch=cell[0], seq=cell[1], seconds=seconds, min_runs=min_runs,
+                settle=settle,
+            )["seconds"]  # fmt: skip
         except RuntimeError as e:  # a variant that fails is reported, the others go on
             failed[name] = str(e)
             workers.pop(name)
@@ -403,16 +425,20 @@ def measure_latency(settings, progress, workers: dict, failed: dict, vs) -> tupl
     for cell in cells:  # warm-up: compilation and first-call allocation are never timed
         for name in list(workers):
             progress.set_description(f"latency: warm-up {name} b{cell[0]} s{cell[1]}")
-            t = timed(name, cell, 2)
-            if t:
-                runs[(name, cell)] = max(1, min(200, round(settings["round_seconds"] / min(t))))
+            if timed(name, cell, 0.0, 2, 0.0):
+                warm.add((name, cell))
             progress.update(1)
+    # Blocks of equal time per variant, whatever its speed. The pause before each block lets the
+    # previous variant's idle runtime threads (which spin for a while after work) leave the cores.
     rng = np.random.default_rng(0)
     for r in range(settings["rounds"]):
         for cell in cells:
-            for name in rng.permutation([n for n in workers if (n, cell) in runs]):
+            for name in rng.permutation([n for n in workers if (n, cell) in warm]):
                 progress.set_description(f"latency: round {r + 1} b{cell[0]} s{cell[1]}")
-                t = timed(name, cell, runs[(name, cell)]) if name in workers else None
+                t = (
+                    timed(name, cell, settings["round_seconds"], 1, settings["settle_seconds"])
+                    if name in workers else None
+                )  # fmt: skip
                 samples[(name, cell)] += t or []
                 progress.update(1)
     memory = {name: w.call(op="stats")["peak_rss_mb"] for name, w in workers.items()}

@@ -72,8 +72,10 @@ def _markdown(report: dict, goals: dict) -> str:
         f"{lat_shape['hidden']}, {lat_shape['heads']} heads, FFN {lat_shape['intermediate']}, "
         f"{lat_shape['parameters'] / 1e6:.1f} M parameters. Accuracy model: the fine-tuned run, "
         f"{acc['rows']} test rows; agreement is with `{acc.get('reference')}`.  ",
-        f"Method: {s['rounds']} interleaved rounds (random variant order each round) of about "
-        f"{s['round_seconds']} s per variant and cell after per-shape warm-up; inputs are token "
+        f"Method: {s['rounds']} interleaved rounds (random variant order each round) of "
+        f"{s['round_seconds']} s per variant and cell (at least one call), each after an untimed "
+        f"{s.get('settle_seconds', 0)} s pause and one untimed call, after per-shape warm-up; "
+        "inputs are token "
         "ids with every position attended (tokenization excluded). Medians (p50) decide every "
         f"ratio. Total {report['seconds']:.0f} s.",
         "",

@@ -4,9 +4,11 @@
 
 The worker loads one model with one runtime and answers JSON-line commands:
 
-- `{"op": "time", "batch": B, "seq": S, "runs": K}` -> `{"seconds": [...]}`: one untimed call on
-  the shape (re-allocation after a shape change), then K timed calls on the monotonic clock. Each
-  call ends with the logits copied to host memory, which synchronises a GPU.
+- `{"op": "time", "batch": B, "seq": S, "seconds": T, "min_runs": K, "settle": P}` ->
+  `{"seconds": [...]}`: a pause of P seconds (the previous variant's runtime threads stop
+  spinning on the shared cores), one untimed call on the shape (re-allocation after a shape
+  change), then timed calls on the monotonic clock until both T seconds and K calls are reached.
+  Each call ends with the logits copied to host memory, which synchronises a GPU.
 - `{"op": "predict", "inputs": NPZ, "out": NPY}`: logits for every batch of a tokenized file.
 - `{"op": "stats"}` -> `{"peak_rss_mb": ...}`; `{"op": "quit"}`.
 
@@ -25,6 +27,8 @@ import traceback
 import warnings
 
 import numpy as np
+
+MAX_RUNS = 10_000  # per timed block
 
 
 def _keras(spec):
@@ -152,9 +156,13 @@ def _serve(spec, proto) -> None:
         try:
             if cmd["op"] == "time":
                 ids, mask = timing_inputs(cmd["batch"], cmd["seq"], spec["vocabulary_size"])
+                time.sleep(cmd.get("settle", 0.0))
                 run(ids, mask)
-                seconds = []
-                for _ in range(cmd["runs"]):
+                seconds, began = [], time.perf_counter()
+                while len(seconds) < MAX_RUNS and (
+                    len(seconds) < cmd.get("min_runs", 1)
+                    or time.perf_counter() - began < cmd.get("seconds", 0.0)
+                ):
                     start = time.perf_counter()
                     run(ids, mask)
                     seconds.append(time.perf_counter() - start)

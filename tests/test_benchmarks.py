@@ -91,6 +91,7 @@ def test_targets_use_one_recipe_and_the_noise_margin():
         (["--batch-sizes", "1,x"], "batch_sizes must be comma-separated integers in [1, 1024]"),
         (["--seq-lens", "1024"], "seq_lens must be comma-separated integers in [2, 512]"),
         (["--rounds", "0"], "rounds must be >= 1. Received: rounds=0"),
+        (["--settle-seconds", "-1"], "settle_seconds must be >= 0. Received: -1.0"),
         (["--quick", "--seq-lens", "128"], "seq_lens=[128] exceed the model's 64 position"),
     ],
 )
