@@ -15,8 +15,8 @@ split; latency with a DistilBERT-base-shaped model that computes the same functi
 (`--latency-model run`). Every variant runs in its own worker process; after per-shape warm-up
 (compilation excluded), the timed rounds interleave the variants in a new random order per round
 so machine noise hits all of them alike; each variant gets blocks of equal time, each after an
-untimed pause that lets the previous runtime's spinning threads go idle. Threads are fixed (`--threads`) and reported. Output:
-`report.json`, `report.md` and PNG charts in REPORT_DIR.
+untimed pause that lets the previous runtime's spinning threads go idle. Threads are fixed
+(`--threads`) and reported. Output: `report.json`, `report.md` and PNG charts in REPORT_DIR.
 """
 
 from __future__ import annotations

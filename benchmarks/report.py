@@ -75,9 +75,8 @@ def _markdown(report: dict, goals: dict) -> str:
         f"Method: {s['rounds']} interleaved rounds (random variant order each round) of "
         f"{s['round_seconds']} s per variant and cell (at least one call), each after an untimed "
         f"{s.get('settle_seconds', 0)} s pause and one untimed call, after per-shape warm-up; "
-        "inputs are token "
-        "ids with every position attended (tokenization excluded). Medians (p50) decide every "
-        f"ratio. Total {report['seconds']:.0f} s.",
+        "inputs are token ids with every position attended (tokenization excluded). Medians (p50) "
+        f"decide every ratio. Total {report['seconds']:.0f} s.",
         "",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in sorted(m["versions"].items())),
         "",
