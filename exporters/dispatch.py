@@ -3,33 +3,44 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from exporters.verify import INT8_MAX_ACCURACY_DROP, INT8_MIN_AGREEMENT
 from kerasft.cli import MODEL_FILE
 from kerasft.fileio import check_target_dir, publish_dir, temp_dir_beside
 from kerasft.versions import EXPORT, package_versions
+
+log = logging.getLogger("kerasft.export")
 
 # format -> allowed `quantize` values (None = fp32).
 SUPPORTED = {
     "saved_model": (None, "keras"),
     "onnx": (None, "dynamic", "static"),
+    "openvino": (None, "nncf"),
     "litert": (None, "dynamic"),
 }
 # Every (format, quantize) pair export() supports, fp32 first within each format.
 VARIANTS = [(fmt, quantize) for fmt, allowed in SUPPORTED.items() for quantize in allowed]
-VERIFY_TEXTS = 512
+# What each INT8 recipe writes, in order: the next one is tried only when the previous one
+# misses the verification gate (OpenVINO: NNCF's plain recipe, then its accuracy control).
+ATTEMPTS = {("openvino", "nncf"): ("nncf", "nncf-accuracy-control")}
+# Verification texts per split of the run (train, validation, test): every split is used, each
+# capped so that the cost stays bounded (the reference run: 6,000 + 5,342 + 5,342 texts).
+VERIFY_PER_SPLIT = 6000
 CALIBRATION_TEXTS = 256
+ACCURACY_CONTROL_TEXTS = 1024
 
 
 def check_format(format: str, quantize: str | None) -> None:
@@ -76,8 +87,40 @@ def _load_source(source, copy: bool) -> _Source:
     )
 
 
-def verification_texts(run_dir: Path | None, seed: int = 30) -> tuple[list[str], list[str]]:
-    """Test-split texts (verification) and training texts (calibration) of a run's data."""
+@dataclass
+class VerificationSet:
+    """Labelled texts to verify an export with, and training texts to calibrate INT8 with.
+
+    Attributes:
+        texts: verification texts, drawn from every split of the run.
+        labels: their class names (as in the model's `label_names`), or None when unknown.
+        splits: the split of each text (`"train"`, `"validation"`, `"test"`), or None.
+        calibration: training texts for INT8 calibration (none of them among `texts`).
+    """
+
+    texts: list[str]
+    labels: np.ndarray | None
+    splits: list[str] | None
+    calibration: list[str]
+
+    def subset(self, split: str, limit: int) -> tuple[list[str], np.ndarray]:
+        """Up to `limit` labelled texts of one split, in order."""
+        rows = [i for i, s in enumerate(self.splits or []) if s == split][:limit]
+        return [self.texts[i] for i in rows], self.labels[rows]
+
+
+def verification_set(
+    run_dir: Path | None, per_split: int = VERIFY_PER_SPLIT, seed: int = 30
+) -> VerificationSet:
+    """Verification and calibration texts from a `kerasft fit` run's own splits.
+
+    Up to `per_split` texts of each split (train, validation, test), drawn with `seed`, with
+    their labels; `CALIBRATION_TEXTS` other training texts (at most half of them) for
+    calibration.
+
+    Raises:
+        ValueError: if `run_dir` is not a run directory (then texts must be passed).
+    """
     from kerasft.data import run_splits
 
     if run_dir is None or not (run_dir / "config.json").is_file():
@@ -85,10 +128,19 @@ def verification_texts(run_dir: Path | None, seed: int = 30) -> tuple[list[str],
             "No texts to verify the export with: pass texts=[...] (and calibration_texts for "
             "static INT8), or export a `kerasft fit` run directory whose data file is readable."
         )
-    train, _, test = run_splits(run_dir)
     rng = np.random.default_rng(seed)
-    pick = lambda ds, n: [ds.texts[i] for i in np.sort(rng.permutation(len(ds))[:n])]  # noqa: E731
-    return pick(test, VERIFY_TEXTS), pick(train, CALIBRATION_TEXTS)
+    texts, labels, splits, calibration = [], [], [], []
+    for name, data in zip(("train", "validation", "test"), run_splits(run_dir), strict=True):
+        order = rng.permutation(len(data))
+        if name == "train":
+            n_calibration = min(CALIBRATION_TEXTS, len(data) // 2)
+            calibration = [data.texts[i] for i in np.sort(order[:n_calibration])]
+            order = order[n_calibration:]
+        rows = np.sort(order[:per_split])
+        texts += [data.texts[i] for i in rows]
+        labels += [data.label_names[k] for k in data.labels[rows]]
+        splits += [name] * len(rows)
+    return VerificationSet(texts, np.asarray(labels), splits, calibration)
 
 
 def _keras_batches(classifier, texts: list[str], batch_size: int = 32, shape=(None, None)):
@@ -137,36 +189,20 @@ def _reference(graph, classifier, texts):
     return np.concatenate(ids), np.concatenate(logits)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def export_in_subprocess(source, out_dir, **options) -> Path:
+    """Re-runs `export(source, out_dir, **options)` in a TensorFlow-backend subprocess.
 
-
-def export_in_subprocess(
-    source, out_dir, format, quantize, overwrite, texts, calibration_texts, fixed_shape
-):
-    """Re-runs `export` in a TensorFlow-backend subprocess on the backend-neutral `.keras` file.
-
-    Used when the current backend is not TensorFlow, and by the latency harness so that each
-    export's memory is returned when it ends. Raises `RuntimeError` with the subprocess's stderr.
+    Used when the current backend is not TensorFlow (the `.keras` file is backend-neutral), and
+    by the latency harness so that each export's memory is returned when it ends. Raises
+    `RuntimeError` with the subprocess's stderr.
     """
     with tempfile.TemporaryDirectory() as tmp:
         if not isinstance(source, (str, os.PathLike)):
             source.save(Path(tmp) / MODEL_FILE)
             source = tmp
-        request = {
-            "source": str(source),
-            "out_dir": str(out_dir),
-            "format": format,
-            "quantize": quantize,
-            "overwrite": overwrite,
-            "texts": texts,
-            "calibration_texts": calibration_texts,
-            "fixed_shape": fixed_shape,
-        }
+        request = {"source": str(source), "out_dir": str(out_dir), **options}
+        if request.get("labels") is not None:
+            request["labels"] = [str(v) for v in request["labels"]]
         (Path(tmp) / "request.json").write_text(json.dumps(request))
         env = {**os.environ, "KERAS_BACKEND": "tensorflow"}
         proc = subprocess.run(
@@ -190,9 +226,14 @@ def export(
     *,
     overwrite: bool = False,
     texts: list[str] | None = None,
+    labels: list | None = None,
     calibration_texts: list[str] | None = None,
     opset: int | None = None,
     fixed_shape: tuple[int | None, int | None] | None = None,
+    min_agreement: float = INT8_MIN_AGREEMENT,
+    max_accuracy_drop: float = INT8_MAX_ACCURACY_DROP,
+    precision: str = "f32",
+    verify_per_split: int = VERIFY_PER_SPLIT,
 ) -> Path:
     """Exports a fine-tuned classifier, verifies it with its own runtime, and publishes it.
 
@@ -200,109 +241,254 @@ def export(
     file (a subprocess is used when the current backend is JAX or PyTorch), so a model trained
     on any backend exports the same way.
 
+    Verification runs the artifact through `exporters.runtime` on labelled texts from every split
+    of the run (up to `verify_per_split` each) against the Keras model: fp32 must reproduce the
+    Keras logits; INT8 must agree with the fp32 labels on `min_agreement` of the texts and lose
+    at most `max_accuracy_drop` accuracy on the held-out splits (`exporters.verify`). OpenVINO's
+    `nncf` recipe falls back to NNCF's accuracy control when its plain recipe misses that gate.
+    The export directory gets the model, tokenizer assets, `manifest.json` (sha256 of every
+    file, verification numbers) and a model card (`README.md`).
+
     Args:
         source: a `kerasft fit` run directory, a `.keras` file saved by `TwoStageFineTuner.save`,
             or a fitted `TwoStageFineTuner`.
         out_dir: the export directory to create.
-        format: `"saved_model"`, `"onnx"` or `"litert"`.
-        quantize: None (fp32); `"dynamic"` or `"static"` for ONNX; `"dynamic"` for LiteRT;
-            `"keras"` (Keras' native `quantize("int8")`) for SavedModel.
+        format: `"saved_model"`, `"onnx"`, `"openvino"` or `"litert"`.
+        quantize: None (fp32); `"dynamic"` or `"static"` for ONNX; `"nncf"` for OpenVINO;
+            `"dynamic"` for LiteRT; `"keras"` (Keras' native `quantize("int8")`) for SavedModel.
         overwrite: replace an existing non-empty `out_dir`.
-        texts: real texts to verify with (default: 512 test-split texts of the run's data).
-        calibration_texts: texts for static INT8 calibration (default: 256 training texts).
+        texts: real texts to verify with (default: the run's splits, see above).
+        labels: class names (or ids) of `texts`, for the accuracy-drop check; optional.
+        calibration_texts: texts for INT8 calibration (default: 256 training texts).
         opset: ONNX opset (default 17).
         fixed_shape: `(batch, sequence)` to fix either input axis (None keeps it dynamic; the
             default keeps both). A fixed sequence length also caps the tokens per text; the
             runtime pads every call to the fixed shape.
+        min_agreement: INT8 gate: least label agreement with the fp32 model (default 0.99).
+        max_accuracy_drop: INT8 gate: largest accuracy drop on held-out labelled texts
+            (default 0.01, one point).
+        precision: OpenVINO inference precision to verify with and record: `"f32"` (default)
+            or `"bf16"` (then judged by the INT8 gate).
+        verify_per_split: verification texts per split of the run.
 
     Returns:
         `out_dir` as a `Path`.
 
     Raises:
-        ValueError: unknown format or unsupported quantization (checked before any work).
+        ValueError: unknown format, unsupported quantization or bad option (checked before
+            any work).
         FileExistsError: `out_dir` exists and is not empty, and `overwrite` is False.
         exporters.verify.VerificationError: the artifact disagrees with the Keras model.
 
     Example:
-        >>> export("runs/sarcasm", "exports/sarcasm-onnx-int8", format="onnx", quantize="dynamic")
+        >>> export("runs/sarcasm", "exports/sarcasm-ov-int8", format="openvino", quantize="nncf")
     """
     check_format(format, quantize)
+    _check_gate(min_agreement, max_accuracy_drop, precision, verify_per_split)
     check_target_dir(out_dir, overwrite, "Export directory")
     import keras
 
+    options = {
+        "format": format, "quantize": quantize, "overwrite": overwrite, "texts": texts,
+        "labels": labels, "calibration_texts": calibration_texts, "opset": opset,
+        "fixed_shape": fixed_shape, "min_agreement": min_agreement,
+        "max_accuracy_drop": max_accuracy_drop, "precision": precision,
+        "verify_per_split": verify_per_split,
+    }  # fmt: skip
     if keras.backend.backend() != "tensorflow":
-        return export_in_subprocess(
-            source, out_dir, format, quantize, overwrite, texts, calibration_texts, fixed_shape
-        )
-    from exporters import litert, onnx, runtime, saved_model
+        return export_in_subprocess(source, out_dir, **options)
+    from exporters import litert, onnx, openvino, runtime, saved_model
     from exporters.keras_graph import ServingGraph, onnx_friendly_ops
+    from exporters.model_card import write_model_card
     from exporters.tokenizer import write_tokenizer_assets
-    from exporters.verify import verify
+    from exporters.verify import VerificationError, verify
 
+    started = time.perf_counter()
     src = _load_source(source, copy=quantize == "keras")  # never quantize the caller's model
     if texts is None:
-        texts, default_calibration = verification_texts(src.run_dir)
-        calibration_texts = calibration_texts or default_calibration
-    texts = list(texts)
+        vset = verification_set(src.run_dir, verify_per_split)
+        vset.calibration = list(calibration_texts or vset.calibration)
+    else:
+        vset = VerificationSet(list(texts), None if labels is None else np.asarray(labels), None,
+                               list(calibration_texts or texts))  # fmt: skip
+    label_ids = _label_ids(vset.labels, src.label_names)
     clf = src.classifier
     shape = check_fixed_shape(fixed_shape, clf.backbone.max_sequence_length)
+    reduced = quantize is not None or (format == "openvino" and precision != "f32")
     out_dir = Path(out_dir)
     tmp = temp_dir_beside(out_dir)
     max_tokens = clf.preprocessor.sequence_length
     try:
         if shape[1]:  # a fixed sequence caps tokens per text; restored below
             clf.preprocessor.sequence_length = shape[1]
-        with onnx_friendly_ops(clf) if format == "onnx" else contextlib.nullcontext():
+        onnx_graph = format in ("onnx", "openvino")
+        with onnx_friendly_ops(clf) if onnx_graph else contextlib.nullcontext():
             graph = ServingGraph(clf)  # dynamic: the Keras reference for every text
-            keras_ids, keras_logits = _reference(graph, clf, texts)
+            log.info("Keras reference logits for %d verification texts", len(vset.texts))
+            keras_ids, keras_logits = _reference(graph, clf, vset.texts)
             if quantize == "keras":
                 with warnings.catch_warnings():  # "Layer X has no quantize method" for each
                     warnings.simplefilter("ignore")  # non-Dense layer: expected, not news
                     graph.model.quantize("int8")
             if quantize == "keras" or shape != (None, None):
                 graph = ServingGraph(clf, fixed_shape=shape)
-            writer = {"saved_model": saved_model, "onnx": onnx, "litert": litert}[format]
-            info = writer.write(
-                graph,
-                tmp,
-                quantize=quantize,
-                opset=opset or onnx.DEFAULT_OPSET,
-                backbone=clf.backbone,
-                calibration=(
-                    list(_keras_batches(clf, list(calibration_texts or texts), shape=shape))
-                    if quantize == "static"
-                    else None
-                ),
-            )
-        tokenizer = write_tokenizer_assets(
-            clf.preprocessor.tokenizer, clf.preprocessor.sequence_length, tmp
-        )
-        manifest = {
-            "format": format,
-            "quantization": quantize and f"int8-{quantize}",
-            "model_file": info["model_file"],
-            "label_names": src.label_names,
-            "sequence_length": clf.preprocessor.sequence_length,
-            "tokenizer": tokenizer,
-            "inputs": ["token_ids", "padding_mask"],
-            "input_shape": list(shape),
-            "opset": info.get("opset"),
-            "fusions": info.get("fusions"),
-            "source_backend": src.backend,
-            "versions": package_versions(EXPORT),
-        }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        report = verify(runtime.load(tmp), texts, keras_ids, keras_logits, quantize is not None)
-        files = sorted(p for p in tmp.rglob("*") if p.is_file() and p.name != "manifest.json")
+            writer = {"saved_model": saved_model, "onnx": onnx, "openvino": openvino,
+                      "litert": litert}[format]  # fmt: skip
+            # NNCF calibrates on single texts, as the runtime serves them; onnxruntime on batches.
+            per_text = 1 if format == "openvino" else 32
+            calibration = (
+                list(_keras_batches(clf, vset.calibration, per_text, shape=shape))
+                if quantize in ("static", "nncf") else None
+            )  # fmt: skip
+            validation = None
+            if format == "openvino" and quantize and vset.splits is not None:
+                val_texts, val_names = vset.subset("validation", ACCURACY_CONTROL_TEXTS)
+                validation = (list(_keras_batches(clf, val_texts, 1, shape=shape)),
+                              _label_ids(val_names, src.label_names))  # fmt: skip
+            attempts = ATTEMPTS.get((format, quantize), (quantize,))
+            failed = []
+            for attempt in attempts:
+                _clear(tmp)
+                log.info("writing %s %s", format, attempt or "fp32")
+                info = writer.write(
+                    graph, tmp, quantize=attempt, opset=opset or onnx.DEFAULT_OPSET,
+                    backbone=clf.backbone, calibration=calibration, validation=validation,
+                    max_accuracy_drop=max_accuracy_drop, precision=precision,
+                )  # fmt: skip
+                tokenizer = write_tokenizer_assets(
+                    clf.preprocessor.tokenizer, clf.preprocessor.sequence_length, tmp
+                )
+                manifest = {
+                    "format": format,
+                    "quantization": quantize and f"int8-{quantize}",
+                    "quantization_recipe": info.get("quantization_recipe", attempt),
+                    "model_file": info["model_file"],
+                    "label_names": src.label_names,
+                    "sequence_length": clf.preprocessor.sequence_length,
+                    "tokenizer": tokenizer,
+                    "inputs": ["token_ids", "padding_mask"],
+                    "input_shape": list(shape),
+                    "opset": info.get("opset"),
+                    "fusions": info.get("fusions"),
+                    "inference_precision": info.get("inference_precision"),
+                    "source_backend": src.backend,
+                    "versions": package_versions(EXPORT),
+                }
+                _write_manifest(tmp, manifest)
+                served = runtime.load(tmp)
+                log.info("verifying on %d texts with %s", len(vset.texts), type(served).__name__)
+                try:
+                    report = verify(
+                        served, vset.texts, keras_ids, keras_logits, reduced, labels=label_ids,
+                        splits=vset.splits, min_agreement=min_agreement,
+                        max_accuracy_drop=max_accuracy_drop,
+                    )  # fmt: skip
+                except VerificationError as e:
+                    last = attempt == attempts[-1]
+                    if last or e.report.get("tokenizer_mismatches"):
+                        if failed:
+                            e.args = (f"{e.args[0]} Earlier recipes also failed: {failed}",)
+                        raise
+                    failed.append({"recipe": attempt, "error": str(e)})
+                    log.info("%s missed the gate (%s); trying %s", attempt, e, attempts[-1])
+                    continue
+                break
+        report["recipes_failed"] = failed
         manifest["verification"] = report
-        manifest["files"] = {str(p.relative_to(tmp)): _sha256(p) for p in files}
-        manifest["size_bytes"] = sum(p.stat().st_size for p in files)
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        manifest["latency"] = _latency_b1(served, vset.texts, keras_ids)
+        manifest["export_seconds"] = round(time.perf_counter() - started, 1)
+        write_model_card(tmp, manifest, src.run_dir)
+        _write_manifest(tmp, manifest)
         publish_dir(tmp, out_dir)
     finally:
         clf.preprocessor.sequence_length = max_tokens
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def _check_gate(min_agreement, max_accuracy_drop, precision, verify_per_split) -> None:
+    """Raises `ValueError` naming the first bad gate option, its value and what is allowed."""
+    from exporters.openvino import PRECISIONS
+
+    def fraction(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1
+
+    checks = (
+        ("min_agreement", min_agreement, fraction(min_agreement), "a number in [0, 1]"),
+        ("max_accuracy_drop", max_accuracy_drop, fraction(max_accuracy_drop),
+         "a number in [0, 1]"),
+        ("precision", precision, precision in PRECISIONS, f"one of {list(PRECISIONS)}"),
+        ("verify_per_split", verify_per_split,
+         isinstance(verify_per_split, int) and verify_per_split >= 1, "an int >= 1"),
+    )  # fmt: skip
+    for name, value, ok, allowed in checks:
+        if not ok:
+            raise ValueError(f"{name} must be {allowed}. Received: {name}={value!r}")
+
+
+def _label_ids(labels, label_names: list[str]) -> np.ndarray | None:
+    """Class names (or ids) -> the model's class ids; None stays None."""
+    if labels is None:
+        return None
+    labels = np.asarray(labels)
+    if labels.dtype.kind in "iu":
+        return labels.astype("int64")
+    index = {name: i for i, name in enumerate(label_names)}
+    unknown = sorted({str(v) for v in labels} - set(index))
+    if unknown:
+        raise ValueError(f"Verification labels {unknown[:5]} are not among {label_names}.")
+    return np.array([index[str(v)] for v in labels], dtype="int64")
+
+
+def _clear(directory: Path) -> None:
+    for path in directory.iterdir():
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def _write_manifest(directory: Path, manifest: dict) -> None:
+    """Lists every file but the manifest with its sha256, then writes `manifest.json`."""
+    from exporters.runtime import sha256_file
+
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != "manifest.json")
+    manifest["files"] = {str(p.relative_to(directory)): sha256_file(p) for p in files}
+    manifest["size_bytes"] = sum(p.stat().st_size for p in files if p.name not in ("README.md",))
+    (directory / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def _latency_b1(served, texts: list[str], keras_ids: np.ndarray, calls: int = 50) -> dict:
+    """Batch-1 latency of `served.predict([text])` (tokenization included) on this machine, for
+    a verification text of the median token length."""
+    import platform
+
+    lengths = (keras_ids != 0).sum(axis=1)
+    median = int(np.median(lengths))
+    text = texts[int(np.argmin(np.abs(lengths - median)))]
+    for _ in range(5):
+        served.predict([text])
+    seconds = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        served.predict([text])
+        seconds.append(time.perf_counter() - start)
+    return {
+        "batch": 1,
+        "tokens": median,
+        "p50_ms": round(float(np.median(seconds)) * 1e3, 3),
+        "calls": calls,
+        "threads": "runtime default",
+        "cpu": _cpu_name() or platform.processor(),
+        "cores": os.cpu_count(),
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
 
 
 if __name__ == "__main__":  # the TensorFlow-backend subprocess of `export_in_subprocess`

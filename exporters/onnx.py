@@ -8,12 +8,39 @@ INT8 recipes (onnxruntime's quantization tools):
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
 from pathlib import Path
 
 import numpy as np
 
 DEFAULT_OPSET = 17
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def quantizer_logs_to_debug():
+    """Routes onnxruntime's quantizer lines to this module's logger at DEBUG.
+
+    `onnxruntime.quantization` logs through the root logger at INFO (one "Quantization
+    parameters for tensor ... not specified" line per tensor), which floods any application
+    that shows INFO. While quantizing, a filter on the root logger re-emits those records here at
+    DEBUG and drops them from the root.
+    """
+
+    def demote(record: logging.LogRecord) -> bool:
+        if "onnxruntime" in record.pathname:
+            log.debug("onnxruntime: %s", record.getMessage())
+            return False
+        return True
+
+    root = logging.getLogger()
+    root.addFilter(demote)
+    try:
+        yield
+    finally:
+        root.removeFilter(demote)
 
 
 def _optimize(raw_path: Path, out_path: Path, num_heads: int, hidden_size: int) -> dict:
@@ -328,6 +355,40 @@ class _Calibration:
         return next(self._it, None)
 
 
+def write_fp32(graph, out_dir: Path, opset: int = DEFAULT_OPSET, backbone=None) -> dict:
+    """Writes the fused fp32 `model.onnx` (tf2onnx, kerasft's graph passes, onnxruntime's fusions).
+
+    Also the starting point of the OpenVINO export, which reads this file.
+
+    Args:
+        graph: the `exporters.keras_graph.ServingGraph`.
+        out_dir: the (temporary) export directory.
+        opset: ONNX opset.
+        backbone: the KerasHub backbone the graph was traced from (attention weights, heads and
+            hidden size for the fusions).
+
+    Returns:
+        `{"model_file": "model.onnx", "opset", "fusions"}`.
+    """
+    import onnx
+    import tf2onnx
+
+    raw = out_dir / "raw.onnx"
+    proto, _ = tf2onnx.convert.from_function(
+        graph.serve, input_signature=graph.serve.input_signature, opset=opset
+    )
+    global_average_pool_to_reduce_mean(proto)
+    attention = fuse_attention(proto, backbone)
+    folded = fold_tensordot(proto)
+    onnx.save(proto, str(raw))
+    fp32 = out_dir / "model.onnx"
+    fusions = _optimize(raw, fp32, backbone.num_heads, backbone.hidden_dim)
+    fusions["Attention"] = attention
+    fusions["MatMul (Tensordot folded)"] = folded
+    raw.unlink()
+    return {"model_file": fp32.name, "opset": opset, "fusions": fusions}
+
+
 def write(
     graph,
     out_dir: Path,
@@ -352,29 +413,24 @@ def write(
         `{"model_file", "opset", "fusions"}`.
     """
     import onnx
-    import tf2onnx
 
-    raw = out_dir / "raw.onnx"
-    proto, _ = tf2onnx.convert.from_function(
-        graph.serve, input_signature=graph.serve.input_signature, opset=opset
-    )
-    global_average_pool_to_reduce_mean(proto)
-    attention = fuse_attention(proto, backbone)
-    folded = fold_tensordot(proto)
-    onnx.save(proto, str(raw))
-    fp32 = out_dir / "model.onnx"
-    fusions = _optimize(raw, fp32, backbone.num_heads, backbone.hidden_dim)
-    fusions["Attention"] = attention
-    fusions["MatMul (Tensordot folded)"] = folded
-    raw.unlink()
-    info = {"model_file": fp32.name, "opset": opset, "fusions": fusions}
+    info = write_fp32(graph, out_dir, opset, backbone)
+    fp32 = out_dir / info["model_file"]
     if quantize is None:
         return info
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
-
     int8 = out_dir / "model.int8.onnx"
     # Fused ops (com.microsoft domain) leave some tensors untyped for ONNX shape inference.
     extra = {"DefaultTensorType": onnx.TensorProto.FLOAT}
+    with quantizer_logs_to_debug():
+        _quantize(fp32, int8, quantize, calibration, extra)
+    fp32.unlink()
+    info["model_file"] = int8.name
+    return info
+
+
+def _quantize(fp32: Path, int8: Path, quantize: str, calibration, extra: dict) -> None:
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+
     if quantize == "dynamic":
         quantize_dynamic(
             str(fp32),
@@ -396,6 +452,3 @@ def write(
             op_types_to_quantize=["MatMul", "Gather"],
             extra_options=extra,
         )
-    fp32.unlink()
-    info["model_file"] = int8.name
-    return info

@@ -5,8 +5,16 @@ runs the model with its own runtime and returns labels and probabilities:
 
 - ONNX: `onnxruntime` + `tokenizers` + `numpy` only. Importing this module never imports keras,
   keras_hub, tensorflow, jax or torch.
-- SavedModel: TensorFlow only (no Keras model objects).
+- OpenVINO: `openvino` + `tokenizers` + `numpy` only.
+- SavedModel: TensorFlow only (no Keras model objects). Loading a SavedModel runs its TensorFlow
+  graph, which can hold arbitrary operations (file reads and writes included): load SavedModels
+  only from sources you trust, and prefer ONNX or OpenVINO on devices.
 - LiteRT: the LiteRT interpreter (`ai-edge-litert`, or `tf.lite` when TensorFlow is installed).
+
+Before anything is loaded, every file the manifest lists is checked against its sha256, and the
+model file must be one of them, inside the export directory. The manifest itself is covered by
+pinning its hash: `kerasft export` prints it, and `load(dir, manifest_sha256=...)` refuses a
+manifest that differs (edited label names or `model_file`, say).
 
 Example:
     >>> from exporters.runtime import load
@@ -17,13 +25,103 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from exporters.tokenizer import kerashub_words
+from exporters.tokenizer import kerashub_words, tokenizers_matches
+
+
+class IntegrityError(ValueError):
+    """An export directory failed its checks: a file differs from its sha256 in the manifest, a
+    file is missing or unlisted, a path leaves the directory, or the manifest is not the pinned
+    one. The message names the file and what was expected."""
+
+
+def sha256_file(path: str | Path) -> str:
+    """The hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _inside(export_dir: Path, name: str, what: str) -> Path:
+    """`export_dir / name`, refused unless `name` is a relative path that stays inside."""
+    parts = PurePosixPath(name).parts
+    if not name or name.startswith(("/", "\\")) or Path(name).is_absolute() or ".." in parts:
+        raise IntegrityError(
+            f"{export_dir}: manifest {what} {name!r} is not a relative path inside the export "
+            "directory; refusing to load it."
+        )
+    path = export_dir / name
+    if not path.resolve().is_relative_to(export_dir.resolve()):
+        raise IntegrityError(
+            f"{export_dir}: manifest {what} {name!r} resolves outside the export directory "
+            f"({path.resolve()}); refusing to load it."
+        )
+    return path
+
+
+def read_manifest(export_dir: str | Path, manifest_sha256: str | None = None) -> dict:
+    """Reads and checks an export's `manifest.json` and every file it lists.
+
+    Args:
+        export_dir: the export directory.
+        manifest_sha256: when given, the manifest's own sha256 must equal it (what
+            `kerasft export` printed): a deployment pins it to detect an edited manifest.
+
+    Returns:
+        The manifest.
+
+    Raises:
+        FileNotFoundError: if `export_dir` has no `manifest.json`.
+        IntegrityError: a pinned manifest that differs, a listed file that is missing or whose
+            sha256 differs, a path that leaves the directory, or a model file the manifest does
+            not list.
+    """
+    export_dir = Path(export_dir)
+    manifest_path = export_dir / "manifest.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(
+            f"No manifest.json in {str(export_dir)!r}: not an export directory."
+        )
+    raw = manifest_path.read_bytes()
+    if manifest_sha256 is not None:
+        digest = hashlib.sha256(raw).hexdigest()
+        if digest != manifest_sha256.lower():
+            raise IntegrityError(
+                f"{manifest_path}: sha256 {digest} differs from the pinned manifest_sha256="
+                f"{manifest_sha256}; the manifest was edited or replaced. Refusing to load it."
+            )
+    manifest = json.loads(raw)
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise IntegrityError(f"{manifest_path}: lists no files with their sha256; not loadable.")
+    model_file = manifest.get("model_file")
+    if not isinstance(model_file, str):
+        raise IntegrityError(f"{manifest_path}: model_file={model_file!r} is not a path.")
+    _inside(export_dir, model_file, "model_file")
+    if model_file not in files and not any(n.startswith(f"{model_file}/") for n in files):
+        raise IntegrityError(
+            f"{export_dir}: model_file {model_file!r} is not among the files the manifest lists "
+            f"with a sha256 ({sorted(files)[:8]}); refusing to load an unlisted model file."
+        )
+    for name, expected in files.items():
+        path = _inside(export_dir, name, "file")
+        if not path.is_file():
+            raise IntegrityError(f"{export_dir}: {name} is listed in the manifest but missing.")
+        digest = sha256_file(path)
+        if digest != expected:
+            raise IntegrityError(
+                f"{export_dir}: {name} has sha256 {digest}, the manifest says {expected}: the "
+                "file was changed or corrupted. Refusing to load it."
+            )
+    return manifest
 
 
 @dataclass
@@ -40,16 +138,18 @@ class ExportedClassifier:
 
     Args:
         export_dir: a directory written by `exporters.export`.
+        manifest_sha256: pin the manifest's sha256 (see `read_manifest`).
+
+    Raises:
+        IntegrityError: see `read_manifest`; nothing is loaded then.
     """
 
-    def __init__(self, export_dir: str | Path):
+    def __init__(self, export_dir: str | Path, manifest_sha256: str | None = None):
         from tokenizers import Tokenizer
 
         self.export_dir = Path(export_dir)
-        manifest_path = self.export_dir / "manifest.json"
-        if not manifest_path.is_file():
-            raise FileNotFoundError(f"No manifest.json in {str(self.export_dir)!r}: not an export.")
-        self.manifest = json.loads(manifest_path.read_text())
+        self.manifest = read_manifest(self.export_dir, manifest_sha256)
+        self.model_path = self.export_dir / self.manifest["model_file"]
         self.label_names = self.manifest["label_names"]
         self.tokenizer = Tokenizer.from_file(str(self.export_dir / "tokenizer.json"))
         self.tokenizer.no_padding()
@@ -73,14 +173,20 @@ class ExportedClassifier:
     def encode(self, texts: list[str]) -> dict[str, np.ndarray]:
         """Returns `{"token_ids", "padding_mask"}` int32, padded to the longest text.
 
-        ASCII texts go through `tokenizer.json` (identical to KerasHub there); texts with other
-        characters through the exact KerasHub pre-tokenisation and the same WordPiece model.
+        Texts go through `tokenizer.json`, which is identical to KerasHub on ASCII text and on
+        text whose other characters case-fold like they lowercase (curly quotes, dashes, most
+        accented letters: `exporters.tokenizer.tokenizers_matches`). The rest (ligatures, `…`,
+        combining marks, words over KerasHub's 100-byte limit) take the exact KerasHub
+        pre-tokenisation with the same WordPiece model.
         """
         if isinstance(texts, str):
             raise TypeError("predict() takes a list of texts; wrap a single string in a list.")
         texts = list(texts)
         rows = [e.ids for e in self.tokenizer.encode_batch(texts)]
-        rows = [r if t.isascii() else self._exact_ids(t) for r, t in zip(rows, texts, strict=True)]
+        rows = [
+            r if tokenizers_matches(t, **self._settings) else self._exact_ids(t)
+            for r, t in zip(rows, texts, strict=True)
+        ]
         lengths = np.array([len(r) for r in rows])
         width = self.fixed_length or lengths.max(initial=0)
         ids = np.full((len(rows), width), self._pad, dtype="int32")
@@ -119,15 +225,21 @@ class ExportedClassifier:
 class OnnxClassifier(ExportedClassifier):
     """ONNX export on onnxruntime (CPU provider unless `providers` says otherwise)."""
 
-    def __init__(self, export_dir, providers: list[str] | None = None, threads: int | None = None):
-        super().__init__(export_dir)
+    def __init__(
+        self,
+        export_dir,
+        providers: list[str] | None = None,
+        threads: int | None = None,
+        manifest_sha256: str | None = None,
+    ):
+        super().__init__(export_dir, manifest_sha256)
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(
-            str(self.export_dir / self.manifest["model_file"]),
+            str(self.model_path),
             options,
             providers=providers or ["CPUExecutionProvider"],
         )
@@ -138,17 +250,57 @@ class OnnxClassifier(ExportedClassifier):
         return self.session.run(None, feed)[0]
 
 
-class SavedModelClassifier(ExportedClassifier):
-    """SavedModel export served by TensorFlow's `serving_default` signature."""
+class OpenVINOClassifier(ExportedClassifier):
+    """OpenVINO IR export on OpenVINO's CPU plugin (or another `device`).
 
-    def __init__(self, export_dir):
-        super().__init__(export_dir)
+    Args:
+        export_dir: the export directory.
+        threads: inference threads (OpenVINO's default: all cores).
+        precision: OpenVINO's `INFERENCE_PRECISION_HINT`, `"f32"` or `"bf16"`; default: the
+            precision the export was verified with (`manifest["inference_precision"]`).
+        device: the OpenVINO device.
+        manifest_sha256: pin the manifest's sha256.
+    """
+
+    def __init__(
+        self,
+        export_dir,
+        threads: int | None = None,
+        precision: str | None = None,
+        device: str = "CPU",
+        manifest_sha256: str | None = None,
+    ):
+        super().__init__(export_dir, manifest_sha256)
+        import openvino as ov
+
+        self.precision = precision or self.manifest.get("inference_precision") or "f32"
+        config = {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        self.compiled = ov.Core().compile_model(str(self.model_path), device, config)
+        self.request = self.compiled.create_infer_request()
+        self.input_names = {name for port in self.compiled.inputs for name in port.get_names()}
+
+    def logits(self, inputs):
+        feed = {k: v for k, v in inputs.items() if k in self.input_names}
+        return np.array(self.request.infer(feed)[self.compiled.output(0)])
+
+
+class SavedModelClassifier(ExportedClassifier):
+    """SavedModel export served by TensorFlow's `serving_default` signature.
+
+    Loading a SavedModel executes its TensorFlow graph, which may contain arbitrary operations
+    (reading or writing files included): load only SavedModels from a source you trust. The
+    sha256 checks guard against corruption and tampering after export, not against a malicious
+    exporter.
+    """
+
+    def __init__(self, export_dir, manifest_sha256: str | None = None):
+        super().__init__(export_dir, manifest_sha256)
         import tensorflow as tf
 
         self._tf = tf
-        self.signature = tf.saved_model.load(str(self.export_dir / "saved_model")).signatures[
-            "serving_default"
-        ]
+        self.signature = tf.saved_model.load(str(self.model_path)).signatures["serving_default"]
 
     def logits(self, inputs):
         out = self.signature(**{k: self._tf.constant(v) for k, v in inputs.items()})
@@ -158,15 +310,13 @@ class SavedModelClassifier(ExportedClassifier):
 class LiteRTClassifier(ExportedClassifier):
     """LiteRT (TFLite) export on the LiteRT interpreter, resized to each batch's shape."""
 
-    def __init__(self, export_dir, threads: int | None = None):
-        super().__init__(export_dir)
+    def __init__(self, export_dir, threads: int | None = None, manifest_sha256: str | None = None):
+        super().__init__(export_dir, manifest_sha256)
         try:
             from ai_edge_litert.interpreter import Interpreter
         except ImportError:  # pragma: no cover - fallback when only TensorFlow is installed
             from tensorflow.lite import Interpreter
-        self.interpreter = Interpreter(
-            model_path=str(self.export_dir / self.manifest["model_file"]), num_threads=threads
-        )
+        self.interpreter = Interpreter(model_path=str(self.model_path), num_threads=threads)
         self.runner = self.interpreter.get_signature_runner("serving_default")
 
     def logits(self, inputs):
@@ -174,45 +324,47 @@ class LiteRTClassifier(ExportedClassifier):
         return next(iter(out.values()))
 
 
-def verify_checksums(export_dir: str | Path) -> None:
-    """Checks every file of an export against the sha256 in its manifest.
+def verify_checksums(export_dir: str | Path, manifest_sha256: str | None = None) -> None:
+    """Checks every file of an export against the sha256 in its manifest (see `read_manifest`).
 
     Raises:
-        ValueError: naming the first file that is missing or differs.
+        IntegrityError: naming the first file that is missing, differs or is not allowed.
     """
-    import hashlib
-
-    export_dir = Path(export_dir)
-    manifest = json.loads((export_dir / "manifest.json").read_text())
-    for name, expected in manifest["files"].items():
-        path = export_dir / name
-        if not path.is_file():
-            raise ValueError(f"{export_dir}: {name} is missing.")
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        if digest != expected:
-            raise ValueError(f"{export_dir}: {name} has sha256 {digest}, manifest says {expected}.")
+    read_manifest(export_dir, manifest_sha256)
 
 
 _RUNTIMES = {
     "onnx": OnnxClassifier,
+    "openvino": OpenVINOClassifier,
     "saved_model": SavedModelClassifier,
     "litert": LiteRTClassifier,
 }
 
 
-def load(export_dir: str | Path, **kwargs) -> ExportedClassifier:
-    """Opens an export directory with the runtime its manifest names.
+def load(
+    export_dir: str | Path, manifest_sha256: str | None = None, **kwargs
+) -> ExportedClassifier:
+    """Opens an export directory with the runtime its manifest names, after checking its files.
 
     Args:
         export_dir: the export directory.
-        **kwargs: runtime options (`providers`, `threads` for ONNX; `threads` for LiteRT).
+        manifest_sha256: pin the manifest's sha256 (printed by `kerasft export`); a manifest
+            that differs is refused.
+        **kwargs: runtime options (`providers`, `threads` for ONNX; `threads`, `precision`,
+            `device` for OpenVINO; `threads` for LiteRT).
 
     Returns:
         An `ExportedClassifier`.
 
     Raises:
         FileNotFoundError: if `export_dir` has no `manifest.json`.
+        IntegrityError: a file differs from its sha256, is missing or unlisted, a path leaves the
+            directory, or the manifest is not the pinned one.
         ValueError: for an unknown format in the manifest.
+
+    Example:
+        >>> model = load("exports/sarcasm-ov-int8", manifest_sha256="9f2c...")
+        >>> model.predict(["area man wins argument with toaster"]).labels
     """
     manifest_path = Path(export_dir) / "manifest.json"
     if not manifest_path.is_file():
@@ -222,4 +374,4 @@ def load(export_dir: str | Path, **kwargs) -> ExportedClassifier:
     fmt = json.loads(manifest_path.read_text()).get("format")
     if fmt not in _RUNTIMES:
         raise ValueError(f"Unknown export format={fmt!r}. Supported formats: {sorted(_RUNTIMES)}")
-    return _RUNTIMES[fmt](export_dir, **kwargs)
+    return _RUNTIMES[fmt](export_dir, manifest_sha256=manifest_sha256, **kwargs)

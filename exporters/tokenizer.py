@@ -7,6 +7,8 @@ verification checks that both give identical token ids on real texts.
 
 from __future__ import annotations
 
+import functools
+import re
 import unicodedata
 from pathlib import Path
 
@@ -152,3 +154,44 @@ def kerashub_words(text: str, lowercase: bool, strip_accents: bool) -> list[str]
     if lowercase:
         words = [_casefold(w) for w in words]
     return [w for w in words if w]
+
+
+# --- when tokenizer.json is already exact on non-ASCII text ---------------------------------
+
+# A word KerasHub sees is at most this many characters when every character may take 4 UTF-8
+# bytes; longer runs between ASCII whitespace may pass KerasHub's 100-byte limit (then `[UNK]`).
+_LONG_RUN = re.compile(r"[^\t\n\f\r ]{26,}")
+
+
+@functools.lru_cache(maxsize=4096)
+def _plain(ch: str) -> bool:
+    """Whether `ch` tokenizes the same with `tokenizer.json` (lowercase the whole text, then
+    split) as with KerasHub (split, then NFKC-case-fold each word): it must be NFKC-stable,
+    lowercase to its case fold, be no combining mark (NFKC would compose it with its
+    neighbour) and not be dropped as default-ignorable. Curly quotes, dashes, the euro sign and
+    most accented letters are plain; ligatures, `…`, full-width forms and `ß` are not."""
+    return (
+        ch != "\u03a3"  # capital sigma lowercases by context (final sigma); KerasHub folds to σ
+        and not unicodedata.category(ch).startswith("M")
+        and not _is_ignorable(ch)
+        and unicodedata.normalize("NFKC", ch) == ch
+        and _casefold(ch) == ch.lower()
+    )
+
+
+def tokenizers_matches(text: str, lowercase: bool, strip_accents: bool) -> bool:
+    """Whether `tokenizer.json` gives KerasHub's token ids for `text` without the exact path.
+
+    True for ASCII text, and for other text whose non-ASCII characters are all `_plain` (when
+    the tokenizer lowercases and keeps accents, as uncased DistilBERT does) with no run of more
+    than 25 characters between ASCII whitespace. Export verification checks the result on real
+    texts; a test checks it against KerasHub on the sarcasm file with typographic quotes and
+    dashes and on a list of hard cases.
+    """
+    if text.isascii():
+        return True
+    if strip_accents or _LONG_RUN.search(text):
+        return False
+    if not lowercase:
+        return True
+    return all(_plain(ch) for ch in text if ch > "\x7f")

@@ -1,11 +1,21 @@
-"""The shared verification step: every export is run by its own runtime against the Keras model."""
+"""The shared verification step: every export is run by its own runtime against the Keras model.
+
+fp32 exports must reproduce the Keras logits. Reduced-precision exports (INT8, or OpenVINO in
+bfloat16) are judged on what users care about, measured on labelled texts from every split of
+the run: label agreement with the fp32 Keras model and the accuracy drop on the held-out splits
+(validation and test), with a 95% confidence interval for the drop.
+"""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
 FP32_TOLERANCE = 1e-4
 INT8_MIN_AGREEMENT = 0.99
+INT8_MAX_ACCURACY_DROP = 0.01
+HELD_OUT = ("validation", "test")
 
 
 class VerificationError(RuntimeError):
@@ -16,26 +26,69 @@ class VerificationError(RuntimeError):
         self.report = report
 
 
+def accuracy_drop(labels: np.ndarray, reference: np.ndarray, candidate: np.ndarray) -> dict:
+    """Accuracy of two classifiers on the same labelled texts, and the drop with its 95% CI.
+
+    The two predictions are paired (same texts), so the drop's uncertainty comes only from the
+    texts on which exactly one of them is right: with `b` texts only the reference gets right and
+    `c` only the candidate, drop = (b - c) / n and its standard error is
+    sqrt(b + c - (b - c)^2 / n) / n (the normal approximation behind McNemar's test).
+
+    Args:
+        labels: true class ids, `(n,)`.
+        reference: the reference model's predicted ids (fp32 Keras).
+        candidate: the export's predicted ids.
+
+    Returns:
+        `{"texts", "reference", "export", "drop", "drop_ci95", "only_reference_right",
+        "only_export_right"}`; accuracies and the drop as fractions (0.01 = 1 point).
+    """
+    n = len(labels)
+    ref_ok, cand_ok = reference == labels, candidate == labels
+    b, c = int(np.sum(ref_ok & ~cand_ok)), int(np.sum(~ref_ok & cand_ok))
+    drop = (b - c) / n if n else 0.0
+    se = math.sqrt(max(b + c - (b - c) ** 2 / n, 0.0)) / n if n else 0.0
+    return {
+        "texts": n,
+        "reference": float(ref_ok.mean()) if n else None,
+        "export": float(cand_ok.mean()) if n else None,
+        "drop": drop,
+        "drop_ci95": [drop - 1.96 * se, drop + 1.96 * se],
+        "only_reference_right": b,
+        "only_export_right": c,
+    }
+
+
 def verify(
     runtime,
     texts: list[str],
     keras_ids: np.ndarray,
     keras_logits: np.ndarray,
     quantized: bool,
+    labels: np.ndarray | None = None,
+    splits: list[str] | None = None,
+    min_agreement: float = INT8_MIN_AGREEMENT,
+    max_accuracy_drop: float = INT8_MAX_ACCURACY_DROP,
     batch_size: int = 32,
 ) -> dict:
     """Compares an export (through `exporters.runtime`) with the Keras model on `texts`.
 
     Checks, in order: the export's `tokenizer.json` gives the KerasHub preprocessor's token ids;
-    then fp32 exports must match the Keras logits to `FP32_TOLERANCE` with identical labels, and
-    INT8 exports must agree with the fp32 Keras labels on at least `INT8_MIN_AGREEMENT` of texts.
+    then fp32 exports must match the Keras logits to `FP32_TOLERANCE` with identical labels.
+    Quantized exports must agree with the fp32 Keras labels on at least `min_agreement` of the
+    texts and, where labels are known, lose at most `max_accuracy_drop` accuracy on the held-out
+    texts (validation and test splits; all labelled texts when `splits` is None).
 
     Args:
         runtime: an `exporters.runtime.ExportedClassifier` opened on the new export.
         texts: real texts.
         keras_ids: KerasHub token ids for `texts`, `(N, L)`, 0-padded.
         keras_logits: the Keras model's logits for `texts`, `(N, K)`.
-        quantized: whether the export is an INT8 variant.
+        quantized: whether the export is a reduced-precision variant.
+        labels: true class ids of `texts` (model ids), or None when unknown.
+        splits: the split of each text (`"train"`, `"validation"`, `"test"`), or None.
+        min_agreement: the agreement gate for quantized exports.
+        max_accuracy_drop: the accuracy-drop gate for quantized exports (0.01 = 1 point).
         batch_size: texts per runtime call.
 
     Returns:
@@ -51,31 +104,64 @@ def verify(
     token_mismatch = int(np.sum(np.any(ids_a != ids_b, axis=1)))
     logits = runtime.predict(texts, batch_size=batch_size).logits
     max_diff = float(np.max(np.abs(logits - keras_logits)))
-    agreement = float(np.mean(logits.argmax(-1) == keras_logits.argmax(-1)))
+    ours, reference = logits.argmax(-1), keras_logits.argmax(-1)
+    agreement = float(np.mean(ours == reference))
     report = {
         "texts": len(texts),
         "tokenizer_mismatches": token_mismatch,
         "max_abs_logit_diff": max_diff,
         "label_agreement": agreement,
-        "criterion": (
-            f"label_agreement >= {INT8_MIN_AGREEMENT}"
-            if quantized
-            else f"max_abs_logit_diff <= {FP32_TOLERANCE} and label_agreement == 1"
-        ),
+        "disagreements": int(np.sum(ours != reference)),
     }
+    if splits is not None:
+        names, counts = np.unique(np.asarray(splits), return_counts=True)
+        report["texts_per_split"] = {str(k): int(v) for k, v in zip(names, counts, strict=True)}
+    if labels is not None:
+        labels = np.asarray(labels)
+        held_out = (
+            np.isin(np.asarray(splits), HELD_OUT)
+            if splits is not None
+            else np.ones(len(texts), bool)
+        )
+        report["accuracy"] = accuracy_drop(labels[held_out], reference[held_out], ours[held_out])
+        report["accuracy"]["texts_from"] = list(HELD_OUT) if splits is not None else "all"
+        if splits is not None:
+            report["accuracy_per_split"] = {
+                name: accuracy_drop(labels[mask], reference[mask], ours[mask])
+                for name in HELD_OUT
+                if (mask := np.asarray(splits) == name).any()
+            }
+    if quantized:
+        report["criterion"] = f"label_agreement >= {min_agreement}" + (
+            f" and accuracy drop on held-out texts <= {max_accuracy_drop}"
+            if labels is not None
+            else ""
+        )
+    else:
+        report["criterion"] = f"max_abs_logit_diff <= {FP32_TOLERANCE} and label_agreement == 1"
     if token_mismatch:
         raise VerificationError(
             f"tokenizer.json disagrees with the KerasHub preprocessor on {token_mismatch} of "
             f"{len(texts)} texts.",
             report,
         )
-    if quantized and agreement < INT8_MIN_AGREEMENT:
-        raise VerificationError(
-            f"INT8 export agrees with the fp32 model on {agreement:.2%} of {len(texts)} texts; "
-            f"at least {INT8_MIN_AGREEMENT:.0%} is required.",
-            report,
-        )
-    if not quantized and (max_diff > FP32_TOLERANCE or agreement < 1.0):
+    if quantized:
+        problems = []
+        if agreement < min_agreement:
+            problems.append(
+                f"agrees with the fp32 model on {agreement:.2%} of {len(texts)} texts "
+                f"({report['disagreements']} differ); at least {min_agreement:.2%} is required"
+            )
+        acc = report.get("accuracy")
+        if acc and acc["drop"] > max_accuracy_drop:
+            problems.append(
+                f"loses {acc['drop'] * 100:.2f} accuracy points on {acc['texts']} held-out "
+                f"labelled texts (95% CI {acc['drop_ci95'][0] * 100:.2f} to "
+                f"{acc['drop_ci95'][1] * 100:.2f}); at most {max_accuracy_drop * 100:.2f} allowed"
+            )
+        if problems:
+            raise VerificationError("Quantized export " + "; ".join(problems) + ".", report)
+    elif max_diff > FP32_TOLERANCE or agreement < 1.0:
         raise VerificationError(
             f"fp32 export differs from the Keras model: max |logit diff| = {max_diff:.3g} "
             f"(allowed {FP32_TOLERANCE}), label agreement {agreement:.2%} (required 100%).",

@@ -31,6 +31,7 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from exporters.verify import INT8_MAX_ACCURACY_DROP, INT8_MIN_AGREEMENT
     from kerasft.config import RecipeConfig
     from kerasft.data import DATA_ENV
     from kerasft.presets import DEFAULT_PRESET
@@ -67,15 +68,33 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     fit.add_argument("--quiet", action="store_true", help="no per-step progress bars")
 
-    export = sub.add_parser("export", help="export a run to SavedModel, ONNX or LiteRT, verified")
+    export = sub.add_parser(
+        "export", help="export a run to ONNX, OpenVINO, SavedModel or LiteRT, verified"
+    )
     export.add_argument("run_dir")
-    export.add_argument("--format", required=True, choices=("onnx", "saved_model", "litert"))
+    export.add_argument(
+        "--format", required=True, choices=("onnx", "openvino", "saved_model", "litert")
+    )
     export.add_argument(
         "--int8",
-        choices=("dynamic", "static", "keras"),
+        choices=("dynamic", "static", "nncf", "keras"),
         help="dynamic: onnxruntime dynamic INT8 (onnx) or dynamic-range (litert); static: "
-        "calibrated QDQ INT8 (onnx); keras: Keras quantize('int8') (saved_model)",
+        "calibrated QDQ INT8 (onnx); nncf: NNCF post-training INT8 (openvino); keras: Keras "
+        "quantize('int8') (saved_model)",
     )
+    export.add_argument(
+        "--min-agreement", type=float, default=INT8_MIN_AGREEMENT,
+        help=f"INT8 gate: least label agreement with fp32 (default {INT8_MIN_AGREEMENT})",
+    )  # fmt: skip
+    export.add_argument(
+        "--max-accuracy-drop", type=float, default=INT8_MAX_ACCURACY_DROP,
+        help="INT8 gate: largest accuracy drop on held-out labelled texts, as a fraction "
+        f"(default {INT8_MAX_ACCURACY_DROP} = one point)",
+    )  # fmt: skip
+    export.add_argument(
+        "--precision", choices=("f32", "bf16"), default="f32",
+        help="openvino: inference precision to verify with and record (default f32)",
+    )  # fmt: skip
     export.add_argument("--out", required=True, help="export directory to create")
     export.add_argument("--batch-size", type=int, help="fix the batch axis to N (default: dynamic)")
     export.add_argument(
@@ -89,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("run_dir", help="a `kerasft fit` run or a `kerasft export` directory")
     predict.add_argument("texts", nargs="+")
     predict.add_argument("--json", action="store_true")
+    predict.add_argument(
+        "--manifest-sha256", help="export only: refuse a manifest whose sha256 differs"
+    )
 
     evaluate = sub.add_parser("evaluate", help="score every row of a labelled file")
     evaluate.add_argument("run_dir")
@@ -123,7 +145,10 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["KERAS_BACKEND"] = args.backend
     else:
         os.environ.setdefault("KERAS_BACKEND", DEFAULT_BACKEND)
-    logging.basicConfig(level=logging.INFO, format="[kerasft] %(message)s")
+    # kerasft's own progress at INFO; other libraries' INFO lines (onnxruntime's quantizer logs
+    # through the root logger) stay hidden.
+    logging.basicConfig(level=logging.WARNING, format="[kerasft] %(message)s")
+    logging.getLogger("kerasft").setLevel(logging.INFO)
     from kerasft.data import DataError
 
     try:
@@ -255,22 +280,34 @@ def _load_run(run_dir: str):
 
 def cmd_export(args) -> int:
     from exporters import export
+    from exporters.runtime import sha256_file
 
-    quantize = args.int8
     out = export(
         args.run_dir,
         args.out,
         format=args.format,
-        quantize=quantize,
+        quantize=args.int8,
         overwrite=args.overwrite,
         fixed_shape=(args.batch_size, args.sequence_length),
+        min_agreement=args.min_agreement,
+        max_accuracy_drop=args.max_accuracy_drop,
+        precision=args.precision,
     )
     manifest = json.loads((out / "manifest.json").read_text())
     check, variant = manifest["verification"], manifest["quantization"] or "fp32"
+    acc = check.get("accuracy")
+    drop = (
+        f", accuracy drop {acc['drop'] * 100:+.2f} points on {acc['texts']} held-out texts "
+        f"(95% CI {acc['drop_ci95'][0] * 100:+.2f} to {acc['drop_ci95'][1] * 100:+.2f})"
+        if acc
+        else ""
+    )
     print(
         f"{args.format} {variant}: {manifest['size_bytes'] / 1e6:.1f} MB, "
         f"verified on {check['texts']} texts (max |logit diff| {check['max_abs_logit_diff']:.2g}, "
-        f"label agreement {check['label_agreement']:.2%}) -> {out}"
+        f"label agreement {check['label_agreement']:.2%}{drop}) -> {out}\n"
+        f"manifest sha256 {sha256_file(out / 'manifest.json')} "
+        "(pin it: runtime.load(dir, manifest_sha256=...))"
     )
     return 0
 
@@ -279,7 +316,7 @@ def cmd_predict(args) -> int:
     if (Path(args.run_dir) / "manifest.json").is_file():  # an export: its own runtime, no Keras
         from exporters.runtime import load
 
-        result = load(args.run_dir).predict(args.texts)
+        result = load(args.run_dir, manifest_sha256=args.manifest_sha256).predict(args.texts)
         labels, proba = result.labels, result.probabilities.max(axis=1)
     else:
         tuner = _load_run(args.run_dir)

@@ -19,6 +19,8 @@ VARIANTS = [
     ("onnx", None),
     ("onnx", "dynamic"),
     ("onnx", "static"),
+    ("openvino", None),
+    ("openvino", "nncf"),
     ("litert", None),
     ("litert", "dynamic"),
 ]
@@ -40,14 +42,23 @@ def test_export_matrix(backend, format, quantize, toy_runs, tmp_path):
     out = export(run, tmp_path / "export", format=format, quantize=quantize)
     manifest = json.loads((out / "manifest.json").read_text())
     check = manifest["verification"]
-    assert check["passed"] and check["texts"] == 80 and check["tokenizer_mismatches"] == 0
+    # Every split verifies: 400 toy rows -> train 240 (120 of them calibrate), validation 80,
+    # test 80; the accuracy drop is measured on the 160 held-out texts.
+    assert check["passed"] and check["tokenizer_mismatches"] == 0
+    assert check["texts_per_split"] == {"test": 80, "train": 120, "validation": 80}
+    assert check["accuracy"]["texts"] == 160 and check["accuracy"]["reference"] >= 0.9
     if quantize is None:
         assert check["max_abs_logit_diff"] <= 1e-4 and check["label_agreement"] == 1.0
+        assert check["accuracy"]["drop"] == 0.0
     else:
-        assert check["label_agreement"] >= 0.99
+        assert check["label_agreement"] >= 0.99 and check["accuracy"]["drop"] <= 0.01
     assert manifest["source_backend"] == backend
     assert manifest["label_names"] == ["neg", "pos"] and manifest["sequence_length"] == 32
-    assert {"tokenizer.json", "vocab.txt"} <= set(manifest["files"])
+    assert {"tokenizer.json", "vocab.txt", "README.md"} <= set(manifest["files"])
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name:") and "model-index:" in card
+    assert f"exported by kerasft as **{format} {manifest['quantization'] or 'fp32'}**" in card
+    assert manifest["latency"]["batch"] == 1 and manifest["latency"]["p50_ms"] > 0
     if format == "onnx":  # attention, GELU and LayerNorm run as onnxruntime's fused ops
         fusions = manifest["fusions"]
         assert fusions["Attention"] == 2
@@ -58,6 +69,11 @@ def test_export_matrix(backend, format, quantize, toy_runs, tmp_path):
         assert ops["SkipLayerNormalization"] == 0  # slower on CPU, kept out (residual_add_to_sum)
         assert ops["Reshape"] == 0  # Tensordot reshapes folded away
         assert ops["QAttention" if quantize == "dynamic" else "Attention"] == 2
+    if format == "openvino":
+        assert manifest["model_file"] == "model.xml" and "model.bin" in manifest["files"]
+        assert manifest["inference_precision"] == "f32"
+        if quantize:  # NNCF's plain recipe passes here; accuracy control is the fallback
+            assert manifest["quantization_recipe"].startswith("nncf.quantize (")
     verify_checksums(out)
     result = load(out).predict(["the day was so good and great", "an awful sad grim movie"])
     assert result.labels == ["pos", "neg"]
@@ -92,8 +108,9 @@ print(json.dumps({"labels": result.labels, "loaded": loaded}))
 """
 
 
-def test_runtime_runs_without_keras_tf_jax_torch(toy_runs, tmp_path):
-    out = export(toy_runs["torch"], tmp_path / "onnx", format="onnx", quantize="dynamic")
+@pytest.mark.parametrize("format, quantize", [("onnx", "dynamic"), ("openvino", "nncf")])
+def test_runtime_runs_without_keras_tf_jax_torch(format, quantize, toy_runs, tmp_path):
+    out = export(toy_runs["torch"], tmp_path / format, format=format, quantize=quantize)
     proc = subprocess.run(
         [sys.executable, "-c", RUNTIME_ONLY, str(out)],
         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120,

@@ -6,8 +6,8 @@ import keras
 import numpy as np
 import pytest
 
-from exporters.runtime import ExportedClassifier
-from exporters.tokenizer import write_tokenizer_assets
+from exporters.runtime import ExportedClassifier, sha256_file
+from exporters.tokenizer import tokenizers_matches, write_tokenizer_assets
 
 HARD_TEXTS = [
     "grab them by the… hand: trump's nonverbal behavior",  # "…" folds to "..." after the split
@@ -22,7 +22,22 @@ HARD_TEXTS = [
     "é" * 60,
     "  lead and trail  ",
     "ΣΊΣΥΦΟΣ",
+    "ΟΔΟΣ στο σπίτι",  # a final capital sigma lowercases by context
+    "naïve café – “quoted” and ‘single’ — done €5",  # plain: tokenizer.json alone is exact
 ]
+
+
+def typographic(text: str) -> str:
+    """News typography: curly apostrophes and quotes, en and em dashes."""
+    text = text.replace(" - ", " – ").replace("--", "—")
+    out, opening = [], True
+    for ch in text:
+        if ch == '"':
+            out.append("“" if opening else "”")
+            opening = not opening
+        else:
+            out.append("’" if ch == "'" else ch)
+    return "".join(out)
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +54,19 @@ def preprocessor():
 
 def test_runtime_matches_kerashub(preprocessor, sarcasm_file, tmp_path):
     settings = write_tokenizer_assets(preprocessor.tokenizer, 24, tmp_path)
-    manifest = {"label_names": ["0", "1"], "tokenizer": settings, "sequence_length": 24}
+    files = {name: sha256_file(tmp_path / name) for name in ("tokenizer.json", "vocab.txt")}
+    manifest = {"label_names": ["0", "1"], "tokenizer": settings, "sequence_length": 24,
+                "model_file": "vocab.txt", "files": files}  # fmt: skip
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     runtime = ExportedClassifier(tmp_path)
     rows = [json.loads(line)["headline"] for line in sarcasm_file.open()]
-    texts = HARD_TEXTS + rows[:3000] + [r for r in rows if not r.isascii()]
+    curly = [typographic(r) for r in rows if "'" in r or '"' in r or " - " in r][:3000]
+    # Typographic news text takes the fast path (tokenizer.json alone), and it is exact; only
+    # the one headline with a no-break space (NFKC turns it into a space) takes the exact path.
+    slow = [t for t in curly if not tokenizers_matches(t, **settings)]
+    assert len(curly) == 3000 and len(slow) == 1 and "\xa0" in slow[0]
+    assert not any(tokenizers_matches(t, **settings) for t in HARD_TEXTS[:4] + HARD_TEXTS[-3:-1])
+    texts = HARD_TEXTS + rows[:3000] + curly + [r for r in rows if not r.isascii()]
     expected = preprocessor(texts)
     ids = keras.ops.convert_to_numpy(expected["token_ids"])
     mask = keras.ops.convert_to_numpy(expected["padding_mask"]).astype(bool)

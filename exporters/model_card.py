@@ -1,0 +1,188 @@
+"""The model card (`README.md`) every export directory carries.
+
+An artifact that travels alone still says what it is and how good it is: the task and labels,
+the run it came from (preset, backend, recipe, test metrics), the format and quantization, the
+verification numbers and the latency measured on the exporting machine. The layout follows the
+Hugging Face model card: YAML front matter with a `model-index` of metrics, then Markdown.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _yaml(value, indent: int = 0) -> str:
+    """A small YAML writer for the front matter (dicts, lists, scalars); JSON-quoted strings."""
+    pad = "  " * indent
+    if isinstance(value, dict):
+        lines = []
+        for key, item in value.items():
+            if isinstance(item, (dict, list)) and item:
+                lines.append(f"{pad}{key}:\n{_yaml(item, indent + 1)}")
+            else:
+                lines.append(f"{pad}{key}: {_scalar(item)}")
+        return "\n".join(lines)
+    lines = []
+    for item in value:
+        if isinstance(item, dict) and item:
+            first, *rest = _yaml(item, indent + 1).split("\n")
+            lines.append(f"{pad}- {first.strip()}")
+            lines += rest
+        else:
+            lines.append(f"{pad}- {_scalar(item)}")
+    return "\n".join(lines)
+
+
+def _scalar(value) -> str:
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, (int, float)):
+        return repr(round(value, 6)) if isinstance(value, float) else str(value)
+    if isinstance(value, (dict, list)):
+        return "{}" if isinstance(value, dict) else "[]"
+    return json.dumps(str(value))
+
+
+def _run_info(run_dir: Path | None) -> dict:
+    out = {}
+    for name in ("metrics.json", "config.json"):
+        path = run_dir / name if run_dir else None
+        if path and path.is_file():
+            out[name] = json.loads(path.read_text())
+    return out
+
+
+def write_model_card(export_dir: Path, manifest: dict, run_dir: Path | None) -> Path:
+    """Writes `export_dir / "README.md"` from the manifest and the source run's reports.
+
+    Args:
+        export_dir: the (temporary) export directory.
+        manifest: the export's manifest, with `verification` and `latency`.
+        run_dir: the `kerasft fit` run directory, or None for an in-memory model.
+
+    Returns:
+        The card's path.
+    """
+    run = _run_info(run_dir)
+    metrics, config = run.get("metrics.json", {}), run.get("config.json", {})
+    recipe = config.get("recipe", {})
+    check = manifest["verification"]
+    variant = manifest["quantization"] or "fp32"
+    preset = Path(str(metrics.get("preset") or recipe.get("preset") or "model")).name
+    name = f"kerasft-{preset}-{manifest['format']}-{variant}"
+    results = []
+    test = metrics.get("test")
+    if test:
+        results.append({
+            "task": {"type": "text-classification", "name": "Text Classification"},
+            "dataset": {"name": Path(config.get("data", "data")).name, "type": "custom",
+                        "split": "test"},
+            "metrics": [{"type": k, "value": float(test[k]), "name": f"Keras fp32 {k}"}
+                        for k in ("accuracy", "f1", "precision", "recall") if k in test],
+        })  # fmt: skip
+    acc = check.get("accuracy")
+    if acc:
+        results.append({
+            "task": {"type": "text-classification", "name": "Text Classification"},
+            "dataset": {"name": Path(config.get("data", "data")).name, "type": "custom",
+                        "split": "+".join(acc["texts_from"]) if isinstance(acc["texts_from"], list)
+                        else "verification"},
+            "metrics": [
+                {"type": "accuracy", "value": acc["export"], "name": f"{variant} export accuracy"},
+                {"type": "accuracy_drop", "value": acc["drop"],
+                 "name": "accuracy drop vs Keras fp32"},
+                {"type": "label_agreement", "value": check["label_agreement"],
+                 "name": "label agreement with Keras fp32"},
+            ],
+        })  # fmt: skip
+    front = {
+        "library_name": "kerasft",
+        "pipeline_tag": "text-classification",
+        "tags": ["kerasft", "keras-hub", "distilbert", manifest["format"], variant],
+        "model-index": [{"name": name, "results": results}],
+    }
+    lat = manifest.get("latency", {})
+    lines = [
+        "---",
+        _yaml(front),
+        "---",
+        "",
+        f"# {name}",
+        "",
+        f"A {len(manifest['label_names'])}-class text classifier (labels: "
+        + ", ".join(f"`{n}`" for n in manifest["label_names"])
+        + f") exported by kerasft as **{manifest['format']} {variant}**.",
+        "",
+        "## Source run",
+        "",
+        f"- preset: `{metrics.get('preset') or recipe.get('preset', 'unknown')}`; trained on the "
+        f"`{manifest.get('source_backend') or 'unknown'}` backend",
+    ]
+    if recipe:
+        lines.append(
+            f"- recipe: {recipe.get('warmup_epochs')} warm-up epochs at "
+            f"{recipe.get('warmup_learning_rate')}, {recipe.get('finetune_epochs')} fine-tune "
+            f"epochs at {recipe.get('finetune_learning_rate')} ({recipe.get('finetune_schedule')}),"
+            f" batch {recipe.get('batch_size')}, sequence length {recipe.get('sequence_length')}"
+        )
+    if test:
+        lines.append(
+            f"- Keras fp32 test metrics ({metrics.get('rows', {}).get('test', '?')} rows): "
+            f"accuracy {test['accuracy']:.4f}, F1 {test['f1']:.4f}, precision "
+            f"{test['precision']:.4f}, recall {test['recall']:.4f}"
+        )
+    lines += [
+        "",
+        "## This export",
+        "",
+        f"- model file: `{manifest['model_file']}` ({manifest['size_bytes'] / 1e6:.1f} MB with "
+        "the tokenizer files)",
+        f"- quantization recipe: {manifest.get('quantization_recipe') or 'none (fp32)'}",
+    ]
+    if manifest.get("inference_precision"):
+        lines.append(f"- OpenVINO inference precision: `{manifest['inference_precision']}`")
+    lines += [
+        "",
+        "## Verification (against the Keras fp32 model)",
+        "",
+        f"- {check['texts']} texts"
+        + (f" ({', '.join(f'{k} {v}' for k, v in check['texts_per_split'].items())})"
+           if check.get("texts_per_split") else "")
+        + f"; tokenizer mismatches: {check['tokenizer_mismatches']}",
+        f"- label agreement {check['label_agreement']:.4%} ({check['disagreements']} differ); "
+        f"max |logit diff| {check['max_abs_logit_diff']:.3g}",
+    ]  # fmt: skip
+    if acc:
+        lo, hi = acc["drop_ci95"]
+        lines.append(
+            f"- accuracy on {acc['texts']} held-out labelled texts: Keras {acc['reference']:.4f},"
+            f" this export {acc['export']:.4f}: drop {acc['drop'] * 100:+.2f} points "
+            f"(95% CI {lo * 100:+.2f} to {hi * 100:+.2f})"
+        )
+    lines.append(f"- criterion: {check['criterion']}")
+    if lat:
+        lines += [
+            "",
+            "## Latency on the exporting machine",
+            "",
+            f"- {lat['p50_ms']:.2f} ms p50 for one text of {lat['tokens']} tokens (the median of "
+            f"the verification texts), tokenization included, `runtime.load(dir).predict([text])`,"
+            f" {lat['calls']} calls; {lat['cpu']}, {lat['cores']} cores",
+        ]
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from exporters.runtime import load",
+        'model = load("path/to/this/dir", manifest_sha256="<sha256 printed by kerasft export>")',
+        'model.predict(["some text"]).labels',
+        "```",
+        "",
+        "Every file's sha256 is in `manifest.json` and is checked before loading.",
+        "",
+    ]
+    path = export_dir / "README.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path

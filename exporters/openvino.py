@@ -1,0 +1,161 @@
+"""OpenVINO IR export (`model.xml` + `model.bin`), fp32 or NNCF post-training INT8.
+
+The IR is converted by `openvino.convert_model` from the same fused fp32 ONNX graph the ONNX
+export writes (`exporters.onnx.write_fp32`): OpenVINO's ONNX front end reads onnxruntime's fused
+`Attention`, `BiasGelu` and `LayerNormalization` operators, so both formats start from one
+verified graph.
+
+INT8 recipe `nncf`: `nncf.quantize` with `ModelType.TRANSFORMER` (NNCF's scheme for transformer
+encoders: the attention scores, softmax and LayerNorm stay in floating point), calibrated on
+training texts fed one at a time, unpadded, as the runtime sees them. Where that recipe misses
+the export gate, `nncf.quantize_with_accuracy_control` is used instead: it keeps the layers that
+cost the most accuracy in floating point until the drop on labelled validation texts is within
+the gate (see `exporters.dispatch.export`).
+
+Inference precision: OpenVINO's CPU plugin runs in bfloat16 by default where the CPU supports it.
+The export records the precision it was verified with (`inference_precision`, `"f32"` unless
+asked otherwise); `exporters.runtime` applies it at load, and `load(..., precision=...)` overrides
+it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import tempfile
+from pathlib import Path
+
+from exporters import onnx as onnx_export
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("f32", "bf16")
+MODEL_FILE = "model.xml"
+
+
+@contextlib.contextmanager
+def _nncf_quiet():
+    """NNCF logs every step at INFO and draws rich progress bars on stdout: both go to this
+    module's logger at DEBUG (the bars are captured and logged once NNCF is done)."""
+    import nncf
+
+    nncf.set_log_level(logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.ERROR)
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
+            yield
+    finally:
+        if captured.getvalue().strip():
+            log.debug("nncf: %s", captured.getvalue().strip())
+
+
+def quantize_nncf(model, calibration: list[dict]):
+    """Post-training INT8 of an OpenVINO model with NNCF's transformer scheme.
+
+    Args:
+        model: an `openvino.Model`.
+        calibration: input feeds `{"token_ids", "padding_mask"}` (one text each, unpadded).
+
+    Returns:
+        The quantized `openvino.Model`.
+    """
+    import nncf
+
+    with _nncf_quiet():
+        return nncf.quantize(
+            model,
+            nncf.Dataset(calibration),
+            model_type=nncf.ModelType.TRANSFORMER,
+            subset_size=len(calibration),
+        )
+
+
+def quantize_nncf_accuracy_control(model, calibration: list[dict], validation, max_drop: float):
+    """NNCF INT8 that keeps the most accuracy-sensitive layers in floating point.
+
+    Args:
+        model: an `openvino.Model`.
+        calibration: input feeds, as for `quantize_nncf`.
+        validation: `(feeds, labels)`: labelled validation feeds and their class ids.
+        max_drop: the largest accuracy drop (absolute, 0.01 = 1 point) NNCF may accept.
+
+    Returns:
+        The quantized `openvino.Model`.
+    """
+    import nncf
+    import numpy as np
+
+    feeds, labels = validation
+
+    def accuracy(compiled, items) -> float:
+        output = compiled.output(0)
+        hits = [int(np.argmax(compiled(feed)[output]) == y) for feed, y in items]
+        return float(np.mean(hits))
+
+    with _nncf_quiet():
+        return nncf.quantize_with_accuracy_control(
+            model,
+            nncf.Dataset(calibration),
+            nncf.Dataset(list(zip(feeds, labels, strict=True)), lambda item: item[0]),
+            validation_fn=accuracy,
+            max_drop=max_drop,
+            drop_type=nncf.DropType.ABSOLUTE,
+            model_type=nncf.ModelType.TRANSFORMER,
+            subset_size=len(calibration),
+        )
+
+
+def write(
+    graph,
+    out_dir: Path,
+    quantize: str | None = None,
+    opset: int = onnx_export.DEFAULT_OPSET,
+    backbone=None,
+    calibration=None,
+    validation=None,
+    max_accuracy_drop: float | None = None,
+    precision: str = "f32",
+    **_,
+) -> dict:
+    """Writes `model.xml` + `model.bin`, fp32 or NNCF INT8.
+
+    Args:
+        graph: the `exporters.keras_graph.ServingGraph`.
+        out_dir: the (temporary) export directory.
+        quantize: None, `"nncf"`, or `"nncf-accuracy-control"` (used by `export` when the
+            plain recipe misses the gate).
+        opset: ONNX opset of the intermediate graph.
+        backbone: the KerasHub backbone the graph was traced from (for the ONNX fusions).
+        calibration: for INT8, input feeds of training texts.
+        validation: for `"nncf-accuracy-control"`, `(feeds, labels)` of validation texts.
+        max_accuracy_drop: for `"nncf-accuracy-control"`, NNCF's `max_drop`.
+        precision: OpenVINO's inference precision to record (`"f32"` or `"bf16"`).
+
+    Returns:
+        `{"model_file", "opset", "fusions", "inference_precision", "quantization_recipe"}`.
+
+    Raises:
+        ValueError: for an unknown `precision`.
+    """
+    import openvino as ov
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"Unknown precision={precision!r}. Supported: {list(PRECISIONS)}")
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        info = onnx_export.write_fp32(graph, Path(tmp), opset, backbone)
+        model = ov.convert_model(str(Path(tmp) / info["model_file"]))
+    recipe = None
+    if quantize == "nncf":
+        model, recipe = quantize_nncf(model, calibration), "nncf.quantize (TRANSFORMER)"
+    elif quantize == "nncf-accuracy-control":
+        model = quantize_nncf_accuracy_control(model, calibration, validation, max_accuracy_drop)
+        recipe = f"nncf.quantize_with_accuracy_control (TRANSFORMER, max_drop {max_accuracy_drop})"
+    ov.save_model(model, str(out_dir / MODEL_FILE), compress_to_fp16=False)
+    return {
+        "model_file": MODEL_FILE,
+        "opset": opset,
+        "fusions": info["fusions"],
+        "inference_precision": precision,
+        "quantization_recipe": recipe,
+    }

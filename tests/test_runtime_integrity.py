@@ -1,0 +1,191 @@
+"""Artifacts a device can trust: checksums, a pinned manifest, paths that stay inside; the gate."""
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from exporters.dispatch import export
+from exporters.runtime import IntegrityError, load, sha256_file
+from exporters.verify import VerificationError, accuracy_drop, verify
+
+TEXTS = ["the day was so good and great", "an awful sad grim movie"]
+
+
+@pytest.fixture(scope="module")
+def onnx_export(toy_runs, tmp_path_factory):
+    return export(toy_runs["tensorflow"], tmp_path_factory.mktemp("e") / "onnx", format="onnx")
+
+
+@pytest.fixture
+def copy(onnx_export, tmp_path):
+    """A fresh copy of the export to tamper with."""
+    return shutil.copytree(onnx_export, tmp_path / "copy")
+
+
+def _edit_manifest(export_dir, **changes):
+    path = export_dir / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest.update(changes)
+    path.write_text(json.dumps(manifest, indent=2))
+
+
+def test_tampered_model_file_is_refused(copy):
+    model = copy / "model.onnx"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    model.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match=r"model.onnx has sha256 \w+, the manifest says \w+"):
+        load(copy)
+
+
+def test_missing_listed_file_is_refused(copy):
+    (copy / "tokenizer.json").unlink()
+    with pytest.raises(
+        IntegrityError, match="tokenizer.json is listed in the manifest but missing"
+    ):
+        load(copy)
+
+
+def test_pinned_manifest_detects_an_edit(copy):
+    pinned = sha256_file(copy / "manifest.json")
+    assert load(copy, manifest_sha256=pinned).predict(TEXTS).labels == ["pos", "neg"]
+    _edit_manifest(copy, label_names=["pos", "neg"])  # every file's hash still matches
+    assert load(copy).predict(TEXTS).labels == ["neg", "pos"]  # why a deployment pins
+    with pytest.raises(IntegrityError, match=f"differs from the pinned manifest_sha256={pinned}"):
+        load(copy, manifest_sha256=pinned)
+
+
+@pytest.mark.parametrize("model_file", ["../x", "/etc/passwd", "sub/../../x"])
+def test_model_file_outside_the_export_is_refused(copy, model_file):
+    _edit_manifest(copy, model_file=model_file)
+    with pytest.raises(IntegrityError, match=rf"model_file '{model_file}' is not a relative path"):
+        load(copy)
+
+
+def test_listed_path_outside_the_export_is_refused(copy):
+    manifest = json.loads((copy / "manifest.json").read_text())
+    _edit_manifest(copy, files={**manifest["files"], "../../etc/passwd": "0" * 64})
+    with pytest.raises(IntegrityError, match=r"file '../../etc/passwd' is not a relative path"):
+        load(copy)
+
+
+def test_symlink_that_leaves_the_export_is_refused(copy, tmp_path):
+    outside = tmp_path / "outside.onnx"
+    shutil.copy(copy / "model.onnx", outside)
+    (copy / "model.onnx").unlink()
+    os.symlink(outside, copy / "model.onnx")
+    with pytest.raises(IntegrityError, match="resolves outside the export directory"):
+        load(copy)
+
+
+def test_unlisted_model_file_is_refused(copy):
+    shutil.copy(copy / "model.onnx", copy / "other.onnx")
+    _edit_manifest(copy, model_file="other.onnx")
+    with pytest.raises(IntegrityError, match="'other.onnx' is not among the files the manifest"):
+        load(copy)
+
+
+def test_cli_predict_refuses_with_one_line(copy):
+    pinned = sha256_file(copy / "manifest.json")
+    _edit_manifest(copy, label_names=["pos", "neg"])
+    cmd = [sys.executable, "-m", "kerasft.cli", "predict", str(copy), "so good"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd + ["--manifest-sha256", pinned], capture_output=True, text=True,
+                          env=env, timeout=120)  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"kerasft predict: error: {copy / 'manifest.json'}: sha256 "
+        f"{sha256_file(copy / 'manifest.json')} differs from the pinned manifest_sha256={pinned}; "
+        "the manifest was edited or replaced. Refusing to load it."
+    ]
+
+
+def test_cli_export_prints_the_manifest_hash(toy_runs, tmp_path):
+    out = tmp_path / "e"
+    cmd = [sys.executable, "-m", "kerasft.cli", "export", str(toy_runs["jax"]), "--format",
+           "openvino", "--out", str(out)]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"manifest sha256 {sha256_file(out / 'manifest.json')}" in proc.stdout
+    assert "Quantization parameters" not in proc.stderr
+
+
+# --- the gate -------------------------------------------------------------------------------
+
+
+def test_accuracy_drop_is_paired_with_a_confidence_interval():
+    labels = np.array([1] * 100)
+    reference = np.array([1] * 90 + [0] * 10)  # 90% right
+    candidate = reference.copy()
+    candidate[:4] = 0  # 4 texts only the reference gets right
+    candidate[95:97] = 1  # 2 texts only the candidate gets right
+    r = accuracy_drop(labels, reference, candidate)
+    assert (r["reference"], r["export"]) == (0.90, 0.88)
+    assert r["only_reference_right"] == 4 and r["only_export_right"] == 2
+    assert r["drop"] == pytest.approx(0.02)
+    se = np.sqrt(4 + 2 - 2**2 / 100) / 100
+    assert r["drop_ci95"] == pytest.approx([0.02 - 1.96 * se, 0.02 + 1.96 * se])
+
+
+class _FakeRuntime:
+    def __init__(self, ids, logits):
+        self.ids, self._logits = ids, logits
+
+    def encode(self, texts):
+        return {"token_ids": self.ids}
+
+    def predict(self, texts, batch_size=32):
+        class P:
+            logits = self._logits
+
+        return P
+
+
+def test_gate_judges_agreement_and_held_out_accuracy():
+    n = 400
+    ids = np.ones((n, 4), dtype="int32")
+    labels = np.array([0, 1] * (n // 2))
+    keras = np.eye(2)[labels]  # fp32 is always right
+    export_logits = keras.copy()
+    export_logits[[1, 3, 5]] = np.eye(2)[[0, 0, 0]]  # 3 flips, all on held-out texts
+    splits = ["validation"] * 100 + ["test"] * 100 + ["train"] * 200
+    r = verify(_FakeRuntime(ids, export_logits), ["t"] * n, ids, keras, True, labels, splits,
+               max_accuracy_drop=0.02)  # fmt: skip
+    assert r["passed"] and r["label_agreement"] == 397 / 400
+    assert r["accuracy"]["texts"] == 200 and r["accuracy"]["drop"] == pytest.approx(0.015)
+    with pytest.raises(VerificationError, match=r"loses 1.50 accuracy points on 200 held-out"):
+        verify(_FakeRuntime(ids, export_logits), ["t"] * n, ids, keras, True, labels, splits)
+    with pytest.raises(VerificationError, match=r"agrees with the fp32 model on 99.25% of 400"):
+        verify(_FakeRuntime(ids, export_logits), ["t"] * n, ids, keras, True, labels, splits,
+               min_agreement=0.995, max_accuracy_drop=0.02)  # fmt: skip
+
+
+def test_gate_options_are_validated_up_front(toy_runs, tmp_path):
+    with pytest.raises(ValueError, match=r"min_agreement must be a number in \[0, 1\]. Received: "
+                                         r"min_agreement=99"):  # fmt: skip
+        export(toy_runs["tensorflow"], tmp_path / "e", format="onnx", min_agreement=99)
+    with pytest.raises(ValueError, match=r"precision must be one of \['f32', 'bf16'\]"):
+        export(toy_runs["tensorflow"], tmp_path / "e", format="openvino", precision="int4")
+    assert not (tmp_path / "e").exists()
+
+
+def test_quantizer_log_lines_go_to_debug(caplog):
+    from exporters.onnx import quantizer_logs_to_debug
+
+    with caplog.at_level(logging.DEBUG), quantizer_logs_to_debug():
+        # as onnxruntime.quantization does: the root logger, at INFO, from its own file
+        record = logging.getLogger().makeRecord(
+            "root", logging.INFO, "/x/onnxruntime/quantization/onnx_quantizer.py", 1,
+            'Quantization parameters for tensor:"t" not specified', None, None,
+        )  # fmt: skip
+        logging.getLogger().handle(record)
+    assert [(r.name, r.levelno) for r in caplog.records] == [("exporters.onnx", logging.DEBUG)]
+    assert "onnxruntime: Quantization parameters" in caplog.records[0].getMessage()
