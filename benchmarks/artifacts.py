@@ -6,8 +6,10 @@ Run by the harness in a TensorFlow-backend subprocess:
 
 For the role `run` the fine-tuned model is used as it is; for `base` it is first widened to the
 DistilBERT-base shape (`benchmarks.models.widen`). Then every export variant is written by
-`exporters.export` (so each is verified against the Keras model), plus the peers' artifacts: a
-transformers checkpoint of the same weights and Optimum's ONNX export with its INT8 quantization.
+`exporters.export` (so each is verified against the Keras model, on `--verify-per-split` texts of
+each split of the run), plus the peers' artifacts: a transformers checkpoint of the same weights,
+Optimum's ONNX export with its INT8 quantization, and optimum-intel's OpenVINO export with its
+INT8 quantization.
 Every artifact is built in a temporary directory and renamed into place, so an existing one is
 complete and is reused; `index.json` lists them.
 """
@@ -23,6 +25,9 @@ import sys
 from pathlib import Path
 
 BASE_CALIBRATION_TEXTS = 8
+# The harness verifies each export on up to this many texts per split (3,072 in all): the gate
+# is the one `kerasft export` applies, on fewer texts so that cold artifacts build in minutes.
+VERIFY_PER_SPLIT = 1024
 
 
 def export_name(fmt: str, quantize: str | None) -> str:
@@ -32,6 +37,11 @@ def export_name(fmt: str, quantize: str | None) -> str:
 def has_peers() -> bool:
     """Whether the optional `bench` extra (transformers, Optimum) is installed."""
     return all(importlib.util.find_spec(m) for m in ("transformers", "optimum.onnxruntime"))
+
+
+def has_openvino_peer() -> bool:
+    """Whether optimum-intel (the OpenVINO peer, `bench` extra) is installed."""
+    return all(importlib.util.find_spec(m) for m in ("optimum.intel", "openvino", "nncf"))
 
 
 def _build(target: Path, make) -> Path:
@@ -50,19 +60,19 @@ def _build(target: Path, make) -> Path:
     return target
 
 
-def prepare(run: Path, root: Path, role: str, widen: int, verify_texts: int, peers: bool, log):
+def prepare(run: Path, root: Path, role: str, widen: int, per_split: int, peers: bool, log):
     """Builds the role's artifacts under `root / role` and returns the index written there."""
-    from exporters.dispatch import VARIANTS, export_in_subprocess, verification_texts
+    from exporters.dispatch import VARIANTS, export_in_subprocess, verification_set
     from kerasft.tuner import TwoStageFineTuner
 
     out = root / role
     out.mkdir(parents=True, exist_ok=True)
-    texts, calibration = verification_texts(run)
-    texts = texts[:verify_texts]
+    vset = verification_set(run, per_split)
+    calibration = {"static": vset.calibration, "nncf": vset.calibration}
     if role == "base":
         # onnxruntime's quantize_static peaks at 17 GB resident on the DistilBERT-base shape
         # with 8 calibration texts and is killed (24 GB) with 64: calibrate on 8 there.
-        calibration = calibration[:BASE_CALIBRATION_TEXTS]
+        calibration["static"] = vset.calibration[:BASE_CALIBRATION_TEXTS]
     tuner = TwoStageFineTuner.load(run / "model.keras")
     model_file = run / "model.keras"
     if role == "base":
@@ -99,7 +109,11 @@ def prepare(run: Path, root: Path, role: str, widen: int, verify_texts: int, pee
         if not (target / "manifest.json").is_file():  # exports publish atomically
             # Own process each: base-shaped static INT8 needs ~17 GB alone and was killed at
             # 24 GB after other exports in the same process.
-            export_in_subprocess(model_file, target, fmt, quantize, True, texts, calibration, None)
+            export_in_subprocess(
+                model_file, target, format=fmt, quantize=quantize, overwrite=True,
+                texts=vset.texts, labels=list(vset.labels), splits=vset.splits,
+                calibration_texts=calibration.get(quantize),
+            )  # fmt: skip
         index["exports"][name] = str(target)
     if peers and has_peers():
         from benchmarks.models import optimum_export, to_transformers
@@ -124,6 +138,26 @@ def prepare(run: Path, root: Path, role: str, widen: int, verify_texts: int, pee
             "fp32": str(opt / info["fp32"]), "int8": str(opt / info["int8"]),
             "recipe": info["recipe"],
         }  # fmt: skip
+    if peers and has_peers() and has_openvino_peer():
+        from benchmarks.models import optimum_intel_export
+
+        log(f"{role}: optimum-intel OpenVINO export + OVQuantizer INT8")
+
+        def make_optimum_intel(tmp):
+            info = optimum_intel_export(
+                index["transformers"], tmp / "fp32", tmp / "int8", vset.calibration
+            )
+            rel = {
+                k: str(Path(v).relative_to(tmp)) if k != "recipe" else v for k, v in info.items()
+            }
+            (tmp / "optimum_intel.json").write_text(json.dumps(rel))
+
+        ovi = _build(out / "optimum-intel", make_optimum_intel)
+        info = json.loads((ovi / "optimum_intel.json").read_text())
+        index["optimum_intel"] = {
+            "fp32": str(ovi / info["fp32"]), "int8": str(ovi / info["int8"]),
+            "recipe": info["recipe"],
+        }  # fmt: skip
     (out / "index.json").write_text(json.dumps(index, indent=2))
     return index
 
@@ -134,7 +168,7 @@ def main(argv=None) -> int:
     parser.add_argument("--root", required=True, type=Path)
     parser.add_argument("--role", required=True, choices=("run", "base"))
     parser.add_argument("--widen", type=int, default=2)
-    parser.add_argument("--verify-texts", type=int, default=512)
+    parser.add_argument("--verify-per-split", type=int, default=VERIFY_PER_SPLIT)
     parser.add_argument("--no-peers", action="store_true")
     args = parser.parse_args(argv)
     os.environ["KERAS_BACKEND"] = "tensorflow"
@@ -142,7 +176,9 @@ def main(argv=None) -> int:
     def log(message):
         print(f"[bench] {message}", file=sys.stderr, flush=True)
 
-    prepare(args.run, args.root, args.role, args.widen, args.verify_texts, not args.no_peers, log)
+    prepare(
+        args.run, args.root, args.role, args.widen, args.verify_per_split, not args.no_peers, log
+    )
     return 0
 
 

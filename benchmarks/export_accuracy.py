@@ -21,7 +21,8 @@ def _model_size(export_dir: Path, manifest: dict) -> int:
     path = export_dir / manifest["model_file"]
     if path.is_dir():
         return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return path.stat().st_size
+    weights = path.with_suffix(".bin") if manifest["format"] == "openvino" else None
+    return path.stat().st_size + (weights.stat().st_size if weights else 0)
 
 
 def main(argv=None) -> int:
@@ -30,7 +31,12 @@ def main(argv=None) -> int:
     parser.add_argument("--exports", required=True, type=Path, help="where exports are written")
     parser.add_argument("--out", required=True, type=Path, help="report JSON")
     parser.add_argument(
-        "--formats", default="onnx,saved_model,litert", help="comma-separated formats to export"
+        "--formats", default="onnx,openvino,saved_model,litert",
+        help="comma-separated formats to export",
+    )
+    parser.add_argument(
+        "--variants",
+        help="only these format:quantization pairs, e.g. onnx:dynamic,openvino:nncf,onnx:fp32",
     )
     args = parser.parse_args(argv)
     # Exports are traced under TensorFlow; loading the Keras model there avoids a subprocess.
@@ -54,8 +60,16 @@ def main(argv=None) -> int:
     formats = args.formats.split(",")
     unknown = sorted(set(formats) - {fmt for fmt, _ in VARIANTS})
     if unknown:
-        parser.error(f"unknown formats {unknown}; choose from onnx, saved_model, litert")
-    for fmt, quantize in [v for v in VARIANTS if v[0] in formats]:
+        parser.error(
+            f"unknown formats {unknown}; choose from {sorted({fmt for fmt, _ in VARIANTS})}"
+        )
+    chosen = [v for v in VARIANTS if v[0] in formats]
+    if args.variants:
+        wanted = {tuple(v.split(":")) for v in args.variants.split(",")}
+        chosen = [(f, q) for f, q in VARIANTS if (f, q or "fp32") in wanted]
+        if len(chosen) != len(wanted):
+            parser.error(f"unknown variants in {args.variants!r}; known: {VARIANTS}")
+    for fmt, quantize in chosen:
         name = f"{fmt} {quantize or 'fp32'}"
         out = args.exports / f"{fmt}-{quantize or 'fp32'}"
         start = time.perf_counter()
@@ -78,6 +92,7 @@ def main(argv=None) -> int:
             "model_bytes": _model_size(out, manifest),
             "export_bytes": manifest["size_bytes"],
             "verification": manifest["verification"],
+            "quantization_recipe": manifest.get("quantization_recipe"),
             "fusions": manifest.get("fusions"),
             "export_seconds": round(export_seconds, 1),
             "test_split_seconds": round(predict_seconds, 1),

@@ -5,9 +5,13 @@
 
 (also `kerasft bench ...`). Variants: the Keras model on each installed backend (compiled
 predict, each backend in its own process), Keras' native INT8 model, the SavedModel on
-TensorFlow, ONNX fp32 and every ONNX INT8 recipe on onnxruntime, LiteRT fp32 and INT8, and the
-peers on the same weights: transformers PyTorch eager and Optimum's ONNX export with its dynamic
-INT8 quantization (optional `bench` extra; the report says when they are missing).
+TensorFlow, ONNX fp32 and every ONNX INT8 recipe on onnxruntime, OpenVINO fp32 and NNCF INT8,
+LiteRT fp32 and INT8, and the peers on the same weights: transformers PyTorch eager, Optimum's
+ONNX export with its dynamic INT8 quantization, and optimum-intel's OpenVINO export with its INT8
+quantization (optional `bench` extra; the report says when they are missing).
+
+End to end: every kerasft export is also timed as users serve it, `exporters.runtime.load(dir)
+.predict(texts)` on raw test-split strings (tokenization included), at batch 1 and 32.
 
 Method: accuracy and label agreement are measured with the fine-tuned model on its sarcasm test
 split; latency with a DistilBERT-base-shaped model that computes the same function
@@ -102,8 +106,11 @@ def variants(index: dict, threads: int, device: str) -> tuple[list[Variant], lis
             continue
         quant = manifest["quantization"]
         label = f"{fmt.replace('_', '')} {quant or 'fp32'}"
+        size = _size(model_path)
+        if fmt == "openvino":
+            size += _size(model_path.with_suffix(".bin"))
         out.append(Variant(label, "export", {**base, "kind": fmt, "path": str(model_path)},
-                           size_bytes=_size(model_path), quantized=bool(quant),
+                           size_bytes=size, quantized=bool(quant),
                            onnx_int8=fmt == "onnx" and bool(quant)))  # fmt: skip
     if "transformers" in index:
         hf = index["transformers"]
@@ -115,11 +122,33 @@ def variants(index: dict, threads: int, device: str) -> tuple[list[Variant], lis
             out.append(Variant(f"optimum onnx {precision}", "peer",
                                {**base, "kind": "onnx", "path": path}, size_bytes=_size(path),
                                quantized=precision == "int8"))  # fmt: skip
+        if "optimum_intel" in index:
+            for precision in ("fp32", "int8"):
+                path = index["optimum_intel"][precision]
+                out.append(Variant(f"optimum-intel openvino {precision}", "peer",
+                                   {**base, "kind": "openvino", "path": path},
+                                   size_bytes=_size(path) + _size(Path(path).with_suffix(".bin")),
+                                   quantized=precision == "int8"))  # fmt: skip
+        else:
+            notes.append("optimum-intel not installed: pip install -e '.[bench]' to compare")
     else:
         notes.append(
             "peers (transformers, Optimum) not installed: pip install -e '.[bench]' to compare"
         )
     return out, notes
+
+
+def end_to_end_variants(index: dict, threads: int, texts_file: Path) -> list[Variant]:
+    """One `runtime` variant per kerasft export: raw strings through `exporters.runtime`."""
+    out = []
+    for export_dir in index["exports"].values():
+        manifest = json.loads((Path(export_dir) / "manifest.json").read_text())
+        fmt, quant = manifest["format"], manifest["quantization"]
+        spec = {"kind": "runtime", "format": fmt, "path": str(export_dir), "threads": threads,
+                "texts": str(texts_file)}  # fmt: skip
+        out.append(Variant(f"{fmt.replace('_', '')} {quant or 'fp32'} (runtime)", "export", spec,
+                           quantized=bool(quant)))  # fmt: skip
+    return out
 
 
 class Worker:
@@ -200,6 +229,9 @@ def machine_info(threads: int, gpus: str) -> dict:
         "onnx",
         "onnxruntime",
         "ai-edge-litert",
+        "openvino",
+        "nncf",
+        "optimum-intel",
         "tf2onnx",
         "transformers",
         "optimum",
@@ -404,9 +436,18 @@ def measure_accuracy(index, run, rows, work: Path, progress, workers: dict, vs) 
     return {"rows": int(len(labels)), "reference": reference, "results": results}
 
 
-def measure_latency(settings, progress, workers: dict, failed: dict, vs) -> tuple[dict, dict]:
-    """Interleaved timing of every variant on every (batch, sequence) cell."""
-    cells = [(b, s) for s in settings["seq_lens"] for b in settings["batch_sizes"]]
+def measure_latency(
+    settings, progress, workers: dict, failed: dict, vs, cells=None, op: str = "time"
+) -> tuple[dict, dict]:
+    """Interleaved timing of every variant on every cell.
+
+    Args:
+        cells: `(batch, sequence)` pairs (default: every configured batch size x sequence
+            length); with `op="time_texts"`, `(batch, "text")`: raw test strings end to end.
+        op: the worker command, `"time"` (token ids) or `"time_texts"` (raw strings).
+    """
+    if cells is None:
+        cells = [(b, s) for s in settings["seq_lens"] for b in settings["batch_sizes"]]
     workers = dict(workers)
     samples = {(name, cell): [] for name in workers for cell in cells}
     warm = set()
@@ -414,7 +455,7 @@ def measure_latency(settings, progress, workers: dict, failed: dict, vs) -> tupl
     def timed(name, cell, seconds, min_runs, settle):
         try:
             return workers[name].call(
-                op="time", batch=cell[0], seq=cell[1], seconds=seconds, min_runs=min_runs,
+                op=op, batch=cell[0], seq=cell[1], seconds=seconds, min_runs=min_runs,
                 settle=settle,
             )["seconds"]  # fmt: skip
         except RuntimeError as e:  # a variant that fails is reported, the others go on
@@ -473,6 +514,27 @@ def measure_latency(settings, progress, workers: dict, failed: dict, vs) -> tupl
     return table, {"cells": [f"b{b}_s{s}" for b, s in cells]}
 
 
+END_TO_END_BATCHES = (1, 32)
+
+
+def measure_end_to_end(index, run, settings, work: Path, device, progress) -> dict:
+    """Times `exporters.runtime.load(dir).predict(texts)` on raw test strings, every export."""
+    from kerasft.data import run_splits
+
+    texts_file = work / "test_texts.json"
+    texts_file.write_text(json.dumps(run_splits(run)[2].texts))
+    vs = end_to_end_variants(index, settings["threads"], texts_file)
+    workers, failed = open_workers(vs, work, device, progress)
+    try:
+        table, cells = measure_latency(
+            settings, progress, workers, failed, vs,
+            cells=[(b, "text") for b in END_TO_END_BATCHES], op="time_texts",
+        )  # fmt: skip
+    finally:
+        _close(workers)
+    return {"latency": table, "cells": cells["cells"], "texts": "test split (raw strings)"}
+
+
 def main(argv: list[str] | None = None, prog: str = "python -m benchmarks.latency") -> int:
     """Entry point of `python -m benchmarks.latency` and `kerasft bench`. Returns the exit code."""
     parser = build_parser(prog)
@@ -529,7 +591,9 @@ def run(args) -> int:
         run_vs, notes_run = variants(indexes["run"], settings["threads"], device)
         lat_vs, notes_lat = variants(latency_index, settings["threads"], device)
         n_cells = len(settings["batch_sizes"]) * len(settings["seq_lens"])
+        n_e2e = len(indexes["run"]["exports"])
         total = len(run_vs) + len(lat_vs) * n_cells * (1 + settings["rounds"])
+        total += n_e2e * (1 + len(END_TO_END_BATCHES) * (1 + settings["rounds"]))
         with tqdm(total=total, unit="step", file=sys.stderr, dynamic_ncols=True) as progress:
             workers, failed = open_workers(run_vs, work, device, progress)
             try:
@@ -542,6 +606,9 @@ def run(args) -> int:
                 latency, cells = measure_latency(settings, progress, workers, failed, lat_vs)
             finally:
                 _close(workers)
+            end_to_end = measure_end_to_end(
+                indexes["run"], run_dir, settings, work, device, progress
+            )
         report = {
             "command": args.command,
             "device": device,
@@ -553,9 +620,11 @@ def run(args) -> int:
             },  # fmt: skip
             "latency_model": settings["latency_model"],
             "optimum_recipe": latency_index.get("optimum", {}).get("recipe"),
+            "optimum_intel_recipe": latency_index.get("optimum_intel", {}).get("recipe"),
             "accuracy": accuracy,
             "latency": latency,
             **cells,
+            "end_to_end": end_to_end,
             "notes": sorted(set(notes + notes_run + notes_lat)),
             "seconds": round(time.time() - started, 1),
         }

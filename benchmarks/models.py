@@ -10,6 +10,9 @@
 - `to_transformers`: the same weights as a Hugging Face `DistilBertForSequenceClassification`
   checkpoint, for the peers (transformers eager, Optimum's ONNX export and INT8 quantization).
 - `optimum_export`: Optimum's own export and dynamic INT8 recipe, as its documentation shows it.
+- `optimum_intel_export`: optimum-intel's OpenVINO export (`OVModelForSequenceClassification`)
+  and its post-training INT8 (`OVQuantizer` with the default `OVQuantizationConfig`), the path a
+  Hugging Face user takes to OpenVINO.
 """
 
 from __future__ import annotations
@@ -200,6 +203,46 @@ def optimum_export(hf_dir: str | Path, fp32_dir: str | Path, int8_dir: str | Pat
     quantizer.quantize(save_dir=str(int8_dir), quantization_config=qconfig)
     (int8,) = Path(int8_dir).glob("*.onnx")
     return {"fp32": str(Path(fp32_dir) / "model.onnx"), "int8": str(int8), "recipe": recipe}
+
+
+def optimum_intel_export(
+    hf_dir: str | Path, fp32_dir: str | Path, int8_dir: str | Path, calibration_texts: list[str]
+) -> dict:
+    """optimum-intel's OpenVINO export of a transformers checkpoint, and its static INT8.
+
+    The documented path: `OVModelForSequenceClassification.from_pretrained(..., export=True)`,
+    then `OVQuantizer.quantize` with `OVConfig(quantization_config=OVQuantizationConfig())` (its
+    defaults: 8-bit, transformer model type). The calibration texts are tokenized with the
+    checkpoint's own tokenizer and given as an `nncf.Dataset` (the hub datasets its examples
+    download are unreachable here); the same training texts kerasft's NNCF export calibrates on.
+
+    Returns:
+        `{"fp32": path, "int8": path, "recipe": description}` (paths of the `.xml` files).
+    """
+    import nncf
+    from optimum.intel import (
+        OVConfig,
+        OVModelForSequenceClassification,
+        OVQuantizationConfig,
+        OVQuantizer,
+    )
+    from transformers import AutoTokenizer
+
+    model = OVModelForSequenceClassification.from_pretrained(str(hf_dir), export=True)
+    model.save_pretrained(str(fp32_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
+    feeds = [dict(tokenizer(text, return_tensors="np")) for text in calibration_texts]
+    quantizer = OVQuantizer.from_pretrained(model)
+    quantizer.quantize(
+        calibration_dataset=nncf.Dataset(feeds),
+        ov_config=OVConfig(quantization_config=OVQuantizationConfig()),
+        save_directory=str(int8_dir),
+    )
+    return {
+        "fp32": str(Path(fp32_dir) / "openvino_model.xml"),
+        "int8": str(Path(int8_dir) / "openvino_model.xml"),
+        "recipe": f"OVQuantizer, OVQuantizationConfig() defaults, {len(feeds)} calibration texts",
+    }
 
 
 def cpu_flags() -> set[str]:

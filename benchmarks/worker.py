@@ -9,6 +9,9 @@ The worker loads one model with one runtime and answers JSON-line commands:
   spinning on the shared cores), one untimed call on the shape (re-allocation after a shape
   change), then timed calls on the monotonic clock until both T seconds and K calls are reached.
   Each call ends with the logits copied to host memory, which synchronises a GPU.
+- `{"op": "time_texts", "batch": B, "seconds": T, "settle": P}` -> `{"seconds": [...]}`: the
+  same on raw strings, for the `runtime` kind (`exporters.runtime.load(dir).predict(texts)`,
+  tokenization included): each call classifies the next B texts of the worker's `texts` file.
 - `{"op": "predict", "inputs": NPZ, "out": NPY}`: logits for every batch of a tokenized file.
 - `{"op": "stats"}` -> `{"peak_rss_mb": ...}`; `{"op": "quit"}`.
 
@@ -25,6 +28,7 @@ import sys
 import time
 import traceback
 import warnings
+from pathlib import Path
 
 import numpy as np
 
@@ -84,6 +88,49 @@ def _onnx(spec):
     return run, {"providers": session.get_providers()}
 
 
+def _openvino(spec):
+    """An OpenVINO IR on the CPU plugin: f32 (or the spec's precision), latency hint, threads."""
+    import openvino as ov
+
+    config = {
+        "INFERENCE_NUM_THREADS": spec["threads"],
+        "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_PRECISION_HINT": spec.get("precision", "f32"),
+    }
+    compiled = ov.Core().compile_model(spec["path"], "CPU", config)
+    request = compiled.create_infer_request()
+    # kerasft's IR takes int32 token_ids/padding_mask, optimum-intel's int64
+    # input_ids/attention_mask: the inputs by position, in each port's own type.
+    ports = list(compiled.inputs)
+    dtypes = [port.get_element_type().to_dtype() for port in ports]
+    output = compiled.output(0)
+
+    def run(ids, mask):
+        inputs = zip(ports, (ids, mask), dtypes, strict=True)
+        feed = {port: x.astype(dtype) for port, x, dtype in inputs}
+        return np.array(request.infer(feed)[output])
+
+    return run, {"device": "CPU", "config": {k: str(v) for k, v in config.items()}}
+
+
+def _runtime(spec):
+    """`exporters.runtime.load(dir).predict(texts)`: raw strings in, tokenization included."""
+    from exporters.runtime import load
+
+    options = {} if spec["format"] in ("saved_model",) else {"threads": spec["threads"]}
+    if spec["format"] == "saved_model":
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(spec["threads"])
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    model = load(spec["path"], **options)
+
+    def run(texts):
+        return model.predict(texts, batch_size=len(texts)).logits
+
+    return run, {"runtime": type(model).__name__}
+
+
 def _saved_model(spec):
     import tensorflow as tf
 
@@ -133,6 +180,8 @@ def _transformers(spec):
 LOADERS = {
     "keras": _keras,
     "onnx": _onnx,
+    "openvino": _openvino,
+    "runtime": _runtime,
     "saved_model": _saved_model,
     "litert": _litert,
     "transformers": _transformers,
@@ -149,6 +198,9 @@ def timing_inputs(batch: int, seq: int, vocabulary_size: int) -> tuple[np.ndarra
 
 def _serve(spec, proto) -> None:
     run, info = LOADERS[spec["kind"]](spec)
+    # raw strings for `time_texts`, taken in order across blocks so that every text is timed
+    texts = json.loads(Path(spec["texts"]).read_text()) if spec.get("texts") else []
+    cursor = {"next": 0}
     proto.write(json.dumps({"ready": True, "info": info}) + "\n")
     proto.flush()
     for line in sys.stdin:
@@ -165,6 +217,24 @@ def _serve(spec, proto) -> None:
                 ):
                     start = time.perf_counter()
                     run(ids, mask)
+                    seconds.append(time.perf_counter() - start)
+                reply = {"seconds": seconds}
+            elif cmd["op"] == "time_texts":
+                def chunk(b=cmd["batch"]):
+                    start = cursor["next"]
+                    cursor["next"] = (start + b) % len(texts)
+                    return [texts[(start + i) % len(texts)] for i in range(b)]
+
+                time.sleep(cmd.get("settle", 0.0))
+                run(chunk())
+                seconds, began = [], time.perf_counter()
+                while len(seconds) < MAX_RUNS and (
+                    len(seconds) < cmd.get("min_runs", 1)
+                    or time.perf_counter() - began < cmd.get("seconds", 0.0)
+                ):
+                    rows = chunk()
+                    start = time.perf_counter()
+                    run(rows)
                     seconds.append(time.perf_counter() - start)
                 reply = {"seconds": seconds}
             elif cmd["op"] == "predict":

@@ -227,6 +227,7 @@ def export(
     overwrite: bool = False,
     texts: list[str] | None = None,
     labels: list | None = None,
+    splits: list[str] | None = None,
     calibration_texts: list[str] | None = None,
     opset: int | None = None,
     fixed_shape: tuple[int | None, int | None] | None = None,
@@ -259,6 +260,8 @@ def export(
         overwrite: replace an existing non-empty `out_dir`.
         texts: real texts to verify with (default: the run's splits, see above).
         labels: class names (or ids) of `texts`, for the accuracy-drop check; optional.
+        splits: the split of each of `texts` (`"train"`, `"validation"`, `"test"`), so that
+            the accuracy drop is judged on held-out texts; optional (all labelled texts then).
         calibration_texts: texts for INT8 calibration (default: 256 training texts).
         opset: ONNX opset (default 17).
         fixed_shape: `(batch, sequence)` to fix either input axis (None keeps it dynamic; the
@@ -290,7 +293,8 @@ def export(
 
     options = {
         "format": format, "quantize": quantize, "overwrite": overwrite, "texts": texts,
-        "labels": labels, "calibration_texts": calibration_texts, "opset": opset,
+        "labels": labels, "splits": splits, "calibration_texts": calibration_texts,
+        "opset": opset,
         "fixed_shape": fixed_shape, "min_agreement": min_agreement,
         "max_accuracy_drop": max_accuracy_drop, "precision": precision,
         "verify_per_split": verify_per_split,
@@ -309,8 +313,14 @@ def export(
         vset = verification_set(src.run_dir, verify_per_split)
         vset.calibration = list(calibration_texts or vset.calibration)
     else:
-        vset = VerificationSet(list(texts), None if labels is None else np.asarray(labels), None,
-                               list(calibration_texts or texts))  # fmt: skip
+        if splits is not None and len(splits) != len(texts):
+            raise ValueError(f"splits has {len(splits)} entries for {len(texts)} texts.")
+        vset = VerificationSet(
+            list(texts),
+            None if labels is None else np.asarray(labels),
+            list(splits) if splits is not None else None,
+            list(calibration_texts or texts),
+        )
     label_ids = _label_ids(vset.labels, src.label_names)
     clf = src.classifier
     shape = check_fixed_shape(fixed_shape, clf.backbone.max_sequence_length)

@@ -6,7 +6,7 @@ import importlib.metadata
 
 TRAINING = ("keras", "keras-hub", "tensorflow", "jax", "torch", "numpy", "scikit-learn")
 EXPORT = ("keras", "keras-hub", "tensorflow", "tf2onnx", "onnx", "onnxruntime", "tokenizers",
-          "ai-edge-litert")  # fmt: skip
+          "ai-edge-litert", "openvino", "nncf")  # fmt: skip
 
 
 def package_versions(names: tuple[str, ...]) -> dict[str, str]:
