@@ -34,8 +34,13 @@ SUPPORTED = {
 # Every (format, quantize) pair export() supports, fp32 first within each format.
 VARIANTS = [(fmt, quantize) for fmt, allowed in SUPPORTED.items() for quantize in allowed]
 # What each INT8 recipe writes, in order: the next one is tried only when the previous one
-# misses the verification gate (OpenVINO: NNCF's plain recipe, then its accuracy control).
-ATTEMPTS = {("openvino", "nncf"): ("nncf", "nncf-accuracy-control")}
+# misses the verification gate. OpenVINO: NNCF's plain recipe, then its accuracy control. ONNX
+# dynamic: every node quantized, then the 2, 4, 8 nodes whose quantization alone moves the
+# logits most kept in fp32 (`exporters.onnx.node_sensitivity`, measured once).
+ATTEMPTS = {
+    ("openvino", "nncf"): (("nncf", {}), ("nncf-accuracy-control", {})),
+    ("onnx", "dynamic"): tuple(("dynamic", {"keep_fp32": k}) for k in (0, 2, 4, 8)),
+}
 # Verification texts per split of the run (train, validation, test): every split is used, each
 # capped so that the cost stays bounded (the reference run: 6,000 + 5,342 + 5,342 texts).
 VERIFY_PER_SPLIT = 6000
@@ -235,6 +240,7 @@ def export(
     max_accuracy_drop: float = INT8_MAX_ACCURACY_DROP,
     precision: str = "f32",
     verify_per_split: int = VERIFY_PER_SPLIT,
+    keep_fp32: int | None = None,
 ) -> Path:
     """Exports a fine-tuned classifier, verifies it with its own runtime, and publishes it.
 
@@ -273,6 +279,8 @@ def export(
         precision: OpenVINO inference precision to verify with and record: `"f32"` (default)
             or `"bf16"` (then judged by the INT8 gate).
         verify_per_split: verification texts per split of the run.
+        keep_fp32: ONNX dynamic INT8 only: keep exactly this many of the most sensitive nodes
+            in fp32 (default None: all quantized, and more kept only if the gate needs it).
 
     Returns:
         `out_dir` as a `Path`.
@@ -288,6 +296,14 @@ def export(
     """
     check_format(format, quantize)
     _check_gate(min_agreement, max_accuracy_drop, precision, verify_per_split)
+    if keep_fp32 is not None and not (
+        (format, quantize) == ("onnx", "dynamic") and isinstance(keep_fp32, int) and keep_fp32 >= 0
+    ):
+        raise ValueError(
+            "keep_fp32 must be an int >= 0 and applies to format='onnx', quantize='dynamic' "
+            f"only. Received: keep_fp32={keep_fp32!r} with format={format!r}, "
+            f"quantize={quantize!r}"
+        )
     check_target_dir(out_dir, overwrite, "Export directory")
     import keras
 
@@ -297,7 +313,7 @@ def export(
         "opset": opset,
         "fixed_shape": fixed_shape, "min_agreement": min_agreement,
         "max_accuracy_drop": max_accuracy_drop, "precision": precision,
-        "verify_per_split": verify_per_split,
+        "verify_per_split": verify_per_split, "keep_fp32": keep_fp32,
     }  # fmt: skip
     if keras.backend.backend() != "tensorflow":
         return export_in_subprocess(source, out_dir, **options)
@@ -348,22 +364,26 @@ def export(
             per_text = 1 if format == "openvino" else 32
             calibration = (
                 list(_keras_batches(clf, vset.calibration, per_text, shape=shape))
-                if quantize in ("static", "nncf") else None
+                if quantize in ("static", "nncf", "dynamic") else None
             )  # fmt: skip
             validation = None
             if format == "openvino" and quantize and vset.splits is not None:
                 val_texts, val_names = vset.subset("validation", ACCURACY_CONTROL_TEXTS)
                 validation = (list(_keras_batches(clf, val_texts, 1, shape=shape)),
                               _label_ids(val_names, src.label_names))  # fmt: skip
-            attempts = ATTEMPTS.get((format, quantize), (quantize,))
-            failed = []
-            for attempt in attempts:
+            attempts = ATTEMPTS.get((format, quantize), ((quantize, {}),))
+            if keep_fp32 is not None:
+                attempts = ((quantize, {"keep_fp32": keep_fp32}),)
+            failed, sensitivity = [], {}
+            for attempt, settings in attempts:
                 _clear(tmp)
-                log.info("writing %s %s", format, attempt or "fp32")
+                label = " ".join([attempt or "fp32", *(f"{k}={v}" for k, v in settings.items())])
+                log.info("writing %s %s", format, label)
                 info = writer.write(
                     graph, tmp, quantize=attempt, opset=opset or onnx.DEFAULT_OPSET,
                     backbone=clf.backbone, calibration=calibration, validation=validation,
                     max_accuracy_drop=max_accuracy_drop, precision=precision,
+                    sensitivity=sensitivity, **settings,
                 )  # fmt: skip
                 tokenizer = write_tokenizer_assets(
                     clf.preprocessor.tokenizer, clf.preprocessor.sequence_length, tmp
@@ -380,6 +400,7 @@ def export(
                     "input_shape": list(shape),
                     "opset": info.get("opset"),
                     "fusions": info.get("fusions"),
+                    "kept_fp32": info.get("kept_fp32"),
                     "inference_precision": info.get("inference_precision"),
                     "source_backend": src.backend,
                     "versions": package_versions(EXPORT),
@@ -394,13 +415,13 @@ def export(
                         max_accuracy_drop=max_accuracy_drop,
                     )  # fmt: skip
                 except VerificationError as e:
-                    last = attempt == attempts[-1]
+                    last = (attempt, settings) == attempts[-1]
                     if last or e.report.get("tokenizer_mismatches"):
                         if failed:
                             e.args = (f"{e.args[0]} Earlier recipes also failed: {failed}",)
                         raise
-                    failed.append({"recipe": attempt, "error": str(e)})
-                    log.info("%s missed the gate (%s); trying %s", attempt, e, attempts[-1])
+                    failed.append({"recipe": label, "error": str(e)})
+                    log.info("%s missed the gate (%s); trying the next recipe", label, e)
                     continue
                 break
         report["recipes_failed"] = failed

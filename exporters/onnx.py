@@ -389,6 +389,57 @@ def write_fp32(graph, out_dir: Path, opset: int = DEFAULT_OPSET, backbone=None) 
     return {"model_file": fp32.name, "opset": opset, "fusions": fusions}
 
 
+DYNAMIC_OPS = ["MatMul", "Attention", "Gather", "EmbedLayerNormalization"]
+
+
+def quantizable_nodes(model) -> list[str]:
+    """Names of the nodes dynamic INT8 quantizes: MatMul/Gather with a constant weight, and
+    onnxruntime's fused `Attention`."""
+    consts = {i.name for i in model.graph.initializer}
+    names = []
+    for node in model.graph.node:
+        if node.op_type == "Attention" or (
+            node.op_type in ("MatMul", "Gather")
+            and node.input[1 if node.op_type == "MatMul" else 0] in consts
+        ):
+            names.append(node.name)
+    return names
+
+
+def node_sensitivity(fp32: Path, feeds: list[dict], work_dir: Path) -> list[tuple[str, float]]:
+    """Measures how much quantizing each node alone moves the logits; most sensitive first.
+
+    For every quantizable node, the fp32 model is dynamically quantized with that node only,
+    and the mean |logit difference| from the fp32 model over `feeds` is its score. Errors of
+    several nodes add up roughly, so the nodes with the largest scores are the ones worth
+    keeping in fp32.
+
+    Args:
+        fp32: the fused fp32 `model.onnx`.
+        feeds: input feeds (`{"token_ids", "padding_mask"}`), e.g. calibration batches.
+        work_dir: a scratch directory.
+
+    Returns:
+        `[(node name, score), ...]`, sorted by decreasing score.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    def logits(path):
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return np.concatenate([session.run(None, feed)[0] for feed in feeds])
+
+    reference = logits(fp32)
+    single = work_dir / "single.onnx"
+    scores = []
+    for name in quantizable_nodes(onnx.load(str(fp32), load_external_data=False)):
+        with quantizer_logs_to_debug():
+            _quantize(fp32, single, "dynamic", None, {"DefaultTensorType": 1}, only=[name])
+        scores.append((name, float(np.mean(np.abs(logits(single) - reference)))))
+        single.unlink()
+    return sorted(scores, key=lambda item: -item[1])
+
+
 def write(
     graph,
     out_dir: Path,
@@ -396,6 +447,8 @@ def write(
     opset: int = DEFAULT_OPSET,
     backbone=None,
     calibration=None,
+    keep_fp32: int = 0,
+    sensitivity: dict | None = None,
     **_,
 ) -> dict:
     """Writes `model.onnx` (fp32, fused) and, when asked, `model.int8.onnx`.
@@ -407,10 +460,15 @@ def write(
         opset: ONNX opset.
         backbone: the KerasHub backbone the graph was traced from (attention weights, heads and
             hidden size for the fusions).
-        calibration: for `"static"`, a list of input feeds `{"token_ids", "padding_mask"}`.
+        calibration: input feeds `{"token_ids", "padding_mask"}`: static INT8 calibrates on
+            them, and `keep_fp32` measures node sensitivity on them.
+        keep_fp32: with `"dynamic"`, keep this many nodes in fp32, the ones whose quantization
+            alone moves the logits most on `calibration` (`node_sensitivity`).
+        sensitivity: a dict that keeps the measured ranking between calls (same graph).
 
     Returns:
-        `{"model_file", "opset", "fusions"}`.
+        `{"model_file", "opset", "fusions", "quantization_recipe"}` (+ `"kept_fp32"`, the
+        nodes kept and their sensitivity, with `keep_fp32`).
     """
     import onnx
 
@@ -419,16 +477,34 @@ def write(
     if quantize is None:
         return info
     int8 = out_dir / "model.int8.onnx"
+    keep = []
+    if quantize == "dynamic" and keep_fp32:
+        import tempfile
+
+        sensitivity = {} if sensitivity is None else sensitivity
+        if "ranking" not in sensitivity:
+            with tempfile.TemporaryDirectory(dir=out_dir) as work:
+                sensitivity["ranking"] = node_sensitivity(fp32, calibration, Path(work))
+        keep = sensitivity["ranking"][:keep_fp32]
+        info["kept_fp32"] = [{"node": n, "mean_abs_logit_diff": v} for n, v in keep]
     # Fused ops (com.microsoft domain) leave some tensors untyped for ONNX shape inference.
     extra = {"DefaultTensorType": onnx.TensorProto.FLOAT}
     with quantizer_logs_to_debug():
-        _quantize(fp32, int8, quantize, calibration, extra)
+        _quantize(fp32, int8, quantize, calibration, extra, exclude=[n for n, _ in keep])
     fp32.unlink()
     info["model_file"] = int8.name
+    info["quantization_recipe"] = (
+        "onnxruntime quantize_dynamic, per-channel QInt8 weights"
+        + (f", {len(keep)} most sensitive nodes kept in fp32" if keep else "")
+        if quantize == "dynamic"
+        else "onnxruntime quantize_static, QDQ, per-channel QInt8"
+    )
     return info
 
 
-def _quantize(fp32: Path, int8: Path, quantize: str, calibration, extra: dict) -> None:
+def _quantize(
+    fp32: Path, int8: Path, quantize: str, calibration, extra: dict, exclude=(), only=None
+) -> None:
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     if quantize == "dynamic":
@@ -437,7 +513,9 @@ def _quantize(fp32: Path, int8: Path, quantize: str, calibration, extra: dict) -
             str(int8),
             weight_type=QuantType.QInt8,
             per_channel=True,
-            op_types_to_quantize=["MatMul", "Attention", "Gather", "EmbedLayerNormalization"],
+            op_types_to_quantize=DYNAMIC_OPS,
+            nodes_to_quantize=only,
+            nodes_to_exclude=list(exclude),
             extra_options=extra,
         )
     else:

@@ -92,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default {INT8_MAX_ACCURACY_DROP} = one point)",
     )  # fmt: skip
     export.add_argument(
+        "--keep-fp32", type=int, metavar="N",
+        help="onnx --int8 dynamic: keep the N most sensitive nodes in fp32 (measured); default: "
+        "all quantized, more kept only when the gate needs it",
+    )  # fmt: skip
+    export.add_argument(
         "--precision", choices=("f32", "bf16"), default="f32",
         help="openvino: inference precision to verify with and record (default f32)",
     )  # fmt: skip
@@ -292,6 +297,7 @@ def cmd_export(args) -> int:
         min_agreement=args.min_agreement,
         max_accuracy_drop=args.max_accuracy_drop,
         precision=args.precision,
+        keep_fp32=args.keep_fp32,
     )
     manifest = json.loads((out / "manifest.json").read_text())
     check, variant = manifest["verification"], manifest["quantization"] or "fp32"

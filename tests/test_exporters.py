@@ -204,3 +204,22 @@ def test_fixed_shape_export_pads_every_call(toy_runs, tmp_path):
     with pytest.raises(ValueError, match=r"Received: fixed_shape=\(1, 1000\)"):
         export(toy_runs["torch"], tmp_path / "bad", format="onnx", fixed_shape=(1, 1000))
     assert not (tmp_path / "bad").exists()
+
+
+def test_onnx_int8_keeps_the_most_sensitive_nodes_in_fp32(toy_runs, tmp_path):
+    import onnx
+
+    from exporters.onnx import quantizable_nodes
+
+    out = export(toy_runs["tensorflow"], tmp_path / "e", format="onnx", quantize="dynamic",
+                 keep_fp32=3)  # fmt: skip
+    manifest = json.loads((out / "manifest.json").read_text())
+    kept = manifest["kept_fp32"]
+    scores = [k["mean_abs_logit_diff"] for k in kept]
+    assert len(kept) == 3 and scores == sorted(scores, reverse=True) and scores[0] > 0
+    assert "3 most sensitive nodes kept in fp32" in manifest["quantization_recipe"]
+    # The kept nodes are the only fp32 nodes left that dynamic INT8 would quantize.
+    int8 = onnx.load(str(out / manifest["model_file"]))
+    assert set(quantizable_nodes(int8)) == {k["node"] for k in kept}
+    with pytest.raises(ValueError, match=r"keep_fp32 must be an int >= 0 and applies to"):
+        export(toy_runs["tensorflow"], tmp_path / "x", format="openvino", keep_fp32=2)
