@@ -393,9 +393,11 @@ DYNAMIC_OPS = ["MatMul", "Attention", "Gather", "EmbedLayerNormalization"]
 
 
 def quantizable_nodes(model) -> list[str]:
-    """Names of the nodes dynamic INT8 quantizes: MatMul/Gather with a constant weight, and
+    """Names of the nodes dynamic INT8 quantizes: MatMul/Gather with a constant fp32 weight, and
     onnxruntime's fused `Attention`."""
-    consts = {i.name for i in model.graph.initializer}
+    from onnx import TensorProto
+
+    consts = {i.name for i in model.graph.initializer if i.data_type == TensorProto.FLOAT}
     names = []
     for node in model.graph.node:
         if node.op_type == "Attention" or (

@@ -50,6 +50,33 @@ def _nncf_quiet():
             log.debug("nncf: %s", captured.getvalue().strip())
 
 
+def fold_constant_shapes(model) -> int:
+    """Replaces each `ShapeOf` of a constant with the constant shape it computes.
+
+    TensorFlow's embedding lookup reads the shape of the embedding table, so the converted IR
+    keeps `ShapeOf(table)`. After NNCF stores the table in INT8 for the lookup, that `ShapeOf`
+    would keep a second, fp32 copy of the table alive: 47 MB of the 71 MB INT8 IR on
+    all-MiniLM-L6-v2, which is 23.7 MB once folded. The values are unchanged.
+
+    Returns:
+        The number of `ShapeOf` nodes folded.
+    """
+    import numpy as np
+    import openvino.opset13 as ops
+
+    folded = 0
+    for op in model.get_ordered_ops():
+        if op.get_type_name() == "ShapeOf" and op.input_value(0).get_node().get_type_name() == (
+            "Constant"
+        ):
+            dtype = op.get_output_element_type(0).to_dtype()
+            shape = ops.constant(np.array(list(op.get_input_shape(0)), dtype=dtype))
+            op.output(0).replace(shape.output(0))
+            folded += 1
+    model.validate_nodes_and_infer_types()
+    return folded
+
+
 def quantize_nncf(model, calibration: list[dict]):
     """Post-training INT8 of an OpenVINO model with NNCF's transformer scheme.
 
@@ -145,6 +172,7 @@ def write(
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         info = onnx_export.write_fp32(graph, Path(tmp), opset, backbone)
         model = ov.convert_model(str(Path(tmp) / info["model_file"]))
+    info["fusions"]["ShapeOf (constant, folded)"] = fold_constant_shapes(model)
     recipe = None
     if quantize == "nncf":
         model, recipe = quantize_nncf(model, calibration), "nncf.quantize (TRANSFORMER)"

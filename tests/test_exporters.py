@@ -72,6 +72,7 @@ def test_export_matrix(backend, format, quantize, toy_runs, tmp_path):
     if format == "openvino":
         assert manifest["model_file"] == "model.xml" and "model.bin" in manifest["files"]
         assert manifest["inference_precision"] == "f32"
+        assert manifest["fusions"]["ShapeOf (constant, folded)"] == 1  # no 2nd embedding copy
         if quantize:  # NNCF's plain recipe passes here; accuracy control is the fallback
             assert manifest["quantization_recipe"].startswith("nncf.quantize (")
     verify_checksums(out)
@@ -223,3 +224,29 @@ def test_onnx_int8_keeps_the_most_sensitive_nodes_in_fp32(toy_runs, tmp_path):
     assert set(quantizable_nodes(int8)) == {k["node"] for k in kept}
     with pytest.raises(ValueError, match=r"keep_fp32 must be an int >= 0 and applies to"):
         export(toy_runs["tensorflow"], tmp_path / "x", format="openvino", keep_fp32=2)
+
+
+def test_nncf_falls_back_to_accuracy_control_when_the_plain_recipe_misses(
+    toy_runs, tmp_path, monkeypatch
+):
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    from exporters import openvino as ov_export
+
+    plain = ov_export.quantize_nncf
+
+    def broken(model, calibration):  # the plain recipe's model with its logits negated
+        model = plain(model, calibration)
+        logits = model.get_results()[0].input_value(0)
+        return ov.Model([ops.result(ops.negative(logits))], model.get_parameters())
+
+    monkeypatch.setattr(ov_export, "quantize_nncf", broken)
+    out = export(toy_runs["tensorflow"], tmp_path / "e", format="openvino", quantize="nncf")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["quantization_recipe"].startswith("nncf.quantize_with_accuracy_control")
+    failed = manifest["verification"]["recipes_failed"]
+    assert [f["recipe"] for f in failed] == ["nncf"]
+    assert "agrees with the fp32 model on 0.00%" in failed[0]["error"]
+    check = manifest["verification"]
+    assert check["passed"] and check["label_agreement"] >= 0.99
