@@ -6,6 +6,7 @@ import keras
 import numpy as np
 import pytest
 
+from benchmarks.tokenizer_speed import typographic
 from exporters.runtime import ExportedClassifier, sha256_file
 from exporters.tokenizer import tokenizers_matches, write_tokenizer_assets
 
@@ -25,19 +26,6 @@ HARD_TEXTS = [
     "ΟΔΟΣ στο σπίτι",  # a final capital sigma lowercases by context
     "naïve café – “quoted” and ‘single’ — done €5",  # plain: tokenizer.json alone is exact
 ]
-
-
-def typographic(text: str) -> str:
-    """News typography: curly apostrophes and quotes, en and em dashes."""
-    text = text.replace(" - ", " – ").replace("--", "—")
-    out, opening = [], True
-    for ch in text:
-        if ch == '"':
-            out.append("“" if opening else "”")
-            opening = not opening
-        else:
-            out.append("’" if ch == "'" else ch)
-    return "".join(out)
 
 
 @pytest.fixture(scope="module")
