@@ -60,6 +60,23 @@ def _build(target: Path, make) -> Path:
     return target
 
 
+def _peer_export(target: Path, make, listing: str) -> dict:
+    """Builds (or reuses) a peer's fp32 + INT8 export with `make(tmp) -> {"fp32", "int8",
+    "recipe"}`, listed in `target / listing`, and returns those paths under `target`."""
+
+    def build(tmp):
+        info = make(tmp)
+        rel = {k: str(Path(v).relative_to(tmp)) if k != "recipe" else v for k, v in info.items()}
+        (tmp / listing).write_text(json.dumps(rel))
+
+    built = _build(target, build)
+    info = json.loads((built / listing).read_text())
+    return {
+        "fp32": str(built / info["fp32"]), "int8": str(built / info["int8"]),
+        "recipe": info["recipe"],
+    }  # fmt: skip
+
+
 def prepare(run: Path, root: Path, role: str, widen: int, per_split: int, peers: bool, log):
     """Builds the role's artifacts under `root / role` and returns the index written there."""
     from exporters.dispatch import VARIANTS, export_in_subprocess, verification_set
@@ -124,40 +141,22 @@ def prepare(run: Path, root: Path, role: str, widen: int, per_split: int, peers:
         )
         index["transformers"] = str(hf)
         log(f"{role}: Optimum ONNX export + Optimum dynamic INT8")
-
-        def make_optimum(tmp):
-            info = optimum_export(hf, tmp / "fp32", tmp / "int8")
-            rel = {
-                k: str(Path(v).relative_to(tmp)) if k != "recipe" else v for k, v in info.items()
-            }
-            (tmp / "optimum.json").write_text(json.dumps(rel))
-
-        opt = _build(out / "optimum", make_optimum)
-        info = json.loads((opt / "optimum.json").read_text())
-        index["optimum"] = {
-            "fp32": str(opt / info["fp32"]), "int8": str(opt / info["int8"]),
-            "recipe": info["recipe"],
-        }  # fmt: skip
+        index["optimum"] = _peer_export(
+            out / "optimum",
+            lambda tmp: optimum_export(hf, tmp / "fp32", tmp / "int8"),
+            "optimum.json",
+        )
     if peers and has_peers() and has_openvino_peer():
         from benchmarks.models import optimum_intel_export
 
         log(f"{role}: optimum-intel OpenVINO export + OVQuantizer INT8")
-
-        def make_optimum_intel(tmp):
-            info = optimum_intel_export(
+        index["optimum_intel"] = _peer_export(
+            out / "optimum-intel",
+            lambda tmp: optimum_intel_export(
                 index["transformers"], tmp / "fp32", tmp / "int8", vset.calibration
-            )
-            rel = {
-                k: str(Path(v).relative_to(tmp)) if k != "recipe" else v for k, v in info.items()
-            }
-            (tmp / "optimum_intel.json").write_text(json.dumps(rel))
-
-        ovi = _build(out / "optimum-intel", make_optimum_intel)
-        info = json.loads((ovi / "optimum_intel.json").read_text())
-        index["optimum_intel"] = {
-            "fp32": str(ovi / info["fp32"]), "int8": str(ovi / info["int8"]),
-            "recipe": info["recipe"],
-        }  # fmt: skip
+            ),
+            "optimum_intel.json",
+        )
     (out / "index.json").write_text(json.dumps(index, indent=2))
     return index
 
