@@ -130,7 +130,12 @@ class BucketedBatches(keras.utils.PyDataset):
 
     def on_epoch_end(self):
         if self.shuffle:
-            self.epoch += 1
+            self.set_epoch(self.epoch + 1)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Rebuilds the batches of epoch `epoch` (resuming a run where it stopped)."""
+        if self.shuffle:
+            self.epoch = epoch
             self.batches = self._make_batches()
 
     def restore_order(self, outputs: np.ndarray) -> np.ndarray:

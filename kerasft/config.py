@@ -7,6 +7,8 @@ import os
 
 from kerasft.presets import OFFLINE_PRESET
 
+SELECT_BEST = ("accuracy", "f1", "loss")
+
 
 @dataclasses.dataclass
 class RecipeConfig:
@@ -30,6 +32,12 @@ class RecipeConfig:
             features instead of recomputing them every epoch.
         finetune_schedule: stage-2 learning rate over time: `"constant"` or `"linear"` (decays
             linearly to 0 over the stage, the usual BERT fine-tuning schedule).
+        select_best: `"accuracy"`, `"f1"` or `"loss"`: after stage 2, restore the stage-2 epoch
+            with the best validation score (like Trainer's `load_best_model_at_end` with
+            `metric_for_best_model`); None (default) keeps the last epoch.
+        early_stopping_patience: stop stage 2 after this many epochs without a better
+            validation score (`select_best`, or validation loss when that is None); None
+            (default) never stops early.
 
     Raises:
         ValueError: on construction, for any out-of-range value (the message names it).
@@ -46,6 +54,8 @@ class RecipeConfig:
     seed: int = 30
     cache_features: bool = True
     finetune_schedule: str = "linear"
+    select_best: str | None = None
+    early_stopping_patience: int | None = None
 
     def __post_init__(self):
         if isinstance(self.preset, os.PathLike):
@@ -68,6 +78,14 @@ class RecipeConfig:
                 self.finetune_schedule in ("constant", "linear"),
                 "'constant' or 'linear'",
             ),
+            "select_best": (
+                self.select_best in (None, *SELECT_BEST),
+                f"one of {list(SELECT_BEST)} or None",
+            ),
+            "early_stopping_patience": (
+                self.early_stopping_patience is None or _is_int(self.early_stopping_patience, 1),
+                "an int >= 1 or None",
+            ),
         }
         for name, (ok, allowed) in checks.items():
             if not ok:
@@ -78,6 +96,14 @@ class RecipeConfig:
             raise ValueError(
                 "At least one stage needs epochs. Received: warmup_epochs=0, finetune_epochs=0"
             )
+
+    @property
+    def monitor(self) -> tuple[str, str] | None:
+        """`(log key, "max" | "min")` that picks the best stage-2 epoch, or None."""
+        if self.select_best is None and self.early_stopping_patience is None:
+            return None
+        metric = self.select_best or "loss"
+        return f"val_{metric}", "min" if metric == "loss" else "max"
 
     def to_dict(self) -> dict:
         """Returns the config as a JSON-serialisable dict."""

@@ -68,9 +68,47 @@ def compile_classifier(model: keras.Model, learning_rate) -> keras.Model:
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
         loss=keras.losses.CategoricalCrossentropy(from_logits=True),
-        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+        metrics=[
+            keras.metrics.CategoricalAccuracy(name="accuracy"),
+            F1Score(int(model.output.shape[-1]), name="f1"),
+        ],
     )
     return model
+
+
+@keras.saving.register_keras_serializable(package="kerasft")
+class F1Score(keras.metrics.Metric):
+    """F1 of one-hot targets vs logits, as `kerasft.metrics.classification_metrics` scores it.
+
+    Binary tasks score the positive class (id 1); more classes take the macro average. Keras'
+    own `F1Score` thresholds each class separately; this takes the argmax, like `predict`.
+
+    Args:
+        num_classes: number of classes.
+        name: the metric's name in the logs.
+    """
+
+    def __init__(self, num_classes: int, name: str = "f1", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.num_classes = num_classes
+        self.confusion = self.add_variable(
+            shape=(num_classes, num_classes), initializer="zeros", name="confusion"
+        )
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        k = self.num_classes
+        true = keras.ops.one_hot(keras.ops.argmax(y_true, axis=-1), k)
+        pred = keras.ops.one_hot(keras.ops.argmax(y_pred, axis=-1), k)
+        self.confusion.assign_add(keras.ops.matmul(keras.ops.transpose(true), pred))
+
+    def result(self):
+        ops, cm = keras.ops, self.confusion
+        tp = ops.diagonal(cm)
+        f1 = ops.divide_no_nan(2.0 * tp, ops.sum(cm, axis=0) + ops.sum(cm, axis=1))
+        return f1[1] if self.num_classes == 2 else ops.mean(f1)
+
+    def get_config(self):
+        return {**super().get_config(), "num_classes": self.num_classes}
 
 
 def encode(
@@ -151,7 +189,11 @@ class _FeatureBatches(keras.utils.PyDataset):
         return self.features[rows], self.targets[rows]
 
     def on_epoch_end(self):
-        self.epoch += 1
+        self.set_epoch(self.epoch + 1)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reorders the rows as they are in epoch `epoch` (resuming a run)."""
+        self.epoch = epoch
         self.order = self._order()
 
 
@@ -162,6 +204,57 @@ def extract_features(classifier, data: BucketedBatches, verbose: int | str = "au
         data.token_ids, data.lengths, batch_size=max(64, data.batch_size), shuffle=False
     )
     return unshuffled.restore_order(extractor.predict(unshuffled, verbose=verbose))
+
+
+def prepare_stage(
+    classifier,
+    train: BucketedBatches,
+    validation: BucketedBatches | None = None,
+    *,
+    epochs: int,
+    learning_rate: float,
+    train_base: bool,
+    cache_features: bool = True,
+    linear_decay: bool = False,
+    verbose: int | str = "auto",
+) -> tuple[keras.Model, keras.utils.PyDataset, keras.utils.PyDataset | None]:
+    """Freezes or unfreezes the backbone and returns what `fit` needs for one stage.
+
+    See `train_stage` for the arguments. `epochs` sizes the linear decay.
+
+    Returns:
+        `(model, fit_x, fit_validation)`: the compiled model that trains (the head alone on
+        cached features, or the preprocessor-free classifier; its variables are the
+        classifier's own), and the batches to train and validate it on. Pass `shuffle=False`
+        to `fit`: `fit_x` reorders itself every epoch from its seed and epoch number, so the
+        order never depends on global random state and a resumed run sees the same batches.
+    """
+    classifier.backbone.trainable = train_base
+    if linear_decay:
+        learning_rate = keras.optimizers.schedules.PolynomialDecay(
+            learning_rate, decay_steps=max(1, epochs * len(train)), end_learning_rate=0.0
+        )
+    if train_base or not cache_features:
+        return compile_classifier(core_model(classifier), learning_rate), train, validation
+    _, model = _head_parts(classifier)
+    compile_classifier(model, learning_rate)
+    fit_x = _FeatureBatches(
+        extract_features(classifier, train, verbose),
+        train.targets,
+        train.batch_size,
+        shuffle=train.shuffle,
+        seed=train.seed,
+    )
+    fit_val = None
+    if validation is not None:
+        fit_val = _FeatureBatches(
+            extract_features(classifier, validation, verbose),
+            validation.targets,
+            validation.batch_size,
+            shuffle=False,
+            seed=0,
+        )
+    return model, fit_x, fit_val
 
 
 def train_stage(
@@ -193,7 +286,7 @@ def train_stage(
         learning_rate: Adam's learning rate for this stage.
         train_base: whether the backbone is trained.
         initial_epoch: first epoch number (to continue numbering across stages).
-        callbacks: Keras callbacks.
+        callbacks: Keras callbacks; they see the model that trains (see `prepare_stage`).
         cache_features: use cached backbone features when the backbone is frozen.
         linear_decay: decay the learning rate linearly to 0 over the stage's steps (the usual
             BERT fine-tuning schedule) instead of keeping it constant.
@@ -202,35 +295,20 @@ def train_stage(
     Returns:
         The stage's `keras.callbacks.History`.
     """
-    classifier.backbone.trainable = train_base
     if epochs == 0:
+        classifier.backbone.trainable = train_base
         return keras.callbacks.History()
-    if linear_decay:
-        learning_rate = keras.optimizers.schedules.PolynomialDecay(
-            learning_rate, decay_steps=epochs * len(train), end_learning_rate=0.0
-        )
-    if train_base or not cache_features:
-        model = compile_classifier(core_model(classifier), learning_rate)
-        fit_x, fit_val = train, validation
-    else:
-        _, model = _head_parts(classifier)
-        compile_classifier(model, learning_rate)
-        fit_x = _FeatureBatches(
-            extract_features(classifier, train, verbose),
-            train.targets,
-            train.batch_size,
-            shuffle=train.shuffle,
-            seed=train.seed,
-        )
-        fit_val = None
-        if validation is not None:
-            fit_val = _FeatureBatches(
-                extract_features(classifier, validation, verbose),
-                validation.targets,
-                validation.batch_size,
-                shuffle=False,
-                seed=0,
-            )
+    model, fit_x, fit_val = prepare_stage(
+        classifier,
+        train,
+        validation,
+        epochs=epochs,
+        learning_rate=learning_rate,
+        train_base=train_base,
+        cache_features=cache_features,
+        linear_decay=linear_decay,
+        verbose=verbose,
+    )
     return model.fit(
         fit_x,
         validation_data=fit_val,
@@ -238,4 +316,5 @@ def train_stage(
         initial_epoch=initial_epoch,
         callbacks=callbacks,
         verbose=verbose,
+        shuffle=False,  # the batches shuffle themselves (seeded); see `prepare_stage`
     )

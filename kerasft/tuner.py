@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import tempfile
 import time
@@ -12,11 +14,13 @@ import keras
 import numpy as np
 
 from kerasft import recipe
+from kerasft.checkpoint import CheckpointDir, restore_optimizer, set_global_rng_state
 from kerasft.config import RecipeConfig
 from kerasft.data import DataError, TextDataset
 from kerasft.fileio import atomic_write_text
 
 STAGES = ("warmup", "finetune")
+log = logging.getLogger(__name__)
 
 
 class TwoStageFineTuner:
@@ -43,7 +47,12 @@ class TwoStageFineTuner:
         seed: seed for initialisation, dropout and shuffling.
         cache_features: train stage 1 on backbone features computed once.
         finetune_schedule: `"constant"` or `"linear"` (decay to 0) stage-2 learning rate.
-        callbacks: Keras callbacks for both stages (not part of `get_config`).
+        select_best: `"accuracy"`, `"f1"` or `"loss"`: restore the stage-2 epoch with the best
+            validation score before returning (needs `validation_data`); None keeps the last.
+        early_stopping_patience: stop stage 2 after this many epochs without improvement of
+            the validation score; None never stops early.
+        callbacks: Keras callbacks for both stages (not part of `get_config`). They see the
+            whole classifier (raw strings in), so a `ModelCheckpoint` saves a usable model.
         verbose: Keras verbosity for fit/predict progress.
 
     Attributes:
@@ -73,6 +82,8 @@ class TwoStageFineTuner:
         seed: int = RecipeConfig.seed,
         cache_features: bool = RecipeConfig.cache_features,
         finetune_schedule: str = RecipeConfig.finetune_schedule,
+        select_best: str | None = RecipeConfig.select_best,
+        early_stopping_patience: int | None = RecipeConfig.early_stopping_patience,
         callbacks: list | None = None,
         verbose: int | str = "auto",
     ):
@@ -88,6 +99,8 @@ class TwoStageFineTuner:
             seed=seed,
             cache_features=cache_features,
             finetune_schedule=finetune_schedule,
+            select_best=select_best,
+            early_stopping_patience=early_stopping_patience,
         )
         for name, value in self.recipe.to_dict().items():
             setattr(self, name, value)
@@ -99,6 +112,7 @@ class TwoStageFineTuner:
         self.backend: str | None = None
         self.stage_seconds: dict[str, float] = {}
         self.stage_samples_per_second: dict[str, float] = {}
+        self.selected_epoch: dict | None = None
 
     # --- config -------------------------------------------------------------------------------
 
@@ -113,21 +127,41 @@ class TwoStageFineTuner:
 
     # --- training -----------------------------------------------------------------------------
 
-    def fit(self, x, y=None, validation_data=None) -> keras.callbacks.History:
+    def fit(
+        self,
+        x,
+        y=None,
+        validation_data=None,
+        checkpoint_dir: str | os.PathLike | None = None,
+    ) -> keras.callbacks.History:
         """Runs both stages and returns one merged `History`.
+
+        With `checkpoint_dir`, the run is saved there after every epoch of both stages (weights,
+        optimizer, data order, history; see `kerasft.checkpoint`). Calling `fit` again with the
+        same arguments and directory resumes from the last completed epoch and ends with the
+        same weights as an uninterrupted run; a finished checkpoint returns at once.
 
         Args:
             x: texts (list/array of str) or a `kerasft.data.TextDataset` (then `y` is None).
             y: labels: ints (class ids), strings (class names) or a one-hot `(N, K)` array.
             validation_data: `(texts, labels)` or a `TextDataset`, scored after every epoch.
+                Required by `select_best` and `early_stopping_patience`.
+            checkpoint_dir: directory for per-epoch checkpoints, or None (no checkpoints).
 
         Returns:
             A `keras.callbacks.History` whose lists are stage 1 then stage 2;
-            `history.history["stage"]` holds 1 or 2 per epoch.
+            `history.history["stage"]` holds 1 or 2 per epoch. `self.selected_epoch` says which
+            epoch the final weights come from.
 
         Raises:
             DataError: mismatched lengths, fewer rows than one batch, a single class, or labels
                 outside the known classes.
+            ValueError: `select_best` or `early_stopping_patience` without `validation_data`.
+            kerasft.checkpoint.CheckpointMismatchError: `checkpoint_dir` holds another run.
+
+        Example:
+            >>> tuner = TwoStageFineTuner(select_best="f1", early_stopping_patience=2)
+            >>> tuner.fit(train, validation_data=val, checkpoint_dir="ckpt")  # again: resumes
         """
         texts, labels = self._texts_and_labels(x, y, fitting=True)
         val = None
@@ -135,6 +169,16 @@ class TwoStageFineTuner:
             if isinstance(validation_data, TextDataset):
                 validation_data = (validation_data, None)
             val_texts, val_labels = self._texts_and_labels(*validation_data)
+        elif self.recipe.monitor is not None:
+            raise ValueError(
+                "select_best and early_stopping_patience score the validation set. Received: "
+                f"select_best={self.select_best!r}, early_stopping_patience="
+                f"{self.early_stopping_patience!r}, validation_data=None"
+            )
+        store = None
+        if checkpoint_dir is not None:
+            store = CheckpointDir(checkpoint_dir, self._fingerprint(texts, labels))
+        state = store.load() if store is not None else None
         keras.utils.set_random_seed(self.seed)
         self.backend = keras.backend.backend()
         self.model = recipe.load_pretrained_classifier(
@@ -147,36 +191,112 @@ class TwoStageFineTuner:
         if validation_data is not None:
             val = recipe.encode(self.model, val_texts, val_labels, batch_size=self.batch_size)
 
-        warmup = self._run_stage("warmup", train, val, train_base=False, initial_epoch=0)
-        finetune = self._run_stage(
-            "finetune", train, val, train_base=True, initial_epoch=self.warmup_epochs
-        )
-        self.history = merge_histories(warmup, finetune)
+        run = _RunState(state, self.recipe.monitor)
+        if state is not None:
+            run.optimizer, run.rng = store.restore(state, self._core())
+            train.set_epoch(state["train_epoch"])
+            log.info(
+                "resuming from %s: %d of %d epochs done (%s)",
+                store.directory,
+                state["epochs_done"],
+                self.warmup_epochs + self.finetune_epochs,
+                state["stage"],
+            )
+        for stage in STAGES:
+            self._run_stage(stage, train, val, run, store)
+        self._select(run, store)
+        self.stage_seconds = dict(run.seconds)
+        self.stage_samples_per_second = {
+            stage: len(train.lengths) * run.epochs(stage) / run.seconds[stage]
+            if run.seconds.get(stage)
+            else 0.0
+            for stage in STAGES
+        }
+        self.history = run.history()
         return self.history
 
-    def _run_stage(self, stage, train, val, train_base, initial_epoch):
+    def _run_stage(self, stage, train, val, run, store):
         epochs = getattr(self, f"{stage}_epochs")
-        start = time.perf_counter()
-        history = recipe.train_stage(
+        first = 0 if stage == "warmup" else self.warmup_epochs
+        train_base = stage == "finetune"
+        self.model.backbone.trainable = train_base
+        if epochs == 0 or run.stage_done(stage):
+            self.model.backbone.trainable = True
+            return
+        model, fit_x, fit_val = recipe.prepare_stage(
             self.model,
             train,
             val,
             epochs=epochs,
             learning_rate=getattr(self, f"{stage}_learning_rate"),
             train_base=train_base,
-            initial_epoch=initial_epoch,
-            callbacks=self.callbacks,
             cache_features=self.cache_features,
             linear_decay=stage == "finetune" and self.finetune_schedule == "linear",
             verbose=self.verbose,
         )
-        seconds = time.perf_counter() - start
-        self.stage_seconds[stage] = seconds
-        self.stage_samples_per_second[stage] = (
-            len(train.lengths) * epochs / seconds if epochs else 0.0
+        done = run.epochs(stage)
+        if done:  # resuming inside this stage
+            fit_x.set_epoch(run.state["data_epoch"])
+            restore_optimizer(model, run.optimizer)
+        if run.rng is not None and not done:
+            # A stage-end checkpoint: taken after `fit` returned, so continue from before `fit`.
+            set_global_rng_state(run.rng)
+            run.rng = None
+        tracker = _EpochEnd(self, stage, run, store, fit_x, train, first + epochs, run.rng)
+        run.rng = None
+        callbacks = [tracker] + [_OnClassifier(cb, self.model) for cb in self.callbacks]
+        start = time.perf_counter()
+        model.fit(
+            fit_x,
+            validation_data=fit_val,
+            epochs=first + epochs,
+            initial_epoch=first + done,
+            callbacks=callbacks,
+            verbose=self.verbose,
+            shuffle=False,  # `fit_x` reshuffles itself from the seed and its epoch number
         )
+        run.seconds[stage] = run.seconds.get(stage, 0.0) + time.perf_counter() - start
+        run.finish_stage(stage, train.epoch)
+        if store is not None:
+            store.save(run.to_state(stage), self._core(), model.optimizer)
         self.model.backbone.trainable = True
-        return history
+
+    def _select(self, run, store):
+        """Restores the best stage-2 epoch when `select_best` asks for it; records the choice."""
+        last = len(run.logs)
+        self.selected_epoch = {"epoch": last, "stage": run.logs[-1]["stage"] if last else None}
+        self.selected_epoch.update(reason="last epoch", stopped_early=run.stopped_early)
+        best = run.best
+        if self.select_best is None or best is None:
+            return
+        monitor = f"val_{self.select_best}"
+        self.selected_epoch = {
+            "epoch": best["epoch"],
+            "stage": 2,
+            "reason": f"best {monitor} of stage 2 (select_best={self.select_best!r})",
+            monitor: best["value"],
+            "stopped_early": run.stopped_early,
+        }
+        if best["epoch"] != last:
+            if store is not None:
+                store.restore_best(self._core())
+            else:
+                for v, value in zip(self._core().weights, run.best_weights, strict=True):
+                    v.assign(value)
+            log.info("restored epoch %d (best %s %.4f)", best["epoch"], monitor, best["value"])
+
+    def _fingerprint(self, texts, labels) -> dict:
+        digest = hashlib.sha256()
+        for text in texts:
+            digest.update(text.encode("utf-8") + b"\0")
+        digest.update(np.asarray(labels, dtype="int64").tobytes())
+        recipe_config = {k: v for k, v in self.recipe.to_dict().items()}
+        return {
+            "recipe": recipe_config,
+            "label_names": self.label_names,
+            "train_sha256": digest.hexdigest(),
+            "backend": keras.backend.backend(),
+        }
 
     # --- inference ----------------------------------------------------------------------------
 
@@ -373,3 +493,153 @@ def merge_histories(*histories: keras.callbacks.History) -> keras.callbacks.Hist
 
 def _meta_path(path: Path) -> Path:
     return path.with_name(path.name + ".json")
+
+
+class _RunState:
+    """What a run has done so far: per-epoch logs, finished stages, best epoch, seconds."""
+
+    def __init__(self, state: dict | None, monitor: tuple[str, str] | None):
+        self.state = state or {}
+        self.logs: list[dict] = list(self.state.get("history", []))
+        self.stages_done: list[str] = list(self.state.get("stages_done", []))
+        self.seconds: dict[str, float] = dict(self.state.get("seconds", {}))
+        self.best: dict | None = self.state.get("best")
+        self.wait: int = self.state.get("wait", 0)
+        self.stopped_early: int | None = self.state.get("stopped_early")
+        self.monitor = monitor
+        self.optimizer: dict = {}
+        self.best_weights: list | None = None
+        self.rng: dict | None = None
+
+    def epochs(self, stage: str) -> int:
+        number = STAGES.index(stage) + 1
+        return sum(1 for logs in self.logs if logs["stage"] == number)
+
+    def stage_done(self, stage: str) -> bool:
+        return stage in self.stages_done
+
+    def finish_stage(self, stage: str, train_epoch: int) -> None:
+        self.stages_done.append(stage)
+        self.state["train_epoch"] = train_epoch
+
+    def to_state(self, stage: str, **extra) -> dict:
+        return {
+            "stage": stage,
+            "epochs_done": len(self.logs),
+            "stages_done": self.stages_done,
+            "history": self.logs,
+            "best": self.best,
+            "wait": self.wait,
+            "stopped_early": self.stopped_early,
+            "seconds": self.seconds,
+            "train_epoch": self.state.get("train_epoch", 0),
+            **extra,
+        }
+
+    def history(self) -> keras.callbacks.History:
+        merged = keras.callbacks.History()
+        keys = [k for logs in self.logs for k in logs if k != "stage"]
+        merged.history = {k: [logs.get(k) for logs in self.logs] for k in dict.fromkeys(keys)}
+        merged.history["stage"] = [logs["stage"] for logs in self.logs]
+        merged.epoch = list(range(len(self.logs)))
+        return merged
+
+
+class _EpochEnd(keras.callbacks.Callback):
+    """Records each epoch's logs, tracks the best stage-2 epoch and writes the checkpoint."""
+
+    def __init__(self, tuner, stage, run, store, fit_x, train, last_epoch, rng=None):
+        super().__init__()
+        self.rng = rng
+        self.tuner, self.stage, self.run, self.store = tuner, stage, run, store
+        self.fit_x, self.train, self.last_epoch = fit_x, train, last_epoch
+        self.data_start = fit_x.epoch - run.epochs(stage)
+        self.base_seconds = run.seconds.get(stage, 0.0)
+        self.start = time.perf_counter()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.rng is not None:
+            # An epoch-end checkpoint: the global random streams (torch's dropout and data
+            # loader) continue at the same point of the epoch loop as in an uninterrupted run.
+            set_global_rng_state(self.rng)
+            self.rng = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = {k: float(v) for k, v in (logs or {}).items()}
+        self.run.logs.append({**logs, "stage": STAGES.index(self.stage) + 1})
+        if self.stage == "finetune" and self.run.monitor is not None:
+            self._track(logs)
+        self.run.seconds[self.stage] = self.base_seconds + time.perf_counter() - self.start
+        # The stage's last epoch is saved by `_run_stage` once `fit` returns.
+        if self.store is not None and epoch + 1 < self.last_epoch and not self.model.stop_training:
+            state = self.run.to_state(
+                self.stage,
+                data_epoch=self.data_start + self.run.epochs(self.stage),
+                train_epoch=self.train.epoch,
+            )
+            self.store.save(state, self.tuner._core(), self.model.optimizer)
+
+    def _track(self, logs):
+        run = self.run
+        key, mode = run.monitor
+        if key not in logs:
+            raise ValueError(f"{key!r} is not in the epoch logs {sorted(logs)}.")
+        value = logs[key]
+        best = run.best
+        if best is None or (value > best["value"] if mode == "max" else value < best["value"]):
+            run.best, run.wait = {"epoch": len(run.logs), "value": value, "monitor": key}, 0
+            if self.tuner.select_best is not None:
+                core = self.tuner._core()
+                if self.store is not None:
+                    self.store.save_best(core)
+                else:
+                    run.best_weights = [keras.ops.convert_to_numpy(v) for v in core.weights]
+            return
+        run.wait += 1
+        patience = self.tuner.early_stopping_patience
+        if patience is not None and run.wait >= patience:
+            self.model.stop_training = True
+            run.stopped_early = len(run.logs)
+            log.info("early stopping after epoch %d: %s did not improve for %d epochs",
+                     len(run.logs), key, run.wait)  # fmt: skip
+
+
+class _OnClassifier(keras.callbacks.Callback):
+    """Shows a user's callback the whole classifier (raw strings in) instead of the model that
+    trains (the head alone in a cached stage 1, the preprocessor-free graph in stage 2).
+
+    Both share their variables, so `ModelCheckpoint` or `EarlyStopping(restore_best_weights=True)`
+    save and restore the real model; a `stop_training` request is passed on to the trainer.
+    """
+
+    def __init__(self, callback: keras.callbacks.Callback, classifier):
+        super().__init__()
+        self.callback, self.classifier, self.trainer = callback, classifier, None
+
+    def set_model(self, model):
+        self.trainer = model
+        self.classifier.stop_training = False
+        self.callback.set_model(self.classifier)
+
+    def set_params(self, params):
+        self.callback.set_params(params)
+
+
+def _forward(name):
+    def hook(self, *args, **kwargs):
+        getattr(self.callback, name)(*args, **kwargs)
+        if getattr(self.classifier, "stop_training", False) and self.trainer is not None:
+            self.trainer.stop_training = True
+
+    hook.__name__ = name
+    return hook
+
+
+_MODES, _ENDS = ("train", "test", "predict"), ("begin", "end")
+for _hook in (
+    *(f"on_{mode}_{end}" for mode in _MODES for end in _ENDS),
+    *(f"on_{mode}_batch_{end}" for mode in _MODES for end in _ENDS),
+    "on_epoch_begin",
+    "on_epoch_end",
+):
+    setattr(_OnClassifier, _hook, _forward(_hook))
