@@ -24,6 +24,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from kerasft.rundir import MODEL_FILE
+
 BASE_CALIBRATION_TEXTS = 8
 # The harness verifies each export on up to this many texts per split (3,072 in all): the gate
 # is the one `kerasft export` applies, on fewer texts so that cold artifacts build in minutes.
@@ -90,18 +92,18 @@ def prepare(run: Path, root: Path, role: str, widen: int, per_split: int, peers:
         # onnxruntime's quantize_static peaks at 17 GB resident on the DistilBERT-base shape
         # with 8 calibration texts and is killed (24 GB) with 64: calibrate on 8 there.
         calibration["static"] = vset.calibration[:BASE_CALIBRATION_TEXTS]
-    tuner = TwoStageFineTuner.load(run / "model.keras")
-    model_file = run / "model.keras"
+    tuner = TwoStageFineTuner.load(run / MODEL_FILE)
+    model_file = run / MODEL_FILE
     if role == "base":
         from benchmarks.models import widen as widen_model
 
         def make_base(tmp):
-            wide = TwoStageFineTuner.load(run / "model.keras")
+            wide = TwoStageFineTuner.load(run / MODEL_FILE)
             wide.model = widen_model(tuner.model, widen)
-            wide.save(tmp / "model.keras")
+            wide.save(tmp / MODEL_FILE)
 
         log(f"widening the model x{widen} to the DistilBERT-base shape")
-        model_file = _build(out / "keras", make_base) / "model.keras"
+        model_file = _build(out / "keras", make_base) / MODEL_FILE
         tuner = TwoStageFineTuner.load(model_file)
     backbone = tuner.model.backbone
     index = {

@@ -31,7 +31,8 @@ def main(argv=None) -> int:
     parser.add_argument("--exports", required=True, type=Path, help="where exports are written")
     parser.add_argument("--out", required=True, type=Path, help="report JSON")
     parser.add_argument(
-        "--formats", default="onnx,openvino,saved_model,litert",
+        "--formats",
+        default="onnx,openvino,saved_model,litert",
         help="comma-separated formats to export",
     )
     parser.add_argument(
@@ -47,11 +48,10 @@ def main(argv=None) -> int:
     from exporters import VerificationError, export
     from exporters.dispatch import VARIANTS
     from exporters.runtime import load
-    from kerasft.data import run_splits
-    from kerasft.tuner import TwoStageFineTuner
+    from kerasft.rundir import load_tuner, run_splits
 
     test = run_splits(args.run)[2]
-    tuner = TwoStageFineTuner.load(args.run / "model.keras")
+    tuner = load_tuner(args.run)
     tuner.verbose = 0
     keras_pred = tuner.predict(test.texts)
     keras_acc = float(np.mean(keras_pred == test.labels))

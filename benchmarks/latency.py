@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.report import BASELINE
+from kerasft.rundir import MODEL_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 KERAS_BACKENDS = ("jax", "tensorflow", "torch")
@@ -367,7 +368,7 @@ def _default_artifacts(run: Path) -> Path:
     h = hashlib.sha256()
     sources = sorted((ROOT / "exporters").glob("*.py"))
     sources += [ROOT / "benchmarks" / "artifacts.py", ROOT / "benchmarks" / "models.py"]
-    for path in [run / "model.keras", *sources]:
+    for path in [run / MODEL_FILE, *sources]:
         with path.open("rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):  # noqa: B023
                 h.update(chunk)
@@ -377,7 +378,7 @@ def _default_artifacts(run: Path) -> Path:
 def _test_inputs(index: dict, run: Path, rows: int | None, path: Path) -> np.ndarray:
     """Tokenizes the run's test split with the export runtime's tokenizer (KerasHub-exact)."""
     from exporters.runtime import load
-    from kerasft.data import run_splits
+    from kerasft.rundir import run_splits
 
     test = run_splits(run)[2]
     order = np.arange(len(test))
@@ -519,7 +520,7 @@ END_TO_END_BATCHES = (1, 32)
 
 def measure_end_to_end(index, run, settings, work: Path, device, progress) -> dict:
     """Times `exporters.runtime.load(dir).predict(texts)` on raw test strings, every export."""
-    from kerasft.data import run_splits
+    from kerasft.rundir import run_splits
 
     texts_file = work / "test_texts.json"
     texts_file.write_text(json.dumps(run_splits(run)[2].texts))
@@ -542,12 +543,24 @@ def main(argv: list[str] | None = None, prog: str = "python -m benchmarks.latenc
     args.command = " ".join([prog, *(sys.argv[1:] if argv is None else argv)])
     try:
         return run(args)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
 
 
 def run(args) -> int:
+    from kerasft.fileio import remove_stale_temp_dirs, target_lock
+    from kerasft.rundir import read_config, run_splits
+
+    settings = _settings(args)
+    read_config(args.run)  # a run directory, or a FileNotFoundError that says what is missing
+    run_splits(args.run)  # its data file unchanged since the fit, or a DataChangedError
+    with target_lock(args.out, "Report directory"):
+        remove_stale_temp_dirs(args.out)
+        return _run_locked(args, settings)
+
+
+def _run_locked(args, settings) -> int:
     from tqdm import tqdm
 
     from benchmarks.artifacts import has_peers
@@ -555,13 +568,7 @@ def run(args) -> int:
     from kerasft.fileio import check_target_dir, publish_dir, temp_dir_beside
 
     started = time.time()
-    settings = _settings(args)
     run_dir = args.run
-    for required in ("model.keras", "config.json"):
-        if not (run_dir / required).is_file():
-            raise FileNotFoundError(
-                f"No {required} in {str(run_dir)!r}: pass a `kerasft fit` run directory as --run."
-            )
     check_target_dir(args.out, args.overwrite, "Report directory")
     device, gpus = detect_device(args.device)
     peers = not args.no_peers

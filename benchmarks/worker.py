@@ -220,6 +220,7 @@ def _serve(spec, proto) -> None:
                     seconds.append(time.perf_counter() - start)
                 reply = {"seconds": seconds}
             elif cmd["op"] == "time_texts":
+
                 def chunk(b=cmd["batch"]):
                     start = cursor["next"]
                     cursor["next"] = (start + b) % len(texts)

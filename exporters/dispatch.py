@@ -18,8 +18,14 @@ from pathlib import Path
 import numpy as np
 
 from exporters.verify import INT8_MAX_ACCURACY_DROP, INT8_MIN_AGREEMENT
-from kerasft.cli import MODEL_FILE
-from kerasft.fileio import check_target_dir, publish_dir, temp_dir_beside
+from kerasft.fileio import (
+    check_target_dir,
+    publish_dir,
+    remove_stale_temp_dirs,
+    target_lock,
+    temp_dir_beside,
+)
+from kerasft.rundir import CONFIG_FILE, MODEL_FILE
 from kerasft.versions import EXPORT, package_versions
 
 log = logging.getLogger("kerasft.export")
@@ -126,9 +132,9 @@ def verification_set(
     Raises:
         ValueError: if `run_dir` is not a run directory (then texts must be passed).
     """
-    from kerasft.data import run_splits
+    from kerasft.rundir import run_splits
 
-    if run_dir is None or not (run_dir / "config.json").is_file():
+    if run_dir is None or not (run_dir / CONFIG_FILE).is_file():
         raise ValueError(
             "No texts to verify the export with: pass texts=[...] (and calibration_texts for "
             "static INT8), or export a `kerasft fit` run directory whose data file is readable."
@@ -289,6 +295,8 @@ def export(
         ValueError: unknown format, unsupported quantization or bad option (checked before
             any work).
         FileExistsError: `out_dir` exists and is not empty, and `overwrite` is False.
+        kerasft.fileio.LockError: another process is writing `out_dir`.
+        kerasft.rundir.DataChangedError: the run's data file changed since the fit.
         exporters.verify.VerificationError: the artifact disagrees with the Keras model.
 
     Example:
@@ -317,6 +325,17 @@ def export(
     }  # fmt: skip
     if keras.backend.backend() != "tensorflow":
         return export_in_subprocess(source, out_dir, **options)
+    with target_lock(out_dir, "Export directory"):
+        remove_stale_temp_dirs(out_dir)
+        check_target_dir(out_dir, overwrite, "Export directory")  # again, now that we own it
+        return _export_here(source, Path(out_dir), **options)
+
+
+def _export_here(
+    source, out_dir, *, format, quantize, overwrite, texts, labels, splits, calibration_texts,
+    opset, fixed_shape, min_agreement, max_accuracy_drop, precision, verify_per_split, keep_fp32,
+) -> Path:  # fmt: skip
+    """`export` in this process (TensorFlow backend), holding the lock on `out_dir`."""
     from exporters import litert, onnx, openvino, runtime, saved_model
     from exporters.keras_graph import ServingGraph, onnx_friendly_ops
     from exporters.model_card import write_model_card

@@ -44,13 +44,14 @@ def _scalar(value) -> str:
     return json.dumps(str(value))
 
 
-def _run_info(run_dir: Path | None) -> dict:
-    out = {}
-    for name in ("metrics.json", "config.json"):
-        path = run_dir / name if run_dir else None
-        if path and path.is_file():
-            out[name] = json.loads(path.read_text())
-    return out
+def _run_info(run_dir: Path | None) -> tuple[dict, dict]:
+    from kerasft import rundir
+
+    if run_dir is None:
+        return {}, {}
+    metrics_path = Path(run_dir) / rundir.METRICS_FILE
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    return metrics, rundir.read_config(run_dir)
 
 
 def write_model_card(export_dir: Path, manifest: dict, run_dir: Path | None) -> Path:
@@ -64,9 +65,10 @@ def write_model_card(export_dir: Path, manifest: dict, run_dir: Path | None) -> 
     Returns:
         The card's path.
     """
-    run = _run_info(run_dir)
-    metrics, config = run.get("metrics.json", {}), run.get("config.json", {})
+    metrics, config = _run_info(run_dir)
     recipe = config.get("recipe", {})
+    data = config.get("data")
+    dataset = Path(data["path"]).name if isinstance(data, dict) else "data"
     check = manifest["verification"]
     variant = manifest["quantization"] or "fp32"
     preset = Path(str(metrics.get("preset") or recipe.get("preset") or "model")).name
@@ -76,7 +78,7 @@ def write_model_card(export_dir: Path, manifest: dict, run_dir: Path | None) -> 
     if test:
         results.append({
             "task": {"type": "text-classification", "name": "Text Classification"},
-            "dataset": {"name": Path(config.get("data", "data")).name, "type": "custom",
+            "dataset": {"name": dataset, "type": "custom",
                         "split": "test"},
             "metrics": [{"type": k, "value": float(test[k]), "name": f"Keras fp32 {k}"}
                         for k in ("accuracy", "f1", "precision", "recall") if k in test],
@@ -85,7 +87,7 @@ def write_model_card(export_dir: Path, manifest: dict, run_dir: Path | None) -> 
     if acc:
         results.append({
             "task": {"type": "text-classification", "name": "Text Classification"},
-            "dataset": {"name": Path(config.get("data", "data")).name, "type": "custom",
+            "dataset": {"name": dataset, "type": "custom",
                         "split": "+".join(acc["texts_from"]) if isinstance(acc["texts_from"], list)
                         else "verification"},
             "metrics": [

@@ -18,7 +18,6 @@ from pathlib import Path
 
 BACKENDS = ("tensorflow", "jax", "torch")
 DEFAULT_BACKEND = "tensorflow"
-MODEL_FILE = "model.keras"
 
 log = logging.getLogger("kerasft")
 
@@ -32,7 +31,7 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from exporters.verify import INT8_MAX_ACCURACY_DROP, INT8_MIN_AGREEMENT
-    from kerasft.config import RecipeConfig
+    from kerasft.config import SELECT_BEST, RecipeConfig
     from kerasft.data import DATA_ENV
     from kerasft.presets import DEFAULT_PRESET
 
@@ -46,7 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     fit = sub.add_parser("fit", help="two-stage fine-tuning on the reference 60/20/20 split")
     fit.add_argument("--data", default=os.environ.get(DATA_ENV), help=f"data file (or ${DATA_ENV})")
-    fit.add_argument("--out", required=True, help="run directory to create")
+    fit.add_argument("--out", help="run directory to create")
+    fit.add_argument(
+        "--resume", metavar="RUN",
+        help="continue the interrupted run RUN from its last completed epoch, with the options "
+        "it was started with (running the same command again does the same)",
+    )  # fmt: skip
     fit.add_argument("--preset", default=DEFAULT_PRESET, help="preset name or directory")
     fit.add_argument("--text-column")
     fit.add_argument("--label-column")
@@ -63,6 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=RecipeConfig.finetune_schedule,
         help="stage-2 learning rate: constant, or linear decay to 0",
     )
+    fit.add_argument(
+        "--select-best", choices=SELECT_BEST,
+        help="after stage 2, keep the epoch with the best validation score (default: the last)",
+    )  # fmt: skip
+    fit.add_argument(
+        "--early-stopping-patience", type=int, metavar="N",
+        help="stop stage 2 after N epochs without a better validation score",
+    )  # fmt: skip
     fit.add_argument("--batch-size", type=int, default=RecipeConfig.batch_size)
     fit.add_argument("--seed", type=int, default=RecipeConfig.seed)
     fit.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
@@ -146,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         # Exports are traced under TensorFlow from the backend-neutral .keras file, whatever
         # backend trained the model (the manifest records that one).
         os.environ["KERAS_BACKEND"] = "tensorflow"
+    elif args.command == "fit" and args.resume and (saved := _saved_fit_args(args.resume)):
+        os.environ["KERAS_BACKEND"] = saved["backend"]  # the interrupted run's backend
     elif args.backend:
         os.environ["KERAS_BACKEND"] = args.backend
     else:
@@ -164,23 +178,95 @@ def main(argv: list[str] | None = None) -> int:
             "evaluate": cmd_evaluate,
         }
         return commands[args.command](args)
-    except (DataError, FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
+    except (DataError, OSError, ValueError, RuntimeError) as e:
+        # One line, no traceback: bad input, a lock held by another writer, a full disk or a
+        # read-only target (OSError covers FileNotFoundError and FileExistsError).
         print(f"kerasft {args.command}: error: {e}", file=sys.stderr)
         return 2
 
 
+# `kerasft fit` options that define a run: the same values continue an interrupted run.
+RUN_OPTIONS = (
+    "backend", "data", "preset", "text_column", "label_column", "skip_invalid", "limit",
+    "sequence_length", "warmup_epochs", "warmup_lr", "finetune_epochs", "finetune_lr",
+    "finetune_schedule", "batch_size", "seed", "select_best", "early_stopping_patience",
+)  # fmt: skip
+
+
+class TrainedModelKept(RuntimeError):
+    """A failure after training; the message says where the trained model is."""
+
+
+def _fit_target(args) -> Path:
+    if args.resume and args.out and Path(args.out) != Path(args.resume):
+        raise ValueError(f"--resume {args.resume!r} and --out {args.out!r} name different runs.")
+    if not (args.resume or args.out):
+        raise ValueError("Name the run directory: --out RUN (or --resume RUN).")
+    return Path(args.resume or args.out)
+
+
+def _saved_fit_args(out: Path) -> dict | None:
+    from kerasft.rundir import FIT_ARGS_FILE, partial_dir
+
+    path = partial_dir(out) / FIT_ARGS_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def cmd_fit(args) -> int:
+    from kerasft.data import DataError
+    from kerasft.fileio import (
+        atomic_write_text,
+        check_target_dir,
+        remove_stale_temp_dirs,
+        target_lock,
+    )
+    from kerasft.rundir import FIT_ARGS_FILE, partial_dir
+
+    out = _fit_target(args)
+    args.backend = os.environ["KERAS_BACKEND"]  # the one `main` chose, recorded for --resume
+    if args.data:
+        args.data = str(Path(args.data).resolve())
+    with target_lock(out, "Run directory"):
+        remove_stale_temp_dirs(out)
+        work, saved = partial_dir(out), _saved_fit_args(out)
+        if args.resume:
+            if saved is None:
+                raise FileNotFoundError(
+                    f"Nothing to resume for {str(out)!r}: no interrupted run in {str(work)!r}."
+                )
+            for name in RUN_OPTIONS:  # the interrupted run's options, whatever was typed now
+                setattr(args, name, saved[name])
+        elif saved is not None and not args.overwrite:
+            differ = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {getattr(args, k)!r}"
+                      for k in RUN_OPTIONS if saved.get(k) != getattr(args, k)]  # fmt: skip
+            if differ:
+                raise FileExistsError(
+                    f"An interrupted run of {str(out)!r} with other options is in "
+                    f"{str(work)!r} ({'; '.join(differ)}). `kerasft fit --resume {out}` "
+                    "continues it; --overwrite discards it."
+                )
+        check_target_dir(out, args.overwrite, "Run directory")
+        if not args.data:
+            raise DataError("No data file: pass --data FILE or set $KERASFT_DATA.")
+        if work.exists() and (args.overwrite or saved is None):
+            shutil.rmtree(work)
+        if work.exists():
+            log.info("resuming the interrupted run in %s", work)
+        work.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(
+            work / FIT_ARGS_FILE, json.dumps({k: getattr(args, k) for k in RUN_OPTIONS})
+        )
+        return _fit_into(args, out, work)
+
+
+def _fit_into(args, out: Path, work: Path) -> int:
     import keras
 
+    from kerasft import rundir
     from kerasft.config import RecipeConfig
-    from kerasft.data import DataError, load_dataset, reference_split, stratified_limit
-    from kerasft.fileio import check_target_dir, publish_dir, temp_dir_beside
-    from kerasft.plots import plot_history
+    from kerasft.data import load_dataset, reference_split
     from kerasft.tuner import TwoStageFineTuner
-    from kerasft.versions import TRAINING, package_versions
 
-    if not args.data:
-        raise DataError("No data file: pass --data FILE or set $KERASFT_DATA.")
     recipe = RecipeConfig(
         preset=args.preset,
         sequence_length=args.sequence_length,
@@ -191,94 +277,61 @@ def cmd_fit(args) -> int:
         finetune_schedule=args.finetune_schedule,
         batch_size=args.batch_size,
         seed=args.seed,
+        select_best=args.select_best,
+        early_stopping_patience=args.early_stopping_patience,
     )
-    out = Path(args.out)
-    check_target_dir(out, args.overwrite, "Run directory")
-    tmp = temp_dir_beside(out)
+    start = time.perf_counter()
+    source = rundir.DataSource.from_file(
+        args.data, skip_invalid=args.skip_invalid, limit=args.limit, limit_seed=args.seed
+    )
+    data = load_dataset(source.path, args.text_column, args.label_column, args.skip_invalid)
+    # The columns found, so that the splits are rebuilt from the same ones.
+    source.text_column, source.label_column = data.columns["text"], data.columns["label"]
+    used = source.select(data)
+    train_idx, val_idx, test_idx = reference_split(used.labels, source.split_seed)
+    log.info(
+        "%s: %d rows (%d skipped) -> train %d / validation %d / test %d; backend %s",
+        args.data, len(used), data.skipped, len(train_idx), len(val_idx), len(test_idx),
+        keras.backend.backend(),
+    )  # fmt: skip
+    tuner = TwoStageFineTuner(**recipe.to_dict(), verbose=2 if args.quiet else "auto")
+    train, val, test = (used.subset(i) for i in (train_idx, val_idx, test_idx))
+    log.info("stage 1: warm-up (backbone frozen), stage 2: fine-tune (all layers)")
+    checkpoints = work / rundir.CHECKPOINT_DIR
+    tuner.fit(train, validation_data=val, checkpoint_dir=checkpoints)
+    rows = {"file": len(data) + data.skipped, "used": len(used), "skipped": data.skipped,
+            "train": len(train), "validation": len(val), "test": len(test)}  # fmt: skip
     try:
-        start = time.perf_counter()
-        data = load_dataset(args.data, args.text_column, args.label_column, args.skip_invalid)
-        total_rows = len(data)
-        if args.limit is not None:
-            data = data.subset(stratified_limit(data.labels, args.limit, seed=args.seed))
-        train_idx, val_idx, test_idx = reference_split(data.labels)
-        log.info(
-            "%s: %d rows (%d skipped) -> train %d / validation %d / test %d; backend %s",
-            args.data,
-            len(data),
-            data.skipped,
-            len(train_idx),
-            len(val_idx),
-            len(test_idx),
-            keras.backend.backend(),
+        metrics = rundir.write_run(
+            work, tuner, train=train, validation=val, test=test, source=source, rows=rows,
+            total_seconds_since=start,
+        )  # fmt: skip
+        rundir.finish(work, out)
+    except Exception as e:
+        model = work / rundir.MODEL_FILE
+        where = (
+            f"The trained model is saved: {model}"
+            if model.is_file()
+            else f"The trained weights are in the checkpoint {checkpoints}"
         )
-        tuner = TwoStageFineTuner(**recipe.to_dict(), verbose=2 if args.quiet else "auto")
-        train, val, test = (data.subset(i) for i in (train_idx, val_idx, test_idx))
-        log.info("stage 1: warm-up (backbone frozen), stage 2: fine-tune (all layers)")
-        history = tuner.fit(train, validation_data=val)
-
-        metrics = {}
-        for name, split in (("validation", val), ("test", test)):
-            log.info("scoring the %s split (%d rows)", name, len(split))
-            metrics[name] = tuner.score(split)
-        tuner.save(tmp / MODEL_FILE)
-        seconds = dict(tuner.stage_seconds, total=time.perf_counter() - start)
-        report = {
-            **metrics,
-            "backend": keras.backend.backend(),
-            "preset": args.preset,
-            "label_names": tuner.label_names,
-            "rows": {
-                "file": total_rows,
-                "used": len(data),
-                "skipped": data.skipped,
-                "train": len(train),
-                "validation": len(val),
-                "test": len(test),
-            },
-            "seconds": seconds,
-            "samples_per_second": tuner.stage_samples_per_second,
-        }
-        _write_json(tmp / "metrics.json", report)
-        _write_json(tmp / "history.json", history.history)
-        _write_json(
-            tmp / "config.json",
-            {
-                "recipe": tuner.get_config(),
-                "data": str(Path(args.data).resolve()),  # export reads it from anywhere
-                "columns": data.columns,
-                "limit": args.limit,
-                "split": {"test_size": 0.2, "validation_size": 0.25, "random_state": 30},
-                "backend": keras.backend.backend(),
-                "versions": package_versions(TRAINING),
-                "command": sys.argv,
-            },
-        )
-        plot_history(
-            history.history, tmp / "training_curves.png", f"{args.preset} ({report['backend']})"
-        )
-        publish_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    test = metrics["test"]
+        raise TrainedModelKept(
+            f"{type(e).__name__}: {e} after training. {where}; `kerasft fit --resume {out}` "
+            "finishes the run without training again."
+        ) from e
+    test_m, seconds = metrics["test"], metrics["seconds"]
     print(
-        f"test accuracy {test['accuracy']:.4f}  f1 {test['f1']:.4f}  precision "
-        f"{test['precision']:.4f}  recall {test['recall']:.4f}  "
-        f"({seconds['total']:.0f} s; warm-up {seconds['warmup']:.0f} s, "
-        f"fine-tune {seconds['finetune']:.0f} s) -> {out}"
+        f"test accuracy {test_m['accuracy']:.4f}  f1 {test_m['f1']:.4f}  precision "
+        f"{test_m['precision']:.4f}  recall {test_m['recall']:.4f}  "
+        f"({seconds['total']:.0f} s; warm-up {seconds.get('warmup', 0):.0f} s, "
+        f"fine-tune {seconds.get('finetune', 0):.0f} s) -> {out}"
     )
     return 0
 
 
 def _load_run(run_dir: str):
-    from kerasft.tuner import TwoStageFineTuner
+    from kerasft.rundir import load_tuner
 
-    path = Path(run_dir) / MODEL_FILE
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"No {MODEL_FILE} in {run_dir!r}: is it a `kerasft fit` run directory?"
-        )
-    tuner = TwoStageFineTuner.load(path)
+    tuner = load_tuner(run_dir)
     tuner.verbose = 0
     return tuner
 
@@ -355,22 +408,6 @@ def cmd_evaluate(args) -> int:
             )
         print(f"{'confusion':>10}: {metrics['confusion_matrix']} (rows = true, cols = predicted)")
     return 0
-
-
-def _jsonable(obj):
-    import numpy as np
-
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj
-
-
-def _write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(_jsonable(obj), indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -275,31 +275,3 @@ def stratified_limit(labels: np.ndarray, limit: int, seed: int = REFERENCE_SEED)
         return np.arange(n)
     keep, _ = train_test_split(np.arange(n), train_size=limit, stratify=labels, random_state=seed)
     return np.sort(keep)
-
-
-def run_splits(run_dir: str | Path) -> tuple[TextDataset, TextDataset, TextDataset]:
-    """Re-creates the train/validation/test splits a `kerasft fit` run was trained and scored on.
-
-    Reads the run's `config.json` (data file, columns, `--limit` and seed) and applies the same
-    subsample and reference split.
-
-    Args:
-        run_dir: a `kerasft fit` run directory.
-
-    Returns:
-        `(train, validation, test)` as `TextDataset`s.
-
-    Raises:
-        FileNotFoundError: if the run has no `config.json` or its data file is gone.
-
-    Example:
-        >>> train, val, test = run_splits("runs/sarcasm")
-    """
-    config_path = Path(run_dir) / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"No config.json in {str(run_dir)!r}: not a `kerasft fit` run.")
-    config = json.loads(config_path.read_text())
-    data = load_dataset(config["data"], config["columns"]["text"], config["columns"]["label"])
-    if config.get("limit"):
-        data = data.subset(stratified_limit(data.labels, config["limit"], config["recipe"]["seed"]))
-    return tuple(data.subset(i) for i in reference_split(data.labels))

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import glob
+import logging
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def temp_dir_beside(target: str | Path) -> Path:
@@ -44,6 +51,13 @@ def publish_dir(tmp: str | Path, target: str | Path) -> None:
         os.replace(tmp, target)
 
 
+def default_file_mode() -> int:
+    """The mode `open()` gives a new file under the current umask (0644 under umask 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Writes `text` to `path` via a temporary file in the same directory and a rename."""
     path = Path(path)
@@ -51,7 +65,82 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, default_file_mode())  # mkstemp makes 0600; use what open() would
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+class LockError(RuntimeError):
+    """Another live process is writing the same target."""
+
+
+@contextlib.contextmanager
+def target_lock(target: str | Path, what: str = "Output directory"):
+    """Holds an exclusive lock on `target` (a `.<name>.lock` file beside it) while writing it.
+
+    A second writer is refused at once with a `LockError` naming the holder's pid. The lock is
+    an `flock`, which the kernel releases when its holder dies (`kill -9`, OOM, lost VM), so a
+    lock left by a dead process is taken over, with a log line naming that process.
+
+    Raises:
+        LockError: a live process holds the lock.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    path = target.parent / f".{target.name}.lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise LockError(
+                f"{what} {str(target)!r} is being written by another kerasft process "
+                f"({holder}; lock file {str(path)!r}). Wait for it to finish or stop it."
+            ) from None
+        try:  # the holder before us unlinks the file on release: lock the file that is there
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    previous = os.pread(fd, 200, 0).decode(errors="replace").strip()
+    if previous:
+        log.warning("%s: taking over the lock left by %s, which is no longer running.",
+                    target, previous)  # fmt: skip
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+    try:
+        yield path
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.close(fd)
+
+
+def remove_stale_temp_dirs(target: str | Path) -> list[Path]:
+    """Removes temporary directories that killed writers of `target` left beside it.
+
+    Call it while holding `target_lock(target)`: then no live writer owns them. The run's
+    `.<name>.partial` directory is not touched (`--resume` continues from it).
+
+    Returns:
+        The removed paths (each is also logged).
+    """
+    target = Path(target)
+    removed = []
+    if not target.parent.is_dir():
+        return removed
+    for path in target.parent.glob(f".{glob.escape(target.name)}.*"):
+        if path.name.startswith((f".{target.name}.tmp-", f".{target.name}.old-")):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+            log.warning("removed %s, left by a writer that was killed", path)
+    return removed

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ from kerasft import recipe
 from kerasft.checkpoint import CheckpointDir, restore_optimizer, set_global_rng_state
 from kerasft.config import RecipeConfig
 from kerasft.data import DataError, TextDataset
-from kerasft.fileio import atomic_write_text
+from kerasft.fileio import atomic_write_text, default_file_mode
 
 STAGES = ("warmup", "finetune")
 log = logging.getLogger(__name__)
@@ -245,7 +246,7 @@ class TwoStageFineTuner:
         tracker = _EpochEnd(self, stage, run, store, fit_x, train, first + epochs, run.rng)
         run.rng = None
         callbacks = [tracker] + [_OnClassifier(cb, self.model) for cb in self.callbacks]
-        start = time.perf_counter()
+        base_seconds, start = run.seconds.get(stage, 0.0), time.perf_counter()
         model.fit(
             fit_x,
             validation_data=fit_val,
@@ -255,7 +256,7 @@ class TwoStageFineTuner:
             verbose=self.verbose,
             shuffle=False,  # `fit_x` reshuffles itself from the seed and its epoch number
         )
-        run.seconds[stage] = run.seconds.get(stage, 0.0) + time.perf_counter() - start
+        run.seconds[stage] = base_seconds + time.perf_counter() - start
         run.finish_stage(stage, train.epoch)
         if store is not None:
             store.save(run.to_state(stage), self._core(), model.optimizer)
@@ -356,11 +357,80 @@ class TwoStageFineTuner:
         os.close(fd)
         try:
             self.model.save(tmp_model)
+            os.chmod(tmp_model, default_file_mode())
             atomic_write_text(_meta_path(path), json.dumps(meta, indent=2))
             os.replace(tmp_model, path)
         finally:
             if os.path.exists(tmp_model):
                 os.remove(tmp_model)
+
+    def save_run(
+        self,
+        run_dir: str | os.PathLike,
+        *,
+        train=None,
+        validation=None,
+        test=None,
+        source=None,
+        overwrite: bool = False,
+    ) -> Path:
+        """Writes a run directory, as `kerasft fit` does, that `kerasft export`, `predict`,
+        `evaluate` and `bench` accept.
+
+        The model is saved first, then `validation` and `test` are scored into `metrics.json`.
+        Without `source`, the given splits are stored in the run (`splits/*.jsonl`) so that an
+        export verifies against them; with a `kerasft.rundir.DataSource`, the run records the
+        data file (hashed) and rebuilds the splits from it. The directory is built beside
+        `run_dir` and renamed into place, under a lock on `run_dir`.
+
+        Args:
+            run_dir: the run directory to create.
+            train: training split (`(texts, labels)` or a `TextDataset`), stored with the run.
+            validation: validation split, scored and stored.
+            test: test split, scored and stored.
+            source: the data file the splits were drawn from by the reference split, or None.
+            overwrite: replace an existing non-empty `run_dir`.
+
+        Returns:
+            `run_dir` as a `Path`.
+
+        Raises:
+            RuntimeError: the tuner is not fitted.
+            FileExistsError: `run_dir` is not empty and `overwrite` is False.
+            kerasft.fileio.LockError: another process is writing `run_dir`.
+
+        Example:
+            >>> tuner.fit(train_texts, train_labels, validation_data=(val_texts, val_labels))
+            >>> tuner.save_run("runs/mine", validation=(val_texts, val_labels),
+            ...                test=(test_texts, test_labels))
+            >>> # then: kerasft export runs/mine --format onnx --int8 dynamic --out exports/mine
+        """
+        from kerasft import rundir
+        from kerasft.fileio import check_target_dir, remove_stale_temp_dirs, target_lock
+
+        self._fitted()
+        splits = {
+            name: None if split is None else self._as_dataset(split)
+            for name, split in (("train", train), ("validation", validation), ("test", test))
+        }
+        run_dir = Path(run_dir)
+        with target_lock(run_dir, "Run directory"):
+            remove_stale_temp_dirs(run_dir)
+            check_target_dir(run_dir, overwrite, "Run directory")
+            work = rundir.partial_dir(run_dir)
+            if work.exists():
+                shutil.rmtree(work)
+            work.mkdir(parents=True)
+            rundir.write_run(work, self, source=source, **splits)
+            rundir.finish(work, run_dir)
+        return run_dir
+
+    def _as_dataset(self, split) -> TextDataset:
+        if isinstance(split, TextDataset):
+            texts, ids = self._texts_and_labels(split, None)
+        else:
+            texts, ids = self._texts_and_labels(*split)
+        return TextDataset(texts, ids, list(self.label_names))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> TwoStageFineTuner:

@@ -102,13 +102,21 @@ def toy_data(tmp_path_factory):
     return path
 
 
-def fit_run(backend, preset, data, out):
+CLI_ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def fit_args(backend, preset, data, out, warmup_epochs=2, finetune_epochs=8) -> list[str]:
+    """`kerasft fit` on the tiny preset and toy data: the recipe of the shared `toy_runs`."""
     args = [sys.executable, "-m", "kerasft.cli", "--backend", backend, "fit", "--data", str(data)]
     args += ["--out", str(out), "--preset", str(preset), "--sequence-length", "32", "--quiet"]
-    args += ["--batch-size", "16", "--warmup-epochs", "2", "--warmup-lr", "1e-2"]
-    args += ["--finetune-epochs", "8", "--finetune-lr", "3e-3"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+    args += ["--batch-size", "16", "--warmup-epochs", str(warmup_epochs), "--warmup-lr", "1e-2"]
+    args += ["--finetune-epochs", str(finetune_epochs), "--finetune-lr", "3e-3"]
+    return args
+
+
+def fit_run(backend, preset, data, out, **kwargs):
+    args = fit_args(backend, preset, data, out, **kwargs)
+    proc = subprocess.run(args, capture_output=True, text=True, env=CLI_ENV, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out
 

@@ -1,0 +1,283 @@
+"""Runs that survive: kill and resume, one writer per target, nothing lost after training,
+best-epoch selection, callbacks on the real model, run directories written without the CLI."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import time
+
+import keras
+import numpy as np
+import pytest
+
+from conftest import BACKENDS, CLI_ENV, fit_args, fit_run, toy_texts
+from kerasft import rundir
+from kerasft.checkpoint import STATE_FILE, CheckpointMismatchError
+from kerasft.cli import main
+from kerasft.fileio import LockError, remove_stale_temp_dirs, target_lock
+from kerasft.tuner import TwoStageFineTuner
+
+
+def _weights(run_dir):
+    model = keras.saving.load_model(run_dir / rundir.MODEL_FILE)
+    return [keras.ops.convert_to_numpy(v) for v in model.weights]
+
+
+def _max_diff(a, b):
+    assert len(a) == len(b)
+    return max(float(np.max(np.abs(x - y))) for x, y in zip(a, b, strict=True))
+
+
+def _kill_when(args, out, ready, timeout=300):
+    """Starts `kerasft fit`, SIGKILLs it once `ready(state)` holds; returns that state."""
+    state_path = rundir.partial_dir(out) / rundir.CHECKPOINT_DIR / STATE_FILE
+    proc = subprocess.Popen(args, env=CLI_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                state = json.loads(state_path.read_text())
+            except (FileNotFoundError, json.JSONDecodeError):
+                state = None
+            if state is not None and ready(state):
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.005)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-3000:]
+    assert not out.exists(), "a killed run must not look finished"
+    return state
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sigkill_in_stage_2_then_resume_matches_uninterrupted(
+    backend, toy_runs, tiny_preset, toy_data, tmp_path
+):
+    out = tmp_path / "run"
+    args = fit_args(backend, tiny_preset, toy_data, out)  # the toy_runs recipe: 2 + 8 epochs
+    state = _kill_when(args, out, lambda s: s["stage"] == "finetune" and s["epochs_done"] >= 3)
+    assert state["stage"] == "finetune" and 3 <= state["epochs_done"] < 10, state
+    # jax: the same command again resumes; tensorflow and torch: the explicit --resume.
+    again = args if backend == "jax" else [*args[:3], "fit", "--resume", str(out)]
+    proc = subprocess.run(again, env=CLI_ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming from" in proc.stderr and "of 10 epochs done (finetune)" in proc.stderr
+    assert _max_diff(_weights(out), _weights(toy_runs[backend])) <= 1e-6
+    assert not rundir.partial_dir(out).exists()
+    history = json.loads((out / rundir.HISTORY_FILE).read_text())
+    uninterrupted = json.loads((toy_runs[backend] / rundir.HISTORY_FILE).read_text())
+    assert history["stage"] == [1, 1] + [2] * 8
+    np.testing.assert_allclose(history["loss"], uninterrupted["loss"], rtol=1e-6)
+
+
+def test_sigkill_in_stage_1_then_resume_matches_uninterrupted(tiny_preset, toy_data, tmp_path):
+    recipe = {"warmup_epochs": 6, "finetune_epochs": 1}
+    reference = fit_run("tensorflow", tiny_preset, toy_data, tmp_path / "ref", **recipe)
+    out = tmp_path / "run"
+    args = fit_args("tensorflow", tiny_preset, toy_data, out, **recipe)
+    state = _kill_when(args, out, lambda s: s["stage"] == "warmup" and s["epochs_done"] >= 1)
+    assert state["stage"] == "warmup" and state["epochs_done"] < 6, state
+    proc = subprocess.run(args, env=CLI_ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _max_diff(_weights(out), _weights(reference)) <= 1e-6
+
+
+def test_two_fits_on_one_target_one_is_refused(tiny_preset, toy_data, tmp_path):
+    out = tmp_path / "run"
+    args = fit_args("tensorflow", tiny_preset, toy_data, out, 1, 2)
+    procs = [
+        subprocess.Popen(args, env=CLI_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for _ in range(2)
+    ]
+    results = [(p.wait(timeout=600), p.stderr.read().decode()) for p in procs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 2], results
+    refused = next(err for code, err in results if code == 2)
+    winner = next(p.pid for p, (code, _) in zip(procs, results, strict=True) if code == 0)
+    assert f"is being written by another kerasft process (pid {winner} on" in refused
+    assert len(refused.strip().splitlines()) == 1, refused
+    assert {p.name for p in out.iterdir()} >= {"model.keras", "metrics.json", "config.json"}
+    TwoStageFineTuner.load(out / rundir.MODEL_FILE).predict(["a good day"])
+
+
+def test_lock_refuses_a_second_writer_and_takes_over_a_dead_ones(tmp_path, caplog):
+    target = tmp_path / "out"
+    with target_lock(target, "Export directory"):
+        with pytest.raises(LockError, match=rf"Export directory .* \(pid {os.getpid()} on "):
+            with target_lock(target, "Export directory"):
+                pass
+    assert not (tmp_path / ".out.lock").exists()  # released and removed
+    (tmp_path / ".out.lock").write_text("pid 4194999 on gone-host")  # left by a killed writer
+    (tmp_path / ".out.tmp-abc123").mkdir()  # and its temporary directory
+    with caplog.at_level("WARNING"), target_lock(target):
+        assert remove_stale_temp_dirs(target) == [tmp_path / ".out.tmp-abc123"]
+    assert "taking over the lock left by pid 4194999 on gone-host" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def toy_jsonl(tmp_path):
+    texts, labels = toy_texts(200, seed=3)
+    path = tmp_path / "toy.jsonl"
+    rows = zip(texts, labels, strict=True)
+    path.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows))
+    return path
+
+
+def _fit_main(preset, data, out, *extra):
+    args = ["fit", "--data", str(data), "--out", str(out), "--preset", str(preset), "--quiet"]
+    args += ["--sequence-length", "32", "--batch-size", "16", "--warmup-epochs", "1"]
+    args += ["--finetune-epochs", "3", "--finetune-lr", "3e-3", *extra]
+    return main(args)
+
+
+def test_failure_after_training_keeps_the_model_and_resume_finishes(
+    tiny_preset, toy_jsonl, tmp_path, monkeypatch, capsys, caplog
+):
+    out = tmp_path / "run"
+    real_write = rundir._write_json
+
+    def disk_full(path, obj):
+        if path.name == rundir.METRICS_FILE:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real_write(path, obj)
+
+    monkeypatch.setattr(rundir, "_write_json", disk_full)
+    assert _fit_main(tiny_preset, toy_jsonl, out) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    model = rundir.partial_dir(out) / rundir.MODEL_FILE
+    assert err.startswith("kerasft fit: error: OSError: [Errno 28] No space left on device")
+    assert f"The trained model is saved: {model};" in err and "--resume" in err
+    tuner = TwoStageFineTuner.load(model)
+    assert tuner.predict(["a good day", "a bad day"]).shape == (2,)
+    assert not out.exists()
+
+    # Other options on the same target are refused while the interrupted run is there.
+    monkeypatch.setattr(rundir, "_write_json", real_write)
+    assert _fit_main(tiny_preset, toy_jsonl, out, "--seed", "7") == 2
+    assert "--seed 30 -> 7" in capsys.readouterr().err
+
+    # --resume finishes the run from the final checkpoint, without training again.
+    with caplog.at_level("INFO", logger="kerasft"):
+        assert main(["fit", "--resume", str(out), "--quiet"]) == 0
+    assert "resuming from" in caplog.text and "4 of 4 epochs done" in caplog.text
+    assert "Epoch " not in capsys.readouterr().out
+    metrics = json.loads((out / rundir.METRICS_FILE).read_text())
+    assert metrics["rows"]["train"] == 120 and metrics["test"]["rows"] == 40
+    kept = [keras.ops.convert_to_numpy(v) for v in tuner.model.weights]
+    assert _max_diff(_weights(out), kept) == 0
+
+
+def test_select_best_f1_keeps_the_best_epoch(tiny_preset, toy_jsonl, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _fit_main(tiny_preset, toy_jsonl, out, "--select-best", "f1") == 0
+    metrics = json.loads((out / rundir.METRICS_FILE).read_text())
+    history = json.loads((out / rundir.HISTORY_FILE).read_text())
+    kept = metrics["selected_epoch"]
+    stage2 = [i for i, s in enumerate(history["stage"]) if s == 2]
+    best = max(stage2, key=lambda i: (history["val_f1"][i], -i))
+    assert kept["epoch"] == best + 1 and kept["stage"] == 2
+    assert kept["val_f1"] == pytest.approx(max(history["val_f1"][i] for i in stage2))
+    assert "select_best='f1'" in kept["reason"]
+    # The kept weights are that epoch's: validation F1 scored now equals the logged one.
+    assert metrics["validation"]["f1"] == pytest.approx(kept["val_f1"], abs=1e-6)
+    config = json.loads((out / rundir.CONFIG_FILE).read_text())
+    assert config["recipe"]["select_best"] == "f1"
+    assert config["data"]["sha256"] == rundir.sha256_of(toy_jsonl)
+
+
+def test_early_stopping_and_select_best_need_validation(tiny_preset):
+    with pytest.raises(ValueError, match="select_best='loss'.*validation_data=None"):
+        TwoStageFineTuner(tiny_preset, select_best="loss").fit(*toy_texts(40))
+    with pytest.raises(ValueError, match="select_best must be one of"):
+        TwoStageFineTuner(tiny_preset, select_best="auc")
+    with pytest.raises(ValueError, match="early_stopping_patience must be an int >= 1 or None"):
+        TwoStageFineTuner(tiny_preset, early_stopping_patience=0)
+
+
+def test_early_stopping_stops_stage_2(tiny_preset):
+    texts, labels = toy_texts(160, seed=4)
+    tuner = TwoStageFineTuner(
+        tiny_preset, sequence_length=32, batch_size=16, warmup_epochs=1, finetune_epochs=30,
+        finetune_learning_rate=3e-3, select_best="accuracy", early_stopping_patience=2, verbose=0,
+    )  # fmt: skip
+    history = tuner.fit(texts[:120], labels[:120], validation_data=(texts[120:], labels[120:]))
+    stopped, kept = tuner.selected_epoch["stopped_early"], tuner.selected_epoch["epoch"]
+    assert stopped is not None and len(history.history["stage"]) == stopped < 31
+    val_acc = history.history["val_accuracy"]
+    assert stopped == kept + 2  # two epochs without a better validation accuracy
+    assert max(val_acc[kept:]) <= val_acc[kept - 1] == max(val_acc[1:])
+
+
+def test_user_callbacks_see_the_whole_classifier(tiny_preset, tmp_path):
+    texts, labels = toy_texts(96, seed=2)
+    checkpoint = keras.callbacks.ModelCheckpoint(str(tmp_path / "epoch{epoch}.keras"))
+    tuner = TwoStageFineTuner(
+        tiny_preset, sequence_length=32, batch_size=16, warmup_epochs=1, finetune_epochs=1,
+        callbacks=[checkpoint], verbose=0,
+    )  # fmt: skip
+    tuner.fit(texts, labels)
+    for epoch in (1, 2):  # stage 1 (head on cached features) and stage 2
+        model = keras.saving.load_model(tmp_path / f"epoch{epoch}.keras")
+        assert model.predict(["a good day", "a bad day"], verbose=0).shape == (2, 2)
+    final = keras.saving.load_model(tmp_path / "epoch2.keras")
+    np.testing.assert_allclose(
+        final.predict(texts[:4], verbose=0), tuner.model.predict(texts[:4], verbose=0), atol=1e-6
+    )
+
+
+def test_checkpoint_of_another_run_is_refused(tiny_preset, tmp_path):
+    texts, labels = toy_texts(64, seed=1)
+    kw = dict(sequence_length=32, batch_size=16, warmup_epochs=1, finetune_epochs=0, verbose=0)
+    TwoStageFineTuner(tiny_preset, **kw).fit(texts, labels, checkpoint_dir=tmp_path)
+    with pytest.raises(CheckpointMismatchError, match="written by a different run.*recipe"):
+        TwoStageFineTuner(tiny_preset, seed=1, **kw).fit(texts, labels, checkpoint_dir=tmp_path)
+
+
+def test_save_run_without_the_cli_and_changed_data_is_refused(tiny_preset, toy_jsonl, tmp_path):
+    from kerasft.data import load_dataset
+
+    texts, labels = toy_texts(96, seed=6)
+    tuner = TwoStageFineTuner(tiny_preset, sequence_length=32, batch_size=16, warmup_epochs=1,
+                              finetune_epochs=1, verbose=0)  # fmt: skip
+    tuner.fit(texts[:64], labels[:64])
+    run = tuner.save_run(tmp_path / "api-run", validation=(texts[64:80], labels[64:80]),
+                         test=(texts[80:], labels[80:]))  # fmt: skip
+    train, val, test = rundir.run_splits(run)
+    assert (len(train), len(val), len(test)) == (0, 16, 16) and test.texts == texts[80:]
+    metrics = json.loads((run / rundir.METRICS_FILE).read_text())
+    assert metrics["test"]["rows"] == 16
+    assert rundir.load_tuner(run).predict(texts[80:82]).shape == (2,)
+
+    data = tmp_path / "data.jsonl"
+    data.write_bytes(toy_jsonl.read_bytes())
+    source = rundir.DataSource.from_file(data, text_column="text", label_column="label")
+    splits = source.splits()
+    run2 = tuner.save_run(tmp_path / "file-run", validation=splits[1], test=splits[2],
+                          source=source)  # fmt: skip
+    assert [len(s) for s in rundir.run_splits(run2)] == [120, 40, 40]
+    with data.open("a") as f:
+        f.write(json.dumps({"text": "one more good day", "label": 1}) + "\n")
+    with pytest.raises(rundir.DataChangedError, match="has changed since the fit"):
+        rundir.run_splits(run2)
+    code = main(["export", str(run2), "--format", "onnx", "--out", str(tmp_path / "exp")])
+    assert code == 2 and not (tmp_path / "exp").exists()
+    assert len(load_dataset(data)) == 201
+
+
+def test_skip_invalid_runs_rebuild_their_splits(tmp_path):
+    texts, labels = toy_texts(100, seed=2)
+    rows = [{"text": t, "label": y} for t, y in zip(texts, labels, strict=True)]
+    rows[7]["label"] = ""
+    path = tmp_path / "gaps.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    source = rundir.DataSource.from_file(path, skip_invalid=True)
+    assert [len(s) for s in source.splits()] == [59, 20, 20]
+    with pytest.raises(ValueError, match="line 8: missing label"):
+        rundir.DataSource.from_file(path).splits()
