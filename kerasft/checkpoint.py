@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import random
+import time
 from pathlib import Path
 
 import keras
@@ -89,6 +90,7 @@ class CheckpointDir:
     def __init__(self, directory: str | os.PathLike, fingerprint: dict):
         self.directory = Path(directory)
         self.fingerprint = fingerprint
+        self.seconds = 0.0  # spent writing checkpoints in this process
 
     def load(self) -> dict | None:
         """Returns the last complete checkpoint's state, or None when there is none.
@@ -116,6 +118,7 @@ class CheckpointDir:
 
     def save(self, state: dict, classifier_core: keras.Model, optimizer=None) -> None:
         """Writes one checkpoint: weights, optimizer and seed states, then `state.json`."""
+        start = time.perf_counter()
         self.directory.mkdir(parents=True, exist_ok=True)
         tag = f"epoch-{state['epochs_done']:04d}-{state['stage']}"
         weights, extra = f"{tag}.weights.h5", f"{tag}.state.npz"
@@ -149,6 +152,7 @@ class CheckpointDir:
         for path in self.directory.iterdir():
             if path.name not in keep:
                 path.unlink()
+        self.seconds += time.perf_counter() - start
 
     def restore(self, state: dict, classifier_core: keras.Model) -> tuple[dict, dict]:
         """Loads the checkpoint's weights and seed states.
@@ -174,10 +178,12 @@ class CheckpointDir:
 
     def save_best(self, classifier_core: keras.Model) -> None:
         """Keeps the classifier's weights of the best epoch so far (atomically)."""
+        start = time.perf_counter()
         self.directory.mkdir(parents=True, exist_ok=True)
         tmp = self.directory / f".tmp-{BEST_WEIGHTS}"
         classifier_core.save_weights(tmp)
         os.replace(tmp, self.directory / BEST_WEIGHTS)
+        self.seconds += time.perf_counter() - start
 
     def restore_best(self, classifier_core: keras.Model) -> None:
         classifier_core.load_weights(self.directory / BEST_WEIGHTS)

@@ -61,7 +61,8 @@ class TwoStageFineTuner:
         label_names: class names, index = class id.
         history: the merged `History` of the last `fit`.
         backend: the Keras backend the model was trained on.
-        stage_seconds: wall seconds per stage of the last `fit`.
+        stage_seconds: wall seconds per stage of the last `fit` (and `"checkpoints"`: the part
+            of them spent writing checkpoints, with `checkpoint_dir`).
 
     Example:
         >>> tuner = TwoStageFineTuner("all_minilm_l6_v2", warmup_epochs=1, finetune_epochs=1)
@@ -207,6 +208,8 @@ class TwoStageFineTuner:
             self._run_stage(stage, train, val, run, store)
         self._select(run, store)
         self.stage_seconds = dict(run.seconds)
+        if store is not None:  # part of the stage seconds above, reported apart
+            self.stage_seconds["checkpoints"] = store.seconds
         self.stage_samples_per_second = {
             stage: len(train.lengths) * run.epochs(stage) / run.seconds[stage]
             if run.seconds.get(stage)

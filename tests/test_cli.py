@@ -80,7 +80,7 @@ def test_fit_predict_evaluate_offline_preset(sarcasm_file, tmp_path_factory):
     assert history["loss"][-1] < history["loss"][0]
     # Majority class is 56% of the rows: the model must do clearly better than chance.
     assert metrics["test"]["accuracy"] >= 0.65, metrics["test"]
-    assert set(metrics["seconds"]) == {"warmup", "finetune", "total"}
+    assert set(metrics["seconds"]) == {"warmup", "finetune", "checkpoints", "total"}
 
     lines = cli("predict", str(run), "area man wins argument with toaster", env=env).splitlines()
     label, probability, text = lines[-1].split("\t")
