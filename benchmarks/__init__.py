@@ -1,1 +1,4 @@
-"""Benchmarks and reports (`python -m benchmarks.export_accuracy`: exports accuracy/size)."""
+"""Benchmarks and reports, installed as `kerasft.benchmarks`.
+
+`python -m kerasft.benchmarks.export_accuracy`: exports' accuracy and size.
+"""

@@ -2,11 +2,12 @@
 
 Run by the harness in a TensorFlow-backend subprocess:
 
-    python -m benchmarks.artifacts --run RUN_DIR --root DIR --role run|base [--widen 2]
+    python -m kerasft.benchmarks.artifacts --run RUN_DIR --root DIR --role run|base [--widen 2]
 
 For the role `run` the fine-tuned model is used as it is; for `base` it is first widened to the
-DistilBERT-base shape (`benchmarks.models.widen`). Then every export variant is written by
-`exporters.export` (so each is verified against the Keras model, on `--verify-per-split` texts of
+DistilBERT-base shape (`kerasft.benchmarks.models.widen`). Then every export variant is written by
+`kerasft.exporters.export` (so each is verified against the Keras model, on
+`--verify-per-split` texts of
 each split of the run), plus the peers' artifacts: a transformers checkpoint of the same weights,
 Optimum's ONNX export with its INT8 quantization, and optimum-intel's OpenVINO export with its
 INT8 quantization.
@@ -81,7 +82,7 @@ def _peer_export(target: Path, make, listing: str) -> dict:
 
 def prepare(run: Path, root: Path, role: str, widen: int, per_split: int, peers: bool, log):
     """Builds the role's artifacts under `root / role` and returns the index written there."""
-    from exporters.dispatch import VARIANTS, export_in_subprocess, verification_set
+    from kerasft.exporters.dispatch import VARIANTS, export_in_subprocess, verification_set
     from kerasft.tuner import TwoStageFineTuner
 
     out = root / role
@@ -95,7 +96,7 @@ def prepare(run: Path, root: Path, role: str, widen: int, per_split: int, peers:
     tuner = TwoStageFineTuner.load(run / MODEL_FILE)
     model_file = run / MODEL_FILE
     if role == "base":
-        from benchmarks.models import widen as widen_model
+        from kerasft.benchmarks.models import widen as widen_model
 
         def make_base(tmp):
             wide = TwoStageFineTuner.load(run / MODEL_FILE)
@@ -135,7 +136,7 @@ def prepare(run: Path, root: Path, role: str, widen: int, per_split: int, peers:
             )  # fmt: skip
         index["exports"][name] = str(target)
     if peers and has_peers():
-        from benchmarks.models import optimum_export, to_transformers
+        from kerasft.benchmarks.models import optimum_export, to_transformers
 
         log(f"{role}: transformers checkpoint of the same weights")
         hf = _build(
@@ -149,7 +150,7 @@ def prepare(run: Path, root: Path, role: str, widen: int, per_split: int, peers:
             "optimum.json",
         )
     if peers and has_peers() and has_openvino_peer():
-        from benchmarks.models import optimum_intel_export
+        from kerasft.benchmarks.models import optimum_intel_export
 
         log(f"{role}: optimum-intel OpenVINO export + OVQuantizer INT8")
         index["optimum_intel"] = _peer_export(

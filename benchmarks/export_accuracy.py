@@ -4,7 +4,8 @@ Exports the run in every format x quantization that `exporters` supports, classi
 test split with each export's own runtime, and compares with the Keras model: accuracy, number of
 predictions that differ from Keras, model file size and total export size.
 
-    python -m benchmarks.export_accuracy --run RUN_DIR --exports EXPORTS_DIR --out report.json
+    python -m kerasft.benchmarks.export_accuracy --run RUN_DIR --exports EXPORTS_DIR \
+        --out report.json
 """
 
 from __future__ import annotations
@@ -45,9 +46,9 @@ def main(argv=None) -> int:
 
     import numpy as np
 
-    from exporters import VerificationError, export
-    from exporters.dispatch import VARIANTS
-    from exporters.runtime import load
+    from kerasft.exporters import VerificationError, export
+    from kerasft.exporters.dispatch import VARIANTS
+    from kerasft.exporters.runtime import load
     from kerasft.rundir import load_tuner, run_splits
 
     test = run_splits(args.run)[2]

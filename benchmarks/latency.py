@@ -1,6 +1,6 @@
 """Latency of every way kerasft can serve a fine-tuned classifier, beside Hugging Face's peers.
 
-    python -m benchmarks.latency --run RUN_DIR --out REPORT_DIR [--device cpu|gpu|auto]
+    python -m kerasft.benchmarks.latency --run RUN_DIR --out REPORT_DIR [--device cpu|gpu|auto]
         [--batch-sizes 1,8,32] [--seq-lens 32,128] [--quick]
 
 (also `kerasft bench ...`). Variants: the Keras model on each installed backend (compiled
@@ -10,12 +10,13 @@ LiteRT fp32 and INT8, and the peers on the same weights: transformers PyTorch ea
 ONNX export with its dynamic INT8 quantization, and optimum-intel's OpenVINO export with its INT8
 quantization (optional `bench` extra; the report says when they are missing).
 
-End to end: every kerasft export is also timed as users serve it, `exporters.runtime.load(dir)
+End to end: every kerasft export is also timed as users serve it,
+`kerasft.exporters.runtime.load(dir)
 .predict(texts)` on raw test-split strings (tokenization included), at batch 1 and 32.
 
 Method: accuracy and label agreement are measured with the fine-tuned model on its sarcasm test
 split; latency with a DistilBERT-base-shaped model that computes the same function
-(`--latency-model base`, see `benchmarks.models.widen`) or the run's own model
+(`--latency-model base`, see `kerasft.benchmarks.models.widen`) or the run's own model
 (`--latency-model run`). Every variant runs in its own worker process; after per-shape warm-up
 (compilation excluded), the timed rounds interleave the variants in a new random order per round
 so machine noise hits all of them alike; each variant gets blocks of equal time, each after an
@@ -38,10 +39,10 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.report import BASELINE
+from kerasft.benchmarks.report import BASELINE
 from kerasft.rundir import MODEL_FILE
 
-ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
 KERAS_BACKENDS = ("jax", "tensorflow", "torch")
 
 
@@ -140,7 +141,7 @@ def variants(index: dict, threads: int, device: str) -> tuple[list[Variant], lis
 
 
 def end_to_end_variants(index: dict, threads: int, texts_file: Path) -> list[Variant]:
-    """One `runtime` variant per kerasft export: raw strings through `exporters.runtime`."""
+    """One `runtime` variant per kerasft export: raw strings through `kerasft.exporters.runtime`."""
     out = []
     for export_dir in index["exports"].values():
         manifest = json.loads((Path(export_dir) / "manifest.json").read_text())
@@ -153,19 +154,18 @@ def end_to_end_variants(index: dict, threads: int, texts_file: Path) -> list[Var
 
 
 class Worker:
-    """A running `benchmarks.worker` process for one variant."""
+    """A running `kerasft.benchmarks.worker` process for one variant."""
 
     def __init__(self, variant: Variant, log_dir: Path, device: str):
-        env = {**os.environ, "PYTHONPATH": str(ROOT), **variant.env}
+        env = {**os.environ, **variant.env}
         if device == "cpu":
             env["CUDA_VISIBLE_DEVICES"] = ""  # no framework may grab a GPU in a CPU benchmark
         env["TF_CPP_MIN_LOG_LEVEL"] = "2"
         self.variant = variant
         self.log = open(log_dir / f"{variant.name.replace(' ', '_')}.log", "w")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.worker", json.dumps(variant.spec)],
+            [sys.executable, "-m", "kerasft.benchmarks.worker", json.dumps(variant.spec)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env,
-            cwd=ROOT,
         )  # fmt: skip
         self.info = self._reply()
 
@@ -262,7 +262,7 @@ def _parse_ints(text: str, name: str, low: int, high: int) -> list[int]:
     return sorted(set(values))
 
 
-def build_parser(prog: str = "python -m benchmarks.latency") -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m kerasft.benchmarks.latency") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--run", required=True, type=Path, help="a `kerasft fit` run directory")
     parser.add_argument("--out", required=True, type=Path, help="report directory to create")
@@ -343,15 +343,14 @@ def _prepare(run: Path, root: Path, role: str, widen: int, peers: bool) -> dict:
     Exports are verified as `kerasft export` verifies them (512 texts), `--quick` or not: with
     fewer texts the INT8 gate (>= 99% agreement) hinges on one or two flips (128 texts: 98.4%).
     """
-    cmd = [sys.executable, "-m", "benchmarks.artifacts", "--run", str(run), "--root", str(root),
-           "--role", role, "--widen", str(widen)]  # fmt: skip
+    cmd = [sys.executable, "-m", "kerasft.benchmarks.artifacts", "--run", str(run),
+           "--root", str(root), "--role", role, "--widen", str(widen)]  # fmt: skip
     if not peers:
         cmd.append("--no-peers")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "KERAS_BACKEND": "tensorflow",
-           "TF_CPP_MIN_LOG_LEVEL": "2"}  # fmt: skip
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2"}
     log = root / f"prepare-{role}.log"
     with log.open("w") as f:
-        proc = subprocess.run(cmd, env=env, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode:
         tail = "\n".join(log.read_text().splitlines()[-25:])
         raise RuntimeError(f"Preparing the {role} artifacts failed (log: {log}):\n{tail}")
@@ -360,14 +359,17 @@ def _prepare(run: Path, root: Path, role: str, widen: int, peers: bool) -> dict:
 
 def _default_artifacts(run: Path) -> Path:
     """`$KERASFT_CACHE/bench/<key>`: the key hashes the model file and the code that builds the
-    artifacts (exporters, benchmarks.artifacts, benchmarks.models), so changed exporters rebuild."""
+    artifacts (kerasft.exporters, kerasft.benchmarks.artifacts and .models), so changed exporters
+    rebuild."""
     import hashlib
 
     from kerasft.presets import cache_dir
 
     h = hashlib.sha256()
-    sources = sorted((ROOT / "exporters").glob("*.py"))
-    sources += [ROOT / "benchmarks" / "artifacts.py", ROOT / "benchmarks" / "models.py"]
+    import kerasft.exporters
+
+    sources = sorted(Path(kerasft.exporters.__file__).parent.glob("*.py"))
+    sources += [HERE / "artifacts.py", HERE / "models.py"]
     for path in [run / MODEL_FILE, *sources]:
         with path.open("rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):  # noqa: B023
@@ -377,7 +379,7 @@ def _default_artifacts(run: Path) -> Path:
 
 def _test_inputs(index: dict, run: Path, rows: int | None, path: Path) -> np.ndarray:
     """Tokenizes the run's test split with the export runtime's tokenizer (KerasHub-exact)."""
-    from exporters.runtime import load
+    from kerasft.exporters.runtime import load
     from kerasft.rundir import run_splits
 
     test = run_splits(run)[2]
@@ -519,7 +521,8 @@ END_TO_END_BATCHES = (1, 32)
 
 
 def measure_end_to_end(index, run, settings, work: Path, device, progress) -> dict:
-    """Times `exporters.runtime.load(dir).predict(texts)` on raw test strings, every export."""
+    """Times `kerasft.exporters.runtime.load(dir).predict(texts)` on raw test strings (every
+    export)."""
     from kerasft.rundir import run_splits
 
     texts_file = work / "test_texts.json"
@@ -536,8 +539,12 @@ def measure_end_to_end(index, run, settings, work: Path, device, progress) -> di
     return {"latency": table, "cells": cells["cells"], "texts": "test split (raw strings)"}
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m benchmarks.latency") -> int:
-    """Entry point of `python -m benchmarks.latency` and `kerasft bench`. Returns the exit code."""
+def main(argv: list[str] | None = None, prog: str = "python -m kerasft.benchmarks.latency") -> int:
+    """Entry point of `python -m kerasft.benchmarks.latency` and `kerasft bench`.
+
+    Returns:
+        The exit code.
+    """
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     args.command = " ".join([prog, *(sys.argv[1:] if argv is None else argv)])
@@ -563,8 +570,8 @@ def run(args) -> int:
 def _run_locked(args, settings) -> int:
     from tqdm import tqdm
 
-    from benchmarks.artifacts import has_peers
-    from benchmarks.report import write_report
+    from kerasft.benchmarks.artifacts import has_peers
+    from kerasft.benchmarks.report import write_report
     from kerasft.fileio import check_target_dir, publish_dir, temp_dir_beside
 
     started = time.time()

@@ -1,6 +1,7 @@
 """Turns the harness's measurements into `report.json`, `report.md` and PNG charts.
 
-`python -m benchmarks.report REPORT_DIR` re-renders the Markdown and charts from `report.json`.
+`python -m kerasft.benchmarks.report REPORT_DIR` re-renders the Markdown and charts from
+`report.json`.
 """
 
 from __future__ import annotations
@@ -173,7 +174,7 @@ def _markdown(report: dict, goals: dict) -> str:
     e2e = report.get("end_to_end")
     if e2e:
         lines += [
-            "## End to end: `exporters.runtime.load(dir).predict(texts)`",
+            "## End to end: `kerasft.exporters.runtime.load(dir).predict(texts)`",
             "",
             "Raw test-split strings of the fine-tuned run's model, tokenization included (the "
             "model of the accuracy columns, not the latency model above); same method.",

@@ -1,11 +1,11 @@
 """What the exact (per-character Python) tokenization path costs on real news text.
 
-    python -m benchmarks.tokenizer_speed --export EXPORT_DIR [--data FILE]
+    python -m kerasft.benchmarks.tokenizer_speed --export EXPORT_DIR [--data FILE]
 
 The sarcasm headlines are pure ASCII; news text usually is not: curly apostrophes and quotes, en
 and em dashes. This encodes the headlines with an export's runtime tokenizer three ways and
 prints texts/s: as they are (ASCII), with news typography through `tokenizer.json` alone (the
-runtime's path for such text since `exporters.tokenizer.tokenizers_matches`), and the same
+runtime's path for such text since `kerasft.exporters.tokenizer.tokenizers_matches`), and the same
 typographic texts forced through the exact KerasHub port (the runtime's path for every non-ASCII
 text before). It checks that both paths give identical ids.
 """
@@ -54,8 +54,8 @@ def main(argv=None) -> int:
         default=Path(os.environ.get("KERASFT_DATA", "../shared/data/sarcasm_headlines_v1.jsonl")),
     )
     args = parser.parse_args(argv)
-    from exporters import runtime as runtime_module
-    from exporters.runtime import load
+    from kerasft.exporters import runtime as runtime_module
+    from kerasft.exporters.runtime import load
 
     runtime = load(args.export)
     rows = [json.loads(line)["headline"] for line in args.data.open()]

@@ -2,7 +2,7 @@
 
 The figures README.md uses to pick the default backend (batch 32, 16/24/32 tokens):
 
-    for b in jax tensorflow torch; do KERAS_BACKEND=$b python -m benchmarks.train_step; done
+    for b in jax tensorflow torch; do KERAS_BACKEND=$b python -m kerasft.benchmarks.train_step; done
 """
 
 from __future__ import annotations

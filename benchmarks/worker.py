@@ -1,6 +1,7 @@
 """One benchmark variant in its own process, driven by the harness over stdin/stdout.
 
-    python -m benchmarks.worker '{"kind": "onnx", "path": "...", "threads": 2, "device": "cpu"}'
+    python -m kerasft.benchmarks.worker \
+        '{"kind": "onnx", "path": "...", "threads": 2, "device": "cpu"}'
 
 The worker loads one model with one runtime and answers JSON-line commands:
 
@@ -10,7 +11,7 @@ The worker loads one model with one runtime and answers JSON-line commands:
   change), then timed calls on the monotonic clock until both T seconds and K calls are reached.
   Each call ends with the logits copied to host memory, which synchronises a GPU.
 - `{"op": "time_texts", "batch": B, "seconds": T, "settle": P}` -> `{"seconds": [...]}`: the
-  same on raw strings, for the `runtime` kind (`exporters.runtime.load(dir).predict(texts)`,
+  same on raw strings, for the `runtime` kind (`kerasft.exporters.runtime.load(dir).predict(texts)`,
   tokenization included): each call classifies the next B texts of the worker's `texts` file.
 - `{"op": "predict", "inputs": NPZ, "out": NPY}`: logits for every batch of a tokenized file.
 - `{"op": "stats"}` -> `{"peak_rss_mb": ...}`; `{"op": "quit"}`.
@@ -114,8 +115,8 @@ def _openvino(spec):
 
 
 def _runtime(spec):
-    """`exporters.runtime.load(dir).predict(texts)`: raw strings in, tokenization included."""
-    from exporters.runtime import load
+    """`kerasft.exporters.runtime.load(dir).predict(texts)`: raw strings in, tokenized inside."""
+    from kerasft.exporters.runtime import load
 
     options = {} if spec["format"] in ("saved_model",) else {"threads": spec["threads"]}
     if spec["format"] == "saved_model":

@@ -5,17 +5,17 @@ verification step (`verify`) and a dependency-light `runtime` for the exports. I
 package imports nothing heavy.
 
 Example:
-    >>> from exporters import export
+    >>> from kerasft.exporters import export
     >>> export("runs/sarcasm", "exports/sarcasm-onnx", format="onnx")
 """
 
 import importlib
 
 _EXPORTS = {
-    "export": "exporters.dispatch",
-    "SUPPORTED": "exporters.dispatch",
-    "VerificationError": "exporters.verify",
-    "load": "exporters.runtime",
+    "export": "kerasft.exporters.dispatch",
+    "SUPPORTED": "kerasft.exporters.dispatch",
+    "VerificationError": "kerasft.exporters.verify",
+    "load": "kerasft.exporters.runtime",
 }
 __all__ = sorted(_EXPORTS)
 
@@ -23,4 +23,4 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name):
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'exporters' has no attribute {name!r}")
+    raise AttributeError(f"module 'kerasft.exporters' has no attribute {name!r}")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from exporters.verify import INT8_MAX_ACCURACY_DROP, INT8_MIN_AGREEMENT
+from kerasft.exporters.verify import INT8_MAX_ACCURACY_DROP, INT8_MIN_AGREEMENT
 from kerasft.fileio import (
     check_target_dir,
     publish_dir,
@@ -42,7 +42,7 @@ VARIANTS = [(fmt, quantize) for fmt, allowed in SUPPORTED.items() for quantize i
 # What each INT8 recipe writes, in order: the next one is tried only when the previous one
 # misses the verification gate. OpenVINO: NNCF's plain recipe, then its accuracy control. ONNX
 # dynamic: every node quantized, then the 2, 4, 8 nodes whose quantization alone moves the
-# logits most kept in fp32 (`exporters.onnx.node_sensitivity`, measured once).
+# logits most kept in fp32 (`kerasft.exporters.onnx.node_sensitivity`, measured once).
 ATTEMPTS = {
     ("openvino", "nncf"): (("nncf", {}), ("nncf-accuracy-control", {})),
     ("onnx", "dynamic"): tuple(("dynamic", {"keep_fp32": k}) for k in (0, 2, 4, 8)),
@@ -217,7 +217,7 @@ def export_in_subprocess(source, out_dir, **options) -> Path:
         (Path(tmp) / "request.json").write_text(json.dumps(request))
         env = {**os.environ, "KERAS_BACKEND": "tensorflow"}
         proc = subprocess.run(
-            [sys.executable, "-m", "exporters.dispatch", str(Path(tmp) / "request.json")],
+            [sys.executable, "-m", "kerasft.exporters.dispatch", str(Path(tmp) / "request.json")],
             env=env,
             capture_output=True,
             text=True,
@@ -254,10 +254,12 @@ def export(
     file (a subprocess is used when the current backend is JAX or PyTorch), so a model trained
     on any backend exports the same way.
 
-    Verification runs the artifact through `exporters.runtime` on labelled texts from every split
+    Verification runs the artifact through `kerasft.exporters.runtime` on labelled texts from
+    every split
     of the run (up to `verify_per_split` each) against the Keras model: fp32 must reproduce the
     Keras logits; INT8 must agree with the fp32 labels on `min_agreement` of the texts and lose
-    at most `max_accuracy_drop` accuracy on the held-out splits (`exporters.verify`). OpenVINO's
+    at most `max_accuracy_drop` accuracy on the held-out splits (`kerasft.exporters.verify`).
+    OpenVINO's
     `nncf` recipe falls back to NNCF's accuracy control when its plain recipe misses that gate.
     The export directory gets the model, tokenizer assets, `manifest.json` (sha256 of every
     file, verification numbers) and a model card (`README.md`).
@@ -297,7 +299,7 @@ def export(
         FileExistsError: `out_dir` exists and is not empty, and `overwrite` is False.
         kerasft.fileio.LockError: another process is writing `out_dir`.
         kerasft.rundir.DataChangedError: the run's data file changed since the fit.
-        exporters.verify.VerificationError: the artifact disagrees with the Keras model.
+        kerasft.exporters.verify.VerificationError: the artifact disagrees with the Keras model.
 
     Example:
         >>> export("runs/sarcasm", "exports/sarcasm-ov-int8", format="openvino", quantize="nncf")
@@ -336,11 +338,11 @@ def _export_here(
     opset, fixed_shape, min_agreement, max_accuracy_drop, precision, verify_per_split, keep_fp32,
 ) -> Path:  # fmt: skip
     """`export` in this process (TensorFlow backend), holding the lock on `out_dir`."""
-    from exporters import litert, onnx, openvino, runtime, saved_model
-    from exporters.keras_graph import ServingGraph, onnx_friendly_ops
-    from exporters.model_card import write_model_card
-    from exporters.tokenizer import write_tokenizer_assets
-    from exporters.verify import VerificationError, verify
+    from kerasft.exporters import litert, onnx, openvino, runtime, saved_model
+    from kerasft.exporters.keras_graph import ServingGraph, onnx_friendly_ops
+    from kerasft.exporters.model_card import write_model_card
+    from kerasft.exporters.tokenizer import write_tokenizer_assets
+    from kerasft.exporters.verify import VerificationError, verify
 
     started = time.perf_counter()
     src = _load_source(source, copy=quantize == "keras")  # never quantize the caller's model
@@ -458,7 +460,7 @@ def _export_here(
 
 def _check_gate(min_agreement, max_accuracy_drop, precision, verify_per_split) -> None:
     """Raises `ValueError` naming the first bad gate option, its value and what is allowed."""
-    from exporters.openvino import PRECISIONS
+    from kerasft.exporters.openvino import PRECISIONS
 
     def fraction(v):
         return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1
@@ -497,7 +499,7 @@ def _clear(directory: Path) -> None:
 
 def _write_manifest(directory: Path, manifest: dict) -> None:
     """Lists every file but the manifest with its sha256, then writes `manifest.json`."""
-    from exporters.runtime import sha256_file
+    from kerasft.exporters.runtime import sha256_file
 
     files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != "manifest.json")
     manifest["files"] = {str(p.relative_to(directory)): sha256_file(p) for p in files}

@@ -13,7 +13,7 @@ def write(graph, out_dir: Path, quantize: str | None = None, **_) -> dict:
     does), the converter's path that keeps named signatures and dynamic shapes.
 
     Args:
-        graph: the `exporters.keras_graph.ServingGraph`.
+        graph: the `kerasft.exporters.keras_graph.ServingGraph`.
         out_dir: the (temporary) export directory.
         quantize: None (fp32) or `"dynamic"` (dynamic-range INT8 weights).
 

@@ -177,7 +177,7 @@ def write_model_card(export_dir: Path, manifest: dict, run_dir: Path | None) -> 
         "## Use",
         "",
         "```python",
-        "from exporters.runtime import load",
+        "from kerasft.exporters.runtime import load",
         'model = load("path/to/this/dir", manifest_sha256="<sha256 printed by kerasft export>")',
         'model.predict(["some text"]).labels',
         "```",

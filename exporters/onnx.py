@@ -361,7 +361,7 @@ def write_fp32(graph, out_dir: Path, opset: int = DEFAULT_OPSET, backbone=None) 
     Also the starting point of the OpenVINO export, which reads this file.
 
     Args:
-        graph: the `exporters.keras_graph.ServingGraph`.
+        graph: the `kerasft.exporters.keras_graph.ServingGraph`.
         out_dir: the (temporary) export directory.
         opset: ONNX opset.
         backbone: the KerasHub backbone the graph was traced from (attention weights, heads and
@@ -456,7 +456,7 @@ def write(
     """Writes `model.onnx` (fp32, fused) and, when asked, `model.int8.onnx`.
 
     Args:
-        graph: the `exporters.keras_graph.ServingGraph`.
+        graph: the `kerasft.exporters.keras_graph.ServingGraph`.
         out_dir: the (temporary) export directory.
         quantize: None, `"dynamic"` or `"static"`.
         opset: ONNX opset.

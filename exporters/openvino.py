@@ -1,7 +1,8 @@
 """OpenVINO IR export (`model.xml` + `model.bin`), fp32 or NNCF post-training INT8.
 
 The IR is converted by `openvino.convert_model` from the same fused fp32 ONNX graph the ONNX
-export writes (`exporters.onnx.write_fp32`): OpenVINO's ONNX front end reads onnxruntime's fused
+export writes (`kerasft.exporters.onnx.write_fp32`): OpenVINO's ONNX front end reads
+onnxruntime's fused
 `Attention`, `BiasGelu` and `LayerNormalization` operators, so both formats start from one
 verified graph.
 
@@ -10,11 +11,12 @@ encoders: the attention scores, softmax and LayerNorm stay in floating point), c
 training texts fed one at a time, unpadded, as the runtime sees them. Where that recipe misses
 the export gate, `nncf.quantize_with_accuracy_control` is used instead: it keeps the layers that
 cost the most accuracy in floating point until the drop on labelled validation texts is within
-the gate (see `exporters.dispatch.export`).
+the gate (see `kerasft.exporters.dispatch.export`).
 
 Inference precision: OpenVINO's CPU plugin runs in bfloat16 by default where the CPU supports it.
 The export records the precision it was verified with (`inference_precision`, `"f32"` unless
-asked otherwise); `exporters.runtime` applies it at load, and `load(..., precision=...)` overrides
+asked otherwise); `kerasft.exporters.runtime` applies it at load, and
+`load(..., precision=...)` overrides
 it.
 """
 
@@ -26,7 +28,7 @@ import logging
 import tempfile
 from pathlib import Path
 
-from exporters import onnx as onnx_export
+from kerasft.exporters import onnx as onnx_export
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +150,7 @@ def write(
     """Writes `model.xml` + `model.bin`, fp32 or NNCF INT8.
 
     Args:
-        graph: the `exporters.keras_graph.ServingGraph`.
+        graph: the `kerasft.exporters.keras_graph.ServingGraph`.
         out_dir: the (temporary) export directory.
         quantize: None, `"nncf"`, or `"nncf-accuracy-control"` (used by `export` when the
             plain recipe misses the gate).

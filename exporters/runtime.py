@@ -17,7 +17,7 @@ pinning its hash: `kerasft export` prints it, and `load(dir, manifest_sha256=...
 manifest that differs (edited label names or `model_file`, say).
 
 Example:
-    >>> from exporters.runtime import load
+    >>> from kerasft.exporters.runtime import load
     >>> model = load("exports/sarcasm-onnx-int8")
     >>> model.predict(["area man wins argument with toaster"]).labels
     ['1']
@@ -32,7 +32,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from exporters.tokenizer import kerashub_words, tokenizers_matches
+from kerasft.exporters.tokenizer import kerashub_words, tokenizers_matches
 
 
 class IntegrityError(ValueError):
@@ -137,7 +137,7 @@ class ExportedClassifier:
     """Base class: tokenization, batching and softmax; subclasses run the model.
 
     Args:
-        export_dir: a directory written by `exporters.export`.
+        export_dir: a directory written by `kerasft.exporters.export`.
         manifest_sha256: pin the manifest's sha256 (see `read_manifest`).
 
     Raises:
@@ -161,7 +161,7 @@ class ExportedClassifier:
         self._unk, self._pad = (self.tokenizer.token_to_id(t) for t in ("[UNK]", "[PAD]"))
 
     def _exact_ids(self, text: str) -> list[int]:
-        """KerasHub's tokenization of a non-ASCII text (see `exporters.tokenizer`)."""
+        """KerasHub's tokenization of a non-ASCII text (see `kerasft.exporters.tokenizer`)."""
         ids = []
         for word in kerashub_words(text, **self._settings):
             if len(word.encode("utf-8")) > 100:  # KerasHub's FastWordpiece byte limit
@@ -175,7 +175,8 @@ class ExportedClassifier:
 
         Texts go through `tokenizer.json`, which is identical to KerasHub on ASCII text and on
         text whose other characters case-fold like they lowercase (curly quotes, dashes, most
-        accented letters: `exporters.tokenizer.tokenizers_matches`). The rest (ligatures, `…`,
+        accented letters: `kerasft.exporters.tokenizer.tokenizers_matches`). The rest
+        (ligatures, `…`,
         combining marks, words over KerasHub's 100-byte limit) take the exact KerasHub
         pre-tokenisation with the same WordPiece model.
         """

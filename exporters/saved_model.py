@@ -9,7 +9,7 @@ def write(graph, out_dir: Path, **_) -> dict:
     """Saves the serving graph as a SavedModel under `out_dir / "saved_model"`.
 
     Args:
-        graph: the `exporters.keras_graph.ServingGraph`.
+        graph: the `kerasft.exporters.keras_graph.ServingGraph`.
         out_dir: the (temporary) export directory.
 
     Returns:

@@ -71,7 +71,7 @@ def verify(
     max_accuracy_drop: float = INT8_MAX_ACCURACY_DROP,
     batch_size: int = 32,
 ) -> dict:
-    """Compares an export (through `exporters.runtime`) with the Keras model on `texts`.
+    """Compares an export (through `kerasft.exporters.runtime`) with the Keras model on `texts`.
 
     Checks, in order: the export's `tokenizer.json` gives the KerasHub preprocessor's token ids;
     then fp32 exports must match the Keras logits to `FP32_TOLERANCE` with identical labels.
@@ -80,7 +80,7 @@ def verify(
     texts (validation and test splits; all labelled texts when `splits` is None).
 
     Args:
-        runtime: an `exporters.runtime.ExportedClassifier` opened on the new export.
+        runtime: an `kerasft.exporters.runtime.ExportedClassifier` opened on the new export.
         texts: real texts.
         keras_ids: KerasHub token ids for `texts`, `(N, L)`, 0-padded.
         keras_logits: the Keras model's logits for `texts`, `(N, K)`.

@@ -30,9 +30,9 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from exporters.verify import INT8_MAX_ACCURACY_DROP, INT8_MIN_AGREEMENT
     from kerasft.config import SELECT_BEST, RecipeConfig
     from kerasft.data import DATA_ENV
+    from kerasft.exporters.verify import INT8_MAX_ACCURACY_DROP, INT8_MIN_AGREEMENT
     from kerasft.presets import DEFAULT_PRESET
 
     parser = argparse.ArgumentParser(prog="kerasft", description=__doc__.splitlines()[0])
@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "bench",
         add_help=False,
-        help="latency of every variant vs Hugging Face peers (python -m benchmarks.latency)",
+        help="latency of every variant vs Hugging Face peers "
+        "(python -m kerasft.benchmarks.latency)",
     )
     return parser
 
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if args.command == "bench":  # its own parser: `kerasft bench --help` lists its options
-        from benchmarks.latency import main as bench_main
+        from kerasft.benchmarks.latency import main as bench_main
 
         return bench_main(extra, prog="kerasft bench")
     if extra:
@@ -337,8 +338,8 @@ def _load_run(run_dir: str):
 
 
 def cmd_export(args) -> int:
-    from exporters import export
-    from exporters.runtime import sha256_file
+    from kerasft.exporters import export
+    from kerasft.exporters.runtime import sha256_file
 
     out = export(
         args.run_dir,
@@ -373,7 +374,7 @@ def cmd_export(args) -> int:
 
 def cmd_predict(args) -> int:
     if (Path(args.run_dir) / "manifest.json").is_file():  # an export: its own runtime, no Keras
-        from exporters.runtime import load
+        from kerasft.exporters.runtime import load
 
         result = load(args.run_dir, manifest_sha256=args.manifest_sha256).predict(args.texts)
         labels, proba = result.labels, result.probabilities.max(axis=1)

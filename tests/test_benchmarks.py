@@ -8,9 +8,9 @@ import sys
 import numpy as np
 import pytest
 
-from benchmarks.latency import main as bench_main
-from benchmarks.report import targets
 from conftest import ROOT
+from kerasft.benchmarks.latency import main as bench_main
+from kerasft.benchmarks.report import targets
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ TEXTS = ["the day was good", "an awful grim movie and so rainy today", "happy"]
 
 
 def test_widen_is_the_same_function(tiny_classifier):
-    from benchmarks.models import widen
+    from kerasft.benchmarks.models import widen
 
     wide = widen(tiny_classifier, 2)
     assert wide.backbone.hidden_dim == 64 and wide.backbone.intermediate_dim == 128
@@ -47,7 +47,7 @@ def test_transformers_checkpoint_has_the_same_weights(tiny_classifier, tmp_path)
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from benchmarks.models import to_transformers
+    from kerasft.benchmarks.models import to_transformers
 
     hf_dir = to_transformers(tiny_classifier, tmp_path / "hf", ["neg", "pos"])
     model = AutoModelForSequenceClassification.from_pretrained(hf_dir).eval()
@@ -86,7 +86,7 @@ def test_targets_use_one_recipe_and_the_noise_margin():
 
 
 def test_fastest_variant_vs_fastest_peer_respects_the_accuracy_budget():
-    from benchmarks.report import fastest_vs_peers
+    from kerasft.benchmarks.report import fastest_vs_peers
 
     latency = {
         "keras tensorflow fp32": _latency({"b1_s32": 20.0}, family="keras"),
@@ -158,7 +158,7 @@ def test_quick_bench_runs_every_variant(toy_runs, tmp_path):
     assert report["machine"]["threads"] >= 1 and report["machine"]["versions"]["onnxruntime"]
     assert report["targets"]["best_onnx_int8"] in {"onnx int8-dynamic", "onnx int8-static"}
     assert set(report["targets"]["fastest_vs_peers"]) == {"b1_s32", "b8_s32"}
-    # End to end: every export served from raw strings by exporters.runtime, batch 1 and 32.
+    # End to end: every export served from raw strings by kerasft.exporters.runtime, batch 1 and 32.
     e2e = report["end_to_end"]
     exports = {n for n in expected if n.split()[0] in ("onnx", "openvino", "savedmodel", "litert")}
     assert set(e2e["latency"]) == {f"{n} (runtime)" for n in exports}

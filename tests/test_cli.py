@@ -89,3 +89,17 @@ def test_fit_predict_evaluate_offline_preset(sarcasm_file, tmp_path_factory):
 
     scored = json.loads(cli("evaluate", str(run), "--data", str(sarcasm_file), "--json", env=env))
     assert scored["rows"] == 26709 and scored["accuracy"] >= 0.6
+
+
+def test_installed_names_live_under_kerasft(tmp_path):
+    """`exporters` and `benchmarks` install as kerasft.exporters / kerasft.benchmarks only."""
+    code = (
+        "import importlib.util as u, json; "
+        "print(json.dumps([u.find_spec(m) is not None for m in "
+        "('exporters', 'benchmarks', 'kerasft.exporters', 'kerasft.benchmarks.latency')]))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=tmp_path, env=env, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == [False, False, True, True]

@@ -10,8 +10,8 @@ import time
 import pytest
 
 from conftest import BACKENDS, ROOT
-from exporters.dispatch import check_format, export
-from exporters.runtime import load, verify_checksums
+from kerasft.exporters.dispatch import check_format, export
+from kerasft.exporters.runtime import load, verify_checksums
 
 VARIANTS = [
     ("saved_model", None),
@@ -102,7 +102,7 @@ class Block:
         if name.split(".")[0] in BLOCKED:
             raise ImportError(f"{name} is blocked in this test")
 sys.meta_path.insert(0, Block())
-from exporters.runtime import load
+from kerasft.exporters.runtime import load
 result = load(sys.argv[1]).predict(["the day was so good and great", "an awful sad grim movie"])
 loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
 print(json.dumps({"labels": result.labels, "loaded": loaded}))
@@ -159,7 +159,7 @@ import json, sys
 import numpy as np
 sys.path.insert(0, {tests!r})
 from conftest import toy_texts
-from exporters import export
+from kerasft.exporters import export
 from kerasft import TwoStageFineTuner
 
 texts, labels = toy_texts(96, seed=2)
@@ -210,7 +210,7 @@ def test_fixed_shape_export_pads_every_call(toy_runs, tmp_path):
 def test_onnx_int8_keeps_the_most_sensitive_nodes_in_fp32(toy_runs, tmp_path):
     import onnx
 
-    from exporters.onnx import quantizable_nodes
+    from kerasft.exporters.onnx import quantizable_nodes
 
     out = export(toy_runs["tensorflow"], tmp_path / "e", format="onnx", quantize="dynamic",
                  keep_fp32=3)  # fmt: skip
@@ -232,7 +232,7 @@ def test_nncf_falls_back_to_accuracy_control_when_the_plain_recipe_misses(
     import openvino as ov
     import openvino.opset13 as ops
 
-    from exporters import openvino as ov_export
+    from kerasft.exporters import openvino as ov_export
 
     plain = ov_export.quantize_nncf
 

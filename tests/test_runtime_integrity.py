@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from exporters.dispatch import export
-from exporters.runtime import IntegrityError, load, sha256_file
-from exporters.verify import VerificationError, accuracy_drop, verify
+from kerasft.exporters.dispatch import export
+from kerasft.exporters.runtime import IntegrityError, load, sha256_file
+from kerasft.exporters.verify import VerificationError, accuracy_drop, verify
 
 TEXTS = ["the day was so good and great", "an awful sad grim movie"]
 
@@ -178,7 +178,7 @@ def test_gate_options_are_validated_up_front(toy_runs, tmp_path):
 
 
 def test_quantizer_log_lines_go_to_debug(caplog):
-    from exporters.onnx import quantizer_logs_to_debug
+    from kerasft.exporters.onnx import quantizer_logs_to_debug
 
     with caplog.at_level(logging.DEBUG), quantizer_logs_to_debug():
         # as onnxruntime.quantization does: the root logger, at INFO, from its own file
@@ -187,5 +187,7 @@ def test_quantizer_log_lines_go_to_debug(caplog):
             'Quantization parameters for tensor:"t" not specified', None, None,
         )  # fmt: skip
         logging.getLogger().handle(record)
-    assert [(r.name, r.levelno) for r in caplog.records] == [("exporters.onnx", logging.DEBUG)]
+    assert [(r.name, r.levelno) for r in caplog.records] == [
+        ("kerasft.exporters.onnx", logging.DEBUG)
+    ]
     assert "onnxruntime: Quantization parameters" in caplog.records[0].getMessage()

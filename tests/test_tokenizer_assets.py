@@ -6,9 +6,9 @@ import keras
 import numpy as np
 import pytest
 
-from benchmarks.tokenizer_speed import typographic
-from exporters.runtime import ExportedClassifier, sha256_file
-from exporters.tokenizer import tokenizers_matches, write_tokenizer_assets
+from kerasft.benchmarks.tokenizer_speed import typographic
+from kerasft.exporters.runtime import ExportedClassifier, sha256_file
+from kerasft.exporters.tokenizer import tokenizers_matches, write_tokenizer_assets
 
 HARD_TEXTS = [
     "grab them by the… hand: trump's nonverbal behavior",  # "…" folds to "..." after the split
