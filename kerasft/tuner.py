@@ -227,6 +227,8 @@ class TwoStageFineTuner:
         if epochs == 0 or run.stage_done(stage):
             self.model.backbone.trainable = True
             return
+        # Stage seconds include preparing it (stage 1: the backbone's pass over the data).
+        base_seconds, start = run.seconds.get(stage, 0.0), time.perf_counter()
         model, fit_x, fit_val = recipe.prepare_stage(
             self.model,
             train,
@@ -249,7 +251,7 @@ class TwoStageFineTuner:
         tracker = _EpochEnd(self, stage, run, store, fit_x, train, first + epochs, run.rng)
         run.rng = None
         callbacks = [tracker] + [_OnClassifier(cb, self.model) for cb in self.callbacks]
-        base_seconds, start = run.seconds.get(stage, 0.0), time.perf_counter()
+        tracker.start = start
         model.fit(
             fit_x,
             validation_data=fit_val,

@@ -16,6 +16,7 @@ from conftest import BACKENDS, CLI_ENV, fit_args, fit_run, toy_texts
 from kerasft import rundir
 from kerasft.checkpoint import STATE_FILE, CheckpointMismatchError
 from kerasft.cli import main
+from kerasft.exporters import export
 from kerasft.fileio import LockError, remove_stale_temp_dirs, target_lock
 from kerasft.tuner import TwoStageFineTuner
 
@@ -254,6 +255,9 @@ def test_save_run_without_the_cli_and_changed_data_is_refused(tiny_preset, toy_j
     metrics = json.loads((run / rundir.METRICS_FILE).read_text())
     assert metrics["test"]["rows"] == 16
     assert rundir.load_tuner(run).predict(texts[80:82]).shape == (2,)
+    exported = export(run, tmp_path / "api-export", format="onnx")  # verifies on the stored splits
+    manifest = json.loads((exported / "manifest.json").read_text())
+    assert manifest["verification"]["texts"] == 32
 
     data = tmp_path / "data.jsonl"
     data.write_bytes(toy_jsonl.read_bytes())
