@@ -265,7 +265,7 @@ def _fit_into(args, out: Path, work: Path) -> int:
 
     from kerasft import rundir
     from kerasft.config import RecipeConfig
-    from kerasft.data import load_dataset, reference_split
+    from kerasft.data import load_dataset, split_dataset
     from kerasft.tuner import TwoStageFineTuner
 
     recipe = RecipeConfig(
@@ -289,14 +289,13 @@ def _fit_into(args, out: Path, work: Path) -> int:
     # The columns found, so that the splits are rebuilt from the same ones.
     source.text_column, source.label_column = data.columns["text"], data.columns["label"]
     used = source.select(data)
-    train_idx, val_idx, test_idx = reference_split(used.labels, source.split_seed)
+    train, val, test = split_dataset(used, source.split_seed)
     log.info(
         "%s: %d rows (%d skipped) -> train %d / validation %d / test %d; backend %s",
-        args.data, len(used), data.skipped, len(train_idx), len(val_idx), len(test_idx),
+        args.data, len(used), data.skipped, len(train), len(val), len(test),
         keras.backend.backend(),
     )  # fmt: skip
     tuner = TwoStageFineTuner(**recipe.to_dict(), verbose=2 if args.quiet else "auto")
-    train, val, test = (used.subset(i) for i in (train_idx, val_idx, test_idx))
     log.info("stage 1: warm-up (backbone frozen), stage 2: fine-tune (all layers)")
     checkpoints = work / rundir.CHECKPOINT_DIR
     tuner.fit(train, validation_data=val, checkpoint_dir=checkpoints)

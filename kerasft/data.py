@@ -1,7 +1,9 @@
 """Labelled text loading, the reference 60/20/20 split and stratified subsampling.
 
 Supported files: JSON Lines (`.jsonl`/`.ndjson`), a JSON array of objects (`.json`), CSV (`.csv`)
-and TSV (`.tsv`/`.tab`) with a header row. Text and label columns are auto-detected from common
+and TSV (`.tsv`/`.tab`) with a header row, each optionally gzipped (`.jsonl.gz`, ...); a UTF-8
+byte-order mark (as Excel writes) is ignored. A label that is empty, null/None or NaN (in any
+spelling, "nan" included) is missing. Text and label columns are auto-detected from common
 names (`headline`, `sentence`, `text`, ... / `is_sarcastic`, `label`, ...) and can be given by name.
 Labels may be ints or strings; they are mapped to class ids `0..K-1` in sorted order and the names
 are kept in `TextDataset.label_names`.
@@ -10,8 +12,10 @@ are kept in `TextDataset.label_names`.
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +35,7 @@ _FORMATS = {
     ".tab": "tsv",
 }
 REFERENCE_SEED = 30
+MISSING_LABELS = ("", "nan", "none", "null")
 
 
 class DataError(ValueError):
@@ -71,11 +76,35 @@ class TextDataset:
         )
 
 
+def _open_text(path: Path):
+    """Opens a (possibly gzipped) text file; a UTF-8 byte-order mark (Excel's) is dropped."""
+    if path.suffix.lower() == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8-sig", newline="")
+    return path.open(encoding="utf-8-sig", newline="")
+
+
+def _format_of(path: Path) -> str | None:
+    """The format from the suffix, looking through a trailing `.gz`."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes = suffixes[:-1]
+    return _FORMATS.get(suffixes[-1]) if suffixes else None
+
+
+def _is_missing(value) -> bool:
+    """A missing label in any spelling: None/null, NaN, or "", "nan", "none", "null"."""
+    if value is None:
+        return True
+    if isinstance(value, float):
+        return math.isnan(value)
+    return isinstance(value, str) and value.strip().lower() in MISSING_LABELS
+
+
 def _read_records(path: Path, fmt: str) -> tuple[list[dict], str]:
     """Returns the records and how rows are called in error messages ("line" or "row")."""
     if fmt == "jsonl":
         records = []
-        with path.open(encoding="utf-8") as f:
+        with _open_text(path) as f:
             for lineno, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
@@ -93,7 +122,8 @@ def _read_records(path: Path, fmt: str) -> tuple[list[dict], str]:
         return records, "line"
     if fmt == "json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            with _open_text(path) as f:
+                data = json.loads(f.read())
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: line {e.lineno}: malformed JSON ({e.msg}).") from e
         if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
@@ -101,7 +131,7 @@ def _read_records(path: Path, fmt: str) -> tuple[list[dict], str]:
         for i, record in enumerate(data, start=1):
             record["__row__"] = i
         return data, "record"
-    with path.open(encoding="utf-8", newline="") as f:
+    with _open_text(path) as f:
         reader = csv.DictReader(f, delimiter="\t" if fmt == "tsv" else ",")
         records = []
         for record in reader:
@@ -188,10 +218,11 @@ def load_dataset(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Data file not found: {str(path)!r}")
-    fmt = _FORMATS.get(path.suffix.lower())
+    fmt = _format_of(path)
     if fmt is None:
         raise DataError(
-            f"{path}: unsupported file type {path.suffix!r}. Supported: {sorted(_FORMATS)}."
+            f"{path}: unsupported file type {''.join(path.suffixes)!r}. Supported: "
+            f"{sorted(_FORMATS)}, each optionally gzipped (.gz)."
         )
     if path.stat().st_size == 0:
         raise DataError(f"{path}: the file is empty.")
@@ -206,8 +237,8 @@ def load_dataset(
     for record in records:
         text, label = record.get(text_col), record.get(label_col)
         problem = None
-        if label is None or (isinstance(label, str) and not label.strip()):
-            problem = f"missing label in column {label_col!r}"
+        if _is_missing(label):
+            problem = f"missing label ({label!r}) in column {label_col!r}"
         elif not isinstance(text, str) or not text.strip():
             problem = f"missing text in column {text_col!r}"
         if problem:
@@ -258,6 +289,30 @@ def reference_split(
     rest, test = train_test_split(idx, test_size=0.2, stratify=labels, random_state=seed)
     train, val = train_test_split(rest, test_size=0.25, stratify=labels[rest], random_state=seed)
     return train, val, test
+
+
+MIN_PER_CLASS = 3  # the two stratified splits of the reference split fail below this
+
+
+def split_dataset(
+    data: TextDataset, seed: int = REFERENCE_SEED
+) -> tuple[TextDataset, TextDataset, TextDataset]:
+    """`reference_split` applied to a dataset: its `(train, validation, test)` subsets.
+
+    Raises:
+        DataError: a class has fewer than `MIN_PER_CLASS` rows; the message names the file, the
+            class and its count.
+    """
+    counts = np.bincount(data.labels, minlength=len(data.label_names))
+    present = np.flatnonzero(counts)
+    smallest = present[np.argmin(counts[present])]
+    if counts[smallest] < MIN_PER_CLASS:
+        raise DataError(
+            f"{data.source}: class {data.label_names[smallest]!r} has {counts[smallest]} row(s); "
+            f"the stratified 60/20/20 split needs at least {MIN_PER_CLASS} rows of every class. "
+            "Add rows of that class or remove it."
+        )
+    return tuple(data.subset(i) for i in reference_split(data.labels, seed))
 
 
 def stratified_limit(labels: np.ndarray, limit: int, seed: int = REFERENCE_SEED) -> np.ndarray:

@@ -136,10 +136,9 @@ class DataSource:
 
     def splits(self, check: bool = True) -> tuple[TextDataset, TextDataset, TextDataset]:
         """The run's `(train, validation, test)` splits, rebuilt exactly."""
-        from kerasft.data import reference_split
+        from kerasft.data import split_dataset
 
-        data = self.load(check)
-        return tuple(data.subset(i) for i in reference_split(data.labels, self.split_seed))
+        return split_dataset(self.load(check), self.split_seed)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

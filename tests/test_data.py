@@ -106,7 +106,7 @@ def test_named_column_not_found(tmp_path):
 
 def test_missing_label_names_line(tmp_path):
     f = write(tmp_path / "d.tsv", "label\tsentence\n1\tok\n\tno label here\n0\tfine\n")
-    with pytest.raises(DataError, match=r"d\.tsv: line 3: missing label in column 'label'"):
+    with pytest.raises(DataError, match=r"d\.tsv: line 3: missing label \(''\) in column 'label'"):
         load_dataset(f)
 
 
@@ -160,3 +160,59 @@ def test_stratified_limit():
         DataError, match=r"limit must be an int in \[8, 1000\]. Received: limit=5000"
     ):
         stratified_limit(labels, 5000)
+
+
+def test_excel_bom_in_every_format_is_ignored(tmp_path):
+    bom = "\ufeff"
+    files = {
+        "a.csv": bom + "text,label\ngood day,1\nbad day,0\n",
+        "a.tsv": bom + "text\tlabel\ngood day\t1\nbad day\t0\n",
+        "a.jsonl": bom + '{"text": "good day", "label": 1}\n{"text": "bad day", "label": 0}\n',
+        "a.json": bom + '[{"text": "good day", "label": 1}, {"text": "bad day", "label": 0}]',
+    }
+    for name, content in files.items():
+        (tmp_path / name).write_text(content, encoding="utf-8")
+        data = load_dataset(tmp_path / name)
+        assert data.columns == {"text": "text", "label": "label"}, name
+        assert data.texts == ["good day", "bad day"] and data.label_names == ["0", "1"], name
+
+
+def test_gzipped_files_are_read(tmp_path):
+    import gzip
+
+    rows = "".join(json.dumps({"text": f"text {i}", "label": i % 2}) + "\n" for i in range(6))
+    with gzip.open(tmp_path / "d.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write(rows)
+    with gzip.open(tmp_path / "d.csv.gz", "wt", encoding="utf-8") as f:
+        f.write("sentence,label\nhello,a\nbye,b\n")
+    assert len(load_dataset(tmp_path / "d.jsonl.gz")) == 6
+    assert load_dataset(tmp_path / "d.csv.gz").label_names == ["a", "b"]
+    (tmp_path / "d.txt.gz").write_bytes(b"")
+    with pytest.raises(DataError, match=r"unsupported file type '\.txt\.gz'.*optionally gzipped"):
+        load_dataset(tmp_path / "d.txt.gz")
+
+
+@pytest.mark.parametrize(
+    "spelling, line",
+    [("", "text,label\nok,1\nno label,\n"), ("nan", "text,label\nok,1\nno label,nan\n"),
+     ("NaN", "text,label\nok,1\nno label,NaN\n"), ("None", "text,label\nok,1\nno label,None\n"),
+     ("null", '{"text": "ok", "label": 1}\n{"text": "no label", "label": null}\n'),
+     ("NaN-json", '{"text": "ok", "label": 1}\n{"text": "no label", "label": NaN}\n')],
+)  # fmt: skip
+def test_missing_labels_in_every_spelling(tmp_path, spelling, line):
+    path = tmp_path / ("d.jsonl" if line.startswith("{") else "d.csv")
+    path.write_text(line)
+    with pytest.raises(DataError, match=rf"{path.name}: line 3|{path.name}: line 2"):
+        load_dataset(path)
+    with pytest.raises(DataError, match="missing label"):
+        load_dataset(path)
+
+
+def test_single_member_class_names_file_class_and_count(tmp_path):
+    from kerasft.data import split_dataset
+
+    rows = [(f"text {i}", "common") for i in range(40)] + [("lonely text", "rare")]
+    path = tmp_path / "d.csv"
+    path.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows))
+    with pytest.raises(DataError, match=rf"{path}: class 'rare' has 1 row\(s\); .* at least 3"):
+        split_dataset(load_dataset(path))
