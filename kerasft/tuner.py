@@ -454,6 +454,7 @@ class TwoStageFineTuner:
         tuner = cls.from_config(meta["config"])
         tuner.model = keras.saving.load_model(path)
         tuner.label_names = meta["label_names"]
+        tuner.num_classes = len(tuner.label_names)
         tuner.backend = meta.get("backend")
         return tuner
 
@@ -503,13 +504,13 @@ class TwoStageFineTuner:
             )
         if fitting:
             self._check_training_rows(texts, ids)
-            k = self.num_classes or len(names)
+            k = self.recipe.num_classes or len(names)  # what the user asked for, or inferred
             if len(names) > k:
                 raise DataError(
                     f"Labels hold {len(names)} classes {names[:10]}, more than num_classes={k}."
                 )
             self.label_names = names + [str(i) for i in range(len(names), k)]
-            self.num_classes = self.recipe.num_classes = k
+            self.num_classes = k  # of this fit; `self.recipe` keeps what the user passed
         if ids.min() < 0 or ids.max() >= self.num_classes:
             raise DataError(
                 f"Labels must be class ids in [0, {self.num_classes}). "

@@ -285,3 +285,18 @@ def test_skip_invalid_runs_rebuild_their_splits(tmp_path):
     assert [len(s) for s in source.splits()] == [59, 20, 20]
     with pytest.raises(ValueError, match="line 8: missing label"):
         rundir.DataSource.from_file(path).splits()
+
+
+def test_one_tuner_fits_twice_on_data_with_more_classes(tiny_preset, tmp_path):
+    texts, labels = toy_texts(64, seed=8)
+    tuner = TwoStageFineTuner(tiny_preset, sequence_length=32, batch_size=16, warmup_epochs=1,
+                              finetune_epochs=0, verbose=0)  # fmt: skip
+    tuner.fit(texts, labels)
+    assert tuner.num_classes == 2 and tuner.get_config()["num_classes"] is None
+    three = [f"c{i % 3}" for i in range(64)]
+    tuner.fit(texts, three)
+    assert tuner.num_classes == 3 and tuner.label_names == ["c0", "c1", "c2"]
+    assert tuner.predict_proba(texts[:2]).shape == (2, 3)
+    tuner.save(tmp_path / "m.keras")
+    loaded = TwoStageFineTuner.load(tmp_path / "m.keras")
+    assert loaded.num_classes == 3 and loaded.score(texts, three)["rows"] == 64
