@@ -214,6 +214,7 @@ def _saved_fit_args(out: Path) -> dict | None:
 
 
 def cmd_fit(args) -> int:
+    from kerasft.checkpoint import STATE_FILE
     from kerasft.data import DataError
     from kerasft.fileio import (
         atomic_write_text,
@@ -221,7 +222,7 @@ def cmd_fit(args) -> int:
         remove_stale_temp_dirs,
         target_lock,
     )
-    from kerasft.rundir import FIT_ARGS_FILE, partial_dir
+    from kerasft.rundir import CHECKPOINT_DIR, FIT_ARGS_FILE, partial_dir
 
     out = _fit_target(args)
     args.backend = os.environ["KERAS_BACKEND"]  # the one `main` chose, recorded for --resume
@@ -257,7 +258,14 @@ def cmd_fit(args) -> int:
         atomic_write_text(
             work / FIT_ARGS_FILE, json.dumps({k: getattr(args, k) for k in RUN_OPTIONS})
         )
-        return _fit_into(args, out, work)
+        try:
+            return _fit_into(args, out, work)
+        except BaseException:
+            # Failed before the first checkpoint (bad data, bad preset, Ctrl-C while loading):
+            # nothing to resume, so leave nothing behind.
+            if not (work / CHECKPOINT_DIR / STATE_FILE).exists() and work.exists():
+                shutil.rmtree(work, ignore_errors=True)
+            raise
 
 
 def _fit_into(args, out: Path, work: Path) -> int:
