@@ -171,7 +171,8 @@ class CheckpointDir:
             rng = {"python": state["python_random"]}
             if arrays["rng/torch"].size:
                 rng["torch"] = arrays["rng/torch"]
-                cuda = sorted(k for k in files if k.startswith("rng/torch_cuda/"))
+                cuda = sorted((k for k in files if k.startswith("rng/torch_cuda/")),
+                              key=lambda k: int(k.rsplit("/", 1)[1]))  # fmt: skip
                 if cuda:
                     rng["torch_cuda"] = [arrays[k] for k in cuda]
         return optimizer, rng

@@ -31,7 +31,7 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from kerasft.config import SELECT_BEST, RecipeConfig
-    from kerasft.data import DATA_ENV
+    from kerasft.data import DATA_ENV, REFERENCE_SEED
     from kerasft.exporters.verify import INT8_MAX_ACCURACY_DROP, INT8_MIN_AGREEMENT
     from kerasft.presets import DEFAULT_PRESET
 
@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--label-column")
     fit.add_argument("--skip-invalid", action="store_true", help="drop rows without text/label")
     fit.add_argument("--limit", type=int, help="stratified subsample of N rows before the split")
+    fit.add_argument(
+        "--split-seed", type=int, default=REFERENCE_SEED,
+        help=f"random_state of the 60/20/20 split, apart from --seed (default {REFERENCE_SEED}, "
+        "the reference split)",
+    )  # fmt: skip
     fit.add_argument("--sequence-length", type=int, default=RecipeConfig.sequence_length)
     fit.add_argument("--warmup-epochs", type=_positive_int, default=RecipeConfig.warmup_epochs)
     fit.add_argument("--warmup-lr", type=float, default=RecipeConfig.warmup_learning_rate)
@@ -191,6 +196,7 @@ RUN_OPTIONS = (
     "backend", "data", "preset", "text_column", "label_column", "skip_invalid", "limit",
     "sequence_length", "warmup_epochs", "warmup_lr", "finetune_epochs", "finetune_lr",
     "finetune_schedule", "batch_size", "seed", "select_best", "early_stopping_patience",
+    "split_seed",
 )  # fmt: skip
 
 
@@ -237,7 +243,7 @@ def cmd_fit(args) -> int:
                     f"Nothing to resume for {str(out)!r}: no interrupted run in {str(work)!r}."
                 )
             for name in RUN_OPTIONS:  # the interrupted run's options, whatever was typed now
-                setattr(args, name, saved[name])
+                setattr(args, name, saved.get(name, getattr(args, name)))
         elif saved is not None and not args.overwrite:
             differ = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {getattr(args, k)!r}"
                       for k in RUN_OPTIONS if saved.get(k) != getattr(args, k)]  # fmt: skip
@@ -291,8 +297,9 @@ def _fit_into(args, out: Path, work: Path) -> int:
     )
     start = time.perf_counter()
     source = rundir.DataSource.from_file(
-        args.data, skip_invalid=args.skip_invalid, limit=args.limit, limit_seed=args.seed
-    )
+        args.data, skip_invalid=args.skip_invalid, limit=args.limit, limit_seed=args.seed,
+        split_seed=args.split_seed,
+    )  # fmt: skip
     data = load_dataset(source.path, args.text_column, args.label_column, args.skip_invalid)
     # The columns found, so that the splits are rebuilt from the same ones.
     source.text_column, source.label_column = data.columns["text"], data.columns["label"]

@@ -300,3 +300,15 @@ def test_one_tuner_fits_twice_on_data_with_more_classes(tiny_preset, tmp_path):
     tuner.save(tmp_path / "m.keras")
     loaded = TwoStageFineTuner.load(tmp_path / "m.keras")
     assert loaded.num_classes == 3 and loaded.score(texts, three)["rows"] == 64
+
+
+def test_split_seed_is_recorded_and_rebuilds_other_splits(tmp_path):
+    texts, labels = toy_texts(100, seed=2)
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"text": t, "label": y}) + "\n"
+                            for t, y in zip(texts, labels, strict=True)))  # fmt: skip
+    reference = rundir.DataSource.from_file(path)
+    other = rundir.DataSource.from_file(path, split_seed=7)
+    assert reference.split_seed == 30
+    assert rundir.DataSource.from_dict(other.to_dict()).splits()[2].texts == other.splits()[2].texts
+    assert other.splits()[2].texts != reference.splits()[2].texts
