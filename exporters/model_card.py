@@ -47,8 +47,8 @@ def _scalar(value) -> str:
 def _run_info(run_dir: Path | None) -> tuple[dict, dict]:
     from kerasft import rundir
 
-    if run_dir is None:
-        return {}, {}
+    if run_dir is None or not (Path(run_dir) / rundir.CONFIG_FILE).is_file():
+        return {}, {}  # an in-memory model (saved to a scratch directory): no run reports
     metrics_path = Path(run_dir) / rundir.METRICS_FILE
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     return metrics, rundir.read_config(run_dir)

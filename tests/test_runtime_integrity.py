@@ -180,7 +180,8 @@ def test_gate_options_are_validated_up_front(toy_runs, tmp_path):
 def test_quantizer_log_lines_go_to_debug(caplog):
     from kerasft.exporters.onnx import quantizer_logs_to_debug
 
-    with caplog.at_level(logging.DEBUG), quantizer_logs_to_debug():
+    # the logger's own level: `kerasft` CLI runs in this process set the "kerasft" tree to INFO
+    with caplog.at_level(logging.DEBUG, logger="kerasft.exporters.onnx"), quantizer_logs_to_debug():
         # as onnxruntime.quantization does: the root logger, at INFO, from its own file
         record = logging.getLogger().makeRecord(
             "root", logging.INFO, "/x/onnxruntime/quantization/onnx_quantizer.py", 1,
