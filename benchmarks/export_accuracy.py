@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     test = run_splits(args.run)[2]
     tuner = load_tuner(args.run)
     tuner.verbose = 0
-    keras_pred = tuner.predict(test.texts)
+    keras_pred = tuner.predict_proba(test.texts).argmax(axis=-1)  # class ids
     keras_acc = float(np.mean(keras_pred == test.labels))
     rows = [{"variant": "keras fp32", "accuracy": keras_acc, "differs_from_keras": 0}]
     print(f"keras fp32: accuracy {keras_acc:.4f} on {len(test)} test rows", flush=True)

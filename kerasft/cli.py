@@ -29,8 +29,26 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _class_weight(text: str) -> str | dict[str, float]:
+    """`balanced`, or `LABEL=WEIGHT,LABEL=WEIGHT` (label names as in the data file)."""
+    if text == "balanced":
+        return text
+    weights = {}
+    for item in text.split(","):
+        name, sep, weight = item.rpartition("=")
+        try:
+            weights[name.strip()] = float(weight)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise argparse.ArgumentTypeError(
+                f"expected 'balanced' or LABEL=WEIGHT[,LABEL=WEIGHT...], got {text!r}"
+            )
+    return weights
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from kerasft.config import SELECT_BEST, RecipeConfig
+    from kerasft.config import MIXED_PRECISION, SELECT_BEST, RecipeConfig
     from kerasft.data import DATA_ENV, REFERENCE_SEED
     from kerasft.exporters.verify import INT8_MAX_ACCURACY_DROP, INT8_MIN_AGREEMENT
     from kerasft.presets import DEFAULT_PRESET
@@ -79,6 +97,31 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument(
         "--early-stopping-patience", type=int, metavar="N",
         help="stop stage 2 after N epochs without a better validation score",
+    )  # fmt: skip
+    fit.add_argument(
+        "--weight-decay", type=float, nargs="+", metavar="X",
+        help="AdamW weight decay: one value for both stages, or two (warm-up, fine-tune); "
+        "default 0 (Adam)",
+    )  # fmt: skip
+    fit.add_argument(
+        "--warmup-ratio", type=float, default=RecipeConfig.warmup_ratio,
+        help="fraction of stage 2's steps with a linear learning-rate warm-up (default 0)",
+    )  # fmt: skip
+    fit.add_argument(
+        "--max-grad-norm", type=float, help="clip gradients to this global norm (default: none)"
+    )
+    fit.add_argument(
+        "--gradient-accumulation-steps", type=int, metavar="N",
+        default=RecipeConfig.gradient_accumulation_steps,
+        help="one optimizer step per N batches (default 1)",
+    )  # fmt: skip
+    fit.add_argument(
+        "--mixed-precision", choices=MIXED_PRECISION,
+        help="train under Keras' mixed_bfloat16 / mixed_float16 policy (saved in float32)",
+    )  # fmt: skip
+    fit.add_argument(
+        "--class-weight", type=_class_weight, metavar="balanced|LABEL=W,...",
+        help="weigh the training loss per class: 'balanced' or e.g. '1=2.5' (default: none)",
     )  # fmt: skip
     fit.add_argument("--batch-size", type=int, default=RecipeConfig.batch_size)
     fit.add_argument("--seed", type=int, default=RecipeConfig.seed)
@@ -196,7 +239,8 @@ RUN_OPTIONS = (
     "backend", "data", "preset", "text_column", "label_column", "skip_invalid", "limit",
     "sequence_length", "warmup_epochs", "warmup_lr", "finetune_epochs", "finetune_lr",
     "finetune_schedule", "batch_size", "seed", "select_best", "early_stopping_patience",
-    "split_seed",
+    "split_seed", "weight_decay", "warmup_ratio", "max_grad_norm", "gradient_accumulation_steps",
+    "mixed_precision", "class_weight",
 )  # fmt: skip
 
 
@@ -245,8 +289,10 @@ def cmd_fit(args) -> int:
             for name in RUN_OPTIONS:  # the interrupted run's options, whatever was typed now
                 setattr(args, name, saved.get(name, getattr(args, name)))
         elif saved is not None and not args.overwrite:
-            differ = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {getattr(args, k)!r}"
-                      for k in RUN_OPTIONS if saved.get(k) != getattr(args, k)]  # fmt: skip
+            # (an option the interrupted run's kerasft did not know yet keeps its default)
+            typed = {k: getattr(args, k) for k in RUN_OPTIONS}
+            differ = [f"--{k.replace('_', '-')} {saved[k]!r} -> {v!r}"
+                      for k, v in typed.items() if saved.get(k, v) != v]  # fmt: skip
             if differ:
                 raise FileExistsError(
                     f"An interrupted run of {str(out)!r} with other options is in "
@@ -274,6 +320,17 @@ def cmd_fit(args) -> int:
             raise
 
 
+def _weight_decay(values: list[float] | None) -> float | list[float]:
+    if not values:
+        return 0.0
+    if len(values) > 2:
+        raise ValueError(
+            f"--weight-decay takes one value (both stages) or two (warm-up, fine-tune). "
+            f"Received: {values}"
+        )
+    return values[0] if len(values) == 1 else list(values)
+
+
 def _fit_into(args, out: Path, work: Path) -> int:
     import keras
 
@@ -294,6 +351,12 @@ def _fit_into(args, out: Path, work: Path) -> int:
         seed=args.seed,
         select_best=args.select_best,
         early_stopping_patience=args.early_stopping_patience,
+        weight_decay=_weight_decay(args.weight_decay),
+        warmup_ratio=args.warmup_ratio,
+        max_grad_norm=args.max_grad_norm,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        class_weight=args.class_weight,
     )
     start = time.perf_counter()
     source = rundir.DataSource.from_file(

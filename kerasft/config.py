@@ -8,6 +8,8 @@ import os
 from kerasft.presets import OFFLINE_PRESET
 
 SELECT_BEST = ("accuracy", "f1", "loss")
+MIXED_PRECISION = ("bfloat16", "float16")
+STAGES = ("warmup", "finetune")
 
 
 @dataclasses.dataclass
@@ -38,6 +40,22 @@ class RecipeConfig:
         early_stopping_patience: stop stage 2 after this many epochs without a better
             validation score (`select_best`, or validation loss when that is None); None
             (default) never stops early.
+        weight_decay: decoupled weight decay (AdamW, as Trainer's `weight_decay`): one float
+            for both stages or `[warmup, finetune]`. Biases and LayerNorm weights are not
+            decayed. 0 (default) keeps plain Adam.
+        warmup_ratio: fraction of stage 2's steps over which its learning rate rises linearly
+            from 0 to `finetune_learning_rate`, before `finetune_schedule` applies (Trainer's
+            `warmup_ratio`); 0 (default): no warm-up.
+        max_grad_norm: clip the gradients' global norm to this value in both stages (Trainer's
+            `max_grad_norm`); None (default): no clipping.
+        gradient_accumulation_steps: apply the optimizer once every this many batches, with
+            their gradients averaged (Keras' optimizer option); 1 (default): every batch.
+        mixed_precision: `"bfloat16"` or `"float16"`: train with a Keras mixed dtype policy
+            (float32 variables; float16 adds loss scaling). The fitted model is returned and
+            saved in float32. None (default): float32 throughout.
+        class_weight: `"balanced"` (weights `n / (k * count)`, as scikit-learn computes them)
+            or a mapping `{label: weight}` by label name; classes not named weigh 1. Scales
+            the training loss per row in both stages. None (default): every row weighs 1.
 
     Raises:
         ValueError: on construction, for any out-of-range value (the message names it).
@@ -56,10 +74,20 @@ class RecipeConfig:
     finetune_schedule: str = "linear"
     select_best: str | None = None
     early_stopping_patience: int | None = None
+    weight_decay: float | list[float] = 0.0
+    warmup_ratio: float = 0.0
+    max_grad_norm: float | None = None
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str | None = None
+    class_weight: str | dict[str, float] | None = None
 
     def __post_init__(self):
         if isinstance(self.preset, os.PathLike):
             self.preset = os.fspath(self.preset)
+        if isinstance(self.weight_decay, tuple):
+            self.weight_decay = list(self.weight_decay)
+        if isinstance(self.class_weight, dict):  # label names, as in `label_names`
+            self.class_weight = {str(k): v for k, v in self.class_weight.items()}
         checks = {
             "num_classes": (
                 self.num_classes is None or _is_int(self.num_classes, 2),
@@ -86,6 +114,37 @@ class RecipeConfig:
                 self.early_stopping_patience is None or _is_int(self.early_stopping_patience, 1),
                 "an int >= 1 or None",
             ),
+            "weight_decay": (
+                _is_decay(self.weight_decay)
+                or (
+                    isinstance(self.weight_decay, list)
+                    and len(self.weight_decay) == 2
+                    and all(_is_decay(w) for w in self.weight_decay)
+                ),
+                "a float in [0, 1), or [warmup, finetune] of two such floats",
+            ),
+            "warmup_ratio": (_is_fraction(self.warmup_ratio), "a float in [0, 1)"),
+            "max_grad_norm": (
+                self.max_grad_norm is None or _is_positive(self.max_grad_norm),
+                "a float > 0 or None",
+            ),
+            "gradient_accumulation_steps": (
+                _is_int(self.gradient_accumulation_steps, 1),
+                "an int >= 1",
+            ),
+            "mixed_precision": (
+                self.mixed_precision in (None, *MIXED_PRECISION),
+                f"one of {list(MIXED_PRECISION)} or None",
+            ),
+            "class_weight": (
+                self.class_weight in (None, "balanced")
+                or (
+                    isinstance(self.class_weight, dict)
+                    and bool(self.class_weight)
+                    and all(_is_positive(w) for w in self.class_weight.values())
+                ),
+                "'balanced', a non-empty {label: weight > 0} mapping, or None",
+            ),
         }
         for name, (ok, allowed) in checks.items():
             if not ok:
@@ -104,6 +163,12 @@ class RecipeConfig:
             return None
         metric = self.select_best or "loss"
         return f"val_{metric}", "min" if metric == "loss" else "max"
+
+    def stage_weight_decay(self, stage: str) -> float:
+        """The weight decay of `stage` (`"warmup"` or `"finetune"`)."""
+        if isinstance(self.weight_decay, list):
+            return float(self.weight_decay[STAGES.index(stage)])
+        return float(self.weight_decay)
 
     def to_dict(self) -> dict:
         """Returns the config as a JSON-serialisable dict."""
@@ -126,6 +191,21 @@ def _is_int(value, low: int, high: int | None = None) -> bool:
         and value >= low
         and (high is None or value <= high)
     )
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+
+def _is_positive(value) -> bool:
+    return _is_number(value) and 0 < value < float("inf")
+
+
+def _is_fraction(value) -> bool:
+    return _is_number(value) and 0 <= value < 1
+
+
+_is_decay = _is_fraction
 
 
 def _is_rate(value) -> bool:

@@ -5,8 +5,9 @@ and TSV (`.tsv`/`.tab`) with a header row, each optionally gzipped (`.jsonl.gz`,
 byte-order mark (as Excel writes) is ignored. A label that is empty, null/None or NaN (in any
 spelling, "nan" included) is missing. Text and label columns are auto-detected from common
 names (`headline`, `sentence`, `text`, ... / `is_sarcastic`, `label`, ...) and can be given by name.
-Labels may be ints or strings; they are mapped to class ids `0..K-1` in sorted order and the names
-are kept in `TextDataset.label_names`.
+Labels are class names, in files and in the Python API alike (`encode_labels`): the distinct
+values in sorted order (numeric when all are integers) become class ids `0..K-1`, and their string
+forms are kept in `TextDataset.label_names`; `{1, 2}` is a 2-class task named "1" and "2".
 """
 
 from __future__ import annotations
@@ -166,24 +167,67 @@ def _pick_column(columns: list[str], given: str | None, candidates, role: str, p
     return found[0]
 
 
-def _label_names(raw_labels: list) -> tuple[np.ndarray, list[str]]:
-    as_int = []
-    for v in raw_labels:
-        if isinstance(v, bool):
-            as_int = None
-            break
+def encode_labels(values, known: list[str] | None = None) -> tuple[np.ndarray, list[str]]:
+    """Class ids and names of labels: one rule for files and for the Python API.
+
+    Labels are class *names*. The distinct values, sorted (numerically when every value is an
+    integer: `1`, `1.0` and `"1"` alike), are the classes `0..K-1`; `label_names` holds their
+    string forms. So `{1, 2}` is a 2-class task whose classes are named `"1"` and `"2"`, and
+    `{0, 1}` keeps ids 0 and 1. Given `known` names (a fitted model's), values are matched to
+    them by name instead.
+
+    Args:
+        values: one label per row (ints, integral floats or strings; surrounding spaces of
+            strings are ignored).
+        known: the class names to match against, or None to derive them from `values`.
+
+    Returns:
+        `(ids, names)`: int32 class ids indexing `names`.
+
+    Raises:
+        DataError: a missing label (None, NaN, "", "nan", "null", ...), or with `known`, a
+            label that is not one of them.
+
+    Example:
+        >>> encode_labels([2, 1, 2])
+        (array([1, 0, 1], dtype=int32), ['1', '2'])
+    """
+    values = [v.strip() if isinstance(v, str) else v for v in values]
+    missing = next((i for i, v in enumerate(values) if _is_missing(v)), None)
+    if missing is not None:
+        raise DataError(f"Missing label ({values[missing]!r}) at row index {missing}.")
+    as_int = _integers(values)
+    keys = [str(v) for v in (as_int if as_int is not None else values)]
+    if known is None:
+        distinct = sorted(set(as_int)) if as_int is not None else sorted(set(keys))
+        known = [str(v) for v in distinct]
+    index = {name: i for i, name in enumerate(known)}
+    unknown = sorted(set(keys) - set(index))
+    if unknown:
+        raise DataError(f"Unknown labels {unknown[:5]}. Known labels: {list(known)}")
+    return np.array([index[k] for k in keys], dtype="int32"), list(known)
+
+
+def _integers(values: list) -> list[int] | None:
+    """The values as ints when every one is an integer (int, integral float, "12"), else None."""
+    out = []
+    for v in values:
+        if isinstance(v, (bool, np.bool_)):
+            return None
         try:
-            as_int.append(int(v))
-            if isinstance(v, float) and v != int(v):
-                as_int = None
-                break
-        except (TypeError, ValueError):
-            as_int = None
-            break
-    keys = as_int if as_int is not None else [str(v) for v in raw_labels]
-    names = sorted(set(keys))
-    index = {name: i for i, name in enumerate(names)}
-    return np.array([index[k] for k in keys], dtype="int32"), [str(n) for n in names]
+            i = int(v)
+        except (TypeError, ValueError, OverflowError):
+            return None
+        if isinstance(v, (float, np.floating)) and v != i:
+            return None
+        out.append(i)
+    return out
+
+
+def label_values(names: list[str]) -> np.ndarray:
+    """Label names as a user's data holds them: ints when every name is an integer, else str."""
+    as_int = _integers(names)
+    return np.array(as_int if as_int is not None else names)
 
 
 def load_dataset(
@@ -255,7 +299,7 @@ def load_dataset(
         logger.warning("%s: skipped %d invalid rows (skip_invalid=True).", path, skipped)
     if not texts:
         raise DataError(f"{path}: no valid rows left (skipped {skipped}).")
-    labels, names = _label_names(raw_labels)
+    labels, names = encode_labels(raw_labels)
     if len(names) < 2:
         raise DataError(
             f"{path}: only one class ({names[0]!r}) in column {label_col!r}; classification "

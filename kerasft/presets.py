@@ -236,6 +236,7 @@ def load_classifier(
     preset: str | os.PathLike = DEFAULT_PRESET,
     num_classes: int = 2,
     sequence_length: int = 128,
+    dtype: str | None = None,
 ):
     """Returns a KerasHub `DistilBertTextClassifier` with its preprocessor.
 
@@ -246,6 +247,8 @@ def load_classifier(
         preset: a KerasHub preset name, a local directory, or `"all_minilm_l6_v2"`.
         num_classes: number of output classes.
         sequence_length: maximum tokens per text, `[CLS]` and `[SEP]` included.
+        dtype: a Keras dtype policy name for the model (`"mixed_bfloat16"`, ...); None keeps
+            the Keras default (float32).
 
     Returns:
         A `keras_hub.models.DistilBertTextClassifier` (logits output, not compiled).
@@ -271,8 +274,9 @@ def load_classifier(
         preprocessor = keras_hub.models.DistilBertTextClassifierPreprocessor.from_preset(
             handle, sequence_length=sequence_length
         )
+        options = {} if dtype is None else {"dtype": dtype}
         return keras_hub.models.DistilBertTextClassifier.from_preset(
-            handle, num_classes=num_classes, preprocessor=preprocessor
+            handle, num_classes=num_classes, preprocessor=preprocessor, **options
         )
     except (OSError, ConnectionError, ValueError) as e:
         if Path(handle).is_dir():

@@ -14,6 +14,8 @@ Example:
 
 from __future__ import annotations
 
+import math
+
 import keras
 import numpy as np
 
@@ -46,7 +48,15 @@ def initialize_head(classifier, seed: int, stddev: float = 0.02) -> None:
         layer.bias.assign(np.zeros(tuple(layer.bias.shape), dtype=layer.bias.dtype))
 
 
-def compile_classifier(model: keras.Model, learning_rate) -> keras.Model:
+def compile_classifier(
+    model: keras.Model,
+    learning_rate,
+    *,
+    weight_decay: float = 0.0,
+    max_grad_norm: float | None = None,
+    gradient_accumulation_steps: int = 1,
+    loss_scale: bool = False,
+) -> keras.Model:
     """Compiles `model` with the recipe's loss: a fresh Adam, one-hot CE from logits, accuracy.
 
     A fresh optimizer every time: after `trainable` changes Keras needs a recompile, and Adam's
@@ -55,6 +65,12 @@ def compile_classifier(model: keras.Model, learning_rate) -> keras.Model:
     Args:
         model: a classifier, or any model that outputs logits.
         learning_rate: Adam's learning rate (> 0) or a `keras.optimizers.schedules` schedule.
+        weight_decay: > 0 uses AdamW with this decoupled decay; biases and LayerNorm
+            `gamma`/`beta` are excluded, as Hugging Face Trainer excludes them.
+        max_grad_norm: clip the gradients' global norm (Keras' `global_clipnorm`).
+        gradient_accumulation_steps: > 1 applies the averaged gradients of that many batches
+            (Keras' `gradient_accumulation_steps`).
+        loss_scale: wrap the optimizer in `keras.optimizers.LossScaleOptimizer` (float16).
 
     Returns:
         `model`, compiled.
@@ -65,8 +81,20 @@ def compile_classifier(model: keras.Model, learning_rate) -> keras.Model:
     schedule = isinstance(learning_rate, keras.optimizers.schedules.LearningRateSchedule)
     if not schedule and not learning_rate > 0:
         raise ValueError(f"learning_rate must be > 0. Received: learning_rate={learning_rate!r}")
+    options = {}
+    if max_grad_norm is not None:
+        options["global_clipnorm"] = max_grad_norm
+    if gradient_accumulation_steps > 1:
+        options["gradient_accumulation_steps"] = gradient_accumulation_steps
+    if weight_decay:
+        optimizer = keras.optimizers.AdamW(learning_rate, weight_decay=weight_decay, **options)
+        optimizer.exclude_from_weight_decay(var_names=NO_WEIGHT_DECAY)
+    else:
+        optimizer = keras.optimizers.Adam(learning_rate, **options)
+    if loss_scale:
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
+        optimizer=optimizer,
         loss=keras.losses.CategoricalCrossentropy(from_logits=True),
         metrics=[
             keras.metrics.CategoricalAccuracy(name="accuracy"),
@@ -74,6 +102,71 @@ def compile_classifier(model: keras.Model, learning_rate) -> keras.Model:
         ],
     )
     return model
+
+
+# Variable names kept out of weight decay: Dense/Embedding biases and LayerNorm's scale and offset.
+NO_WEIGHT_DECAY = ["bias", "gamma", "beta"]
+
+
+@keras.saving.register_keras_serializable(package="kerasft")
+class LinearWarmup(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warm-up from 0 to `peak` over `warmup_steps`, then constant or linear decay to 0.
+
+    The schedule of Hugging Face's `get_linear_schedule_with_warmup` (or
+    `get_constant_schedule_with_warmup` with `decay=False`).
+
+    Args:
+        peak: the learning rate reached after warm-up.
+        warmup_steps: steps of the linear rise (>= 1).
+        total_steps: all steps of the stage; with `decay`, the rate reaches 0 there.
+        decay: decay linearly after warm-up; False keeps `peak`.
+    """
+
+    def __init__(self, peak: float, warmup_steps: int, total_steps: int, decay: bool = True):
+        self.peak, self.warmup_steps, self.total_steps, self.decay = (
+            float(peak), int(warmup_steps), int(total_steps), bool(decay)
+        )  # fmt: skip
+
+    def __call__(self, step):
+        ops = keras.ops
+        step = ops.cast(step, "float32")
+        rise = self.peak * step / max(1, self.warmup_steps)
+        after = self.peak
+        if self.decay:
+            left = ops.maximum(0.0, self.total_steps - step)
+            after = self.peak * left / max(1, self.total_steps - self.warmup_steps)
+        return ops.where(step < self.warmup_steps, rise, after)
+
+    def get_config(self):
+        return {
+            "peak": self.peak,
+            "warmup_steps": self.warmup_steps,
+            "total_steps": self.total_steps,
+            "decay": self.decay,
+        }
+
+
+def stage_schedule(learning_rate: float, steps: int, linear_decay: bool, warmup_ratio: float = 0.0):
+    """A stage's learning rate: constant, linear decay to 0, either after a linear warm-up.
+
+    Args:
+        learning_rate: the peak rate.
+        steps: the stage's batches (epochs x batches per epoch).
+        linear_decay: decay linearly to 0 at `steps`.
+        warmup_ratio: fraction of `steps` (rounded up) spent rising from 0; 0 for none.
+
+    Returns:
+        A float (constant) or a `LearningRateSchedule`.
+    """
+    steps = max(1, steps)
+    if warmup_ratio > 0:
+        warmup = min(steps, math.ceil(warmup_ratio * steps))
+        return LinearWarmup(learning_rate, warmup, steps, decay=linear_decay)
+    if linear_decay:
+        return keras.optimizers.schedules.PolynomialDecay(
+            learning_rate, decay_steps=steps, end_learning_rate=0.0
+        )
+    return learning_rate
 
 
 @keras.saving.register_keras_serializable(package="kerasft")
@@ -203,7 +296,8 @@ def extract_features(classifier, data: BucketedBatches, verbose: int | str = "au
     unshuffled = BucketedBatches(
         data.token_ids, data.lengths, batch_size=max(64, data.batch_size), shuffle=False
     )
-    return unshuffled.restore_order(extractor.predict(unshuffled, verbose=verbose))
+    features = unshuffled.restore_order(extractor.predict(unshuffled, verbose=verbose))
+    return np.asarray(features, dtype="float32")  # float32 also under a mixed dtype policy
 
 
 def prepare_stage(
@@ -216,11 +310,13 @@ def prepare_stage(
     train_base: bool,
     cache_features: bool = True,
     linear_decay: bool = False,
+    warmup_ratio: float = 0.0,
     verbose: int | str = "auto",
+    **optimizer_options,
 ) -> tuple[keras.Model, keras.utils.PyDataset, keras.utils.PyDataset | None]:
     """Freezes or unfreezes the backbone and returns what `fit` needs for one stage.
 
-    See `train_stage` for the arguments. `epochs` sizes the linear decay.
+    See `train_stage` for the arguments. `epochs` sizes the learning-rate schedule.
 
     Returns:
         `(model, fit_x, fit_validation)`: the compiled model that trains (the head alone on
@@ -230,14 +326,12 @@ def prepare_stage(
         order never depends on global random state and a resumed run sees the same batches.
     """
     classifier.backbone.trainable = train_base
-    if linear_decay:
-        learning_rate = keras.optimizers.schedules.PolynomialDecay(
-            learning_rate, decay_steps=max(1, epochs * len(train)), end_learning_rate=0.0
-        )
+    learning_rate = stage_schedule(learning_rate, epochs * len(train), linear_decay, warmup_ratio)
     if train_base or not cache_features:
-        return compile_classifier(core_model(classifier), learning_rate), train, validation
+        model = compile_classifier(core_model(classifier), learning_rate, **optimizer_options)
+        return model, train, validation
     _, model = _head_parts(classifier)
-    compile_classifier(model, learning_rate)
+    compile_classifier(model, learning_rate, **optimizer_options)
     fit_x = _FeatureBatches(
         extract_features(classifier, train, verbose),
         train.targets,
@@ -269,7 +363,10 @@ def train_stage(
     callbacks: list | None = None,
     cache_features: bool = True,
     linear_decay: bool = False,
+    warmup_ratio: float = 0.0,
+    class_weight: dict[int, float] | None = None,
     verbose: int | str = "auto",
+    **optimizer_options,
 ) -> keras.callbacks.History:
     """Trains one stage of the recipe.
 
@@ -290,7 +387,11 @@ def train_stage(
         cache_features: use cached backbone features when the backbone is frozen.
         linear_decay: decay the learning rate linearly to 0 over the stage's steps (the usual
             BERT fine-tuning schedule) instead of keeping it constant.
+        warmup_ratio: fraction of the stage's steps spent rising linearly from 0 first.
+        class_weight: `{class id: weight}` scaling the training loss per row (Keras' own).
         verbose: Keras verbosity.
+        **optimizer_options: `weight_decay`, `max_grad_norm`, `gradient_accumulation_steps`,
+            `loss_scale`; see `compile_classifier`.
 
     Returns:
         The stage's `keras.callbacks.History`.
@@ -307,7 +408,9 @@ def train_stage(
         train_base=train_base,
         cache_features=cache_features,
         linear_decay=linear_decay,
+        warmup_ratio=warmup_ratio,
         verbose=verbose,
+        **optimizer_options,
     )
     return model.fit(
         fit_x,
@@ -315,6 +418,7 @@ def train_stage(
         epochs=initial_epoch + epochs,
         initial_epoch=initial_epoch,
         callbacks=callbacks,
+        class_weight=class_weight,
         verbose=verbose,
         shuffle=False,  # the batches shuffle themselves (seeded); see `prepare_stage`
     )

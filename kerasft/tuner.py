@@ -16,11 +16,11 @@ import numpy as np
 
 from kerasft import recipe
 from kerasft.checkpoint import CheckpointDir, restore_optimizer, set_global_rng_state
-from kerasft.config import RecipeConfig
-from kerasft.data import DataError, TextDataset
+from kerasft.config import STAGES, RecipeConfig
+from kerasft.data import DataError, TextDataset, encode_labels, label_values
 from kerasft.fileio import atomic_write_text, default_file_mode
+from kerasft.precision import check_mixed_precision, policy_name, to_float32
 
-STAGES = ("warmup", "finetune")
 log = logging.getLogger(__name__)
 
 
@@ -52,6 +52,14 @@ class TwoStageFineTuner:
             validation score before returning (needs `validation_data`); None keeps the last.
         early_stopping_patience: stop stage 2 after this many epochs without improvement of
             the validation score; None never stops early.
+        weight_decay: AdamW's decoupled weight decay, one float or `[warmup, finetune]`; 0
+            keeps Adam.
+        warmup_ratio: fraction of stage 2's steps with a linear learning-rate warm-up.
+        max_grad_norm: clip gradients to this global norm; None does not clip.
+        gradient_accumulation_steps: batches whose gradients make one optimizer step.
+        mixed_precision: `"bfloat16"` or `"float16"` mixed precision; None is float32.
+        class_weight: `"balanced"` or `{label name: weight}`; None weighs every row 1.
+            See `kerasft.config.RecipeConfig` for each option.
         callbacks: Keras callbacks for both stages (not part of `get_config`). They see the
             whole classifier (raw strings in), so a `ModelCheckpoint` saves a usable model.
         verbose: Keras verbosity for fit/predict progress.
@@ -86,6 +94,12 @@ class TwoStageFineTuner:
         finetune_schedule: str = RecipeConfig.finetune_schedule,
         select_best: str | None = RecipeConfig.select_best,
         early_stopping_patience: int | None = RecipeConfig.early_stopping_patience,
+        weight_decay: float | list[float] = RecipeConfig.weight_decay,
+        warmup_ratio: float = RecipeConfig.warmup_ratio,
+        max_grad_norm: float | None = RecipeConfig.max_grad_norm,
+        gradient_accumulation_steps: int = RecipeConfig.gradient_accumulation_steps,
+        mixed_precision: str | None = RecipeConfig.mixed_precision,
+        class_weight: str | dict | None = RecipeConfig.class_weight,
         callbacks: list | None = None,
         verbose: int | str = "auto",
     ):
@@ -103,6 +117,12 @@ class TwoStageFineTuner:
             finetune_schedule=finetune_schedule,
             select_best=select_best,
             early_stopping_patience=early_stopping_patience,
+            weight_decay=weight_decay,
+            warmup_ratio=warmup_ratio,
+            max_grad_norm=max_grad_norm,
+            gradient_accumulation_steps=gradient_accumulation_steps,
+            mixed_precision=mixed_precision,
+            class_weight=class_weight,
         )
         for name, value in self.recipe.to_dict().items():
             setattr(self, name, value)
@@ -145,7 +165,9 @@ class TwoStageFineTuner:
 
         Args:
             x: texts (list/array of str) or a `kerasft.data.TextDataset` (then `y` is None).
-            y: labels: ints (class ids), strings (class names) or a one-hot `(N, K)` array.
+            y: labels, one per row: ints or strings, both class *names* as in data files
+                (`{1, 2}` is 2 classes named "1" and "2"; see `kerasft.data.encode_labels`),
+                or one-hot rows `(N, K)`.
             validation_data: `(texts, labels)` or a `TextDataset`, scored after every epoch.
                 Required by `select_best` and `early_stopping_patience`.
             checkpoint_dir: directory for per-epoch checkpoints, or None (no checkpoints).
@@ -181,10 +203,13 @@ class TwoStageFineTuner:
         if checkpoint_dir is not None:
             store = CheckpointDir(checkpoint_dir, self._fingerprint(texts, labels))
         state = store.load() if store is not None else None
+        self._class_weights = self._class_weight_ids(labels)
+        if self.mixed_precision is not None:
+            check_mixed_precision(self.mixed_precision)  # a clear error, before any loading
         keras.utils.set_random_seed(self.seed)
         self.backend = keras.backend.backend()
         self.model = recipe.load_pretrained_classifier(
-            self.preset, self.num_classes, self.sequence_length
+            self.preset, self.num_classes, self.sequence_length, policy_name(self.mixed_precision)
         )
         recipe.initialize_head(self.model, self.seed)
         train = recipe.encode(
@@ -207,6 +232,7 @@ class TwoStageFineTuner:
         for stage in STAGES:
             self._run_stage(stage, train, val, run, store)
         self._select(run, store)
+        self.model = to_float32(self.model)  # what is saved and exported: float32
         self.stage_seconds = dict(run.seconds)
         if store is not None:  # part of the stage seconds above, reported apart
             self.stage_seconds["checkpoints"] = store.seconds
@@ -238,7 +264,12 @@ class TwoStageFineTuner:
             train_base=train_base,
             cache_features=self.cache_features,
             linear_decay=stage == "finetune" and self.finetune_schedule == "linear",
+            warmup_ratio=self.warmup_ratio if stage == "finetune" else 0.0,
             verbose=self.verbose,
+            weight_decay=self.recipe.stage_weight_decay(stage),
+            max_grad_norm=self.max_grad_norm,
+            gradient_accumulation_steps=self.gradient_accumulation_steps,
+            loss_scale=self.mixed_precision == "float16",
         )
         done = run.epochs(stage)
         if done:  # resuming inside this stage
@@ -258,6 +289,7 @@ class TwoStageFineTuner:
             epochs=first + epochs,
             initial_epoch=first + done,
             callbacks=callbacks,
+            class_weight=self._class_weights,
             verbose=self.verbose,
             shuffle=False,  # `fit_x` reshuffles itself from the seed and its epoch number
         )
@@ -313,8 +345,13 @@ class TwoStageFineTuner:
         return keras.ops.convert_to_numpy(keras.ops.softmax(data.restore_order(logits), axis=-1))
 
     def predict(self, x) -> np.ndarray:
-        """Returns predicted class ids (index into `label_names`)."""
-        return np.argmax(self.predict_proba(x), axis=-1)
+        """Returns predicted labels as the training data held them, comparable with its file.
+
+        Ints when every label name is an integer (`"0"`, `"1"`, or `"1"`..`"5"` stars), else
+        strings. `predict_proba(x).argmax(-1)` gives class ids (indices into `label_names`).
+        """
+        ids = np.argmax(self.predict_proba(x), axis=-1)
+        return label_values(self._fitted_labels())[ids]
 
     def evaluate(self, x, y=None) -> dict:
         """Returns `{"loss", "accuracy"}` of the fitted model on `x`, `y` (labels as in `fit`)."""
@@ -334,7 +371,8 @@ class TwoStageFineTuner:
         from kerasft.metrics import classification_metrics
 
         texts, labels = self._texts_and_labels(x, y)
-        return classification_metrics(labels, self.predict(texts), self.num_classes)
+        predicted = np.argmax(self.predict_proba(texts), axis=-1)
+        return classification_metrics(labels, predicted, self.num_classes)
 
     # --- persistence --------------------------------------------------------------------------
 
@@ -467,6 +505,10 @@ class TwoStageFineTuner:
             self._core_cache = (self.model, recipe.core_model(self.model))
         return self._core_cache[1]
 
+    def _fitted_labels(self) -> list[str]:
+        self._fitted()
+        return self.label_names
+
     def _fitted(self):
         if self.model is None:
             raise RuntimeError("This TwoStageFineTuner is not fitted yet. Call fit() or load().")
@@ -503,22 +545,37 @@ class TwoStageFineTuner:
                 f"x and y differ in length. Received: len(x)={len(texts)}, len(y)={len(ids)}"
             )
         if fitting:
-            self._check_training_rows(texts, ids)
+            self._check_training_rows(texts, ids, names)
             k = self.recipe.num_classes or len(names)  # what the user asked for, or inferred
             if len(names) > k:
                 raise DataError(
                     f"Labels hold {len(names)} classes {names[:10]}, more than num_classes={k}."
                 )
-            self.label_names = names + [str(i) for i in range(len(names), k)]
+            self.label_names = names + _unused_names(names, k - len(names))
             self.num_classes = k  # of this fit; `self.recipe` keeps what the user passed
-        if ids.min() < 0 or ids.max() >= self.num_classes:
-            raise DataError(
-                f"Labels must be class ids in [0, {self.num_classes}). "
-                f"Received: min={ids.min()}, max={ids.max()}"
-            )
         return texts, ids
 
-    def _check_training_rows(self, texts, ids):
+    def _class_weight_ids(self, ids: np.ndarray) -> dict[int, float] | None:
+        """`class_weight` as Keras takes it: `{class id: weight}` for every class."""
+        if self.class_weight is None:
+            return None
+        k = self.num_classes
+        if self.class_weight == "balanced":  # scikit-learn's n / (k * count), absent classes 1
+            counts = np.bincount(ids, minlength=k)
+            present = counts > 0
+            weights = np.ones(k)
+            weights[present] = len(ids) / (present.sum() * counts[present])
+            return {i: float(w) for i, w in enumerate(weights)}
+        unknown = sorted(set(self.class_weight) - set(self.label_names))
+        if unknown:
+            raise DataError(
+                f"class_weight names labels {unknown} that are not in the training labels "
+                f"{self.label_names}."
+            )
+        weights = self.class_weight
+        return {i: float(weights.get(name, 1.0)) for i, name in enumerate(self.label_names)}
+
+    def _check_training_rows(self, texts, ids, names):
         if len(texts) < self.batch_size:
             raise DataError(
                 f"Fewer training rows than one batch. Received: rows={len(texts)}, "
@@ -526,25 +583,51 @@ class TwoStageFineTuner:
             )
         if len(np.unique(ids)) < 2:
             raise DataError(
-                f"Training labels hold a single class ({int(ids[0])}); need at least two."
+                f"Training labels hold a single class ({names[int(ids[0])]!r}); "
+                "need at least two."
             )
 
 
 def _label_ids(y, known: list[str] | None) -> tuple[np.ndarray, list[str]]:
-    """Class ids and class names from int ids, one-hot rows or string names."""
+    """Class ids and names from labels (`kerasft.data.encode_labels`) or one-hot rows."""
     y = np.asarray(y)
     if y.size == 0:
         raise DataError("No labels given (empty y).")
+    if y.ndim == 2 and y.shape[1] == 1:
+        raise DataError(
+            f"y has shape {y.shape}: a column of labels. Pass one label per row as a 1-D array "
+            "(y.ravel()), or one-hot rows of shape (N, num_classes)."
+        )
     if y.ndim == 2:
-        return np.argmax(y, axis=1), [str(i) for i in range(y.shape[1])]
-    if y.dtype.kind in "iu":
-        return y.astype("int64"), [str(i) for i in range(int(y.max()) + 1)]
-    names = list(known) if known is not None else sorted({str(v) for v in y})
-    index = {n: i for i, n in enumerate(names)}
-    unknown = sorted({str(v) for v in y} - set(index))
-    if unknown:
-        raise DataError(f"Unknown labels {unknown[:5]}. Known labels: {names}")
-    return np.array([index[str(v)] for v in y], dtype="int64"), names
+        ones, zeros = (y == 1).sum(axis=1), (y == 0).sum(axis=1)
+        bad = np.flatnonzero((ones != 1) | (ones + zeros != y.shape[1]))
+        if bad.size:
+            raise DataError(
+                f"2-D y must be one-hot rows (a single 1, the rest 0); row {int(bad[0])} is "
+                f"{y[bad[0]].tolist()[:10]}. Multi-label and soft targets are not supported: "
+                "pass one label per row."
+            )
+        names = list(known) if known is not None else [str(i) for i in range(y.shape[1])]
+        if y.shape[1] != len(names):
+            raise DataError(
+                f"One-hot y has {y.shape[1]} columns; the model has {len(names)} classes {names}."
+            )
+        return np.argmax(y, axis=1).astype("int32"), names
+    if y.ndim != 1:
+        raise DataError(f"y must be 1-D labels or 2-D one-hot rows. Received: shape {y.shape}")
+    return encode_labels(y.tolist(), known)
+
+
+def _unused_names(names: list[str], count: int) -> list[str]:
+    """Names for classes the training labels do not hold (`num_classes` > labels found)."""
+    values = label_values(names)
+    start = int(values.max()) + 1 if values.dtype.kind == "i" else 0
+    taken, extra, i = set(names), [], start
+    while len(extra) < count:
+        if str(i) not in taken:
+            extra.append(str(i))
+        i += 1
+    return extra
 
 
 def merge_histories(*histories: keras.callbacks.History) -> keras.callbacks.History:

