@@ -583,8 +583,7 @@ class TwoStageFineTuner:
             )
         if len(np.unique(ids)) < 2:
             raise DataError(
-                f"Training labels hold a single class ({names[int(ids[0])]!r}); "
-                "need at least two."
+                f"Training labels hold a single class ({names[int(ids[0])]!r}); need at least two."
             )
 
 
