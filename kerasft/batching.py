@@ -9,32 +9,70 @@ see stays small: one `(batch_size, L)` per bucket plus at most one short remaind
 
 from __future__ import annotations
 
+import logging
+
 import keras
 import numpy as np
 
+log = logging.getLogger(__name__)
+
+PROGRESS_FROM = 8192  # texts: smaller inputs tokenize in a few seconds, without a progress bar
+
 
 def tokenize(
-    preprocessor, texts: list[str], chunk_size: int = 2048
+    preprocessor, texts: list[str], chunk_size: int = 2048, verbose: int | str = 0
 ) -> tuple[np.ndarray, np.ndarray]:
     """Tokenizes `texts` with a KerasHub text classifier preprocessor.
+
+    Texts longer than the preprocessor's `sequence_length` are truncated (as KerasHub does);
+    how many were is logged (a warning) when any were.
 
     Args:
         preprocessor: e.g. `DistilBertTextClassifierPreprocessor`; its `sequence_length` is the
             maximum length (longer texts are truncated exactly as KerasHub does).
         texts: the texts.
         chunk_size: texts per preprocessor call.
+        verbose: Keras verbosity of a progress bar, shown from `PROGRESS_FROM` texts.
 
     Returns:
         `(token_ids, lengths)`: int32 `(N, sequence_length)` padded ids and int32 `(N,)` lengths
         (number of real tokens, `[CLS]` and `[SEP]` included).
     """
     ids, lengths = [], []
+    progress = None
+    if verbose and len(texts) >= PROGRESS_FROM:
+        progress = keras.utils.Progbar(
+            len(texts), verbose=1 if verbose == "auto" else verbose, unit_name="text"
+        )
     for start in range(0, len(texts), chunk_size):
         out = preprocessor(list(texts[start : start + chunk_size]))
         ids.append(keras.ops.convert_to_numpy(out["token_ids"]).astype("int32"))
         mask = keras.ops.convert_to_numpy(out["padding_mask"]).astype(bool)
         lengths.append(mask.sum(axis=1).astype("int32"))
-    return np.concatenate(ids), np.concatenate(lengths)
+        if progress is not None:
+            progress.update(min(len(texts), start + chunk_size))
+    token_ids, lengths = np.concatenate(ids), np.concatenate(lengths)
+    truncated = count_truncated(preprocessor, texts, lengths)
+    if truncated:
+        log.warning(
+            "%d of %d texts are longer than sequence_length=%d tokens and were truncated.",
+            truncated, len(texts), token_ids.shape[1],
+        )  # fmt: skip
+    return token_ids, lengths
+
+
+def count_truncated(preprocessor, texts: list[str], lengths: np.ndarray) -> int:
+    """How many of `texts` the preprocessor truncated.
+
+    Only texts that fill the whole sequence can have been cut; those few are tokenized again
+    without the limit (`[CLS]` and `[SEP]` take two places).
+    """
+    full = np.flatnonzero(lengths >= preprocessor.sequence_length)
+    if not len(full):
+        return 0
+    pieces = preprocessor.tokenizer([texts[i] for i in full])
+    counts = [len(keras.ops.convert_to_numpy(p)) for p in pieces]
+    return int(sum(n > preprocessor.sequence_length - 2 for n in counts))
 
 
 class BucketedBatches(keras.utils.PyDataset):

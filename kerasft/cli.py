@@ -79,6 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"random_state of the 60/20/20 split, apart from --seed (default {REFERENCE_SEED}, "
         "the reference split)",
     )  # fmt: skip
+    fit.add_argument(
+        "--validation-data", metavar="FILE",
+        help="validation rows from their own file (labels matched by name); see --test-data",
+    )  # fmt: skip
+    fit.add_argument(
+        "--test-data", metavar="FILE",
+        help="test rows from their own file. With both, --data is used whole for training; "
+        "with one, --data is split 75/25 (stratified, --split-seed) into training rows and the "
+        "other set",
+    )  # fmt: skip
     fit.add_argument("--sequence-length", type=int, default=RecipeConfig.sequence_length)
     fit.add_argument("--warmup-epochs", type=_positive_int, default=RecipeConfig.warmup_epochs)
     fit.add_argument("--warmup-lr", type=float, default=RecipeConfig.warmup_learning_rate)
@@ -240,7 +250,7 @@ RUN_OPTIONS = (
     "sequence_length", "warmup_epochs", "warmup_lr", "finetune_epochs", "finetune_lr",
     "finetune_schedule", "batch_size", "seed", "select_best", "early_stopping_patience",
     "split_seed", "weight_decay", "warmup_ratio", "max_grad_norm", "gradient_accumulation_steps",
-    "mixed_precision", "class_weight",
+    "mixed_precision", "class_weight", "validation_data", "test_data",
 )  # fmt: skip
 
 
@@ -276,8 +286,9 @@ def cmd_fit(args) -> int:
 
     out = _fit_target(args)
     args.backend = os.environ["KERAS_BACKEND"]  # the one `main` chose, recorded for --resume
-    if args.data:
-        args.data = str(Path(args.data).resolve())
+    for name in ("data", "validation_data", "test_data"):
+        if getattr(args, name):
+            setattr(args, name, str(Path(getattr(args, name)).resolve()))
     with target_lock(out, "Run directory"):
         remove_stale_temp_dirs(out)
         work, saved = partial_dir(out), _saved_fit_args(out)
@@ -336,7 +347,7 @@ def _fit_into(args, out: Path, work: Path) -> int:
 
     from kerasft import rundir
     from kerasft.config import RecipeConfig
-    from kerasft.data import load_dataset, split_dataset
+    from kerasft.data import load_dataset
     from kerasft.tuner import TwoStageFineTuner
 
     recipe = RecipeConfig(
@@ -360,20 +371,24 @@ def _fit_into(args, out: Path, work: Path) -> int:
     )
     start = time.perf_counter()
     source = rundir.DataSource.from_file(
-        args.data, skip_invalid=args.skip_invalid, limit=args.limit, limit_seed=args.seed,
+        args.data, validation=args.validation_data, test=args.test_data,
+        skip_invalid=args.skip_invalid, limit=args.limit, limit_seed=args.seed,
         split_seed=args.split_seed,
     )  # fmt: skip
     data = load_dataset(source.path, args.text_column, args.label_column, args.skip_invalid)
     # The columns found, so that the splits are rebuilt from the same ones.
     source.text_column, source.label_column = data.columns["text"], data.columns["label"]
     used = source.select(data)
-    train, val, test = split_dataset(used, source.split_seed)
+    train, val, test = source.split(used)
     log.info(
         "%s: %d rows (%d skipped) -> train %d / validation %d / test %d; backend %s",
         args.data, len(used), data.skipped, len(train), len(val), len(test),
         keras.backend.backend(),
     )  # fmt: skip
-    tuner = TwoStageFineTuner(**recipe.to_dict(), verbose=2 if args.quiet else "auto")
+    # Progress bars only on a terminal: redirected to a file, one line per epoch (Keras'
+    # verbose=2) instead of carriage returns and escape codes.
+    verbose = "auto" if sys.stdout.isatty() and not args.quiet else 2
+    tuner = TwoStageFineTuner(**recipe.to_dict(), verbose=verbose)
     log.info("stage 1: warm-up (backbone frozen), stage 2: fine-tune (all layers)")
     checkpoints = work / rundir.CHECKPOINT_DIR
     tuner.fit(train, validation_data=val, checkpoint_dir=checkpoints)

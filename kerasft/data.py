@@ -338,6 +338,18 @@ def reference_split(
 MIN_PER_CLASS = 3  # the two stratified splits of the reference split fail below this
 
 
+def _check_class_sizes(data: TextDataset, least: int, split: str) -> None:
+    counts = np.bincount(data.labels, minlength=len(data.label_names))
+    present = np.flatnonzero(counts)
+    smallest = present[np.argmin(counts[present])]
+    if counts[smallest] < least:
+        raise DataError(
+            f"{data.source}: class {data.label_names[smallest]!r} has {counts[smallest]} row(s); "
+            f"the stratified {split} split needs at least {least} rows of every class. "
+            "Add rows of that class or remove it."
+        )
+
+
 def split_dataset(
     data: TextDataset, seed: int = REFERENCE_SEED
 ) -> tuple[TextDataset, TextDataset, TextDataset]:
@@ -347,16 +359,44 @@ def split_dataset(
         DataError: a class has fewer than `MIN_PER_CLASS` rows; the message names the file, the
             class and its count.
     """
-    counts = np.bincount(data.labels, minlength=len(data.label_names))
-    present = np.flatnonzero(counts)
-    smallest = present[np.argmin(counts[present])]
-    if counts[smallest] < MIN_PER_CLASS:
-        raise DataError(
-            f"{data.source}: class {data.label_names[smallest]!r} has {counts[smallest]} row(s); "
-            f"the stratified 60/20/20 split needs at least {MIN_PER_CLASS} rows of every class. "
-            "Add rows of that class or remove it."
-        )
+    _check_class_sizes(data, MIN_PER_CLASS, "60/20/20")
     return tuple(data.subset(i) for i in reference_split(data.labels, seed))
+
+
+def holdout_split(data: TextDataset, seed: int = REFERENCE_SEED) -> tuple[TextDataset, TextDataset]:
+    """A stratified 75/25 split (the reference's train:validation ratio): `(train, held_out)`.
+
+    Used when one evaluation set comes from its own file and the other from the training file.
+
+    Raises:
+        DataError: a class has fewer than 2 rows (named with the file and count).
+    """
+    from sklearn.model_selection import train_test_split
+
+    _check_class_sizes(data, 2, "75/25")
+    idx = np.arange(len(data))
+    train, held = train_test_split(idx, test_size=0.25, stratify=data.labels, random_state=seed)
+    return data.subset(train), data.subset(held)
+
+
+def align_labels(data: TextDataset, label_names: list[str]) -> TextDataset:
+    """`data` with its labels re-numbered to `label_names` (an evaluation file's labels matched
+    to the training file's classes by name).
+
+    Raises:
+        DataError: `data` holds a label that is not in `label_names` (the file and the labels
+            are named).
+    """
+    unknown = sorted(set(data.label_names) - set(label_names))
+    if unknown:
+        raise DataError(
+            f"{data.source}: labels {unknown[:5]} are not among the training labels "
+            f"{list(label_names)}."
+        )
+    index = np.array([label_names.index(n) for n in data.label_names], dtype="int32")
+    return TextDataset(
+        data.texts, index[data.labels], list(label_names), data.source, data.skipped, data.columns
+    )
 
 
 def stratified_limit(labels: np.ndarray, limit: int, seed: int = REFERENCE_SEED) -> np.ndarray:

@@ -212,6 +212,7 @@ def encode(
     batch_size: int = 32,
     shuffle: bool = False,
     seed: int = 0,
+    verbose: int | str = 0,
 ) -> BucketedBatches:
     """Tokenizes `texts` once with the classifier's preprocessor into length-bucketed batches.
 
@@ -223,11 +224,12 @@ def encode(
         batch_size: rows per batch.
         shuffle: reshuffle every epoch (training data).
         seed: seed of the shuffles.
+        verbose: progress bar while tokenizing large inputs (Keras verbosity).
 
     Returns:
         A `BucketedBatches` dataset usable by `fit`, `evaluate` and `predict` on every backend.
     """
-    token_ids, lengths = tokenize(classifier.preprocessor, texts)
+    token_ids, lengths = tokenize(classifier.preprocessor, texts, verbose=verbose)
     return BucketedBatches(
         token_ids,
         lengths,

@@ -77,6 +77,10 @@ class DataSource:
         limit: stratified subsample size before the split, or None.
         limit_seed: seed of that subsample.
         split_seed: `random_state` of the 60/20/20 split (30 is the reference).
+        validation_file: `{"path", "sha256", "size"}` of a separate validation file, or None.
+        test_file: the same for a separate test file, or None. With both, the data file is
+            used whole for training; with one, the data file is split 75/25 (stratified,
+            `split_seed`) into training rows and the other evaluation set.
     """
 
     path: str
@@ -88,33 +92,54 @@ class DataSource:
     limit: int | None = None
     limit_seed: int = REFERENCE_SEED
     split_seed: int = REFERENCE_SEED
+    validation_file: dict | None = None
+    test_file: dict | None = None
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike, **kwargs) -> DataSource:
-        """Describes `path` as it is now (hashes it).
+    def from_file(
+        cls,
+        path: str | os.PathLike,
+        validation: str | os.PathLike | None = None,
+        test: str | os.PathLike | None = None,
+        **kwargs,
+    ) -> DataSource:
+        """Describes `path` (and the evaluation files, if any) as they are now (hashes them).
 
         Raises:
-            FileNotFoundError: if `path` is not a file.
+            FileNotFoundError: if a path is not a file.
         """
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"Data file not found: {str(path)!r}")
-        return cls(str(path.resolve()), sha256_of(path), path.stat().st_size, **kwargs)
+        main = _describe(path)
+        return cls(
+            main["path"], main["sha256"], main["size"],
+            validation_file=_describe(validation) if validation is not None else None,
+            test_file=_describe(test) if test is not None else None,
+            **kwargs,
+        )  # fmt: skip
+
+    def files(self) -> dict[str, dict]:
+        """`{"data": ..., "validation": ..., "test": ...}` file descriptions (those in use)."""
+        files = {"data": {"path": self.path, "sha256": self.sha256, "size": self.size}}
+        for name, described in (("validation", self.validation_file), ("test", self.test_file)):
+            if described is not None:
+                files[name] = described
+        return files
 
     def check_unchanged(self) -> None:
-        """Raises `DataChangedError` if the file is gone or differs from when it was hashed."""
-        path = Path(self.path)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"The run's data file {self.path!r} is gone; the splits cannot be rebuilt."
-            )
-        size = path.stat().st_size
-        if size != self.size or sha256_of(path) != self.sha256:
-            raise DataChangedError(
-                f"The run's data file {self.path!r} has changed since the fit (size "
-                f"{self.size} -> {size} bytes, sha256 no longer {self.sha256[:12]}...). Its "
-                "splits would hold other rows; restore the file or fit again."
-            )
+        """Raises `DataChangedError` if a file is gone or differs from when it was hashed."""
+        for role, described in self.files().items():
+            path, what = Path(described["path"]), "data" if role == "data" else f"{role} data"
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"The run's {what} file {str(path)!r} is gone; the splits cannot be rebuilt."
+                )
+            size = path.stat().st_size
+            if size != described["size"] or sha256_of(path) != described["sha256"]:
+                raise DataChangedError(
+                    f"The run's {what} file {str(path)!r} has changed since the fit (size "
+                    f"{described['size']} -> {size} bytes, sha256 no longer "
+                    f"{described['sha256'][:12]}...). Its splits would hold other rows; restore "
+                    "the file or fit again."
+                )
 
     def load(self, check: bool = True) -> TextDataset:
         """Loads the rows the run used (after `skip_invalid` and `limit`), in file order."""
@@ -134,11 +159,39 @@ class DataSource:
             return data
         return data.subset(stratified_limit(data.labels, self.limit, seed=self.limit_seed))
 
+    def split(self, data: TextDataset) -> tuple[TextDataset, TextDataset, TextDataset]:
+        """`(train, validation, test)` from the loaded, selected data file (see `load`).
+
+        Without evaluation files: the reference 60/20/20 split with `split_seed`. Evaluation
+        files are read with the same columns and `skip_invalid`, and their labels matched to
+        the data file's classes by name.
+
+        Raises:
+            DataError: a class too small to split, or an evaluation file with labels the data
+                file does not have.
+        """
+        from kerasft.data import align_labels, holdout_split, load_dataset, split_dataset
+
+        if self.validation_file is None and self.test_file is None:
+            return split_dataset(data, self.split_seed)
+        given = {
+            name: align_labels(
+                load_dataset(
+                    described["path"], self.text_column, self.label_column, self.skip_invalid
+                ),
+                data.label_names,
+            )
+            for name, described in self.files().items()
+            if name != "data"
+        }
+        if len(given) == 2:
+            return data, given["validation"], given["test"]
+        train, held_out = holdout_split(data, self.split_seed)
+        return train, given.get("validation", held_out), given.get("test", held_out)
+
     def splits(self, check: bool = True) -> tuple[TextDataset, TextDataset, TextDataset]:
         """The run's `(train, validation, test)` splits, rebuilt exactly."""
-        from kerasft.data import split_dataset
-
-        return split_dataset(self.load(check), self.split_seed)
+        return self.split(self.load(check))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -146,6 +199,13 @@ class DataSource:
     @classmethod
     def from_dict(cls, config: dict) -> DataSource:
         return cls(**config)
+
+
+def _describe(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Data file not found: {str(path)!r}")
+    return {"path": str(path.resolve()), "sha256": sha256_of(path), "size": path.stat().st_size}
 
 
 # --- reading -----------------------------------------------------------------------------------

@@ -212,11 +212,15 @@ class TwoStageFineTuner:
             self.preset, self.num_classes, self.sequence_length, policy_name(self.mixed_precision)
         )
         recipe.initialize_head(self.model, self.seed)
+        log.info("tokenizing %d training texts", len(texts))
         train = recipe.encode(
-            self.model, texts, labels, batch_size=self.batch_size, shuffle=True, seed=self.seed
-        )
+            self.model, texts, labels, batch_size=self.batch_size, shuffle=True, seed=self.seed,
+            verbose=self.verbose,
+        )  # fmt: skip
         if validation_data is not None:
-            val = recipe.encode(self.model, val_texts, val_labels, batch_size=self.batch_size)
+            val = recipe.encode(
+                self.model, val_texts, val_labels, batch_size=self.batch_size, verbose=self.verbose
+            )
 
         run = _RunState(state, self.recipe.monitor)
         if state is not None:

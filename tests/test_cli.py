@@ -42,6 +42,19 @@ def test_predict_on_a_non_run_dir(tmp_path, capsys):
     assert "No model.keras in" in capsys.readouterr().err
 
 
+def test_fit_log_redirected_to_a_file_has_no_progress_bars(tiny_preset, toy_data, tmp_path):
+    from conftest import fit_args
+
+    args = [a for a in fit_args("tensorflow", tiny_preset, toy_data, tmp_path / "r", 1, 1)
+            if a != "--quiet"]  # fmt: skip
+    proc = subprocess.run(args, capture_output=True, text=True, env={**os.environ,
+                          "PYTHONPATH": str(ROOT)}, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Epoch 2/2" in proc.stdout  # one line per epoch
+    for stream in (proc.stdout, proc.stderr):
+        assert "\r" not in stream and "\x1b[" not in stream, stream[-2000:]
+
+
 def cli(*args, env=None):
     proc = subprocess.run(
         [sys.executable, "-m", "kerasft.cli", *args],

@@ -91,3 +91,17 @@ def test_labels_one_and_two_make_two_classes_in_the_cli(tiny_preset, one_two, tm
     # the CLI's model, scored from Python with the file's integers: the same ids
     loaded = TwoStageFineTuner.load(run / "model.keras")
     assert loaded.score(texts, stars)["accuracy"] == pytest.approx(scored["accuracy"])
+
+
+def test_truncated_texts_are_counted_and_logged(tiny_preset, caplog):
+    from kerasft.batching import count_truncated, tokenize
+    from kerasft.presets import load_classifier
+
+    pre = load_classifier(str(tiny_preset), 2, sequence_length=8).preprocessor
+    texts = ["good day", "the day was very good and so nice", "the day was good and nice"]
+    with caplog.at_level("WARNING", logger="kerasft.batching"):
+        _, lengths = tokenize(pre, texts)
+    # 2 + 8 words do not fit in 8 places; 2 + 6 fit exactly, 2 + 2 easily
+    assert lengths.tolist() == [4, 8, 8]
+    assert count_truncated(pre, texts, lengths) == 1
+    assert "1 of 3 texts are longer than sequence_length=8 tokens and were truncated" in caplog.text
