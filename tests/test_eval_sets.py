@@ -78,3 +78,31 @@ def test_changed_evaluation_file_is_detected(tiny_preset, files, tmp_path, capsy
         f.write(json.dumps({"text": "a good day", "label": "pos"}) + "\n")
     with pytest.raises(rundir.DataChangedError, match="The run's test data file .* has changed"):
         rundir.run_splits(out)
+
+
+@pytest.mark.parametrize("kind", ["excel-bom.csv", "gzipped.jsonl.gz"])
+def test_files_as_they_come_fit(tiny_preset, tmp_path, capsys, kind):
+    import csv
+    import gzip
+    import io
+
+    texts, labels = toy_texts(64, seed=31)
+    if kind.endswith(".csv"):  # as Excel saves "CSV UTF-8": a byte-order mark, CRLF rows
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(["text", "label"])
+        writer.writerows(zip(texts, labels, strict=True))
+        path = tmp_path / kind
+        path.write_bytes(b"\xef\xbb\xbf" + buffer.getvalue().encode("utf-8"))
+    else:
+        path = tmp_path / kind
+        with gzip.open(path, "wt", encoding="utf-8") as f:
+            f.writelines(
+                json.dumps({"text": t, "label": y}) + "\n"
+                for t, y in zip(texts, labels, strict=True)
+            )
+    out = tmp_path / "run"
+    assert fit(tiny_preset, out, "--data", path) == 0, capsys.readouterr().err
+    metrics = json.loads((out / rundir.METRICS_FILE).read_text())
+    assert metrics["label_names"] == ["0", "1"] and metrics["rows"]["used"] == 64
+    assert rundir.read_config(out)["data"]["text_column"] == "text"
