@@ -133,3 +133,39 @@ def test_class_weight_names_must_be_labels(tiny_preset):
     tuner = TwoStageFineTuner(tiny_preset, batch_size=16, class_weight={"2": 3.0})
     with pytest.raises(DataError, match=r"class_weight names labels \['2'\] that are not in"):
         tuner.fit(texts, labels)
+
+
+class _Crash(keras.callbacks.Callback):
+    """Dies at the end of one epoch, after kerasft's own checkpoint of it."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise KeyboardInterrupt(f"killed after epoch {epoch + 1}")
+
+
+def test_resume_with_every_option_matches_uninterrupted(tiny_preset, tmp_path):
+    from conftest import toy_texts
+
+    texts, labels = toy_texts(96, seed=6)
+    options = dict(
+        sequence_length=32, warmup_epochs=1, finetune_epochs=3, batch_size=16, seed=5,
+        verbose=0, weight_decay=0.01, warmup_ratio=0.3, max_grad_norm=0.5,
+        gradient_accumulation_steps=2, mixed_precision="bfloat16", class_weight={"1": 2.0},
+    )  # fmt: skip
+    whole = TwoStageFineTuner(tiny_preset, **options)
+    whole.fit(texts, labels)
+    crashed = TwoStageFineTuner(tiny_preset, callbacks=[_Crash(2)], **options)
+    with pytest.raises(KeyboardInterrupt):
+        crashed.fit(texts, labels, checkpoint_dir=tmp_path / "ckpt")
+    resumed = TwoStageFineTuner(tiny_preset, **options)
+    resumed.fit(texts, labels, checkpoint_dir=tmp_path / "ckpt")
+    diff = max(
+        float(np.abs(keras.ops.convert_to_numpy(a) - keras.ops.convert_to_numpy(b)).max())
+        for a, b in zip(whole.model.weights, resumed.model.weights, strict=True)
+    )
+    assert diff <= 1e-6, diff
+    np.testing.assert_allclose(resumed.history.history["loss"], whole.history.history["loss"])
