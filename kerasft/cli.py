@@ -48,7 +48,7 @@ def _class_weight(text: str) -> str | dict[str, float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from kerasft.config import MIXED_PRECISION, SELECT_BEST, RecipeConfig
+    from kerasft.config import FINETUNE_METHODS, MIXED_PRECISION, SELECT_BEST, RecipeConfig
     from kerasft.data import DATA_ENV, REFERENCE_SEED
     from kerasft.exporters.verify import INT8_MAX_ACCURACY_DROP, INT8_MIN_AGREEMENT
     from kerasft.presets import DEFAULT_PRESET
@@ -132,6 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument(
         "--class-weight", type=_class_weight, metavar="balanced|LABEL=W,...",
         help="weigh the training loss per class: 'balanced' or e.g. '1=2.5' (default: none)",
+    )  # fmt: skip
+    fit.add_argument(
+        "--finetune-method", choices=FINETUNE_METHODS, default=RecipeConfig.finetune_method,
+        help="stage 2: full (every weight) or lora (low-rank adapters + head; base frozen)",
+    )  # fmt: skip
+    fit.add_argument("--lora-rank", type=int, default=RecipeConfig.lora_rank)
+    fit.add_argument("--lora-alpha", type=float, help="LoRA scale numerator (default: the rank)")
+    fit.add_argument(
+        "--lora-targets", type=lambda t: [n.strip() for n in t.split(",")], metavar="A,B",
+        help="backbone layers to adapt (default: KerasHub's, attention query,value)",
     )  # fmt: skip
     fit.add_argument("--batch-size", type=int, default=RecipeConfig.batch_size)
     fit.add_argument("--seed", type=int, default=RecipeConfig.seed)
@@ -250,7 +260,8 @@ RUN_OPTIONS = (
     "sequence_length", "warmup_epochs", "warmup_lr", "finetune_epochs", "finetune_lr",
     "finetune_schedule", "batch_size", "seed", "select_best", "early_stopping_patience",
     "split_seed", "weight_decay", "warmup_ratio", "max_grad_norm", "gradient_accumulation_steps",
-    "mixed_precision", "class_weight", "validation_data", "test_data",
+    "mixed_precision", "class_weight", "validation_data", "test_data", "finetune_method",
+    "lora_rank", "lora_alpha", "lora_targets",
 )  # fmt: skip
 
 
@@ -368,6 +379,10 @@ def _fit_into(args, out: Path, work: Path) -> int:
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         class_weight=args.class_weight,
+        finetune_method=args.finetune_method,
+        lora_rank=args.lora_rank,
+        lora_alpha=args.lora_alpha,
+        lora_targets=args.lora_targets,
     )
     start = time.perf_counter()
     source = rundir.DataSource.from_file(

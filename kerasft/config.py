@@ -9,6 +9,7 @@ from kerasft.presets import OFFLINE_PRESET
 
 SELECT_BEST = ("accuracy", "f1", "loss")
 MIXED_PRECISION = ("bfloat16", "float16")
+FINETUNE_METHODS = ("full", "lora")
 STAGES = ("warmup", "finetune")
 
 
@@ -56,6 +57,13 @@ class RecipeConfig:
         class_weight: `"balanced"` (weights `n / (k * count)`, as scikit-learn computes them)
             or a mapping `{label: weight}` by label name; classes not named weigh 1. Scales
             the training loss per row in both stages. None (default): every row weighs 1.
+        finetune_method: `"full"` (default) trains every weight in stage 2; `"lora"` freezes
+            the backbone and trains low-rank adapters with the head (`kerasft.lora`).
+        lora_rank: the adapters' rank (LoRA only).
+        lora_alpha: the adapters' scale is `lora_alpha / lora_rank`; None (default) is
+            `lora_rank` (scale 1, KerasHub's default).
+        lora_targets: backbone layer names to adapt; None (default) is KerasHub's choice, the
+            attention `query` and `value` projections.
 
     Raises:
         ValueError: on construction, for any out-of-range value (the message names it).
@@ -80,10 +88,16 @@ class RecipeConfig:
     gradient_accumulation_steps: int = 1
     mixed_precision: str | None = None
     class_weight: str | dict[str, float] | None = None
+    finetune_method: str = "full"
+    lora_rank: int = 8
+    lora_alpha: float | None = None
+    lora_targets: list[str] | None = None
 
     def __post_init__(self):
         if isinstance(self.preset, os.PathLike):
             self.preset = os.fspath(self.preset)
+        if isinstance(self.lora_targets, tuple):
+            self.lora_targets = list(self.lora_targets)
         if isinstance(self.weight_decay, tuple):
             self.weight_decay = list(self.weight_decay)
         if isinstance(self.class_weight, dict):  # label names, as in `label_names`
@@ -144,6 +158,24 @@ class RecipeConfig:
                     and all(_is_positive(w) for w in self.class_weight.values())
                 ),
                 "'balanced', a non-empty {label: weight > 0} mapping, or None",
+            ),
+            "finetune_method": (
+                self.finetune_method in FINETUNE_METHODS,
+                f"one of {list(FINETUNE_METHODS)}",
+            ),
+            "lora_rank": (_is_int(self.lora_rank, 1, 1024), "an int in [1, 1024]"),
+            "lora_alpha": (
+                self.lora_alpha is None or _is_positive(self.lora_alpha),
+                "a number > 0 or None",
+            ),
+            "lora_targets": (
+                self.lora_targets is None
+                or (
+                    isinstance(self.lora_targets, list)
+                    and bool(self.lora_targets)
+                    and all(isinstance(t, str) and t for t in self.lora_targets)
+                ),
+                "a non-empty list of layer names, or None",
             ),
         }
         for name, (ok, allowed) in checks.items():

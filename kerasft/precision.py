@@ -60,8 +60,16 @@ def check_mixed_precision(mixed_precision: str) -> None:
 
 
 def to_float32(classifier):
-    """A float32 copy of a KerasHub classifier trained under a mixed policy (same weights)."""
-    if classifier.dtype_policy.name == "float32":
+    """A plain float32 copy of a KerasHub classifier, or the classifier itself if it is one.
+
+    "Plain": trained under a mixed policy, or with LoRA adapters (`kerasft.lora`), the copy has
+    float32 compute and ordinary kernels with the adapters merged in. Each layer's variables
+    are copied through its own `save_own_variables` / `load_own_variables`, exactly as Keras
+    writes and reads a `.keras` file (which merges LoRA the same way).
+    """
+    from kerasft.lora import adapted_layers
+
+    if classifier.dtype_policy.name == "float32" and not adapted_layers(classifier):
         return classifier
     config = classifier.get_config()
     config["backbone"]["config"]["dtype"] = "float32"  # the head layers follow the backbone's
@@ -69,7 +77,17 @@ def to_float32(classifier):
         config["dtype"] = "float32"
     config["preprocessor"] = classifier.preprocessor  # the same one (its vocabulary is state)
     clone = type(classifier).from_config(config)
-    clone.set_weights(classifier.get_weights())
+    source, target = (m._flatten_layers(include_self=True) for m in (classifier, clone))
+    source, target = list(source), list(target)
+    if len(source) != len(target):
+        raise RuntimeError(f"Copying {classifier.name}: {len(source)} vs {len(target)} layers.")
+    for a, b in zip(source, target, strict=True):
+        if a is b or not a.weights:
+            continue
+        store = {}
+        a.save_own_variables(store)
+        # as NumPy copies: JAX may donate (delete) a buffer the two models would share
+        b.load_own_variables({k: np.array(keras.ops.convert_to_numpy(v)) for k, v in store.items()})
     return clone
 
 

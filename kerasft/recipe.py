@@ -309,7 +309,7 @@ def prepare_stage(
     *,
     epochs: int,
     learning_rate: float,
-    train_base: bool,
+    train_base: bool | str,
     cache_features: bool = True,
     linear_decay: bool = False,
     warmup_ratio: float = 0.0,
@@ -327,7 +327,13 @@ def prepare_stage(
         to `fit`: `fit_x` reorders itself every epoch from its seed and epoch number, so the
         order never depends on global random state and a resumed run sees the same batches.
     """
-    classifier.backbone.trainable = train_base
+    if train_base == "lora":  # the adapters and the head train; `enable_lora` set the flags
+        from kerasft.lora import adapted_layers
+
+        if not adapted_layers(classifier):
+            raise ValueError("train_base='lora' needs adapters: call kerasft.lora.enable_lora.")
+    else:
+        classifier.backbone.trainable = train_base
     learning_rate = stage_schedule(learning_rate, epochs * len(train), linear_decay, warmup_ratio)
     if train_base or not cache_features:
         model = compile_classifier(core_model(classifier), learning_rate, **optimizer_options)
@@ -383,7 +389,8 @@ def train_stage(
         validation: optional validation batches.
         epochs: epochs of this stage (0 returns an empty History).
         learning_rate: Adam's learning rate for this stage.
-        train_base: whether the backbone is trained.
+        train_base: whether the backbone is trained: True, False, or `"lora"` (only its LoRA
+            adapters, added by `kerasft.lora.enable_lora` beforehand).
         initial_epoch: first epoch number (to continue numbering across stages).
         callbacks: Keras callbacks; they see the model that trains (see `prepare_stage`).
         cache_features: use cached backbone features when the backbone is frozen.
@@ -399,7 +406,8 @@ def train_stage(
         The stage's `keras.callbacks.History`.
     """
     if epochs == 0:
-        classifier.backbone.trainable = train_base
+        if train_base != "lora":
+            classifier.backbone.trainable = train_base
         return keras.callbacks.History()
     model, fit_x, fit_val = prepare_stage(
         classifier,

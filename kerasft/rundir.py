@@ -7,7 +7,10 @@ A run directory holds:
 - `config.json`: the recipe, the backend and package versions, and `data`, which rebuilds the
   exact splits: either a data file (path, sha256, size, columns, `skip_invalid`, `limit`, seeds)
   or `"splits"`, meaning the splits are stored in `splits/*.jsonl` inside the run;
-- `metrics.json`: validation and test metrics, row counts, seconds, the kept epoch;
+- `metrics.json`: validation and test metrics, row counts, seconds, the kept epoch, trainable
+  and total parameters of stage 2;
+- `adapter/` (LoRA runs): the adapter alone, which `kerasft.lora.load_adapter` puts back onto
+  the base preset (`model.keras` is the merged model);
 - `history.json` and `training_curves.png`.
 
 `kerasft fit`, `TwoStageFineTuner.save_run`, the exporters and the benchmarks all go through
@@ -45,6 +48,7 @@ HISTORY_FILE = "history.json"
 CURVES_FILE = "training_curves.png"
 SPLITS_DIR = "splits"
 CHECKPOINT_DIR = "checkpoint"
+ADAPTER_DIR = "adapter"  # LoRA runs: the adapter alone (`kerasft.lora.load_adapter`)
 FIT_ARGS_FILE = "fit-args.json"  # in the partial directory: the options `--resume` reuses
 SPLIT_NAMES = ("train", "validation", "test")
 FORMAT_VERSION = 2
@@ -342,6 +346,11 @@ def write_run(
 
     directory = Path(directory)
     tuner.save(directory / MODEL_FILE)
+    adapter_bytes = None
+    if tuner.adapter_model is not None:
+        shutil.rmtree(directory / ADAPTER_DIR, ignore_errors=True)  # a resumed write
+        adapter = tuner.save_adapter(directory / ADAPTER_DIR)
+        adapter_bytes = sum(f.stat().st_size for f in adapter.iterdir())
     splits = {"train": train, "validation": validation, "test": test}
     config = {
         "format": FORMAT_VERSION,
@@ -372,7 +381,10 @@ def write_run(
         seconds=dict(tuner.stage_seconds),
         samples_per_second=tuner.stage_samples_per_second,
         selected_epoch=tuner.selected_epoch,
+        parameters=tuner.parameters,
     )
+    if adapter_bytes is not None:
+        metrics["adapter_bytes"] = adapter_bytes
     if total_seconds_since is not None:
         metrics["seconds"]["total"] = time.perf_counter() - total_seconds_since
     _write_json(directory / METRICS_FILE, metrics)

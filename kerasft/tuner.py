@@ -14,7 +14,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from kerasft import recipe
+from kerasft import lora, recipe
 from kerasft.checkpoint import CheckpointDir, restore_optimizer, set_global_rng_state
 from kerasft.config import STAGES, RecipeConfig
 from kerasft.data import DataError, TextDataset, encode_labels, label_values
@@ -59,6 +59,9 @@ class TwoStageFineTuner:
         gradient_accumulation_steps: batches whose gradients make one optimizer step.
         mixed_precision: `"bfloat16"` or `"float16"` mixed precision; None is float32.
         class_weight: `"balanced"` or `{label name: weight}`; None weighs every row 1.
+        finetune_method: `"full"` or `"lora"` (stage 2 trains low-rank adapters and the head).
+        lora_rank: LoRA rank. lora_alpha: LoRA scale numerator (None: the rank).
+        lora_targets: backbone layers to adapt (None: attention query and value).
             See `kerasft.config.RecipeConfig` for each option.
         callbacks: Keras callbacks for both stages (not part of `get_config`). They see the
             whole classifier (raw strings in), so a `ModelCheckpoint` saves a usable model.
@@ -100,6 +103,10 @@ class TwoStageFineTuner:
         gradient_accumulation_steps: int = RecipeConfig.gradient_accumulation_steps,
         mixed_precision: str | None = RecipeConfig.mixed_precision,
         class_weight: str | dict | None = RecipeConfig.class_weight,
+        finetune_method: str = RecipeConfig.finetune_method,
+        lora_rank: int = RecipeConfig.lora_rank,
+        lora_alpha: float | None = RecipeConfig.lora_alpha,
+        lora_targets: list[str] | None = RecipeConfig.lora_targets,
         callbacks: list | None = None,
         verbose: int | str = "auto",
     ):
@@ -123,6 +130,10 @@ class TwoStageFineTuner:
             gradient_accumulation_steps=gradient_accumulation_steps,
             mixed_precision=mixed_precision,
             class_weight=class_weight,
+            finetune_method=finetune_method,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            lora_targets=lora_targets,
         )
         for name, value in self.recipe.to_dict().items():
             setattr(self, name, value)
@@ -135,6 +146,8 @@ class TwoStageFineTuner:
         self.stage_seconds: dict[str, float] = {}
         self.stage_samples_per_second: dict[str, float] = {}
         self.selected_epoch: dict | None = None
+        self.parameters: dict[str, int] = {}
+        self.adapter_model = None  # with finetune_method="lora": the classifier with adapters
 
     # --- config -------------------------------------------------------------------------------
 
@@ -223,6 +236,9 @@ class TwoStageFineTuner:
             )
 
         run = _RunState(state, self.recipe.monitor)
+        self.adapter_model = None
+        if state is not None and state["stage"] == "finetune" and self.finetune_method == "lora":
+            self._enable_lora()  # the checkpoint holds the adapters' weights
         if state is not None:
             run.optimizer, run.rng = store.restore(state, self._core())
             train.set_epoch(state["train_epoch"])
@@ -236,7 +252,11 @@ class TwoStageFineTuner:
         for stage in STAGES:
             self._run_stage(stage, train, val, run, store)
         self._select(run, store)
-        self.model = to_float32(self.model)  # what is saved and exported: float32
+        self.parameters = lora.parameter_counts(self._core())  # as stage 2 trained it
+        if lora.adapted_layers(self.model):
+            self.adapter_model = self.model
+        # What is saved and exported: float32, adapters merged into the kernels.
+        self.model = to_float32(self.model)
         self.stage_seconds = dict(run.seconds)
         if store is not None:  # part of the stage seconds above, reported apart
             self.stage_seconds["checkpoints"] = store.seconds
@@ -253,7 +273,14 @@ class TwoStageFineTuner:
         epochs = getattr(self, f"{stage}_epochs")
         first = 0 if stage == "warmup" else self.warmup_epochs
         train_base = stage == "finetune"
-        self.model.backbone.trainable = train_base
+        if train_base and self.finetune_method == "lora":
+            if epochs == 0 or run.stage_done(stage):
+                return
+            if not lora.adapted_layers(self.model):
+                self._enable_lora()
+            train_base = "lora"  # `enable_lora` froze the base: its flags stay as they are
+        else:
+            self.model.backbone.trainable = train_base
         if epochs == 0 or run.stage_done(stage):
             self.model.backbone.trainable = True
             return
@@ -301,7 +328,16 @@ class TwoStageFineTuner:
         run.finish_stage(stage, train.epoch)
         if store is not None:
             store.save(run.to_state(stage), self._core(), model.optimizer)
-        self.model.backbone.trainable = True
+        if train_base != "lora":
+            self.model.backbone.trainable = True
+
+    def _enable_lora(self) -> None:
+        count = lora.enable_lora(self.model, self.lora_rank, self.lora_alpha, self.lora_targets)
+        log.info(
+            "LoRA: rank %d adapters on %d layers; the base weights are frozen",
+            self.lora_rank,
+            count,
+        )
 
     def _select(self, run, store):
         """Restores the best stage-2 epoch when `select_best` asks for it; records the choice."""
@@ -410,6 +446,24 @@ class TwoStageFineTuner:
         finally:
             if os.path.exists(tmp_model):
                 os.remove(tmp_model)
+
+    def save_adapter(self, directory: str | os.PathLike) -> Path:
+        """Writes the LoRA adapter alone: low-rank factors, head and `adapter.json`.
+
+        `kerasft.lora.load_adapter(directory)` puts it back onto the base preset. `save` writes
+        the merged model instead (an ordinary classifier).
+
+        Raises:
+            ValueError: the last `fit` was not a LoRA fit.
+        """
+        if self.adapter_model is None:
+            raise ValueError(
+                "No LoRA adapter to save: fit with finetune_method='lora' first. "
+                f"Received: finetune_method={self.finetune_method!r}"
+            )
+        return lora.save_adapter(
+            self.adapter_model, directory, self.recipe.to_dict(), self.label_names
+        )
 
     def save_run(
         self,
