@@ -137,7 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--finetune-method", choices=FINETUNE_METHODS, default=RecipeConfig.finetune_method,
         help="stage 2: full (every weight) or lora (low-rank adapters + head; base frozen)",
     )  # fmt: skip
-    fit.add_argument("--lora-rank", type=int, default=RecipeConfig.lora_rank)
+    fit.add_argument(
+        "--lora-rank", type=int, default=RecipeConfig.lora_rank,
+        help=f"LoRA adapters' rank (default {RecipeConfig.lora_rank})",
+    )  # fmt: skip
     fit.add_argument("--lora-alpha", type=float, help="LoRA scale numerator (default: the rank)")
     fit.add_argument(
         "--lora-targets", type=lambda t: [n.strip() for n in t.split(",")], metavar="A,B",

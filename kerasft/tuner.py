@@ -212,11 +212,11 @@ class TwoStageFineTuner:
                 f"select_best={self.select_best!r}, early_stopping_patience="
                 f"{self.early_stopping_patience!r}, validation_data=None"
             )
+        self._class_weights = self._class_weight_ids(labels)
         store = None
         if checkpoint_dir is not None:
             store = CheckpointDir(checkpoint_dir, self._fingerprint(texts, labels))
         state = store.load() if store is not None else None
-        self._class_weights = self._class_weight_ids(labels)
         if self.mixed_precision is not None:
             check_mixed_precision(self.mixed_precision)  # a clear error, before any loading
         keras.utils.set_random_seed(self.seed)
