@@ -393,6 +393,7 @@ def _fit_into(args, out: Path, work: Path) -> int:
         skip_invalid=args.skip_invalid, limit=args.limit, limit_seed=args.seed,
         split_seed=args.split_seed,
     )  # fmt: skip
+    log.info("reading %s (%.1f MB)", source.path, source.size / 1e6)
     data = load_dataset(source.path, args.text_column, args.label_column, args.skip_invalid)
     # The columns found, so that the splits are rebuilt from the same ones.
     source.text_column, source.label_column = data.columns["text"], data.columns["label"]
