@@ -129,11 +129,11 @@ class RecipeConfig:
                 "an int >= 1 or None",
             ),
             "weight_decay": (
-                _is_decay(self.weight_decay)
+                _is_fraction(self.weight_decay)
                 or (
                     isinstance(self.weight_decay, list)
                     and len(self.weight_decay) == 2
-                    and all(_is_decay(w) for w in self.weight_decay)
+                    and all(_is_fraction(w) for w in self.weight_decay)
                 ),
                 "a float in [0, 1), or [warmup, finetune] of two such floats",
             ),
@@ -235,9 +235,6 @@ def _is_positive(value) -> bool:
 
 def _is_fraction(value) -> bool:
     return _is_number(value) and 0 <= value < 1
-
-
-_is_decay = _is_fraction
 
 
 def _is_rate(value) -> bool:

@@ -80,7 +80,10 @@ def adapted_layers(classifier) -> list:
 
 def parameter_counts(model: keras.Model) -> dict[str, int]:
     """`{"trainable": ..., "total": ...}` parameters of `model` as it trains now."""
-    count = lambda variables: int(sum(np.prod(v.shape) for v in variables))  # noqa: E731
+
+    def count(variables) -> int:
+        return int(sum(np.prod(v.shape) for v in variables))
+
     return {"trainable": count(model.trainable_variables), "total": count(model.weights)}
 
 

@@ -273,17 +273,17 @@ class TwoStageFineTuner:
         epochs = getattr(self, f"{stage}_epochs")
         first = 0 if stage == "warmup" else self.warmup_epochs
         train_base = stage == "finetune"
-        if train_base and self.finetune_method == "lora":
-            if epochs == 0 or run.stage_done(stage):
-                return
+        lora_stage = train_base and self.finetune_method == "lora"
+        if epochs == 0 or run.stage_done(stage):
+            if not lora_stage:  # LoRA: `enable_lora` froze the base; its flags stay as they are
+                self.model.backbone.trainable = True
+            return
+        if lora_stage:
             if not lora.adapted_layers(self.model):
                 self._enable_lora()
-            train_base = "lora"  # `enable_lora` froze the base: its flags stay as they are
+            train_base = "lora"
         else:
             self.model.backbone.trainable = train_base
-        if epochs == 0 or run.stage_done(stage):
-            self.model.backbone.trainable = True
-            return
         # Stage seconds include preparing it (stage 1: the backbone's pass over the data).
         base_seconds, start = run.seconds.get(stage, 0.0), time.perf_counter()
         model, fit_x, fit_val = recipe.prepare_stage(
@@ -390,8 +390,8 @@ class TwoStageFineTuner:
         Ints when every label name is an integer (`"0"`, `"1"`, or `"1"`..`"5"` stars), else
         strings. `predict_proba(x).argmax(-1)` gives class ids (indices into `label_names`).
         """
-        ids = np.argmax(self.predict_proba(x), axis=-1)
-        return label_values(self._fitted_labels())[ids]
+        ids = np.argmax(self.predict_proba(x), axis=-1)  # raises first if not fitted
+        return label_values(self.label_names)[ids]
 
     def evaluate(self, x, y=None) -> dict:
         """Returns `{"loss", "accuracy"}` of the fitted model on `x`, `y` (labels as in `fit`)."""
@@ -562,10 +562,6 @@ class TwoStageFineTuner:
         if cached is None or cached[0] is not self._fitted():
             self._core_cache = (self.model, recipe.core_model(self.model))
         return self._core_cache[1]
-
-    def _fitted_labels(self) -> list[str]:
-        self._fitted()
-        return self.label_names
 
     def _fitted(self):
         if self.model is None:
