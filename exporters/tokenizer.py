@@ -23,30 +23,25 @@ _CJK = (
 )
 
 
-def build_tokenizer_json(
-    vocabulary: list[str],
-    lowercase: bool,
-    strip_accents: bool,
-    sequence_length: int,
-    path: Path,
-) -> Path:
-    """Writes a `tokenizer.json` that tokenizes like KerasHub's WordPiece tokenizer + preprocessor.
+def rust_tokenizer(
+    vocabulary: list[str], lowercase: bool, strip_accents: bool, sequence_length: int
+):
+    """A `tokenizers.Tokenizer` that tokenizes like KerasHub's WordPiece tokenizer + preprocessor.
 
     KerasHub splits on ASCII whitespace and on control/format characters (dropping them),
     isolates punctuation and CJK characters, then lowercases and runs WordPiece; a word it cannot
     cover becomes `[UNK]`. The same steps are expressed with `tokenizers` components here.
     (KerasHub lowercases with NFKC case folding, this with plain lowercasing: they differ only
-    for rare characters such as ligatures; export verification checks real texts for it.)
+    for rare characters such as ligatures; `tokenizers_matches` says where the ids are equal.)
 
     Args:
         vocabulary: the WordPiece vocabulary, index = token id.
         lowercase: lowercase the input (uncased models).
         strip_accents: remove accents after NFD normalisation.
         sequence_length: maximum ids per text, `[CLS]` and `[SEP]` included.
-        path: file to write.
 
     Returns:
-        `path`.
+        A `tokenizers.Tokenizer` (truncating to `sequence_length`, padding to the longest).
     """
     from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
 
@@ -67,7 +62,26 @@ def build_tokenizer_json(
     )
     tok.enable_truncation(max_length=sequence_length)
     tok.enable_padding(pad_id=vocab["[PAD]"], pad_token="[PAD]")
-    tok.save(str(path))
+    return tok
+
+
+def build_tokenizer_json(
+    vocabulary: list[str],
+    lowercase: bool,
+    strip_accents: bool,
+    sequence_length: int,
+    path: Path,
+) -> Path:
+    """Writes `rust_tokenizer(...)` as a `tokenizer.json` (export verification checks it).
+
+    Args:
+        vocabulary, lowercase, strip_accents, sequence_length: see `rust_tokenizer`.
+        path: file to write.
+
+    Returns:
+        `path`.
+    """
+    rust_tokenizer(vocabulary, lowercase, strip_accents, sequence_length).save(str(path))
     return path
 
 

@@ -1,15 +1,23 @@
-"""Tokenize once, then serve length-bucketed batches.
+"""Tokenize once into compact storage, then serve length-bucketed batches.
 
 Headlines are short (p50 12 tokens) but a fixed-length pipeline pads every one of them to the
-preprocessor's `sequence_length`. Here every text is tokenized once by the classifier's own
-KerasHub preprocessor; each batch is then cut to its bucket length (a multiple of
-`bucket_width`), so compute follows the real lengths while the set of shapes compiled backends
-see stays small: one `(batch_size, L)` per bucket plus at most one short remainder batch.
+preprocessor's `sequence_length`. Here every text is tokenized once (`tokenize`) and kept
+unpadded in a `TokenIds`: one flat array of ids (uint16 when the vocabulary fits) plus offsets.
+Each batch is then cut to its bucket length (a multiple of `bucket_width`), so compute follows
+the real lengths while the set of shapes compiled backends see stays small: one
+`(batch_size, L)` per bucket plus at most one short remainder batch. One-hot targets are built
+per batch.
+
+Tokenization takes the Rust `tokenizers` library where it gives KerasHub's ids exactly (the
+`tokenizer.json` that exports ship: `kerasft.exporters.tokenizer`), and KerasHub's own
+preprocessor for every other text and every other tokenizer.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+from dataclasses import dataclass
 
 import keras
 import numpy as np
@@ -19,46 +27,176 @@ log = logging.getLogger(__name__)
 PROGRESS_FROM = 8192  # texts: smaller inputs tokenize in a few seconds, without a progress bar
 
 
+@dataclass
+class TokenIds:
+    """Token ids of N texts without padding: `flat[offsets[i]:offsets[i] + lengths[i]]`.
+
+    Attributes:
+        flat: every text's ids back to back; uint16 when the vocabulary has at most 65,536
+            entries, else int32.
+        offsets: int64 `(N,)` start of each text in `flat`.
+        lengths: int32 `(N,)` ids per text, `[CLS]` and `[SEP]` included.
+        sequence_length: the maximum length (the preprocessor's).
+    """
+
+    flat: np.ndarray
+    offsets: np.ndarray
+    lengths: np.ndarray
+    sequence_length: int
+
+    @classmethod
+    def from_padded(cls, ids: np.ndarray, lengths: np.ndarray, vocabulary_size: int | None = None):
+        """From `(N, L)` padded ids and their lengths."""
+        lengths = np.asarray(lengths, dtype="int32")
+        keep = np.arange(ids.shape[1])[None, :] < lengths[:, None]
+        dtype = "uint16" if vocabulary_size is not None and vocabulary_size <= 1 << 16 else "int32"
+        return cls(ids[keep].astype(dtype), _offsets(lengths), lengths, ids.shape[1])
+
+    @classmethod
+    def concatenate(cls, parts: list[TokenIds]) -> TokenIds:
+        """Joins the rows of several `TokenIds` (in order)."""
+        if not parts:
+            raise ValueError("concatenate needs at least one TokenIds.")
+        lengths = np.concatenate([p.lengths for p in parts])
+        flat = np.concatenate([p.flat for p in parts])
+        return cls(flat, _offsets(lengths), lengths, max(p.sequence_length for p in parts))
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def padded(self, rows: np.ndarray, length: int | None = None) -> np.ndarray:
+        """int32 `(len(rows), length)` ids of `rows`, zero-padded (pad id 0), cut to `length`."""
+        length = self.sequence_length if length is None else length
+        positions = np.arange(length)[None, :]
+        real = positions < self.lengths[rows, None]
+        index = np.where(real, self.offsets[rows, None] + positions, 0)
+        return np.where(real, self.flat[index], 0).astype("int32")
+
+    @property
+    def nbytes(self) -> int:
+        return self.flat.nbytes + self.offsets.nbytes + self.lengths.nbytes
+
+
+def _offsets(lengths: np.ndarray) -> np.ndarray:
+    offsets = np.zeros(len(lengths), dtype="int64")
+    np.cumsum(lengths[:-1], out=offsets[1:])
+    return offsets
+
+
 def tokenize(
     preprocessor, texts: list[str], chunk_size: int = 2048, verbose: int | str = 0
-) -> tuple[np.ndarray, np.ndarray]:
-    """Tokenizes `texts` with a KerasHub text classifier preprocessor.
+) -> TokenIds:
+    """Tokenizes `texts` exactly as a KerasHub text classifier preprocessor does.
 
     Texts longer than the preprocessor's `sequence_length` are truncated (as KerasHub does);
-    how many were is logged (a warning) when any were.
+    how many were is logged (a warning) when any were. For KerasHub's WordPiece preprocessors
+    (DistilBERT's) the texts on which the Rust `tokenizers` library gives identical ids
+    (`kerasft.exporters.tokenizer.tokenizers_matches`: ASCII text and most other text) go
+    through it; the rest, and every other tokenizer, through the preprocessor itself.
 
     Args:
         preprocessor: e.g. `DistilBertTextClassifierPreprocessor`; its `sequence_length` is the
-            maximum length (longer texts are truncated exactly as KerasHub does).
+            maximum length.
         texts: the texts.
-        chunk_size: texts per preprocessor call.
+        chunk_size: texts per tokenizer call.
         verbose: Keras verbosity of a progress bar, shown from `PROGRESS_FROM` texts.
 
     Returns:
-        `(token_ids, lengths)`: int32 `(N, sequence_length)` padded ids and int32 `(N,)` lengths
-        (number of real tokens, `[CLS]` and `[SEP]` included).
+        A `TokenIds` (unpadded ids and lengths).
     """
-    ids, lengths = [], []
+    fast = fast_tokenizer(preprocessor)
     progress = None
     if verbose and len(texts) >= PROGRESS_FROM:
         progress = keras.utils.Progbar(
             len(texts), verbose=1 if verbose == "auto" else verbose, unit_name="text"
         )
+    parts = []
     for start in range(0, len(texts), chunk_size):
-        out = preprocessor(list(texts[start : start + chunk_size]))
-        ids.append(keras.ops.convert_to_numpy(out["token_ids"]).astype("int32"))
-        mask = keras.ops.convert_to_numpy(out["padding_mask"]).astype(bool)
-        lengths.append(mask.sum(axis=1).astype("int32"))
+        chunk = list(texts[start : start + chunk_size])
+        parts.append(_tokenize_chunk(preprocessor, fast, chunk))
         if progress is not None:
             progress.update(min(len(texts), start + chunk_size))
-    token_ids, lengths = np.concatenate(ids), np.concatenate(lengths)
-    truncated = count_truncated(preprocessor, texts, lengths)
+    if not parts:
+        parts = [_kerashub_ids(preprocessor, [])]
+    ids = TokenIds.concatenate(parts)
+    truncated = count_truncated(preprocessor, texts, ids.lengths)
     if truncated:
         log.warning(
             "%d of %d texts are longer than sequence_length=%d tokens and were truncated.",
-            truncated, len(texts), token_ids.shape[1],
+            truncated, len(texts), ids.sequence_length,
         )  # fmt: skip
-    return token_ids, lengths
+    return ids
+
+
+def kerashub_tokenize(preprocessor, texts: list[str], chunk_size: int = 2048) -> TokenIds:
+    """`tokenize` through the KerasHub preprocessor alone (the reference for the fast path)."""
+    parts = [
+        _kerashub_ids(preprocessor, list(texts[i : i + chunk_size]))
+        for i in range(0, len(texts), chunk_size)
+    ]
+    return TokenIds.concatenate(parts or [_kerashub_ids(preprocessor, [])])
+
+
+def _kerashub_ids(preprocessor, texts: list[str]) -> TokenIds:
+    out = preprocessor(texts) if texts else None
+    if out is None:
+        width = preprocessor.sequence_length
+        return TokenIds.from_padded(np.zeros((0, width), "int32"), np.zeros(0, "int32"), 1)
+    ids = keras.ops.convert_to_numpy(out["token_ids"])
+    lengths = keras.ops.convert_to_numpy(out["padding_mask"]).astype(bool).sum(axis=1)
+    return TokenIds.from_padded(ids, lengths, preprocessor.tokenizer.vocabulary_size())
+
+
+def _tokenize_chunk(preprocessor, fast, texts: list[str]) -> TokenIds:
+    if fast is None:
+        return _kerashub_ids(preprocessor, texts)
+    from kerasft.exporters.tokenizer import tokenizers_matches
+
+    tokenizer, settings = fast
+    rows = [e.ids for e in tokenizer.encode_batch(texts)]
+    exact = [i for i, t in enumerate(texts) if not tokenizers_matches(t, **settings)]
+    if exact:  # KerasHub's ids for the few texts `tokenizer.json` may not reproduce
+        slow = _kerashub_ids(preprocessor, [texts[i] for i in exact])
+        for j, i in enumerate(exact):
+            start = slow.offsets[j]
+            rows[i] = slow.flat[start : start + slow.lengths[j]].tolist()
+    lengths = np.array([len(r) for r in rows], dtype="int32")
+    dtype = "uint16" if tokenizer.get_vocab_size() <= 1 << 16 else "int32"
+    flat = np.fromiter((i for r in rows for i in r), dtype=dtype, count=int(lengths.sum()))
+    return TokenIds(flat, _offsets(lengths), lengths, preprocessor.sequence_length)
+
+
+def fast_tokenizer(preprocessor):
+    """`(tokenizers.Tokenizer, settings)` reproducing `preprocessor`, or None where there is none.
+
+    Only KerasHub's DistilBERT preprocessor with its WordPiece tokenizer has one (the
+    `tokenizer.json` of `kerasft.exporters.tokenizer`); `tokenizers_matches(text, **settings)`
+    says for which texts its ids are KerasHub's.
+    """
+    import keras_hub
+
+    tokenizer = getattr(preprocessor, "tokenizer", None)
+    if not isinstance(
+        preprocessor, keras_hub.models.DistilBertTextClassifierPreprocessor
+    ) or not isinstance(tokenizer, keras_hub.tokenizers.WordPieceTokenizer):
+        return None
+    if getattr(tokenizer, "special_tokens_in_strings", False):
+        return None
+    settings = {
+        "lowercase": bool(tokenizer.lowercase),
+        "strip_accents": bool(tokenizer.strip_accents),
+    }
+    vocabulary = tuple(tokenizer.get_vocabulary())
+    return _rust_tokenizer(vocabulary, preprocessor.sequence_length, **settings), settings
+
+
+@functools.lru_cache(maxsize=4)
+def _rust_tokenizer(vocabulary: tuple, sequence_length: int, lowercase: bool, strip_accents: bool):
+    from kerasft.exporters.tokenizer import rust_tokenizer
+
+    tok = rust_tokenizer(list(vocabulary), lowercase, strip_accents, sequence_length)
+    tok.no_padding()
+    return tok
 
 
 def count_truncated(preprocessor, texts: list[str], lengths: np.ndarray) -> int:
@@ -83,46 +221,80 @@ class BucketedBatches(keras.utils.PyDataset):
     pooled by length, and the batch order shuffled. With `shuffle=False` rows are ordered by
     length once; `restore_order` puts per-row outputs back in the input order.
 
+    Data-parallel training splits every batch across `replicas` devices, so each batch must hold
+    a multiple of `replicas` rows. A shuffled (training) epoch's one short batch is cut down to
+    one (at most `replicas - 1` rows left out, other rows every epoch: `dropped`); an unshuffled
+    (evaluation, prediction) pass pads its short batch with copies of a row instead (`padded`),
+    weighted 0 in losses and metrics and removed by `restore_order`. With `replicas=1` nothing
+    changes. With `shard=(index, count)` (one process of a multi-process run) each batch yields
+    only this process's `1/count` of the rows, at the global batch's bucket length.
+
     Args:
-        token_ids: int `(N, max_len)` padded token ids from `tokenize`.
-        lengths: int `(N,)` real lengths.
+        token_ids: a `TokenIds`, or int `(N, max_len)` padded ids.
+        lengths: int `(N,)` real lengths (taken from `token_ids` when it is a `TokenIds`).
         labels: optional int `(N,)` class ids; yielded one-hot when `num_classes` is given.
         num_classes: number of classes for the one-hot targets.
-        batch_size: rows per batch.
+        batch_size: rows per batch, over all devices and processes.
         shuffle: reshuffle every epoch.
         seed: base seed for the shuffles.
         bucket_width: bucket lengths are multiples of this.
+        replicas: devices every batch is split across (a divisor of `batch_size`).
+        shard: `(process index, process count)`, or None for a single process.
     """
 
     def __init__(
         self,
-        token_ids: np.ndarray,
-        lengths: np.ndarray,
+        token_ids,
+        lengths: np.ndarray | None = None,
         labels: np.ndarray | None = None,
         num_classes: int | None = None,
         batch_size: int = 32,
         shuffle: bool = False,
         seed: int = 0,
         bucket_width: int = 8,
+        replicas: int = 1,
+        shard: tuple[int, int] | None = None,
     ):
         super().__init__()
-        self.token_ids, self.lengths = token_ids, lengths
-        self.targets = None
-        if labels is not None:
-            self.targets = np.eye(num_classes, dtype="float32")[labels]
+        if not isinstance(token_ids, TokenIds):
+            token_ids = TokenIds.from_padded(np.asarray(token_ids), lengths, 1 << 31)
+        if batch_size % replicas:
+            raise ValueError(
+                f"batch_size={batch_size} does not split evenly across {replicas} devices: "
+                "use a multiple of the device count."
+            )
+        self.token_ids, self.lengths = token_ids, token_ids.lengths
+        self.labels = None if labels is None else np.asarray(labels, dtype="int32")
+        self.num_classes = num_classes
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
-        max_len = token_ids.shape[1]
+        self.replicas, self.shard = replicas, shard
         self.bucket_len = np.minimum(
-            np.ceil(np.maximum(lengths, 1) / bucket_width).astype(int) * bucket_width, max_len
-        )
+            np.ceil(np.maximum(self.lengths, 1) / bucket_width).astype("int32") * bucket_width,
+            token_ids.sequence_length,
+        ).astype("int32")
         self.epoch = 0
+        self.dropped = self.padded = 0
+        self._padded_batch = None
         self.batches = self._make_batches()
+
+    @property
+    def targets(self) -> np.ndarray | None:
+        """One-hot targets `(N, num_classes)` float32, built on demand (batches build theirs)."""
+        if self.labels is None or self.num_classes is None:
+            return None
+        return one_hot(self.labels, self.num_classes)
 
     def _make_batches(self) -> list[np.ndarray]:
         n, bs = len(self.lengths), self.batch_size
         if not self.shuffle:
             order = np.argsort(self.lengths, kind="stable")
-            return self._lead_with_distinct_shapes([order[i : i + bs] for i in range(0, n, bs)])
+            batches = [order[i : i + bs] for i in range(0, n, bs)]
+            if batches and len(batches[-1]) % self.replicas:
+                short = batches[-1]
+                self.padded = self.replicas - len(short) % self.replicas
+                batches[-1] = np.concatenate([short, np.repeat(short[-1:], self.padded)])
+                self._padded_batch = batches[-1]
+            return self._lead_with_distinct_shapes(batches)
         rng = np.random.default_rng([self.seed, self.epoch])
         perm = rng.permutation(n)
         batches, leftovers = [], []
@@ -133,6 +305,9 @@ class BucketedBatches(keras.utils.PyDataset):
             leftovers.append(rows[full:])
         rest = np.concatenate(leftovers)
         rest = rest[np.argsort(self.lengths[rest], kind="stable")]
+        self.dropped = len(rest) % self.replicas if self.replicas > 1 else 0
+        if self.dropped:  # the longest leftovers wait for another epoch's batches
+            rest = rest[: len(rest) - self.dropped]
         batches += [rest[i : i + bs] for i in range(0, len(rest), bs)]
         return self._lead_with_distinct_shapes([batches[i] for i in rng.permutation(len(batches))])
 
@@ -143,6 +318,8 @@ class BucketedBatches(keras.utils.PyDataset):
         keeps only the dimensions that differ there as `None`; if both were `(32, 16)`, a later
         `(32, 24)` or `(7, 16)` batch would be rejected. Other backends do not care.
         """
+        if not batches:
+            return batches
         sizes = [len(b) for b in batches]
         short = [i for i, size in enumerate(sizes) if size != sizes[0]] or [0]
         batches.insert(0, batches.pop(short[-1]))
@@ -158,13 +335,26 @@ class BucketedBatches(keras.utils.PyDataset):
     def __getitem__(self, index):
         rows = self.batches[index]
         length = int(self.bucket_len[rows].max())
+        weights = None
+        if self.padded and self.labels is not None:
+            weights = np.ones(len(rows), dtype="float32")
+            if rows is self._padded_batch:
+                weights[len(rows) - self.padded :] = 0.0
+        if self.shard is not None:
+            rows, weights = self._local(rows), None if weights is None else self._local(weights)
         x = {
-            "token_ids": self.token_ids[rows, :length],
+            "token_ids": self.token_ids.padded(rows, length),
             "padding_mask": (np.arange(length)[None, :] < self.lengths[rows, None]).astype("int32"),
         }
-        if self.targets is None:
+        if self.labels is None or self.num_classes is None:
             return (x,)
-        return x, self.targets[rows]
+        y = one_hot(self.labels[rows], self.num_classes)
+        return (x, y) if weights is None else (x, y, weights)
+
+    def _local(self, values: np.ndarray) -> np.ndarray:
+        index, count = self.shard
+        size = len(values) // count
+        return values[index * size : (index + 1) * size]
 
     def on_epoch_end(self):
         if self.shuffle:
@@ -177,13 +367,23 @@ class BucketedBatches(keras.utils.PyDataset):
             self.batches = self._make_batches()
 
     def restore_order(self, outputs: np.ndarray) -> np.ndarray:
-        """Reorders per-row outputs of an unshuffled pass back to the input order."""
+        """Reorders per-row outputs of an unshuffled pass back to the input order.
+
+        Outputs of padding rows (see `padded`) are dropped.
+        """
         order = np.concatenate(self.batches)
-        restored = np.empty_like(outputs)
-        restored[order] = outputs
+        restored = np.empty((len(self.lengths), *outputs.shape[1:]), dtype=outputs.dtype)
+        restored[order] = outputs  # a padding copy writes its row's own output again
         return restored
 
     @property
     def num_shapes(self) -> int:
         """Distinct `(batch, length)` shapes this epoch (what a compiled backend traces)."""
         return len({(len(b), int(self.bucket_len[b].max())) for b in self.batches})
+
+
+def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """float32 `(len(labels), num_classes)` one-hot rows of int class ids."""
+    out = np.zeros((len(labels), num_classes), dtype="float32")
+    out[np.arange(len(labels)), labels] = 1.0
+    return out

@@ -29,6 +29,14 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _devices(text: str) -> int | str:
+    if text == "all":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a device count >= 1 or 'all', got {text!r}")
+    return int(text)
+
+
 def _class_weight(text: str) -> str | dict[str, float]:
     """`balanced`, or `LABEL=WEIGHT,LABEL=WEIGHT` (label names as in the data file)."""
     if text == "balanced":
@@ -145,6 +153,16 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument(
         "--lora-targets", type=lambda t: [n.strip() for n in t.split(",")], metavar="A,B",
         help="backbone layers to adapt (default: KerasHub's, attention query,value)",
+    )  # fmt: skip
+    fit.add_argument(
+        "--no-feature-cache", dest="cache_features", action="store_false",
+        help="stage 1 runs the frozen backbone on every step instead of once (slower; the "
+        "batch order of a multi-process run)",
+    )  # fmt: skip
+    fit.add_argument(
+        "--devices", type=_devices, metavar="N|all",
+        help="data-parallel training over N devices, or all (jax: keras.distribution, "
+        "tensorflow: tf.distribute; default: one device). --batch-size stays the global batch",
     )  # fmt: skip
     fit.add_argument("--batch-size", type=int, default=RecipeConfig.batch_size)
     fit.add_argument("--seed", type=int, default=RecipeConfig.seed)
@@ -264,7 +282,7 @@ RUN_OPTIONS = (
     "finetune_schedule", "batch_size", "seed", "select_best", "early_stopping_patience",
     "split_seed", "weight_decay", "warmup_ratio", "max_grad_norm", "gradient_accumulation_steps",
     "mixed_precision", "class_weight", "validation_data", "test_data", "finetune_method",
-    "lora_rank", "lora_alpha", "lora_targets",
+    "lora_rank", "lora_alpha", "lora_targets", "cache_features",
 )  # fmt: skip
 
 
@@ -288,6 +306,7 @@ def _saved_fit_args(out: Path) -> dict | None:
 
 
 def cmd_fit(args) -> int:
+    from kerasft import distribute
     from kerasft.checkpoint import STATE_FILE
     from kerasft.data import DataError
     from kerasft.fileio import (
@@ -300,6 +319,8 @@ def cmd_fit(args) -> int:
 
     out = _fit_target(args)
     args.backend = os.environ["KERAS_BACKEND"]  # the one `main` chose, recorded for --resume
+    if distribute.initialize():  # one process of a multi-process run (Keras' variables)
+        return _fit_multi_process(args, out)
     for name in ("data", "validation_data", "test_data"):
         if getattr(args, name):
             setattr(args, name, str(Path(getattr(args, name)).resolve()))
@@ -345,6 +366,43 @@ def cmd_fit(args) -> int:
             raise
 
 
+def _fit_multi_process(args, out: Path) -> int:
+    """One process of a multi-process run: every process trains, process 0 writes the run.
+
+    Checkpoints (and so resuming) are not supported across processes: each would need the same
+    checkpoint. Process 0 builds the run in `.RUN.partial` and renames it into place, as a
+    single-process fit does.
+    """
+    import jax
+
+    from kerasft.fileio import check_target_dir, target_lock
+    from kerasft.rundir import partial_dir
+
+    if args.resume:
+        raise ValueError("--resume is not supported in a multi-process run (no checkpoints).")
+    if args.devices != "all":
+        raise ValueError(
+            f"A multi-process run trains on every device of every process: pass --devices all. "
+            f"Received: --devices {args.devices}"
+        )
+    if not args.data:
+        raise ValueError("No data file: pass --data FILE or set $KERASFT_DATA.")
+    for name in ("data", "validation_data", "test_data"):
+        if getattr(args, name):
+            setattr(args, name, str(Path(getattr(args, name)).resolve()))
+    if jax.process_index() != 0:
+        log.info("process %d of %d: training; process 0 writes %s",
+                 jax.process_index(), jax.process_count(), out)  # fmt: skip
+        return _fit_into(args, out, None)
+    with target_lock(out, "Run directory"):
+        check_target_dir(out, args.overwrite, "Run directory")
+        work = partial_dir(out)
+        if work.exists():
+            shutil.rmtree(work)
+        work.mkdir(parents=True)
+        return _fit_into(args, out, work, checkpoint=False)
+
+
 def _weight_decay(values: list[float] | None) -> float | list[float]:
     if not values:
         return 0.0
@@ -356,7 +414,8 @@ def _weight_decay(values: list[float] | None) -> float | list[float]:
     return values[0] if len(values) == 1 else list(values)
 
 
-def _fit_into(args, out: Path, work: Path) -> int:
+def _fit_into(args, out: Path, work: Path | None, checkpoint: bool = True) -> int:
+    """Loads the data, fits, and writes the run into `work` (None: train only, write nothing)."""
     import keras
 
     from kerasft import rundir
@@ -374,6 +433,7 @@ def _fit_into(args, out: Path, work: Path) -> int:
         finetune_schedule=args.finetune_schedule,
         batch_size=args.batch_size,
         seed=args.seed,
+        cache_features=args.cache_features,
         select_best=args.select_best,
         early_stopping_patience=args.early_stopping_patience,
         weight_decay=_weight_decay(args.weight_decay),
@@ -407,12 +467,17 @@ def _fit_into(args, out: Path, work: Path) -> int:
     # Progress bars only on a terminal: redirected to a file, one line per epoch (Keras'
     # verbose=2) instead of carriage returns and escape codes.
     verbose = "auto" if sys.stdout.isatty() and not args.quiet else 2
-    tuner = TwoStageFineTuner(**recipe.to_dict(), verbose=verbose)
-    log.info("stage 1: warm-up (backbone frozen), stage 2: fine-tune (all layers)")
-    checkpoints = work / rundir.CHECKPOINT_DIR
-    tuner.fit(train, validation_data=val, checkpoint_dir=checkpoints)
+    tuner = TwoStageFineTuner(**recipe.to_dict(), distribution=args.devices, verbose=verbose)
+    stage2 = "LoRA adapters + head" if args.finetune_method == "lora" else "all layers"
+    log.info("stage 1: warm-up (backbone frozen), stage 2: fine-tune (%s)", stage2)
     rows = {"file": len(data) + data.skipped, "used": len(used), "skipped": data.skipped,
             "train": len(train), "validation": len(val), "test": len(test)}  # fmt: skip
+    del data, used  # the splits hold what training needs
+    if work is None:
+        tuner.fit(train, validation_data=val)
+        return 0
+    checkpoints = work / rundir.CHECKPOINT_DIR
+    tuner.fit(train, validation_data=val, checkpoint_dir=checkpoints if checkpoint else None)
     try:
         metrics = rundir.write_run(
             work, tuner, train=train, validation=val, test=test, source=source, rows=rows,

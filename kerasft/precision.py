@@ -59,8 +59,11 @@ def check_mixed_precision(mixed_precision: str) -> None:
         ) from e
 
 
-def to_float32(classifier):
+def to_float32(classifier, copy: bool = False):
     """A plain float32 copy of a KerasHub classifier, or the classifier itself if it is one.
+
+    With `copy=True` always a new model (e.g. one whose variables are local to this process,
+    made outside a distribution's scope).
 
     "Plain": trained under a mixed policy, or with LoRA adapters (`kerasft.lora`), the copy has
     float32 compute and ordinary kernels with the adapters merged in. Each layer's variables
@@ -69,7 +72,8 @@ def to_float32(classifier):
     """
     from kerasft.lora import adapted_layers
 
-    if classifier.dtype_policy.name == "float32" and not adapted_layers(classifier):
+    plain = classifier.dtype_policy.name == "float32" and not adapted_layers(classifier)
+    if plain and not copy:
         return classifier
     config = classifier.get_config()
     config["backbone"]["config"]["dtype"] = "float32"  # the head layers follow the backbone's

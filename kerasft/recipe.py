@@ -19,7 +19,7 @@ import math
 import keras
 import numpy as np
 
-from kerasft.batching import BucketedBatches, tokenize
+from kerasft.batching import BucketedBatches, one_hot, tokenize
 from kerasft.presets import load_classifier
 
 load_pretrained_classifier = load_classifier
@@ -56,6 +56,7 @@ def compile_classifier(
     max_grad_norm: float | None = None,
     gradient_accumulation_steps: int = 1,
     loss_scale: bool = False,
+    weighted_metrics: bool = False,
 ) -> keras.Model:
     """Compiles `model` with the recipe's loss: a fresh Adam, one-hot CE from logits, accuracy.
 
@@ -71,6 +72,9 @@ def compile_classifier(
         gradient_accumulation_steps: > 1 applies the averaged gradients of that many batches
             (Keras' `gradient_accumulation_steps`).
         loss_scale: wrap the optimizer in `keras.optimizers.LossScaleOptimizer` (float16).
+        weighted_metrics: accuracy and F1 honour sample weights (Keras' `weighted_metrics`):
+            for data-parallel evaluation, whose padding rows weigh 0. With `class_weight`
+            they are then class-weighted too.
 
     Returns:
         `model`, compiled.
@@ -93,13 +97,14 @@ def compile_classifier(
         optimizer = keras.optimizers.Adam(learning_rate, **options)
     if loss_scale:
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    metrics = [
+        keras.metrics.CategoricalAccuracy(name="accuracy"),
+        F1Score(int(model.output.shape[-1]), name="f1"),
+    ]
     model.compile(
         optimizer=optimizer,
         loss=keras.losses.CategoricalCrossentropy(from_logits=True),
-        metrics=[
-            keras.metrics.CategoricalAccuracy(name="accuracy"),
-            F1Score(int(model.output.shape[-1]), name="f1"),
-        ],
+        **{"weighted_metrics" if weighted_metrics else "metrics": metrics},
     )
     return model
 
@@ -192,6 +197,9 @@ class F1Score(keras.metrics.Metric):
         k = self.num_classes
         true = keras.ops.one_hot(keras.ops.argmax(y_true, axis=-1), k)
         pred = keras.ops.one_hot(keras.ops.argmax(y_pred, axis=-1), k)
+        if sample_weight is not None:  # weight 0: padding rows of a data-parallel batch
+            weight = keras.ops.cast(keras.ops.reshape(sample_weight, (-1, 1)), true.dtype)
+            true = true * weight
         self.confusion.assign_add(keras.ops.matmul(keras.ops.transpose(true), pred))
 
     def result(self):
@@ -213,6 +221,8 @@ def encode(
     shuffle: bool = False,
     seed: int = 0,
     verbose: int | str = 0,
+    replicas: int = 1,
+    shard: tuple[int, int] | None = None,
 ) -> BucketedBatches:
     """Tokenizes `texts` once with the classifier's preprocessor into length-bucketed batches.
 
@@ -221,23 +231,25 @@ def encode(
         texts: the texts.
         labels: int class ids, or None for prediction.
         num_classes: classes for the one-hot targets (defaults to `classifier.num_classes`).
-        batch_size: rows per batch.
+        batch_size: rows per batch (over every device).
         shuffle: reshuffle every epoch (training data).
         seed: seed of the shuffles.
         verbose: progress bar while tokenizing large inputs (Keras verbosity).
+        replicas: data-parallel devices each batch is split across (see `BucketedBatches`).
+        shard: `(process index, process count)` in a multi-process run, else None.
 
     Returns:
         A `BucketedBatches` dataset usable by `fit`, `evaluate` and `predict` on every backend.
     """
-    token_ids, lengths = tokenize(classifier.preprocessor, texts, verbose=verbose)
     return BucketedBatches(
-        token_ids,
-        lengths,
+        tokenize(classifier.preprocessor, texts, verbose=verbose),
         labels=labels,
         num_classes=num_classes or classifier.num_classes,
         batch_size=batch_size,
         shuffle=shuffle,
         seed=seed,
+        replicas=replicas,
+        shard=shard,
     )
 
 
@@ -262,44 +274,81 @@ def _head_parts(classifier) -> tuple[keras.Model, keras.Model]:
 
 
 class _FeatureBatches(keras.utils.PyDataset):
-    """Cached backbone features with one-hot targets, reshuffled every epoch with the seed."""
+    """Cached backbone features (float16) with one-hot targets built per batch.
 
-    def __init__(self, features, targets, batch_size, shuffle, seed):
+    Shuffled batches are reordered every epoch from the seed; like `BucketedBatches`, a
+    shuffled epoch leaves out the rows that would make its last batch uneven across `replicas`
+    devices, and an unshuffled pass pads instead, with weight 0.
+    """
+
+    def __init__(self, features, like: BucketedBatches, shuffle: bool):
         super().__init__()
-        self.features, self.targets = features, targets
-        self.batch_size, self.shuffle, self.seed, self.epoch = batch_size, shuffle, seed, 0
+        self.features, self.labels, self.num_classes = features, like.labels, like.num_classes
+        self.batch_size, self.shuffle, self.seed, self.epoch = (
+            like.batch_size,
+            shuffle,
+            like.seed,
+            0,
+        )
+        self.replicas, self.shard = like.replicas, like.shard
+        self.padded = 0
         self.order = self._order()
 
     def _order(self):
         n = len(self.features)
         if not self.shuffle:
-            return np.arange(n)
-        return np.random.default_rng([self.seed, self.epoch]).permutation(n)
+            order = np.arange(n)
+            self.padded = (-(n % self.batch_size)) % self.replicas if n % self.batch_size else 0
+            return np.concatenate([order, np.repeat(order[-1:], self.padded)])
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(n)
+        dropped = n % self.batch_size % self.replicas
+        return order[: n - dropped]
 
     def __len__(self):
-        return -(-len(self.features) // self.batch_size)
+        return -(-len(self.order) // self.batch_size)
 
     def __getitem__(self, i):
         rows = self.order[i * self.batch_size : (i + 1) * self.batch_size]
-        return self.features[rows], self.targets[rows]
+        weights = None
+        if self.padded:
+            weights = np.ones(len(rows), dtype="float32")
+            if i == len(self) - 1:
+                weights[len(rows) - self.padded :] = 0.0
+        if self.shard is not None:
+            index, count = self.shard
+            size = len(rows) // count
+            rows = rows[index * size : (index + 1) * size]
+            weights = None if weights is None else weights[index * size : (index + 1) * size]
+        x = self.features[rows].astype("float32")
+        y = one_hot(self.labels[rows], self.num_classes)
+        return (x, y) if weights is None else (x, y, weights)
 
     def on_epoch_end(self):
         self.set_epoch(self.epoch + 1)
 
     def set_epoch(self, epoch: int) -> None:
         """Reorders the rows as they are in epoch `epoch` (resuming a run)."""
-        self.epoch = epoch
-        self.order = self._order()
+        if self.shuffle:
+            self.epoch = epoch
+            self.order = self._order()
 
 
 def extract_features(classifier, data: BucketedBatches, verbose: int | str = "auto") -> np.ndarray:
-    """Runs the (frozen) backbone once and returns the `[CLS]` features in input order."""
+    """Runs the (frozen) backbone once; returns the `[CLS]` features in input order, float16.
+
+    float16 halves the cache (the head trains on float32 copies of each batch); the features of
+    a frozen backbone are layer-normalised activations of moderate size, well inside its range.
+    """
     extractor, _ = _head_parts(classifier)
     unshuffled = BucketedBatches(
-        data.token_ids, data.lengths, batch_size=max(64, data.batch_size), shuffle=False
+        data.token_ids,
+        batch_size=max(64, data.batch_size),
+        shuffle=False,
+        replicas=data.replicas,
+        shard=data.shard,
     )
-    features = unshuffled.restore_order(extractor.predict(unshuffled, verbose=verbose))
-    return np.asarray(features, dtype="float32")  # float32 also under a mixed dtype policy
+    features = extractor.predict(unshuffled, verbose=verbose)
+    return unshuffled.restore_order(np.asarray(features, dtype="float16"))
 
 
 def prepare_stage(
@@ -335,27 +384,18 @@ def prepare_stage(
     else:
         classifier.backbone.trainable = train_base
     learning_rate = stage_schedule(learning_rate, epochs * len(train), linear_decay, warmup_ratio)
+    # Data parallel: evaluation batches carry zero-weight padding rows (see `BucketedBatches`).
+    optimizer_options.setdefault("weighted_metrics", train.replicas > 1)
     if train_base or not cache_features:
         model = compile_classifier(core_model(classifier), learning_rate, **optimizer_options)
         return model, train, validation
     _, model = _head_parts(classifier)
     compile_classifier(model, learning_rate, **optimizer_options)
-    fit_x = _FeatureBatches(
-        extract_features(classifier, train, verbose),
-        train.targets,
-        train.batch_size,
-        shuffle=train.shuffle,
-        seed=train.seed,
-    )
+    fit_x = _FeatureBatches(extract_features(classifier, train, verbose), train, train.shuffle)
     fit_val = None
     if validation is not None:
-        fit_val = _FeatureBatches(
-            extract_features(classifier, validation, verbose),
-            validation.targets,
-            validation.batch_size,
-            shuffle=False,
-            seed=0,
-        )
+        features = extract_features(classifier, validation, verbose)
+        fit_val = _FeatureBatches(features, validation, shuffle=False)
     return model, fit_x, fit_val
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from kerasft import lora, recipe
+from kerasft import distribute, lora, recipe
 from kerasft.checkpoint import CheckpointDir, restore_optimizer, set_global_rng_state
 from kerasft.config import STAGES, RecipeConfig
 from kerasft.data import DataError, TextDataset, encode_labels, label_values
@@ -63,6 +63,10 @@ class TwoStageFineTuner:
         lora_rank: LoRA rank. lora_alpha: LoRA scale numerator (None: the rank).
         lora_targets: backbone layers to adapt (None: attention query and value).
             See `kerasft.config.RecipeConfig` for each option.
+        distribution: data-parallel training: None (one device), a device count, `"all"`, or a
+            ready `keras.distribution.DataParallel` / `tf.distribute.Strategy`; see
+            `kerasft.distribute.data_parallel` (JAX and TensorFlow only). `batch_size` stays
+            the global batch and must be a multiple of the device count.
         callbacks: Keras callbacks for both stages (not part of `get_config`). They see the
             whole classifier (raw strings in), so a `ModelCheckpoint` saves a usable model.
         verbose: Keras verbosity for fit/predict progress.
@@ -107,6 +111,7 @@ class TwoStageFineTuner:
         lora_rank: int = RecipeConfig.lora_rank,
         lora_alpha: float | None = RecipeConfig.lora_alpha,
         lora_targets: list[str] | None = RecipeConfig.lora_targets,
+        distribution=None,
         callbacks: list | None = None,
         verbose: int | str = "auto",
     ):
@@ -138,7 +143,9 @@ class TwoStageFineTuner:
         for name, value in self.recipe.to_dict().items():
             setattr(self, name, value)
         self.callbacks = list(callbacks or [])
+        self.distribution = distribution
         self.verbose = verbose
+        self._plan = None  # the data-parallel plan predictions run under (set by `fit`)
         self.model = None
         self.label_names: list[str] | None = None
         self.history: keras.callbacks.History | None = None
@@ -152,8 +159,14 @@ class TwoStageFineTuner:
     # --- config -------------------------------------------------------------------------------
 
     def get_config(self) -> dict:
-        """Returns every constructor argument except `callbacks` (not serialisable)."""
-        return {**self.recipe.to_dict(), "verbose": self.verbose}
+        """Returns every constructor argument except `callbacks` (not serialisable).
+
+        A `distribution` given as an engine object (not a device count) is left out (None).
+        """
+        distribution = self.distribution
+        if not (distribution is None or isinstance(distribution, (int, str))):
+            distribution = None
+        return {**self.recipe.to_dict(), "distribution": distribution, "verbose": self.verbose}
 
     @classmethod
     def from_config(cls, config: dict) -> TwoStageFineTuner:
@@ -213,6 +226,7 @@ class TwoStageFineTuner:
                 f"{self.early_stopping_patience!r}, validation_data=None"
             )
         self._class_weights = self._class_weight_ids(labels)
+        plan = self._data_parallel(checkpoint_dir)
         store = None
         if checkpoint_dir is not None:
             store = CheckpointDir(checkpoint_dir, self._fingerprint(texts, labels))
@@ -221,42 +235,58 @@ class TwoStageFineTuner:
             check_mixed_precision(self.mixed_precision)  # a clear error, before any loading
         keras.utils.set_random_seed(self.seed)
         self.backend = keras.backend.backend()
-        self.model = recipe.load_pretrained_classifier(
-            self.preset, self.num_classes, self.sequence_length, policy_name(self.mixed_precision)
-        )
-        recipe.initialize_head(self.model, self.seed)
-        log.info("tokenizing %d training texts", len(texts))
-        train = recipe.encode(
-            self.model, texts, labels, batch_size=self.batch_size, shuffle=True, seed=self.seed,
-            verbose=self.verbose,
-        )  # fmt: skip
-        if validation_data is not None:
-            val = recipe.encode(
-                self.model, val_texts, val_labels, batch_size=self.batch_size, verbose=self.verbose
+        replicas, shard = (plan.replicas, plan.shard) if plan is not None else (1, None)
+        with distribute.maybe_scope(plan):
+            self.model = recipe.load_pretrained_classifier(
+                self.preset,
+                self.num_classes,
+                self.sequence_length,
+                policy_name(self.mixed_precision),
             )
+            recipe.initialize_head(self.model, self.seed)
+            log.info("tokenizing %d training texts", len(texts))
+            train = recipe.encode(
+                self.model, texts, labels, batch_size=self.batch_size, shuffle=True,
+                seed=self.seed, verbose=self.verbose, replicas=replicas, shard=shard,
+            )  # fmt: skip
+            if validation_data is not None:
+                val = recipe.encode(
+                    self.model, val_texts, val_labels, batch_size=self.batch_size,
+                    verbose=self.verbose, replicas=replicas, shard=shard,
+                )  # fmt: skip
+            if plan is not None:
+                self._log_remainders(train, val)
+                if plan.shard is not None and self.cache_features and self.warmup_epochs:
+                    log.info("multi-process: stage 1 runs the frozen backbone on every step "
+                             "(a feature cache would need every process's rows)")  # fmt: skip
 
-        run = _RunState(state, self.recipe.monitor)
-        self.adapter_model = None
-        if state is not None and state["stage"] == "finetune" and self.finetune_method == "lora":
-            self._enable_lora()  # the checkpoint holds the adapters' weights
-        if state is not None:
-            run.optimizer, run.rng = store.restore(state, self._core())
-            train.set_epoch(state["train_epoch"])
-            log.info(
-                "resuming from %s: %d of %d epochs done (%s)",
-                store.directory,
-                state["epochs_done"],
-                self.warmup_epochs + self.finetune_epochs,
-                state["stage"],
-            )
-        for stage in STAGES:
-            self._run_stage(stage, train, val, run, store)
-        self._select(run, store)
-        self.parameters = lora.parameter_counts(self._core())  # as stage 2 trained it
+            run = _RunState(state, self.recipe.monitor)
+            self.adapter_model = None
+            lora_resume = state is not None and state["stage"] == "finetune"
+            if lora_resume and self.finetune_method == "lora":
+                self._enable_lora()  # the checkpoint holds the adapters' weights
+            if state is not None:
+                run.optimizer, run.rng = store.restore(state, self._core())
+                train.set_epoch(state["train_epoch"])
+                log.info(
+                    "resuming from %s: %d of %d epochs done (%s)",
+                    store.directory,
+                    state["epochs_done"],
+                    self.warmup_epochs + self.finetune_epochs,
+                    state["stage"],
+                )
+            for stage in STAGES:
+                self._run_stage(stage, train, val, run, store)
+            self._select(run, store)
+            self.parameters = lora.parameter_counts(self._core())  # as stage 2 trained it
         if lora.adapted_layers(self.model):
             self.adapter_model = self.model
-        # What is saved and exported: float32, adapters merged into the kernels.
-        self.model = to_float32(self.model)
+        # What is saved and exported: float32, adapters merged into the kernels. In a
+        # multi-process run, a copy local to this process: predictions need no other process.
+        local = plan is not None and plan.process_count > 1
+        self._plan = None if local else plan
+        with distribute.maybe_scope(self._plan):
+            self.model = to_float32(self.model, copy=local)
         self.stage_seconds = dict(run.seconds)
         if store is not None:  # part of the stage seconds above, reported apart
             self.stage_seconds["checkpoints"] = store.seconds
@@ -293,7 +323,8 @@ class TwoStageFineTuner:
             epochs=epochs,
             learning_rate=getattr(self, f"{stage}_learning_rate"),
             train_base=train_base,
-            cache_features=self.cache_features,
+            # Multi-process: no feature cache (gathering predictions needs every process).
+            cache_features=self.cache_features and train.shard is None,
             linear_decay=stage == "finetune" and self.finetune_schedule == "linear",
             warmup_ratio=self.warmup_ratio if stage == "finetune" else 0.0,
             verbose=self.verbose,
@@ -311,6 +342,7 @@ class TwoStageFineTuner:
             set_global_rng_state(run.rng)
             run.rng = None
         tracker = _EpochEnd(self, stage, run, store, fit_x, train, first + epochs, run.rng)
+        tracker.val_loss_scale = _padding_scale(fit_val)
         run.rng = None
         callbacks = [tracker] + [_OnClassifier(cb, self.model) for cb in self.callbacks]
         tracker.start = start
@@ -330,6 +362,36 @@ class TwoStageFineTuner:
             store.save(run.to_state(stage), self._core(), model.optimizer)
         if train_base != "lora":
             self.model.backbone.trainable = True
+
+    def _data_parallel(self, checkpoint_dir):
+        """The run's `DataParallelPlan` (None for one device), checked against the options."""
+        plan = distribute.data_parallel(self.distribution)
+        if plan is None:
+            return None
+        plan.check_batch_size(self.batch_size)
+        if plan.process_count > 1 and checkpoint_dir is not None:
+            raise ValueError(
+                "checkpoint_dir is not supported in a multi-process run: every process would "
+                "have to read the same checkpoint to resume. Received: checkpoint_dir="
+                f"{str(checkpoint_dir)!r} with {plan.process_count} processes."
+            )
+        log.info(
+            "data parallel: %s; batch %d = %d rows per device",
+            plan.describe(), self.batch_size, self.batch_size // plan.replicas,
+        )  # fmt: skip
+        return plan
+
+    def _log_remainders(self, train, val) -> None:
+        """Says how batches were made even across the devices (see `BucketedBatches`)."""
+        n, bs, replicas = len(train.lengths), self.batch_size, train.replicas
+        cached = self.cache_features and self.warmup_epochs and train.shard is None
+        cached = n % bs % replicas if cached else train.dropped
+        log.info(
+            "even batches across %d devices: training leaves out %d row(s) per epoch "
+            "(stage 1: %d), other rows each epoch; validation pads its "
+            "last batch with %d zero-weight row(s)",
+            replicas, train.dropped, cached, 0 if val is None else val.padded,
+        )  # fmt: skip
 
     def _enable_lora(self) -> None:
         count = lora.enable_lora(self.model, self.lora_rank, self.lora_alpha, self.lora_targets)
@@ -380,8 +442,9 @@ class TwoStageFineTuner:
 
     def predict_proba(self, x) -> np.ndarray:
         """Returns class probabilities, shape `(N, num_classes)`, in input order."""
-        data = recipe.encode(self._fitted(), self._texts(x), batch_size=self.batch_size)
-        logits = self._core().predict(data, verbose=0)
+        data = self._encode(self._texts(x))
+        with distribute.maybe_scope(self._plan):
+            logits = self._core().predict(data, verbose=0)
         return keras.ops.convert_to_numpy(keras.ops.softmax(data.restore_order(logits), axis=-1))
 
     def predict(self, x) -> np.ndarray:
@@ -396,11 +459,22 @@ class TwoStageFineTuner:
     def evaluate(self, x, y=None) -> dict:
         """Returns `{"loss", "accuracy"}` of the fitted model on `x`, `y` (labels as in `fit`)."""
         texts, labels = self._texts_and_labels(x, y)
-        data = recipe.encode(self._fitted(), texts, labels, batch_size=self.batch_size)
-        core = self._core()
-        if not core.compiled:
-            recipe.compile_classifier(core, 1e-3)  # the rate is unused: loss and metric only
-        return core.evaluate(data, verbose=0, return_dict=True)
+        data = self._encode(texts, labels)
+        with distribute.maybe_scope(self._plan):
+            core = self._core()
+            if not core.compiled:
+                # the rate is unused: loss and metrics only
+                recipe.compile_classifier(core, 1e-3, weighted_metrics=self._plan is not None)
+            result = core.evaluate(data, verbose=0, return_dict=True)
+        result["loss"] *= _padding_scale(data)  # the mean over the real rows
+        return result
+
+    def _encode(self, texts, labels=None):
+        """Unshuffled batches for inference, even across the devices predictions run on."""
+        replicas = self._plan.replicas if self._plan is not None else 1
+        return recipe.encode(
+            self._fitted(), texts, labels, batch_size=self.batch_size, replicas=replicas
+        )
 
     def score(self, x, y=None) -> dict:
         """Returns accuracy, precision, recall, F1 and the confusion matrix on `x`, `y`.
@@ -757,6 +831,19 @@ class _RunState:
         return merged
 
 
+def _padding_scale(validation) -> float:
+    """What makes `val_loss` the mean over the real rows when validation batches were padded.
+
+    Keras weighs each batch's loss by its row count, padding rows included, so with `pad`
+    zero-weight rows it reports `sum(real losses) / (n + pad)`; times `(n + pad) / n` is the mean.
+    """
+    pad = getattr(validation, "padded", 0)
+    if not pad:
+        return 1.0
+    n = len(validation.lengths) if hasattr(validation, "lengths") else len(validation.features)
+    return (n + pad) / n
+
+
 class _EpochEnd(keras.callbacks.Callback):
     """Records each epoch's logs, tracks the best stage-2 epoch and writes the checkpoint."""
 
@@ -768,6 +855,7 @@ class _EpochEnd(keras.callbacks.Callback):
         self.data_start = fit_x.epoch - run.epochs(stage)
         self.base_seconds = run.seconds.get(stage, 0.0)
         self.start = time.perf_counter()
+        self.val_loss_scale = 1.0
 
     def on_epoch_begin(self, epoch, logs=None):
         if self.rng is not None:
@@ -777,6 +865,8 @@ class _EpochEnd(keras.callbacks.Callback):
             self.rng = None
 
     def on_epoch_end(self, epoch, logs=None):
+        if logs and "val_loss" in logs and self.val_loss_scale != 1.0:
+            logs["val_loss"] = float(logs["val_loss"]) * self.val_loss_scale
         logs = {k: float(v) for k, v in (logs or {}).items()}
         self.run.logs.append({**logs, "stage": STAGES.index(self.stage) + 1})
         if self.stage == "finetune" and self.run.monitor is not None:

@@ -66,7 +66,7 @@ vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + FILLER + POSITIVE + NEG
 tokenizer = keras_hub.models.DistilBertTokenizer(vocabulary=vocab, lowercase=True)
 backbone = keras_hub.models.DistilBertBackbone(
     vocabulary_size=len(vocab), num_layers=2, num_heads=2, hidden_dim=32,
-    intermediate_dim=64, max_sequence_length=64,
+    intermediate_dim=64, max_sequence_length=64, dropout={dropout},
 )
 backbone.save_to_preset({out!r})
 tokenizer.save_to_preset({out!r})
@@ -78,7 +78,17 @@ print("{{}}")
 def tiny_preset(tmp_path_factory) -> Path:
     """A KerasHub preset directory of a seeded 2-layer, hidden-32 DistilBERT, 27-word vocabulary."""
     out = tmp_path_factory.mktemp("tiny") / "preset"
-    run_backend("tensorflow", TINY_PRESET_CODE.format(tests=str(ROOT / "tests"), out=str(out)))
+    code = TINY_PRESET_CODE.format(tests=str(ROOT / "tests"), out=str(out), dropout=0.1)
+    run_backend("tensorflow", code)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_preset_no_dropout(tmp_path_factory) -> Path:
+    """`tiny_preset` with the backbone's dropout off (runs that must match step for step)."""
+    out = tmp_path_factory.mktemp("tiny0") / "preset"
+    code = TINY_PRESET_CODE.format(tests=str(ROOT / "tests"), out=str(out), dropout=0.0)
+    run_backend("tensorflow", code)
     return out
 
 

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from kerasft.batching import BucketedBatches
+from kerasft.batching import BucketedBatches, TokenIds
 
 
 def make(n=203, shuffle=True, seed=0, batch_size=32):
@@ -58,3 +58,55 @@ def test_restore_order_unshuffled():
     ds, lengths, _ = make(shuffle=False)
     per_row = np.concatenate([ds[i][0]["padding_mask"].sum(1) for i in range(len(ds))])
     assert ds.restore_order(per_row).tolist() == lengths.tolist()
+
+
+def test_even_batches_across_devices():
+    # 203 rows, batches of 32: the leftovers do not split across 2 devices.
+    ds = BucketedBatches(*_ids(203), labels=np.arange(203) % 2, num_classes=2, batch_size=32,
+                         shuffle=True, seed=3, replicas=2)  # fmt: skip
+    assert all(len(b) % 2 == 0 for b in ds.batches)
+    assert ds.dropped == 1 and len(epoch_rows(ds)) == 202
+    left_out = set(range(203)) - set(epoch_rows(ds).tolist())
+    ds.on_epoch_end()
+    assert ds.dropped == 1 and set(range(203)) - set(epoch_rows(ds).tolist()) != left_out
+    # An unshuffled pass pads instead: every row once, one zero-weight copy, order restored.
+    ev = BucketedBatches(*_ids(203), labels=np.arange(203) % 2, num_classes=2, batch_size=32,
+                         replicas=2)  # fmt: skip
+    assert ev.padded == 1 and all(len(b) % 2 == 0 for b in ev.batches)
+    weights = np.concatenate([ev[i][2] for i in range(len(ev))])
+    assert weights.sum() == 203 and (weights == 0).sum() == 1
+    per_row = np.concatenate([ev[i][0]["padding_mask"].sum(1) for i in range(len(ev))])
+    assert ev.restore_order(per_row).tolist() == ev.lengths.tolist()
+
+
+def test_process_shards_split_each_global_batch():
+    ids, lengths = _ids(96)
+    whole = BucketedBatches(ids, lengths, batch_size=32, shuffle=True, seed=1, replicas=2)
+    parts = [
+        BucketedBatches(
+            ids, lengths, batch_size=32, shuffle=True, seed=1, replicas=2, shard=(i, 2)
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    for i in range(len(whole)):
+        full = whole[i][0]["token_ids"]
+        halves = [p[i][0]["token_ids"] for p in parts]
+        assert all(h.shape == (len(full) // 2, full.shape[1]) for h in halves)
+        assert np.array_equal(np.concatenate(halves), full)
+
+
+def test_token_ids_are_compact():
+    ids, lengths = _ids(203)
+    compact = TokenIds.from_padded(ids, lengths, vocabulary_size=30522)
+    assert compact.flat.dtype == np.uint16 and len(compact.flat) == lengths.sum()
+    rows = np.array([5, 0, 17])
+    assert np.array_equal(compact.padded(rows, 40), ids[rows, :40])
+
+
+def _ids(n):
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(3, 40, n).astype("int32")
+    ids = np.zeros((n, 64), "int32")
+    for i, length in enumerate(lengths):
+        ids[i, :length] = np.arange(1, length + 1)
+    return ids, lengths

@@ -1,0 +1,260 @@
+"""Data-parallel training on the engines Keras has: `keras.distribution` (JAX), `tf.distribute`.
+
+This module is the one place that knows about devices and processes. `data_parallel(devices)`
+returns a `DataParallelPlan` whose `scope()` wraps model building, compiling, training and
+prediction:
+
+- JAX: `keras.distribution.DataParallel` over the chosen devices (the variables replicated, each
+  batch split along its first axis). With more than one process (`initialize`, Keras'
+  `keras.distribution.initialize`), every process feeds its share of each global batch.
+- TensorFlow: `tf.distribute.MirroredStrategy` over the chosen GPUs (or logical CPUs).
+- PyTorch: Keras 3.15 has no distribution for it; asking for more than one device is an error.
+
+`batch_size` stays the global batch: it must be a multiple of the device count, and every batch
+is split evenly (see `kerasft.batching.BucketedBatches` for the remainder rule).
+
+Without accelerators, the host CPU can be split into N virtual devices to run the multi-device
+path (how Keras tests it): set `KERASFT_CPU_DEVICES=N` before the backend starts.
+
+Example:
+    >>> plan = data_parallel("all")
+    >>> with plan.scope():
+    ...     model = build_and_compile()
+    ...     model.fit(batches)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+
+import keras
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("jax", "tensorflow")  # the backends Keras can distribute
+CPU_DEVICES_ENV = "KERASFT_CPU_DEVICES"
+PROCESS_ENV = "KERAS_DISTRIBUTION_NUM_PROCESSES"  # Keras' own multi-process variables
+
+
+class DataParallelPlan:
+    """Data parallelism over `replicas` devices, with the backend's own engine.
+
+    Attributes:
+        devices: the devices' names (every process's, in a multi-process run).
+        replicas: how many devices each batch is split across.
+        process_index: this process's index (0 in a single-process run).
+        process_count: processes taking part.
+        engine: the Keras/TensorFlow object doing the work (`DataParallel` or
+            `MirroredStrategy`).
+    """
+
+    def __init__(self, engine, devices: list[str], process_index: int = 0, process_count: int = 1):
+        self.engine, self.devices = engine, list(devices)
+        self.replicas = len(self.devices)
+        self.process_index, self.process_count = process_index, process_count
+
+    @property
+    def shard(self) -> tuple[int, int] | None:
+        """`(process index, process count)` for the data, or None in a single process."""
+        return (self.process_index, self.process_count) if self.process_count > 1 else None
+
+    @property
+    def is_writer(self) -> bool:
+        """Whether this process writes files (process 0)."""
+        return self.process_index == 0
+
+    def scope(self):
+        """The context in which models are built, compiled, trained and used."""
+        return self.engine.scope()
+
+    def check_batch_size(self, batch_size: int) -> None:
+        """Raises ValueError when `batch_size` does not split evenly across the devices."""
+        if batch_size % self.replicas:
+            raise ValueError(
+                f"batch_size={batch_size} does not split evenly across {self.replicas} devices "
+                f"({', '.join(self.devices)}): use a multiple of {self.replicas}."
+            )
+
+    def describe(self) -> str:
+        engine = type(self.engine).__name__
+        where = f"{self.replicas} devices ({', '.join(self.devices)})"
+        if self.process_count > 1:
+            where += f", process {self.process_index} of {self.process_count}"
+        return f"{engine} over {where}"
+
+
+def data_parallel(devices) -> DataParallelPlan | None:
+    """Plans data-parallel training over `devices` on the current Keras backend.
+
+    Args:
+        devices: None (one device, no distribution), a device count N >= 1, or `"all"`: every
+            device of the backend's default platform (GPUs/TPUs, else CPUs), every process's in
+            a multi-process run. N = 1 is one device as well. A ready
+            `keras.distribution.DataParallel` (JAX) or `tf.distribute.Strategy` (TensorFlow) is
+            used as it is.
+
+    Returns:
+        A `DataParallelPlan`, or None for a single device.
+
+    Raises:
+        ValueError: a bad `devices` value, more devices than there are (the message lists
+            them), or a backend Keras cannot distribute (torch).
+    """
+    split_host_cpu()  # first: a one-device run in this process must not start JAX/TF unsplit
+    if devices is None or devices == 1:
+        return None
+    if isinstance(devices, DataParallelPlan):
+        return devices
+    if keras.backend.backend() == "jax" and isinstance(devices, keras.distribution.DataParallel):
+        import jax
+
+        names = [str(d) for d in devices.device_mesh.devices.flatten()]
+        return DataParallelPlan(devices, names, jax.process_index(), jax.process_count())
+    if hasattr(devices, "num_replicas_in_sync") and hasattr(devices, "extended"):
+        return DataParallelPlan(devices, list(devices.extended.worker_devices))  # tf.distribute
+    if devices != "all" and (isinstance(devices, bool) or not isinstance(devices, int)):
+        raise ValueError(f"devices must be an int >= 1 or 'all'. Received: devices={devices!r}")
+    if devices != "all" and devices < 1:
+        raise ValueError(f"devices must be an int >= 1 or 'all'. Received: devices={devices!r}")
+    backend = keras.backend.backend()
+    if backend not in BACKENDS:
+        raise ValueError(
+            f"devices={devices!r}: Keras {keras.__version__} distributes training on the "
+            f"{' and '.join(BACKENDS)} backends only (keras.distribution, tf.distribute), not on "
+            f"{backend}. Use KERAS_BACKEND=jax or tensorflow, or one device."
+        )
+    return _jax_plan(devices) if backend == "jax" else _tensorflow_plan(devices)
+
+
+def _pick(available: list[str], devices: int | str) -> list[str]:
+    count = len(available) if devices == "all" else devices
+    if count > len(available):
+        raise ValueError(
+            f"devices={devices!r}, but {keras.backend.backend()} sees {len(available)}: "
+            f"{available}. Without accelerators, {CPU_DEVICES_ENV}=N splits the CPU into N "
+            "virtual devices (set before the backend starts)."
+        )
+    return available[:count]
+
+
+def _jax_plan(devices: int | str) -> DataParallelPlan:
+    import jax
+
+    chosen = _pick(keras.distribution.list_devices(), devices)
+    count = jax.process_count()
+    if count > 1 and len(chosen) != jax.device_count():
+        raise ValueError(
+            f"devices={devices!r}: a {count}-process run trains on every device of every "
+            f"process ({jax.device_count()}); use devices='all'."
+        )
+    engine = keras.distribution.DataParallel(devices=chosen)
+    if count > 1:  # `BucketedBatches(shard=...)` gives each process its share of every batch
+        engine.auto_shard_dataset = False
+    return DataParallelPlan(engine, chosen, jax.process_index(), count)
+
+
+def _tensorflow_plan(devices: int | str) -> DataParallelPlan:
+    import tensorflow as tf
+
+    available = [d.name for d in tf.config.list_logical_devices("GPU")]
+    available = available or [d.name for d in tf.config.list_logical_devices("CPU")]
+    chosen = _pick(available, devices)
+    cross_device_ops = None
+    if "GPU" not in chosen[0].upper():  # NCCL all-reduce is for GPUs
+        cross_device_ops = tf.distribute.ReductionToOneDevice()
+    engine = tf.distribute.MirroredStrategy(chosen, cross_device_ops=cross_device_ops)
+    return DataParallelPlan(engine, chosen)
+
+
+def split_host_cpu() -> int | None:
+    """Splits the host CPU into `$KERASFT_CPU_DEVICES` virtual devices, if that is set.
+
+    For running the multi-device path without accelerators (tests, this machine). JAX reads its
+    own flag when its backend starts; TensorFlow must be told before it runs anything.
+
+    Returns:
+        The number asked for, or None when the variable is unset.
+
+    Raises:
+        RuntimeError: TensorFlow already started with another number of CPU devices.
+    """
+    value = os.environ.get(CPU_DEVICES_ENV)
+    if not value:
+        return None
+    count = int(value)
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        if jax.config.jax_num_cpu_devices != count:
+            try:
+                jax.config.update("jax_num_cpu_devices", count)
+            except RuntimeError as e:
+                if jax.local_device_count("cpu") == count:
+                    return count
+                raise RuntimeError(
+                    f"{CPU_DEVICES_ENV}={count} was set after JAX started; set it (or "
+                    f"JAX_NUM_CPU_DEVICES) before the process runs anything."
+                ) from e
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        cpu = tf.config.list_physical_devices("CPU")[0]  # (listing logical ones would start TF)
+        try:
+            tf.config.set_logical_device_configuration(
+                cpu, [tf.config.LogicalDeviceConfiguration()] * count
+            )
+        except RuntimeError as e:
+            if len(tf.config.list_logical_devices("CPU")) != count:
+                raise RuntimeError(
+                    f"{CPU_DEVICES_ENV}={count} was set after TensorFlow started; set it "
+                    "before the process runs anything."
+                ) from e
+    return count
+
+
+def initialize() -> bool:
+    """Joins a multi-process JAX run when Keras' variables say there is one.
+
+    `KERAS_DISTRIBUTION_JOB_ADDRESSES` (the coordinator's `host:port`),
+    `KERAS_DISTRIBUTION_NUM_PROCESSES` and `KERAS_DISTRIBUTION_PROCESS_ID`, read by
+    `keras.distribution.initialize`, which starts JAX's distributed runtime (CPU collectives
+    included). Call it before anything runs on JAX.
+
+    Returns:
+        True when this process joined a multi-process run.
+
+    Raises:
+        ValueError: the variables are set on a backend other than JAX.
+    """
+    if int(os.environ.get(PROCESS_ENV, "1") or 1) <= 1:
+        return False
+    backend = keras.backend.backend()
+    if backend != "jax":
+        raise ValueError(
+            f"{PROCESS_ENV}={os.environ[PROCESS_ENV]}: kerasft runs multi-process training on "
+            f"the jax backend (keras.distribution.initialize). Received backend: {backend}."
+        )
+    import jax
+
+    if jax.distributed.is_initialized():
+        return True
+    split_host_cpu()
+    keras.distribution.initialize()
+    log.info(
+        "joined a %d-process run as process %d (%d local devices of %d)",
+        jax.process_count(), jax.process_index(), jax.local_device_count(), jax.device_count(),
+    )  # fmt: skip
+    return True
+
+
+@contextlib.contextmanager
+def maybe_scope(plan: DataParallelPlan | None):
+    """`plan.scope()`, or nothing for a single device."""
+    if plan is None:
+        yield
+    else:
+        with plan.scope():
+            yield
