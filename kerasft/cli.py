@@ -319,6 +319,7 @@ def cmd_fit(args) -> int:
 
     out = _fit_target(args)
     args.backend = os.environ["KERAS_BACKEND"]  # the one `main` chose, recorded for --resume
+    distribute.check_devices(args.devices, args.backend)  # torch: refused before any work
     if distribute.initialize():  # one process of a multi-process run (Keras' variables)
         return _fit_multi_process(args, out)
     for name in ("data", "validation_data", "test_data"):

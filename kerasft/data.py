@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import csv
 import gzip
+import itertools
 import json
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,10 +103,14 @@ def _is_missing(value) -> bool:
     return isinstance(value, str) and value.strip().lower() in MISSING_LABELS
 
 
-def _read_records(path: Path, fmt: str) -> tuple[list[dict], str]:
-    """Returns the records and how rows are called in error messages ("line" or "row")."""
+def _read_records(path: Path, fmt: str) -> Iterator[tuple[int, dict]]:
+    """Yields `(row number, record)` one at a time (a JSON array is parsed whole first).
+
+    Row numbers are lines for JSON Lines and CSV/TSV (the header is line 1), positions for a
+    JSON array. Only the caller's text and label survive each record: a large file is never
+    held as dicts.
+    """
     if fmt == "jsonl":
-        records = []
         with _open_text(path) as f:
             for lineno, line in enumerate(f, start=1):
                 if not line.strip():
@@ -118,9 +124,8 @@ def _read_records(path: Path, fmt: str) -> tuple[list[dict], str]:
                         f"{path}: line {lineno}: expected a JSON object, got "
                         f"{type(record).__name__}."
                     )
-                record["__row__"] = lineno
-                records.append(record)
-        return records, "line"
+                yield lineno, record
+        return
     if fmt == "json":
         try:
             with _open_text(path) as f:
@@ -129,21 +134,17 @@ def _read_records(path: Path, fmt: str) -> tuple[list[dict], str]:
             raise DataError(f"{path}: line {e.lineno}: malformed JSON ({e.msg}).") from e
         if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
             raise DataError(f"{path}: expected a JSON array of objects.")
-        for i, record in enumerate(data, start=1):
-            record["__row__"] = i
-        return data, "record"
+        yield from enumerate(data, start=1)
+        return
     with _open_text(path) as f:
         reader = csv.DictReader(f, delimiter="\t" if fmt == "tsv" else ",")
-        records = []
         for record in reader:
             if None in record:
                 raise DataError(
                     f"{path}: line {reader.line_num}: more fields than the header "
                     f"{reader.fieldnames}."
                 )
-            record["__row__"] = reader.line_num
-            records.append(record)
-    return records, "line"
+            yield reader.line_num, record
 
 
 def _pick_column(columns: list[str], given: str | None, candidates, role: str, path: Path) -> str:
@@ -270,15 +271,17 @@ def load_dataset(
         )
     if path.stat().st_size == 0:
         raise DataError(f"{path}: the file is empty.")
-    records, unit = _read_records(path, fmt)
-    if not records:
+    unit = "record" if fmt == "json" else "line"
+    records = _read_records(path, fmt)
+    first = next(records, None)
+    if first is None:
         raise DataError(f"{path}: the file has no data rows.")
-    columns = [c for c in records[0] if c != "__row__"]
+    columns = list(first[1])
     text_col = _pick_column(columns, text_column, TEXT_COLUMNS, "text", path)
     label_col = _pick_column(columns, label_column, LABEL_COLUMNS, "label", path)
 
     texts, raw_labels, skipped = [], [], 0
-    for record in records:
+    for row, record in itertools.chain([first], records):
         text, label = record.get(text_col), record.get(label_col)
         problem = None
         if _is_missing(label):
@@ -290,7 +293,7 @@ def load_dataset(
                 skipped += 1
                 continue
             raise DataError(
-                f"{path}: {unit} {record['__row__']}: {problem}. Fix the row or pass "
+                f"{path}: {unit} {row}: {problem}. Fix the row or pass "
                 "skip_invalid=True to drop such rows."
             )
         texts.append(text)

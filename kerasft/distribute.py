@@ -114,18 +114,27 @@ def data_parallel(devices) -> DataParallelPlan | None:
         return DataParallelPlan(devices, names, jax.process_index(), jax.process_count())
     if hasattr(devices, "num_replicas_in_sync") and hasattr(devices, "extended"):
         return DataParallelPlan(devices, list(devices.extended.worker_devices))  # tf.distribute
+    check_devices(devices)
+    backend = keras.backend.backend()
+    return _jax_plan(devices) if backend == "jax" else _tensorflow_plan(devices)
+
+
+def check_devices(devices, backend: str | None = None) -> None:
+    """Raises ValueError for a bad device count, or more than one device on a backend Keras
+    cannot distribute (torch); the message says which backends can. Starts no backend."""
+    if devices is None or devices == 1:
+        return
     if devices != "all" and (isinstance(devices, bool) or not isinstance(devices, int)):
         raise ValueError(f"devices must be an int >= 1 or 'all'. Received: devices={devices!r}")
     if devices != "all" and devices < 1:
         raise ValueError(f"devices must be an int >= 1 or 'all'. Received: devices={devices!r}")
-    backend = keras.backend.backend()
+    backend = backend or keras.backend.backend()
     if backend not in BACKENDS:
         raise ValueError(
             f"devices={devices!r}: Keras {keras.__version__} distributes training on the "
             f"{' and '.join(BACKENDS)} backends only (keras.distribution, tf.distribute), not on "
             f"{backend}. Use KERAS_BACKEND=jax or tensorflow, or one device."
         )
-    return _jax_plan(devices) if backend == "jax" else _tensorflow_plan(devices)
 
 
 def _pick(available: list[str], devices: int | str) -> list[str]:

@@ -385,6 +385,8 @@ def write_run(
     )
     if adapter_bytes is not None:
         metrics["adapter_bytes"] = adapter_bytes
+    if getattr(tuner, "data_parallel", None):
+        metrics["data_parallel"] = tuner.data_parallel
     if total_seconds_since is not None:
         metrics["seconds"]["total"] = time.perf_counter() - total_seconds_since
     _write_json(directory / METRICS_FILE, metrics)

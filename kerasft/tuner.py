@@ -78,6 +78,8 @@ class TwoStageFineTuner:
         backend: the Keras backend the model was trained on.
         stage_seconds: wall seconds per stage of the last `fit` (and `"checkpoints"`: the part
             of them spent writing checkpoints, with `checkpoint_dir`).
+        data_parallel: how the last `fit` was distributed (e.g. `"DataParallel over 2 devices
+            (cpu:0, cpu:1)"`), or None on one device.
 
     Example:
         >>> tuner = TwoStageFineTuner("all_minilm_l6_v2", warmup_epochs=1, finetune_epochs=1)
@@ -146,6 +148,7 @@ class TwoStageFineTuner:
         self.distribution = distribution
         self.verbose = verbose
         self._plan = None  # the data-parallel plan predictions run under (set by `fit`)
+        self.data_parallel: str | None = None  # how the last `fit` was distributed, if it was
         self.model = None
         self.label_names: list[str] | None = None
         self.history: keras.callbacks.History | None = None
@@ -285,6 +288,7 @@ class TwoStageFineTuner:
         # multi-process run, a copy local to this process: predictions need no other process.
         local = plan is not None and plan.process_count > 1
         self._plan = None if local else plan
+        self.data_parallel = None if plan is None else plan.describe()
         with distribute.maybe_scope(self._plan):
             self.model = to_float32(self.model, copy=local)
         self.stage_seconds = dict(run.seconds)

@@ -102,6 +102,7 @@ def test_fit_devices_2_completes(backend, tiny_preset, toy_data, tmp_path):
     assert "even batches across 2 devices" in proc.stderr
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["test"]["rows"] == 80 and metrics["backend"] == backend
+    assert "over 2 devices" in metrics["data_parallel"]
 
 
 def test_torch_is_refused_with_the_backends_that_can(tiny_preset, toy_data, tmp_path):

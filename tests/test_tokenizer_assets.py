@@ -66,3 +66,25 @@ def test_runtime_matches_kerashub(preprocessor, sarcasm_file, tmp_path):
         have = got["token_ids"][i][got["padding_mask"][i].astype(bool)].tolist()
         assert have == want, (text, have, want)
     assert np.array_equal(got["padding_mask"].sum(1), mask.sum(1))
+
+
+def test_training_tokenizer_gives_kerashub_ids_on_the_whole_file(sarcasm_file):
+    """Training tokenizes with the Rust `tokenizers` path where it is exact (`tokenize`); on
+    every sarcasm headline, typographic variants and the hard cases, the ids must be
+    KerasHub's preprocessor's (`kerashub_tokenize`), at the reference sequence length."""
+    import keras_hub
+
+    from kerasft.batching import fast_tokenizer, kerashub_tokenize, tokenize
+    from kerasft.presets import minilm_source_dir
+
+    tokenizer = keras_hub.models.DistilBertTokenizer(
+        vocabulary=str(minilm_source_dir() / "vocab.txt"), lowercase=True
+    )
+    preprocessor = keras_hub.models.DistilBertTextClassifierPreprocessor(tokenizer)
+    assert fast_tokenizer(preprocessor) is not None
+    rows = [json.loads(line)["headline"] for line in sarcasm_file.open()]
+    texts = rows + [typographic(r) for r in rows[:2000]] + HARD_TEXTS
+    fast, exact = tokenize(preprocessor, texts), kerashub_tokenize(preprocessor, texts)
+    assert fast.flat.dtype == np.uint16 and len(fast) == len(texts) == 26709 + 2000 + 14
+    assert np.array_equal(fast.lengths, exact.lengths)
+    assert np.array_equal(fast.flat, exact.flat)
