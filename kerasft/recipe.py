@@ -284,13 +284,8 @@ class _FeatureBatches(keras.utils.PyDataset):
     def __init__(self, features, like: BucketedBatches, shuffle: bool):
         super().__init__()
         self.features, self.labels, self.num_classes = features, like.labels, like.num_classes
-        self.batch_size, self.shuffle, self.seed, self.epoch = (
-            like.batch_size,
-            shuffle,
-            like.seed,
-            0,
-        )
-        self.replicas, self.shard = like.replicas, like.shard
+        self.batch_size, self.replicas = like.batch_size, like.replicas
+        self.shuffle, self.seed, self.epoch = shuffle, like.seed, 0
         self.padded = 0
         self.order = self._order()
 
@@ -314,11 +309,6 @@ class _FeatureBatches(keras.utils.PyDataset):
             weights = np.ones(len(rows), dtype="float32")
             if i == len(self) - 1:
                 weights[len(rows) - self.padded :] = 0.0
-        if self.shard is not None:
-            index, count = self.shard
-            size = len(rows) // count
-            rows = rows[index * size : (index + 1) * size]
-            weights = None if weights is None else weights[index * size : (index + 1) * size]
         x = self.features[rows].astype("float32")
         y = one_hot(self.labels[rows], self.num_classes)
         return (x, y) if weights is None else (x, y, weights)
@@ -328,9 +318,8 @@ class _FeatureBatches(keras.utils.PyDataset):
 
     def set_epoch(self, epoch: int) -> None:
         """Reorders the rows as they are in epoch `epoch` (resuming a run)."""
-        if self.shuffle:
-            self.epoch = epoch
-            self.order = self._order()
+        self.epoch = epoch
+        self.order = self._order()
 
 
 def extract_features(classifier, data: BucketedBatches, verbose: int | str = "auto") -> np.ndarray:
@@ -344,8 +333,7 @@ def extract_features(classifier, data: BucketedBatches, verbose: int | str = "au
         data.token_ids,
         batch_size=max(64, data.batch_size),
         shuffle=False,
-        replicas=data.replicas,
-        shard=data.shard,
+        replicas=data.replicas,  # (one process: a multi-process run caches no features)
     )
     features = extractor.predict(unshuffled, verbose=verbose)
     return unshuffled.restore_order(np.asarray(features, dtype="float16"))

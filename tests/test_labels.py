@@ -100,7 +100,7 @@ def test_truncated_texts_are_counted_and_logged(tiny_preset, caplog):
     pre = load_classifier(str(tiny_preset), 2, sequence_length=8).preprocessor
     texts = ["good day", "the day was very good and so nice", "the day was good and nice"]
     with caplog.at_level("WARNING", logger="kerasft.batching"):
-        _, lengths = tokenize(pre, texts)
+        lengths = tokenize(pre, texts).lengths
     # 2 + 8 words do not fit in 8 places; 2 + 6 fit exactly, 2 + 2 easily
     assert lengths.tolist() == [4, 8, 8]
     assert count_truncated(pre, texts, lengths) == 1
