@@ -35,16 +35,26 @@ INSERTED = (
 
 
 def synthetic(rows: list[dict], factor: int, text_key: str) -> list[dict]:
-    """`factor` copies of `rows`; copy k > 0 inserts word k into every text at a spot that
-    depends on the text, so copies differ from each other and from the original."""
+    """`factor` copies of `rows` in which no text repeats.
+
+    Copy 0 is `rows` as they are; copy k > 0 inserts word k into every text at a spot that
+    depends on the text. A text already seen (the file's own duplicates, and their copies)
+    gets one more inserted word, then another, until it is new.
+    """
     if factor > len(INSERTED) + 1:
         raise ValueError(f"factor must be <= {len(INSERTED) + 1}. Received: factor={factor}")
-    out = list(rows)
-    for k in range(1, factor):
+    out, seen = [], set()
+    for k in range(factor):
         for row in rows:
-            words = row[text_key].split()
-            at = (len(words) * 7 + k) % (len(words) + 1)
-            out.append({**row, text_key: " ".join(words[:at] + [INSERTED[k - 1]] + words[at:])})
+            words, extra = row[text_key].split(), k
+            text = row[text_key] if k == 0 else None
+            while text is None or text in seen:
+                word = INSERTED[extra % len(INSERTED) - 1] if extra else INSERTED[-1]
+                at = (len(words) * 7 + extra) % (len(words) + 1)
+                words = words[:at] + [word] + words[at:]
+                text, extra = " ".join(words), extra + 1
+            seen.add(text)
+            out.append({**row, text_key: text})
     return out
 
 

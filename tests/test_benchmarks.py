@@ -127,6 +127,18 @@ def test_bad_options_are_named(argv, message, toy_runs, tmp_path, capsys):
     assert not out.exists()
 
 
+def test_scale_data_repeats_no_text():
+    from kerasft.benchmarks.scale import synthetic
+
+    rows = [{"text": "a b c"}, {"text": "a b c"}, {"text": "d"}]
+    texts = [r["text"] for r in synthetic(rows, 4, "text")]
+    assert len(texts) == 12 and len(set(texts)) == 12
+    assert texts[0] == "a b c" and texts[2] == "d"  # the file's rows first, as they are
+    assert texts[3].split().count("today") == 1  # copy 1 inserts the first word
+    with pytest.raises(ValueError, match="factor must be <= 18. Received: factor=19"):
+        synthetic(rows, 19, "text")
+
+
 def test_missing_run_is_named(tmp_path, capsys):
     assert bench_main(["--run", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
     assert "No model.keras in" in capsys.readouterr().err
