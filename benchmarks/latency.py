@@ -555,6 +555,27 @@ def main(argv: list[str] | None = None, prog: str = "python -m kerasft.benchmark
         return 2
 
 
+def _max_sequence_length(run_dir: Path) -> int | None:
+    """The run's position embeddings, read from `model.keras`'s config (no weights loaded).
+
+    The wide latency model keeps them, so this bounds every latency cell; `None` when the
+    config does not have them where a KerasHub classifier keeps them.
+    """
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(Path(run_dir) / MODEL_FILE) as archive:
+            config = json.loads(archive.read("config.json"))
+        return int(config["config"]["backbone"]["config"]["max_sequence_length"])
+    except (OSError, KeyError, TypeError, ValueError, zipfile.BadZipFile):
+        return None
+
+
+def _check_seq_lens(seq_lens: list[int], longest: int | None) -> None:
+    if longest is not None and max(seq_lens) > longest:
+        raise ValueError(f"seq_lens={seq_lens} exceed the model's {longest} position embeddings.")
+
+
 def run(args) -> int:
     from kerasft.fileio import remove_stale_temp_dirs, target_lock
     from kerasft.rundir import read_config, run_splits
@@ -562,6 +583,7 @@ def run(args) -> int:
     settings = _settings(args)
     read_config(args.run)  # a run directory, or a FileNotFoundError that says what is missing
     run_splits(args.run)  # its data file unchanged since the fit, or a DataChangedError
+    _check_seq_lens(settings["seq_lens"], _max_sequence_length(args.run))  # before any export
     with target_lock(args.out, "Report directory"):
         remove_stale_temp_dirs(args.out)
         return _run_locked(args, settings)
@@ -593,11 +615,7 @@ def _run_locked(args, settings) -> int:
               file=sys.stderr, flush=True)  # fmt: skip
         indexes[role] = _prepare(run_dir, root, role, args.widen, peers)
     latency_index = indexes[settings["latency_model"]]
-    longest = latency_index["shape"]["max_sequence_length"]
-    if max(settings["seq_lens"]) > longest:
-        raise ValueError(
-            f"seq_lens={settings['seq_lens']} exceed the model's {longest} position embeddings."
-        )
+    _check_seq_lens(settings["seq_lens"], latency_index["shape"]["max_sequence_length"])
     tmp = temp_dir_beside(args.out)
     work = root / "work"
     work.mkdir(exist_ok=True)
