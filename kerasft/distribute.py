@@ -187,11 +187,14 @@ def split_host_cpu() -> int | None:
         The number asked for, or None when the variable is unset.
 
     Raises:
-        RuntimeError: TensorFlow already started with another number of CPU devices.
+        ValueError: the variable is not a positive int.
+        RuntimeError: JAX or TensorFlow already started with another number of CPU devices.
     """
     value = os.environ.get(CPU_DEVICES_ENV)
     if not value:
         return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{CPU_DEVICES_ENV} must be an int >= 1. Received: {value!r}")
     count = int(value)
     backend = keras.backend.backend()
     if backend == "jax":

@@ -126,6 +126,17 @@ def test_batch_size_must_split_evenly():
         plan.check_batch_size(32)
 
 
+@pytest.mark.parametrize("bad", ["0", "two"])
+def test_cpu_devices_variable_is_checked(bad, monkeypatch):
+    from kerasft.distribute import split_host_cpu
+
+    monkeypatch.setenv("KERASFT_CPU_DEVICES", bad)
+    with pytest.raises(
+        ValueError, match=f"KERASFT_CPU_DEVICES must be an int >= 1. Received: '{bad}'"
+    ):
+        split_host_cpu()
+
+
 @pytest.mark.parametrize("bad", ["0", "-1", "two"])
 def test_devices_flag_is_checked(bad, tmp_path):
     args = [sys.executable, "-m", "kerasft.cli", "fit", "--out", str(tmp_path), "--devices", bad]
