@@ -311,12 +311,6 @@ class BucketedBatches(keras.utils.PyDataset):
         batches += [rest[i : i + bs] for i in range(0, len(rest), bs)]
         return self._lead_with_distinct_shapes([batches[i] for i in rng.permutation(len(batches))])
 
-    def parts(self, most: int) -> list[list[np.ndarray]]:
-        """This pass's `batches` in consecutive groups of at most `most`, each group led with
-        distinct shapes, so that each makes a valid `PyDataset` on TensorFlow by itself."""
-        groups = [list(self.batches[i : i + most]) for i in range(0, len(self.batches), most)]
-        return [self._lead_with_distinct_shapes(group) for group in groups]
-
     def _lead_with_distinct_shapes(self, batches: list[np.ndarray]) -> list[np.ndarray]:
         """Moves a short batch first and a batch of another length second.
 
@@ -339,10 +333,7 @@ class BucketedBatches(keras.utils.PyDataset):
         return len(self.batches)
 
     def __getitem__(self, index):
-        return self.batch(self.batches[index])
-
-    def batch(self, rows: np.ndarray):
-        """The batch of `rows` (one of `batches`), as `__getitem__` gives it."""
+        rows = self.batches[index]
         length = int(self.bucket_len[rows].max())
         weights = None
         if self.padded and self.labels is not None:

@@ -323,20 +323,37 @@ class _FeatureBatches(keras.utils.PyDataset):
 
 
 class _SomeBatches(keras.utils.PyDataset):
-    """Some batches of an unshuffled `BucketedBatches`, by their rows (a part of one pass)."""
+    """Some batches of an unshuffled `BucketedBatches`, by index (a part of one pass)."""
 
-    def __init__(self, data: BucketedBatches, batches: list[np.ndarray]):
+    def __init__(self, data: BucketedBatches, indices: list[int]):
         super().__init__()
-        self.data, self.batches = data, batches
+        self.data, self.indices = data, indices
 
     def __len__(self):
-        return len(self.batches)
+        return len(self.indices)
 
     def __getitem__(self, i):
-        return self.data.batch(self.batches[i])
+        return self.data[self.indices[i]]
 
 
 FEATURE_CHUNK_BATCHES = 256
+
+
+def _same_shape_parts(data: BucketedBatches, most: int) -> list[list[int]]:
+    """Batch indices in pass order, cut where the batch shape changes and after `most`.
+
+    One shape per `predict` call: on TensorFlow, Keras infers a `PyDataset`'s signature from its
+    first batches, which a part of mixed shapes would not represent (see
+    `BucketedBatches._lead_with_distinct_shapes`).
+    """
+    parts, last = [], None
+    for i, rows in enumerate(data.batches):
+        shape = (len(rows), int(data.bucket_len[rows].max()))
+        if shape != last or len(parts[-1]) == most:
+            parts.append([])
+        parts[-1].append(i)
+        last = shape
+    return parts
 
 
 def extract_features(classifier, data: BucketedBatches, verbose: int | str = "auto") -> np.ndarray:
@@ -359,13 +376,13 @@ def extract_features(classifier, data: BucketedBatches, verbose: int | str = "au
         verbose = 1 if verbose == "auto" else verbose
         progress = keras.utils.Progbar(len(unshuffled), verbose=verbose, unit_name="step")
     features, done = None, 0
-    for batches in unshuffled.parts(FEATURE_CHUNK_BATCHES):
-        part = extractor.predict(_SomeBatches(unshuffled, batches), verbose=0)
+    for indices in _same_shape_parts(unshuffled, FEATURE_CHUNK_BATCHES):
+        part = extractor.predict(_SomeBatches(unshuffled, indices), verbose=0)
         if features is None:
             features = np.empty((len(data.lengths), *part.shape[1:]), dtype="float16")
         # a padding copy writes its row's own features again
-        features[np.concatenate(batches)] = part
-        done += len(batches)
+        features[np.concatenate([unshuffled.batches[i] for i in indices])] = part
+        done += len(indices)
         if progress is not None:
             progress.update(done)
     return features

@@ -54,23 +54,6 @@ def test_first_two_batches_differ_in_both_dims():
         assert a["token_ids"].shape[1] != b["token_ids"].shape[1]
 
 
-def test_parts_cover_the_pass_and_each_leads_with_its_varying_dims():
-    # The stage-1 feature pass runs one `predict` per part: on TensorFlow the first two batches
-    # of each part must differ in every dimension that varies within the part.
-    for size in (1, 2, 3, 5):
-        ds, _, _ = make(n=203, shuffle=False, batch_size=16)
-        parts = ds.parts(size)
-        assert all(len(p) <= size for p in parts)
-        assert sorted(np.concatenate([np.concatenate(p) for p in parts]).tolist()) == list(
-            range(203)
-        )
-        for part in parts:
-            shapes = [ds.batch(rows)[0]["token_ids"].shape for rows in part]
-            for dim in (0, 1):
-                if len(shapes) > 1 and shapes[0][dim] == shapes[1][dim]:
-                    assert {s[dim] for s in shapes} == {shapes[0][dim]}, (size, shapes)
-
-
 def test_restore_order_unshuffled():
     ds, lengths, _ = make(shuffle=False)
     per_row = np.concatenate([ds[i][0]["padding_mask"].sum(1) for i in range(len(ds))])
