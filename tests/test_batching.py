@@ -54,6 +54,18 @@ def test_first_two_batches_differ_in_both_dims():
         assert a["token_ids"].shape[1] != b["token_ids"].shape[1]
 
 
+def test_feature_pass_parts_have_one_shape_each_and_cover_the_pass():
+    from kerasft.recipe import _same_shape_parts
+
+    ds, _, _ = make(n=203, shuffle=False, batch_size=16)
+    for most in (1, 2, 3, 100):
+        parts = _same_shape_parts(ds, most)
+        assert [i for part in parts for i in part] == list(range(len(ds)))
+        for part in parts:
+            assert 1 <= len(part) <= most
+            assert len({ds[i][0]["token_ids"].shape for i in part}) == 1
+
+
 def test_restore_order_unshuffled():
     ds, lengths, _ = make(shuffle=False)
     per_row = np.concatenate([ds[i][0]["padding_mask"].sum(1) for i in range(len(ds))])

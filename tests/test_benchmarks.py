@@ -125,6 +125,7 @@ def test_bad_options_are_named(argv, message, toy_runs, tmp_path, capsys):
     assert bench_main([*run, "--out", str(out), "--no-peers", *argv]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+    assert not (tmp_path / "a").exists()  # refused before any artifact was built
 
 
 def test_scale_data_repeats_no_text():
