@@ -211,16 +211,9 @@ def detect_device(requested: str) -> tuple[str, str]:
 
 
 def machine_info(threads: int, gpus: str) -> dict:
+    from kerasft.machine import cpu_model, isa
     from kerasft.versions import package_versions
 
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     names = (
         "keras",
         "keras-hub",
@@ -240,7 +233,8 @@ def machine_info(threads: int, gpus: str) -> dict:
         "numpy",
     )
     return {
-        "cpu": cpu,
+        "cpu": cpu_model(),
+        "isa": isa(),
         "cores": os.cpu_count(),
         "threads": threads,
         "gpu": gpus,

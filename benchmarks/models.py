@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from kerasft.machine import cpu_flags
+
 
 def _widened_weight(src: np.ndarray, shape: tuple, path: str, factor: int) -> np.ndarray:
     reps = []
@@ -172,15 +174,15 @@ def to_transformers(classifier, out_dir: str | Path, label_names: list[str]) -> 
     return out_dir
 
 
-def optimum_config(cpu_flags: set[str]):
+def optimum_config(flags: set[str]):
     """Optimum's recommended dynamic INT8 configuration for this CPU (its factory presets)."""
     from optimum.onnxruntime.configuration import AutoQuantizationConfig
 
-    if "avx512_vnni" in cpu_flags:
+    if "avx512_vnni" in flags:
         return "avx512_vnni", AutoQuantizationConfig.avx512_vnni(is_static=False, per_channel=False)
-    if "avx512f" in cpu_flags:
+    if "avx512f" in flags:
         return "avx512", AutoQuantizationConfig.avx512(is_static=False, per_channel=False)
-    if "avx2" in cpu_flags:
+    if "avx2" in flags:
         return "avx2", AutoQuantizationConfig.avx2(is_static=False, per_channel=False)
     return "arm64", AutoQuantizationConfig.arm64(is_static=False, per_channel=False)
 
@@ -243,15 +245,3 @@ def optimum_intel_export(
         "int8": str(Path(int8_dir) / "openvino_model.xml"),
         "recipe": f"OVQuantizer, OVQuantizationConfig() defaults, {len(feeds)} calibration texts",
     }
-
-
-def cpu_flags() -> set[str]:
-    """The CPU feature flags of this machine (empty where /proc/cpuinfo is unavailable)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            return set(line.split(":", 1)[1].split())
-    return set()

@@ -25,6 +25,7 @@ from kerasft.fileio import (
     target_lock,
     temp_dir_beside,
 )
+from kerasft.machine import cpu_model, isa
 from kerasft.rundir import CONFIG_FILE, MODEL_FILE
 from kerasft.versions import EXPORT, package_versions
 
@@ -510,7 +511,6 @@ def _write_manifest(directory: Path, manifest: dict) -> None:
 def _latency_b1(served, texts: list[str], keras_ids: np.ndarray, calls: int = 50) -> dict:
     """Batch-1 latency of `served.predict([text])` (tokenization included) on this machine, for
     a verification text of the median token length."""
-    import platform
 
     lengths = (keras_ids != 0).sum(axis=1)
     median = int(np.median(lengths))
@@ -528,19 +528,10 @@ def _latency_b1(served, texts: list[str], keras_ids: np.ndarray, calls: int = 50
         "p50_ms": round(float(np.median(seconds)) * 1e3, 3),
         "calls": calls,
         "threads": "runtime default",
-        "cpu": _cpu_name() or platform.processor(),
+        "cpu": cpu_model(),
+        "isa": isa(),
         "cores": os.cpu_count(),
     }
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
 
 
 if __name__ == "__main__":  # the TensorFlow-backend subprocess of `export_in_subprocess`
