@@ -3,10 +3,10 @@
 Headlines are short (p50 12 tokens) but a fixed-length pipeline pads every one of them to the
 preprocessor's `sequence_length`. Here every text is tokenized once (`tokenize`) and kept
 unpadded in a `TokenIds`: one flat array of ids (uint16 when the vocabulary fits) plus offsets.
-Each batch is then cut to its bucket length (a multiple of `bucket_width`), so compute follows
-the real lengths while the set of shapes compiled backends see stays small: one
-`(batch_size, L)` per bucket plus at most one short remainder batch. One-hot targets are built
-per batch.
+Each batch is then cut to its bucket length (a multiple of `bucket_width`, default
+`BUCKET_WIDTH`), so compute follows the real lengths while the set of shapes compiled backends
+see stays small: one `(batch_size, L)` per bucket plus at most one short remainder batch.
+One-hot targets are built per batch.
 
 Tokenization takes the Rust `tokenizers` library where it gives KerasHub's ids exactly (the
 `tokenizer.json` that exports ship: `kerasft.exporters.tokenizer`), and KerasHub's own
@@ -25,6 +25,12 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 PROGRESS_FROM = 8192  # texts: smaller inputs tokenize in a few seconds, without a progress bar
+
+# A batch is padded to a multiple of this. XLA (JAX, TensorFlow) compiles every distinct batch
+# shape, and 8 keeps those to about 6 on the reference data for ~3.5 padding tokens per row.
+# Width 1 (rows grouped by exact length, no padding) trains PyTorch ~15% faster, but changes which
+# texts share a batch; it is not the default (benchmarks/results/train_speed.md, README).
+BUCKET_WIDTH = 8
 
 
 @dataclass
@@ -237,7 +243,8 @@ class BucketedBatches(keras.utils.PyDataset):
         batch_size: rows per batch, over all devices and processes.
         shuffle: reshuffle every epoch.
         seed: base seed for the shuffles.
-        bucket_width: bucket lengths are multiples of this.
+        bucket_width: bucket lengths are multiples of this (`BUCKET_WIDTH`); 1 cuts every batch
+            to its longest text and groups rows by exact length.
         replicas: devices every batch is split across (a divisor of `batch_size`).
         shard: `(process index, process count)`, or None for a single process.
     """
@@ -251,7 +258,7 @@ class BucketedBatches(keras.utils.PyDataset):
         batch_size: int = 32,
         shuffle: bool = False,
         seed: int = 0,
-        bucket_width: int = 8,
+        bucket_width: int = BUCKET_WIDTH,
         replicas: int = 1,
         shard: tuple[int, int] | None = None,
     ):
@@ -333,7 +340,10 @@ class BucketedBatches(keras.utils.PyDataset):
         return len(self.batches)
 
     def __getitem__(self, index):
-        rows = self.batches[index]
+        return self.batch(self.batches[index])
+
+    def batch(self, rows: np.ndarray):
+        """The batch of rows `rows` (indices into the data), as `__getitem__` yields batches."""
         length = int(self.bucket_len[rows].max())
         weights = None
         if self.padded and self.labels is not None:

@@ -19,7 +19,8 @@ import math
 import keras
 import numpy as np
 
-from kerasft.batching import BucketedBatches, one_hot, tokenize
+from kerasft.batching import BUCKET_WIDTH, BucketedBatches, one_hot, tokenize
+from kerasft.optimizers import adam
 from kerasft.presets import load_classifier
 
 load_pretrained_classifier = load_classifier
@@ -61,7 +62,8 @@ def compile_classifier(
     """Compiles `model` with the recipe's loss: a fresh Adam, one-hot CE from logits, accuracy.
 
     A fresh optimizer every time: after `trainable` changes Keras needs a recompile, and Adam's
-    moments from another stage (or none) must not leak in.
+    moments from another stage (or none) must not leak in. On PyTorch the update runs as one
+    fused kernel (`kerasft.optimizers`).
 
     Args:
         model: a classifier, or any model that outputs logits.
@@ -90,11 +92,9 @@ def compile_classifier(
         options["global_clipnorm"] = max_grad_norm
     if gradient_accumulation_steps > 1:
         options["gradient_accumulation_steps"] = gradient_accumulation_steps
+    optimizer = adam(learning_rate, weight_decay=weight_decay, **options)
     if weight_decay:
-        optimizer = keras.optimizers.AdamW(learning_rate, weight_decay=weight_decay, **options)
         optimizer.exclude_from_weight_decay(var_names=NO_WEIGHT_DECAY)
-    else:
-        optimizer = keras.optimizers.Adam(learning_rate, **options)
     if loss_scale:
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     metrics = [
@@ -223,6 +223,7 @@ def encode(
     verbose: int | str = 0,
     replicas: int = 1,
     shard: tuple[int, int] | None = None,
+    bucket_width: int = BUCKET_WIDTH,
 ) -> BucketedBatches:
     """Tokenizes `texts` once with the classifier's preprocessor into length-bucketed batches.
 
@@ -237,6 +238,8 @@ def encode(
         verbose: progress bar while tokenizing large inputs (Keras verbosity).
         replicas: data-parallel devices each batch is split across (see `BucketedBatches`).
         shard: `(process index, process count)` in a multi-process run, else None.
+        bucket_width: batches are padded to a multiple of this many tokens (see
+            `kerasft.batching.BUCKET_WIDTH`).
 
     Returns:
         A `BucketedBatches` dataset usable by `fit`, `evaluate` and `predict` on every backend.
@@ -250,6 +253,7 @@ def encode(
         seed=seed,
         replicas=replicas,
         shard=shard,
+        bucket_width=bucket_width,
     )
 
 

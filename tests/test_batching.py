@@ -122,3 +122,19 @@ def _ids(n):
     for i, length in enumerate(lengths):
         ids[i, :length] = np.arange(1, length + 1)
     return ids, lengths
+
+
+def test_bucket_width_one_cuts_each_batch_to_its_longest_text():
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(3, 40, 203).astype("int32")
+    ids = np.zeros((203, 64), "int32")
+    for i, length in enumerate(lengths):
+        ids[i, :length] = np.arange(1, length + 1)
+    ds = BucketedBatches(ids, lengths, rng.integers(0, 2, 203), 2, 32, True, 0, bucket_width=1)
+    assert sorted(epoch_rows(ds).tolist()) == list(range(203))
+    for i in range(len(ds)):
+        x, _ = ds[i]
+        assert x["token_ids"].shape[1] == x["padding_mask"].sum(1).max()  # no padding column
+    padded = sum(len(b) * int(ds.bucket_len[b].max()) for b in ds.batches)
+    eight = make()[0]
+    assert padded < sum(len(b) * int(eight.bucket_len[b].max()) for b in eight.batches)
