@@ -36,6 +36,23 @@ import numpy as np
 MAX_RUNS = 10_000  # per timed block
 
 
+def set_threads(threads: int) -> None:
+    """Intra-op threads of the current Keras backend (TensorFlow: one inter-op thread; JAX's
+    XLA CPU client takes every core and has no setting)."""
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    elif backend == "torch":
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def _keras(spec):
     """A Keras model on the current backend, through its compiled `predict_on_batch`."""
     import keras
@@ -44,15 +61,7 @@ def _keras(spec):
     from kerasft.tuner import TwoStageFineTuner
 
     backend = keras.backend.backend()
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        tf.config.threading.set_intra_op_parallelism_threads(spec["threads"])
-        tf.config.threading.set_inter_op_parallelism_threads(1)
-    elif backend == "torch":
-        import torch
-
-        torch.set_num_threads(spec["threads"])
+    set_threads(spec["threads"])
     model = core_model(TwoStageFineTuner.load(spec["path"]).model)
     if spec.get("int8"):
         with warnings.catch_warnings():  # "Layer X has no quantize method" for non-Dense layers

@@ -1,0 +1,625 @@
+"""Training speed side by side: kerasft's stage 2 on each backend vs Hugging Face Trainer.
+
+    python -m kerasft.benchmarks.train_speed --data ../shared/data/sarcasm_headlines_v1.jsonl \\
+        --out benchmarks/results/train_speed.md
+
+One run, one machine, the reference training split. Every engine trains in its own process
+(started one after another, so loading and compilation never share the cores), then the
+parent alternates the engines over `--rounds` rounds of `--steps` steps, the order rotated each
+round, while the other processes wait idle:
+
+- `kerasft <backend>`: the recipe's stage 2 exactly as `TwoStageFineTuner` runs it
+  (`kerasft.recipe.prepare_stage`: the preprocessor-free classifier, Adam at 1e-4 with linear
+  decay, length-bucketed batches of 32) inside one `model.fit`. Compilation is excluded: a
+  warm-up `fit` first runs one batch of every batch shape the timed steps use (the timed steps
+  are full batches: the one short batch per epoch is left out).
+- `trainer`: Hugging Face `Trainer` (transformers + torch) with its defaults for the same job:
+  batch 32, learning rate 1e-4, linear schedule, `DataCollatorWithPadding` (random batches
+  padded to their longest text), the same initial weights converted to a transformers
+  DistilBERT (`kerasft.benchmarks.models.to_transformers`). Its first steps are warm-up too.
+
+A step is timed from the end of the previous step to the end of this one (the loss is read
+back, which synchronises), so it includes the host-side batching of the step. Reported per
+engine: median ms/step and its spread (p10-p90), samples/s (median over rounds), the ratio to
+Trainer, the tokens each step computes (padding included), the FLOP/s that makes, as a share of
+the CPU's nominal peak (`kerasft.machine.peak_fp32_gflops`), and, for kerasft, stage 1's
+cached feature pass (frozen backbone, inference) in rows/s. `--quick` (about 2 minutes of
+timing) is for choosing a backend on another machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ENGINES = ("torch", "jax", "tensorflow", "trainer")
+BATCH_SIZE = 32
+LEARNING_RATE = 1e-4
+SEED = 30
+WARMUP_STEPS = 3  # untimed steps after compilation (allocator and thread-pool warm-up)
+FEATURE_ROWS = 4096  # rows of the timed stage-1 feature pass (--quick: 1,024)
+DEFAULT_OUT = Path("benchmarks/results/train_speed.md")
+
+
+# --- workers (one engine per process) ----------------------------------------------------------
+
+
+class _Rounds:
+    """Times steps; after every `steps` of them reports to the parent and waits for its word."""
+
+    def __init__(self, steps: int, shapes: list[tuple[int, int]]):
+        self.steps, self.shapes = steps, shapes  # shapes[i]: (rows, padded length) of step i
+        self.done_steps = 0
+        self.times: list[float] = []
+        self.last = None
+        self.stop = False
+
+    def step_done(self) -> None:
+        now = time.perf_counter()
+        if self.last is not None:
+            self.times.append(now - self.last)
+        self.last = now
+        if len(self.times) == self.steps:
+            first = self.done_steps
+            shapes = self.shapes[first : first + self.steps]
+            _reply({"seconds": self.times, "shapes": shapes})
+            self.done_steps += self.steps
+            self.times = []
+            command = _read()
+            self.stop = command["op"] != "round"
+            self.last = time.perf_counter()  # the wait for the parent is not a step
+
+
+_PROTOCOL = sys.stdout  # the parent's pipe; a worker sends everything else to stderr
+
+
+def _reply(message: dict) -> None:
+    _PROTOCOL.write(json.dumps(message) + "\n")
+    _PROTOCOL.flush()
+
+
+def _read() -> dict:
+    line = sys.stdin.readline()
+    return json.loads(line) if line else {"op": "quit"}
+
+
+def _encoder_parameters(backbone) -> int:
+    """Parameters of the transformer layers (what a token's matrix products touch)."""
+    layers = backbone.transformer_layers
+    return int(sum(np.prod(w.shape) for layer in layers for w in layer.weights))
+
+
+def _kerasft_worker(spec: dict, bucket_width: int | None) -> None:
+    import keras
+
+    from kerasft import recipe
+    from kerasft.batching import BUCKET_WIDTH, BucketedBatches
+    from kerasft.benchmarks.worker import set_threads
+    from kerasft.presets import load_classifier
+
+    set_threads(spec["threads"])
+    bucket_width = bucket_width or BUCKET_WIDTH
+    data = json.loads(Path(spec["data"]).read_text())
+    keras.utils.set_random_seed(SEED)
+    started = time.perf_counter()
+    classifier = load_classifier(spec["preset"], len(data["label_names"]), spec["sequence_length"])
+    recipe.initialize_head(classifier, SEED)
+    train = recipe.encode(
+        classifier, data["texts"], np.asarray(data["labels"]), batch_size=BATCH_SIZE,
+        shuffle=True, seed=SEED, bucket_width=bucket_width,
+    )  # fmt: skip
+    model, _, _ = recipe.prepare_stage(
+        classifier, train, epochs=1, learning_rate=LEARNING_RATE, train_base=True,
+        linear_decay=True, verbose=0,
+    )  # fmt: skip
+    # The timed steps: full batches of as many epochs as needed, in training order.
+    need = WARMUP_STEPS + spec["rounds"] * spec["steps"] + 1
+    batches = []
+    while len(batches) < need:
+        batches += [b for b in train.batches if len(b) == BATCH_SIZE]
+        train.set_epoch(train.epoch + 1)
+    batches = batches[:need]
+    lengths = [int(train.bucket_len[b].max()) for b in batches]
+    # TensorFlow infers the dataset's signature from its first batches: two lengths first.
+    other = next((i for i, n in enumerate(lengths) if n != lengths[0]), None)
+    if other is not None:
+        batches.insert(1, batches.pop(other))
+        lengths.insert(1, lengths.pop(other))
+    first = {}
+    for i, n in enumerate(lengths):
+        first.setdefault(n, i)
+    timed = _Batches(train, batches)
+    warm = _Batches(train, [batches[i] for i in sorted(first.values())])
+    load_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    model.fit(warm, epochs=1, verbose=0, shuffle=False)  # compiles every timed shape
+    compile_seconds = time.perf_counter() - started
+
+    # Stage 1's cached pass: the frozen backbone's first pass over `feature_rows` rows, its
+    # compilation included, as `fit` runs it.
+    rows = np.arange(min(spec["feature_rows"], len(train.lengths)))
+    subset = BucketedBatches(train.token_ids.padded(rows), train.lengths[rows])
+    started = time.perf_counter()
+    recipe.extract_features(classifier, subset, verbose=0)
+    feature_seconds = time.perf_counter() - started
+
+    rounds = _Rounds(spec["steps"], [(BATCH_SIZE, n) for n in lengths[1 + WARMUP_STEPS :]])
+    _reply({
+        "engine": f"kerasft {keras.backend.backend()}"
+        + ("" if bucket_width == BUCKET_WIDTH else f" (bucket width {bucket_width})"),
+        "load_seconds": load_seconds,
+        "compile_seconds": compile_seconds,
+        "jit_compile": str(model.jit_compile),
+        "optimizer": type(model.optimizer).__name__,
+        "shapes": len(first),
+        "encoder_parameters": _encoder_parameters(classifier.backbone),
+        "layers": classifier.backbone.num_layers,
+        "hidden": classifier.backbone.hidden_dim,
+        "feature_rows_per_second": len(rows) / feature_seconds,
+        "padded_tokens_per_row": float(np.mean(lengths)),
+    })  # fmt: skip
+    if _read()["op"] != "round":
+        return
+
+    class Timer(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            float(keras.ops.convert_to_numpy(logs["loss"]))  # waits for the step
+            if batch >= WARMUP_STEPS:
+                rounds.step_done()
+                if rounds.stop:
+                    self.model.stop_training = True
+
+    model.fit(timed, epochs=1, verbose=0, shuffle=False, callbacks=[Timer()])
+
+
+def _trainer_worker(spec: dict) -> None:
+    import torch
+    from transformers import (
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        DistilBertForSequenceClassification,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
+
+    from kerasft import recipe
+    from kerasft.benchmarks.models import to_transformers
+    from kerasft.presets import load_classifier
+
+    torch.set_num_threads(spec["threads"])
+    data = json.loads(Path(spec["data"]).read_text())
+    started = time.perf_counter()
+    classifier = load_classifier(spec["preset"], len(data["label_names"]), spec["sequence_length"])
+    recipe.initialize_head(classifier, SEED)  # the same initial weights as kerasft's
+    hf_dir = Path(spec["work"]) / "transformers"
+    to_transformers(classifier, hf_dir, data["label_names"])
+    del classifier
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    model = DistilBertForSequenceClassification.from_pretrained(hf_dir)
+    encoded = tokenizer(data["texts"], truncation=True, max_length=spec["sequence_length"])
+    rows = [
+        {"input_ids": ids, "attention_mask": mask, "labels": int(label)}
+        for ids, mask, label in zip(
+            encoded["input_ids"], encoded["attention_mask"], data["labels"], strict=True
+        )
+    ]
+    collate = DataCollatorWithPadding(tokenizer)
+    shapes: list[tuple[int, int]] = []
+
+    def collator(features):
+        batch = collate(features)
+        shapes.append(tuple(int(n) for n in batch["input_ids"].shape))
+        return batch
+
+    need = WARMUP_STEPS + spec["rounds"] * spec["steps"] + 1
+    args = TrainingArguments(
+        output_dir=str(Path(spec["work"]) / "trainer"),
+        per_device_train_batch_size=BATCH_SIZE,
+        learning_rate=LEARNING_RATE,
+        lr_scheduler_type="linear",
+        max_steps=need + 1,
+        save_strategy="no",
+        eval_strategy="no",
+        logging_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=SEED,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    rounds = _Rounds(spec["steps"], shapes)
+    load_seconds = time.perf_counter() - started
+
+    class Timer(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step > WARMUP_STEPS:
+                rounds.step_done()
+                if rounds.stop:
+                    control.should_training_stop = True
+
+    trainer = Trainer(
+        model=model, args=args, train_dataset=rows, data_collator=collator, callbacks=[Timer()]
+    )
+    config = model.config
+    _reply({
+        "engine": "Hugging Face Trainer",
+        "load_seconds": load_seconds,
+        "compile_seconds": 0.0,
+        "jit_compile": "False (eager)",
+        "optimizer": str(args.optim.value if hasattr(args.optim, "value") else args.optim),
+        "shapes": None,
+        "encoder_parameters": int(sum(
+            p.numel() for p in model.distilbert.transformer.parameters()
+        )),
+        "layers": config.n_layers,
+        "hidden": config.dim,
+        "feature_rows_per_second": None,
+        "padded_tokens_per_row": None,
+    })  # fmt: skip
+    if _read()["op"] != "round":
+        return
+    rounds.shapes = _ShiftedShapes(shapes, 1 + WARMUP_STEPS)
+    trainer.train()
+
+
+class _ShiftedShapes:
+    """`shapes[offset:]` of a list that is still growing (Trainer collates step by step)."""
+
+    def __init__(self, shapes: list, offset: int):
+        self.shapes, self.offset = shapes, offset
+
+    def __getitem__(self, index: slice) -> list:
+        return self.shapes[self.offset + index.start : self.offset + index.stop]
+
+
+def _batches_class():
+    import keras
+
+    class Batches(keras.utils.PyDataset):
+        """Given batches (row indices) of a `BucketedBatches`, in order."""
+
+        def __init__(self, data, batches):
+            super().__init__()
+            self.data, self.batches = data, batches
+
+        def __len__(self):
+            return len(self.batches)
+
+        def __getitem__(self, i):
+            return self.data.batch(self.batches[i])
+
+    return Batches
+
+
+def _Batches(data, batches):  # noqa: N802  (a class built once Keras is imported)
+    return _batches_class()(data, batches)
+
+
+def worker(engine: str, spec: dict) -> None:
+    """Runs one engine's process: setup, then rounds on command (JSON lines on stdin/stdout)."""
+    global _PROTOCOL
+    _PROTOCOL = os.fdopen(os.dup(1), "w")  # libraries that print (Trainer does) go to stderr
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    if engine == "trainer":
+        _trainer_worker(spec)
+    else:
+        _kerasft_worker(spec, _parse_engine(engine)[1])
+    import resource
+
+    _reply({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+
+
+def _parse_engine(name: str) -> tuple[str, int | None]:
+    """`"torch"` -> `("torch", None)` (the default bucket width); `"torch@1"` -> `("torch", 1)`."""
+    backend, _, width = name.partition("@")
+    if backend not in ENGINES or (width and (not width.isdigit() or int(width) < 1)):
+        raise ValueError(name)
+    if width and backend == "trainer":
+        raise ValueError(name)
+    return backend, int(width) if width else None
+
+
+# --- the parent ----------------------------------------------------------------------------------
+
+
+class _Engine:
+    def __init__(self, engine: str, spec: dict, log_dir: Path):
+        env = dict(os.environ)
+        env["KERAS_BACKEND"] = "torch" if engine == "trainer" else _parse_engine(engine)[0]
+        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        if engine == "trainer":  # transformers' TensorFlow side needs tf-keras, not Keras 3
+            env["USE_TF"] = "0"
+        self.name = engine
+        self.log = open(log_dir / f"{engine}.log", "w")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "kerasft.benchmarks.train_speed", "--worker", engine,
+             "--spec", json.dumps(spec)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env,
+        )  # fmt: skip
+
+    def read(self) -> dict:
+        line = self.process.stdout.readline()
+        if not line:
+            self.process.wait()
+            self.log.flush()
+            tail = Path(self.log.name).read_text()[-3000:]
+            raise RuntimeError(f"{self.name} worker exited ({self.process.returncode}):\n{tail}")
+        return json.loads(line)
+
+    def send(self, op: str) -> None:
+        self.process.stdin.write(json.dumps({"op": op}) + "\n")
+        self.process.stdin.flush()
+
+    def close(self) -> dict:
+        self.send("quit")
+        stats = self.read()
+        self.process.wait(timeout=120)
+        self.log.close()
+        return stats
+
+
+def _training_rows(path: str, limit: int | None) -> dict:
+    from kerasft.data import load_dataset, reference_split, stratified_limit
+
+    data = load_dataset(path)
+    train, _, _ = reference_split(data.labels)
+    if limit is not None and limit < len(train):
+        train = train[stratified_limit(data.labels[train], limit)]
+    return {
+        "texts": [data.texts[i] for i in train],
+        "labels": [int(data.labels[i]) for i in train],
+        "label_names": list(data.label_names),
+    }
+
+
+def measure(args, progress=print) -> dict:
+    """Runs every engine and returns the results (see the module docstring)."""
+    from kerasft.machine import describe, peak_fp32_gflops
+    from kerasft.versions import package_versions, source_commit
+
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="kerasft-train-speed-") as tmp:
+        work = Path(tmp)
+        data_file = work / "train.json"
+        rows = _training_rows(args.data, args.limit)
+        data_file.write_text(json.dumps(rows))
+        spec = {
+            "data": str(data_file), "preset": args.preset, "threads": args.threads,
+            "rounds": args.rounds, "steps": args.steps, "work": str(work),
+            "feature_rows": args.feature_rows, "sequence_length": args.sequence_length,
+        }  # fmt: skip
+        engines, setup = {}, {}
+        try:
+            for name in args.engines:  # one at a time: setup and compilation do not overlap
+                progress(f"starting {name} ...")
+                engines[name] = _Engine(name, spec, work)
+                setup[name] = engines[name].read()
+                progress(f"  {name}: ready ({setup[name]['load_seconds']:.0f} s loading, "
+                         f"{setup[name]['compile_seconds']:.0f} s compiling)")  # fmt: skip
+            steps = {name: [] for name in engines}
+            shapes = {name: [] for name in engines}
+            names = list(engines)
+            for r in range(args.rounds):
+                order = names[r % len(names) :] + names[: r % len(names)]
+                for name in order:
+                    engines[name].send("round")
+                    reply = engines[name].read()
+                    steps[name].append(reply["seconds"])
+                    shapes[name] += [tuple(s) for s in reply["shapes"]]
+                progress(f"round {r + 1}/{args.rounds}: " + ", ".join(
+                    f"{n} {np.median(steps[n][-1]) * 1e3:.0f} ms/step" for n in order
+                ))  # fmt: skip
+            stats = {name: engines.pop(name).close() for name in names}
+        finally:
+            for engine in engines.values():
+                engine.process.kill()
+    peak, peak_formula = peak_fp32_gflops(args.threads)
+    results = {}
+    for name in names:
+        per_round = steps[name]
+        flat = np.concatenate(per_round)
+        rows_per_step = np.array([s[0] for s in shapes[name]], dtype=float)
+        lengths = np.array([s[1] for s in shapes[name]], dtype=float)
+        info = setup[name]
+        # Matrix FLOPs of a training step (forward + backward = 3x forward): 2 per parameter
+        # and token in the encoder layers, plus attention's two products (4 L d per token).
+        flops = (
+            3
+            * rows_per_step
+            * lengths
+            * (2 * info["encoder_parameters"] + 4 * info["layers"] * lengths * info["hidden"])
+        )
+        round_rates = [BATCH_SIZE * len(s) / float(np.sum(s)) for s in per_round]
+        gflops = float(np.sum(flops) / np.sum(flat) / 1e9)
+        results[name] = {
+            **info,
+            "ms_per_step_p50": float(np.median(flat) * 1e3),
+            "ms_per_step_p10": float(np.percentile(flat, 10) * 1e3),
+            "ms_per_step_p90": float(np.percentile(flat, 90) * 1e3),
+            "samples_per_second": float(np.median(round_rates)),
+            "samples_per_second_rounds": round_rates,
+            "timed_steps": len(flat),
+            "padded_tokens_per_row": float(np.mean(lengths)),
+            "gflops": gflops,
+            "share_of_peak": None if peak is None else gflops / peak,
+            "peak_rss_mb": stats[name]["peak_rss_mb"],
+        }
+    if "trainer" in results:
+        base = results["trainer"]["samples_per_second"]
+        for result in results.values():
+            result["vs_trainer"] = result["samples_per_second"] / base
+    return {
+        "command": args.command,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "commit": source_commit(),
+        "machine": {
+            **describe(),
+            "threads": args.threads,
+            "peak_gflops": peak,
+            "peak_formula": peak_formula,
+        },  # fmt: skip
+        "versions": package_versions(
+            (
+                "keras",
+                "keras-hub",
+                "jax",
+                "tensorflow",
+                "torch",
+                "transformers",
+                "accelerate",
+                "numpy",
+            )
+        ),  # fmt: skip
+        "settings": {
+            "rounds": args.rounds,
+            "steps": args.steps,
+            "warmup_steps": WARMUP_STEPS,
+            "training_rows": len(rows["texts"]),
+            "batch_size": BATCH_SIZE,
+            "learning_rate": LEARNING_RATE,
+            "preset": args.preset,
+        },  # fmt: skip
+        "results": results,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def render(report: dict) -> str:
+    """The markdown report."""
+    m, s = report["machine"], report["settings"]
+    lines = [
+        "# Training speed: kerasft stage 2 vs Hugging Face Trainer",
+        "",
+        f"Command: `{report['command']}`  ",
+        f"Date: {report['date']}; commit {report['commit']}  ",
+        f"CPU: {m['cpu']}, {m['cores']} cores, ISA: {', '.join(m['isa']) or 'none found'}; "
+        f"{m['threads']} threads per engine; nominal fp32 peak "
+        + (f"{m['peak_gflops']:.0f} GFLOP/s ({m['peak_formula']})" if m["peak_gflops"] else "n/a")
+        + "  ",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in sorted(report["versions"].items())),
+        "",
+        f"Method: the reference training split ({s['training_rows']:,} rows), batch "
+        f"{s['batch_size']}, learning rate {s['learning_rate']:g} with linear decay, preset "
+        f"`{s['preset']}`. Each engine in its own process; {s['rounds']} rounds of "
+        f"{s['steps']} timed steps, engines alternated (order rotated each round). Excluded: "
+        f"loading, compilation (kerasft: a warm-up `fit` over every timed batch shape) and "
+        f"{s['warmup_steps']} more warm-up steps. A step runs from the previous step's end to its "
+        "own (loss read back), host-side batching included. samples/s: median over rounds; "
+        "ratios: of those medians. FLOP/s: matrix FLOPs a step computes (padding included: "
+        "3 x forward, 2 per encoder parameter and token plus attention's 4 x length x hidden), "
+        "over the median step.",
+        "",
+        "| engine | ms/step p50 (p10-p90) | samples/s | vs Trainer | tokens/row (padded) | "
+        "GFLOP/s | share of peak | stage-1 feature pass rows/s | optimizer | compile s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
+    ]
+    for r in sorted(report["results"].values(), key=lambda r: -r["samples_per_second"]):
+        share = "" if r["share_of_peak"] is None else f"{r['share_of_peak']:.0%}"
+        feature = r["feature_rows_per_second"]
+        lines.append(
+            f"| {r['engine']} | {r['ms_per_step_p50']:.0f} ({r['ms_per_step_p10']:.0f}-"
+            f"{r['ms_per_step_p90']:.0f}) | {r['samples_per_second']:.1f} | "
+            f"{r.get('vs_trainer', float('nan')):.2f}x | {r['padded_tokens_per_row']:.1f} | "
+            f"{r['gflops']:.0f} | {share} | {'-' if feature is None else f'{feature:.0f}'} | "
+            f"{r['optimizer']} | {r['compile_seconds']:.0f} |"
+        )
+    lines += [
+        "",
+        "Per round, samples/s: "
+        + "; ".join(
+            f"{r['engine']} " + ", ".join(f"{x:.1f}" for x in r["samples_per_second_rounds"])
+            for r in report["results"].values()
+        ),
+        "",
+        f"Total {report['seconds']:.0f} s.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def build_parser(prog: str = "python -m kerasft.benchmarks.train_speed") -> argparse.ArgumentParser:
+    from kerasft.data import DATA_ENV
+    from kerasft.presets import OFFLINE_PRESET
+
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--data", default=os.environ.get(DATA_ENV), help=f"the reference data file (or ${DATA_ENV})"
+    )
+    parser.add_argument("--preset", default=OFFLINE_PRESET, help=f"default {OFFLINE_PRESET}")
+    parser.add_argument(
+        "--sequence-length", type=int, default=128, help="maximum tokens per text (default 128)"
+    )
+    parser.add_argument(
+        "--engines", default=",".join(ENGINES),
+        help=f"comma-separated, from {','.join(ENGINES)} (default: all); BACKEND@W runs kerasft "
+        "with bucket width W instead of the default 8 (e.g. torch@1)",
+    )  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=6, help="rounds (default 6)")
+    parser.add_argument("--steps", type=int, default=25, help="timed steps per round (default 25)")
+    parser.add_argument(
+        "--threads", type=int, default=os.cpu_count(), help="threads per engine (default: cores)"
+    )
+    parser.add_argument("--limit", type=int, help="train on a stratified subset of N training rows")
+    parser.add_argument(
+        "--quick", action="store_true",
+        help="3 rounds of 6 steps on 3,200 rows: about 2 minutes of timing, to choose a backend",
+    )  # fmt: skip
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT,
+        help=f"markdown report (default {DEFAULT_OUT}); the JSON goes beside it",
+    )  # fmt: skip
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--worker"]:
+        worker(argv[1], json.loads(argv[3]))
+        return 0
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.steps, args.limit = 3, 6, args.limit or 3200
+    args.feature_rows = 1024 if args.quick else FEATURE_ROWS
+    args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    bad = []
+    for engine in args.engines:
+        try:
+            _parse_engine(engine)
+        except ValueError:
+            bad.append(engine)
+    if bad or not args.engines:
+        parser.error(
+            f"unknown engines {bad}. Choose from {list(ENGINES)}; a kerasft backend may name a "
+            "bucket width, e.g. torch@1."
+        )
+    for name, value, low in (("rounds", args.rounds, 1), ("steps", args.steps, 2),
+                             ("threads", args.threads, 1)):  # fmt: skip
+        if value < low:
+            parser.error(f"--{name} must be >= {low}. Received: {value}")
+    if not args.data or not Path(args.data).is_file():
+        parser.error(f"--data: no such file {args.data!r} (pass --data or set KERASFT_DATA)")
+    args.command = "python -m kerasft.benchmarks.train_speed " + " ".join(argv)
+    report = measure(args, progress=lambda text: print(text, flush=True))
+    from kerasft.fileio import atomic_write_text
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out.with_suffix(".json"), json.dumps(report, indent=1) + "\n")
+    text = render(report)
+    atomic_write_text(args.out, text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

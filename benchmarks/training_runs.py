@@ -1,0 +1,181 @@
+"""Whole `kerasft fit` runs, one backend at a time: accuracy, stage seconds, wall time, memory.
+
+    # the reference run with the default command (default backend and recipe)
+    python -m kerasft.benchmarks.training_runs --data ../shared/data/sarcasm_headlines_v1.jsonl \\
+        --out benchmarks/results/reference_run.md
+    # the same short run on every backend
+    python -m kerasft.benchmarks.training_runs --data ../shared/data/sarcasm_headlines_v1.jsonl \\
+        --backends torch,jax,tensorflow --limit 4000 --warmup-epochs 1 --finetune-epochs 1 \\
+        --out benchmarks/results/backends_limit4000.md
+
+Each run is the `kerasft fit` command a user types (shown in the report), in its own process,
+one after another. Wall time and peak resident memory are the process's own (`wait4`); the
+stage seconds, samples/s and scores are the run's `metrics.json`. The run directories are
+temporary unless `--keep DIR`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BACKENDS = ("torch", "jax", "tensorflow")
+
+
+def run_fit(command: list[str], log_path: Path, env: dict | None = None) -> dict:
+    """Runs one command; returns its wall seconds, peak RSS (MB) and exit code."""
+    started = time.perf_counter()
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return {
+        "wall_seconds": time.perf_counter() - started,
+        "peak_rss_mb": usage.ru_maxrss / 1024,
+        "returncode": process.returncode,
+    }
+
+
+def fit_command(args, backend: str | None, out: Path) -> list[str]:
+    """The `kerasft fit` command line of one run (`backend` None: the CLI's default)."""
+    command = ["kerasft"] + ([] if backend is None else ["--backend", backend])
+    command += ["fit", "--data", args.data, "--preset", args.preset, "--out", str(out), "--quiet"]
+    if args.limit:
+        command += ["--limit", str(args.limit)]
+    if args.warmup_epochs is not None:
+        command += ["--warmup-epochs", str(args.warmup_epochs)]
+    if args.finetune_epochs is not None:
+        command += ["--finetune-epochs", str(args.finetune_epochs)]
+    return command + shlex.split(args.fit_args)
+
+
+def measure(args, progress=print) -> dict:
+    """Runs every backend's fit, one at a time, and collects the results."""
+    from kerasft.machine import describe
+    from kerasft.versions import TRAINING, package_versions, source_commit
+
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="kerasft-training-runs-") as tmp:
+        root = Path(args.keep) if args.keep else Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        for backend in args.backends:
+            name = backend or "default"
+            out = root / f"run-{name}"
+            command = fit_command(args, backend, out)
+            progress(f"running {shlex.join(command)}")
+            env = dict(os.environ)
+            env.pop("KERAS_BACKEND", None)  # the command line decides, as for a user
+            result = run_fit([sys.executable, "-m", "kerasft.cli", *command[1:]],
+                             root / f"{name}.log", env)  # fmt: skip
+            if result["returncode"] != 0:
+                tail = (root / f"{name}.log").read_text()[-3000:]
+                code = result["returncode"]
+                raise RuntimeError(f"{shlex.join(command)} failed ({code}):\n{tail}")
+            metrics = json.loads((out / "metrics.json").read_text())
+            history = json.loads((out / "history.json").read_text())
+            runs.append({"command": shlex.join(command).replace(str(root), "RUNS"), **result,
+                         "metrics": metrics, "history": history})  # fmt: skip
+            test = metrics["test"]
+            progress(f"  {metrics['backend']}: test accuracy {test['accuracy']:.4f}, "
+                     f"{result['wall_seconds']:.0f} s wall")  # fmt: skip
+    return {
+        "command": args.command,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "commit": source_commit(),
+        "machine": describe(),
+        "versions": package_versions(TRAINING),
+        "runs": runs,
+    }
+
+
+def render(report: dict) -> str:
+    """The markdown report."""
+    m = report["machine"]
+    lines = [
+        "# kerasft fit runs",
+        "",
+        f"Command: `{report['command']}`  ",
+        f"Date: {report['date']}; commit {report['commit']}  ",
+        f"CPU: {m['cpu']}, {m['cores']} cores, ISA: {', '.join(m['isa']) or 'none found'}  ",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in sorted(report["versions"].items())),
+        "",
+        "Each run alone, one after another. Wall: the whole command (loading, tokenizing, both "
+        "stages, scoring, saving) in its own process; stage seconds and samples/s from the run's "
+        "`metrics.json` (stage 1 includes the frozen backbone's pass over the training and "
+        "validation rows; both include per-epoch validation and checkpoints).",
+        "",
+        "| backend | rows train/val/test | test accuracy | test F1 | validation accuracy | "
+        "warm-up s | fine-tune s | fine-tune samples/s | wall s | peak RSS GB |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for run in report["runs"]:
+        metrics, seconds = run["metrics"], run["metrics"]["seconds"]
+        rows = metrics["rows"]
+        speed = metrics.get("samples_per_second", {}).get("finetune")
+        lines.append(
+            f"| {metrics['backend']} | {rows.get('train')}/{rows.get('validation')}/"
+            f"{rows.get('test')} | {metrics['test']['accuracy']:.4f} | {metrics['test']['f1']:.4f} "
+            f"| {metrics['validation']['accuracy']:.4f} | {seconds.get('warmup', 0):.0f} | "
+            f"{seconds.get('finetune', 0):.0f} | {'-' if speed is None else f'{speed:.1f}'} | "
+            f"{run['wall_seconds']:.0f} | {run['peak_rss_mb'] / 1024:.2f} |"
+        )
+    lines += ["", "Commands:", ""]
+    lines += [f"- `{run['command']}`" for run in report["runs"]]
+    lines += ["", "Validation accuracy per epoch (stage 1, then stage 2):", ""]
+    for run in report["runs"]:
+        values = ", ".join(f"{v:.4f}" for v in run["history"].get("val_accuracy", []))
+        lines.append(f"- {run['metrics']['backend']}: {values}")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from kerasft.data import DATA_ENV
+    from kerasft.presets import OFFLINE_PRESET
+
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(
+        prog="python -m kerasft.benchmarks.training_runs", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--data", default=os.environ.get(DATA_ENV), help=f"or ${DATA_ENV}")
+    parser.add_argument("--preset", default=OFFLINE_PRESET)
+    parser.add_argument(
+        "--backends", default="default",
+        help=f"comma-separated from {','.join(BACKENDS)}, or 'default' (the CLI's default, "
+        "no --backend; default)",
+    )  # fmt: skip
+    parser.add_argument("--limit", type=int)
+    parser.add_argument("--warmup-epochs", type=int)
+    parser.add_argument("--finetune-epochs", type=int)
+    parser.add_argument("--fit-args", default="", help="more `kerasft fit` options, as one string")
+    parser.add_argument("--keep", help="keep the run directories under this directory")
+    parser.add_argument("--out", type=Path, required=True, help="markdown report (JSON beside)")
+    args = parser.parse_args(argv)
+    names = [b.strip() for b in args.backends.split(",") if b.strip()]
+    bad = [b for b in names if b not in (*BACKENDS, "default")]
+    if bad or not names:
+        parser.error(f"unknown backends {bad}. Choose from {[*BACKENDS, 'default']}.")
+    args.backends = [None if b == "default" else b for b in names]
+    if not args.data or not Path(args.data).is_file():
+        parser.error(f"--data: no such file {args.data!r} (pass --data or set {DATA_ENV})")
+    args.command = "python -m kerasft.benchmarks.training_runs " + shlex.join(argv)
+    report = measure(args, progress=lambda text: print(text, flush=True))
+    from kerasft.fileio import atomic_write_text
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out.with_suffix(".json"), json.dumps(report, indent=1) + "\n")
+    text = render(report)
+    atomic_write_text(args.out, text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

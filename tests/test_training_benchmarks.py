@@ -1,0 +1,76 @@
+"""The training benchmarks run end to end on the tiny preset: speed side by side, whole fits."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import CLI_ENV
+
+
+def _run(module, *argv, timeout=600):
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *map(str, argv)],
+        capture_output=True, text=True, env=CLI_ENV, timeout=timeout,
+    )  # fmt: skip
+    return proc
+
+
+def test_train_speed_times_kerasft_and_trainer_side_by_side(tiny_preset, toy_data, tmp_path):
+    out = tmp_path / "speed.md"
+    proc = _run(
+        "kerasft.benchmarks.train_speed", "--data", toy_data, "--preset", tiny_preset,
+        "--engines", "torch,trainer", "--rounds", "2", "--steps", "3", "--sequence-length", 32,
+        "--out", out,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(out.with_suffix(".json").read_text())
+    results = report["results"]
+    assert set(results) == {"torch", "trainer"}
+    for r in results.values():
+        assert r["timed_steps"] == 6 and len(r["samples_per_second_rounds"]) == 2, r
+        assert r["samples_per_second"] > 0 and 0 < r["ms_per_step_p10"] <= r["ms_per_step_p90"]
+        assert r["padded_tokens_per_row"] > 2 and r["gflops"] > 0
+    assert results["trainer"]["vs_trainer"] == 1.0
+    assert results["torch"]["optimizer"] == "FusedAdam"
+    assert results["torch"]["feature_rows_per_second"] > 0
+    # torch cuts each batch to its longest text; Trainer pads random batches to theirs.
+    assert results["torch"]["padded_tokens_per_row"] < results["trainer"]["padded_tokens_per_row"]
+    text = out.read_text()
+    for needle in ("kerasft torch", "Hugging Face Trainer", report["machine"]["cpu"], "ISA:",
+                   "train_speed --data"):  # fmt: skip
+        assert needle in text, needle
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--engines", "torch,mxnet"], "unknown engines ['mxnet']"),
+        (["--rounds", "0"], "--rounds must be >= 1. Received: 0"),
+        (["--data", "/nonexistent.jsonl"], "no such file '/nonexistent.jsonl'"),
+    ],
+)
+def test_train_speed_refuses_bad_options(argv, message, toy_data):
+    args = ["--data", toy_data, *argv] if "--data" not in argv else argv
+    proc = _run("kerasft.benchmarks.train_speed", *args, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+
+
+def test_training_runs_reports_the_fit_it_ran(tiny_preset, toy_data, tmp_path):
+    out = tmp_path / "runs.md"
+    proc = _run(
+        "kerasft.benchmarks.training_runs", "--data", toy_data, "--preset", tiny_preset,
+        "--backends", "torch", "--warmup-epochs", 1, "--finetune-epochs", 1,
+        "--fit-args", "--sequence-length 32 --batch-size 16", "--keep", tmp_path / "runs",
+        "--out", out,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(out.with_suffix(".json").read_text())
+    (run,) = report["runs"]
+    metrics = json.loads((tmp_path / "runs" / "run-torch" / "metrics.json").read_text())
+    assert run["metrics"] == metrics and metrics["backend"] == "torch"
+    assert run["wall_seconds"] > metrics["seconds"]["finetune"] > 0
+    assert run["peak_rss_mb"] > 100
+    text = out.read_text()
+    assert f"{metrics['test']['accuracy']:.4f}" in text and "--backend torch fit" in text
