@@ -388,6 +388,7 @@ def measure(args, progress=print) -> dict:
     from kerasft.versions import package_versions, source_commit
 
     started = time.perf_counter()
+    source = source_commit()  # the code measured (later edits to the tree do not count)
     with tempfile.TemporaryDirectory(prefix="kerasft-train-speed-") as tmp:
         work = Path(tmp)
         data_file = work / "train.json"
@@ -461,7 +462,7 @@ def measure(args, progress=print) -> dict:
     return {
         "command": args.command,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "commit": source_commit(),
+        "commit": source,
         "machine": {
             **describe(),
             "threads": args.threads,

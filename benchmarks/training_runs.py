@@ -61,6 +61,7 @@ def measure(args, progress=print) -> dict:
     from kerasft.machine import describe
     from kerasft.versions import TRAINING, package_versions, source_commit
 
+    source = source_commit()  # the code measured (later edits to the tree do not count)
     runs = []
     with tempfile.TemporaryDirectory(prefix="kerasft-training-runs-") as tmp:
         root = Path(args.keep) if args.keep else Path(tmp)
@@ -88,7 +89,7 @@ def measure(args, progress=print) -> dict:
     return {
         "command": args.command,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "commit": source_commit(),
+        "commit": source,
         "machine": describe(),
         "versions": package_versions(TRAINING),
         "runs": runs,
