@@ -1,8 +1,9 @@
 """The `kerasft` command line: `fit`, `export`, `predict`, `evaluate`, `bench`.
 
 Heavy libraries load inside the subcommands; `--backend` (or `KERAS_BACKEND`) is applied before
-Keras is imported. The default backend is TensorFlow: on the 2-core CPU machines this project is
-measured on it trains fastest (see README).
+Keras is imported. The default backend is PyTorch: it trains fastest of the three on the 2-core
+CPU machines this project is measured on (benchmarks/results/train_speed.md; `python -m
+kerasft.benchmarks.train_speed --quick` measures another machine).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import time
 from pathlib import Path
 
 BACKENDS = ("tensorflow", "jax", "torch")
-DEFAULT_BACKEND = "tensorflow"
+DEFAULT_BACKEND = "torch"
 
 log = logging.getLogger("kerasft")
 
