@@ -78,7 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the interrupted run RUN from its last completed epoch, with the options "
         "it was started with (running the same command again does the same)",
     )  # fmt: skip
-    fit.add_argument("--preset", default=DEFAULT_PRESET, help="preset name or directory")
+    fit.add_argument(
+        "--preset", default=DEFAULT_PRESET,
+        help=f"preset name or directory (default {DEFAULT_PRESET}: offline; KerasHub presets "
+        "such as distil_bert_base_en_uncased download from Kaggle)",
+    )  # fmt: skip
     fit.add_argument("--text-column")
     fit.add_argument("--label-column")
     fit.add_argument("--skip-invalid", action="store_true", help="drop rows without text/label")

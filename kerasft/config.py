@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from kerasft.presets import OFFLINE_PRESET
+from kerasft.presets import DEFAULT_PRESET
 
 SELECT_BEST = ("accuracy", "f1", "loss")
 MIXED_PRECISION = ("bfloat16", "float16")
@@ -69,7 +69,7 @@ class RecipeConfig:
         ValueError: on construction, for any out-of-range value (the message names it).
     """
 
-    preset: str = OFFLINE_PRESET
+    preset: str = DEFAULT_PRESET
     num_classes: int | None = None
     sequence_length: int = 128
     warmup_epochs: int = 2

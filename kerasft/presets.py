@@ -19,8 +19,10 @@ from pathlib import Path
 
 from kerasft.fileio import temp_dir_beside
 
-DEFAULT_PRESET = "distil_bert_base_en_uncased"
 OFFLINE_PRESET = "all_minilm_l6_v2"
+# The default of the API and the CLI alike: the offline preset, which works without a network.
+# KerasHub presets such as "distil_bert_base_en_uncased" are chosen by name.
+DEFAULT_PRESET = OFFLINE_PRESET
 CACHE_ENV = "KERASFT_CACHE"
 
 # BERT (sentence-transformers layout) -> Hugging Face DistilBERT names, per encoder layer.

@@ -138,3 +138,12 @@ def test_unreachable_remote_preset_suggests_offline(monkeypatch):
     )
     with pytest.raises(RuntimeError, match="use the offline preset: preset='all_minilm_l6_v2'"):
         load_classifier("distil_bert_base_en_uncased")
+
+
+def test_api_and_cli_default_to_the_same_offline_preset():
+    from kerasft import TwoStageFineTuner
+    from kerasft.cli import build_parser
+    from kerasft.presets import OFFLINE_PRESET
+
+    cli_default = build_parser().parse_args(["fit"]).preset
+    assert TwoStageFineTuner().preset == cli_default == OFFLINE_PRESET
