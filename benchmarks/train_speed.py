@@ -127,12 +127,12 @@ def _kerasft_worker(spec: dict, bucket_width: int | None) -> None:
         batches += [b for b in train.batches if len(b) == BATCH_SIZE]
         train.set_epoch(train.epoch + 1)
     batches = batches[:need]
-    lengths = [int(train.bucket_len[b].max()) for b in batches]
+    lengths = np.array([int(train.bucket_len[b].max()) for b in batches])
     # TensorFlow infers the dataset's signature from its first batches: two lengths first.
     other = next((i for i, n in enumerate(lengths) if n != lengths[0]), None)
     if other is not None:
         batches.insert(1, batches.pop(other))
-        lengths.insert(1, lengths.pop(other))
+        lengths = np.insert(np.delete(lengths, other), 1, lengths[other])
     first = {}
     for i, n in enumerate(lengths):
         first.setdefault(n, i)
@@ -151,8 +151,11 @@ def _kerasft_worker(spec: dict, bucket_width: int | None) -> None:
     recipe.extract_features(classifier, subset, verbose=0)
     feature_seconds = time.perf_counter() - started
 
-    rounds = _Rounds(spec["steps"], [(BATCH_SIZE, n) for n in lengths[1 + WARMUP_STEPS :]])
+    common = int(np.argmax(lengths == np.bincount(lengths).argmax()))  # a batch of the usual length
+    breakdown = _breakdown(model, train, batches[common])
+    rounds = _Rounds(spec["steps"], [(BATCH_SIZE, int(n)) for n in lengths[1 + WARMUP_STEPS :]])
     _reply({
+        "breakdown": breakdown,
         "engine": f"kerasft {keras.backend.backend()}"
         + ("" if bucket_width == BUCKET_WIDTH else f" (bucket width {bucket_width})"),
         "load_seconds": load_seconds,
@@ -178,6 +181,54 @@ def _kerasft_worker(spec: dict, bucket_width: int | None) -> None:
                     self.model.stop_training = True
 
     model.fit(timed, epochs=1, verbose=0, shuffle=False, callbacks=[Timer()])
+
+
+def _mean_ms(fn, repeats: int) -> float:
+    fn()  # untimed: a first call may allocate or compile
+    started = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - started) / repeats * 1e3
+
+
+# torch ops by what they do, for the step's profile (self CPU time).
+_TORCH_KINDS = {
+    "matmul": ("aten::mm", "aten::bmm", "aten::addmm", "aten::matmul"),
+    "optimizer": ("aten::_fused_adam_", "aten::_foreach_"),
+    "dropout RNG": ("aten::bernoulli_",),
+    "embedding gradient": ("aten::embedding_dense_backward", "aten::index_add_",
+                           "aten::fill_", "aten::zero_"),
+}  # fmt: skip
+
+
+def _breakdown(model, train, rows) -> dict:
+    """Where one step's time goes, on one batch after compilation (see the report)."""
+    import keras
+
+    x, y = train.batch(rows)
+    out = {
+        "shape": list(x["token_ids"].shape),
+        "batching_ms": _mean_ms(lambda: train.batch(rows), 20),
+        "forward_ms": _mean_ms(lambda: model.predict_on_batch(x), 5),
+        "step_ms": _mean_ms(lambda: model.train_on_batch(x, y), 5),
+    }
+    if keras.backend.backend() == "torch":
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(3):
+                model.train_on_batch(x, y)
+        events = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in events)
+        shares = dict.fromkeys(_TORCH_KINDS, 0.0)
+        for e in events:
+            kind = next((k for k, names in _TORCH_KINDS.items()
+                         if any(e.key.startswith(n) for n in names)), None)  # fmt: skip
+            if kind is not None:
+                shares[kind] += e.self_cpu_time_total / total
+        shares["everything else"] = 1.0 - sum(shares.values())
+        out["torch_profile"] = shares
+    return out
 
 
 def _trainer_worker(spec: dict) -> None:
@@ -534,6 +585,28 @@ def render(report: dict) -> str:
             f"{r['gflops']:.0f} | {share} | {'-' if feature is None else f'{feature:.0f}'} | "
             f"{r['optimizer']} | {r['compile_seconds']:.0f} |"
         )
+    broken = [r for r in report["results"].values() if r.get("breakdown")]
+    if broken:
+        lines += [
+            "",
+            "Where a kerasft step's time goes, on one batch of the median timed length after "
+            "compilation (mean of 5 calls): host-side batching, the forward pass alone "
+            "(inference, `predict_on_batch`), the whole training step (`train_on_batch`: "
+            "forward with dropout, backward, optimizer); on PyTorch also the step's profile "
+            "(self CPU time by kind of op, `torch.profiler`, 3 steps).",
+            "",
+            "| engine | batch | batching ms | forward ms | step ms | backward + optimizer ms | "
+            "profile (torch) |",
+            "| --- | --- | ---: | ---: | ---: | ---: | --- |",
+        ]
+        for r in broken:
+            b = r["breakdown"]
+            profile = ", ".join(f"{k} {v:.0%}" for k, v in b.get("torch_profile", {}).items())
+            lines.append(
+                f"| {r['engine']} | {b['shape'][0]} x {b['shape'][1]} | {b['batching_ms']:.1f} | "
+                f"{b['forward_ms']:.0f} | {b['step_ms']:.0f} | "
+                f"{b['step_ms'] - b['forward_ms']:.0f} | {profile or '-'} |"
+            )
     lines += [
         "",
         "Per round, samples/s: "
