@@ -35,6 +35,11 @@ def test_train_speed_times_kerasft_and_trainer_side_by_side(tiny_preset, toy_dat
     assert results["trainer"]["vs_trainer"] == 1.0
     assert results["torch"]["optimizer"] == "FusedAdam"
     assert results["torch"]["feature_rows_per_second"] > 0
+    breakdown = results["torch"]["breakdown"]
+    assert breakdown["step_ms"] > breakdown["forward_ms"] > 0 and breakdown["batching_ms"] > 0
+    profile = breakdown["torch_profile"]
+    assert profile["matmul"] > 0 and profile["optimizer"] > 0
+    assert sum(profile.values()) == pytest.approx(1.0)
     # torch cuts each batch to its longest text; Trainer pads random batches to theirs.
     assert results["torch"]["padded_tokens_per_row"] < results["trainer"]["padded_tokens_per_row"]
     text = out.read_text()
