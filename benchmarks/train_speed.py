@@ -589,7 +589,7 @@ def render(report: dict) -> str:
     if broken:
         lines += [
             "",
-            "Where a kerasft step's time goes, on one batch of the median timed length after "
+            "Where a kerasft step's time goes, on one batch of the most common timed length after "
             "compilation (mean of 5 calls): host-side batching, the forward pass alone "
             "(inference, `predict_on_batch`), the whole training step (`train_on_batch`: "
             "forward with dropout, backward, optimizer); on PyTorch also the step's profile "
@@ -603,7 +603,7 @@ def render(report: dict) -> str:
             b = r["breakdown"]
             profile = ", ".join(f"{k} {v:.0%}" for k, v in b.get("torch_profile", {}).items())
             lines.append(
-                f"| {r['engine']} | {b['shape'][0]} x {b['shape'][1]} | {b['batching_ms']:.1f} | "
+                f"| {r['engine']} | {b['shape'][0]} x {b['shape'][1]} | {b['batching_ms']:.2f} | "
                 f"{b['forward_ms']:.0f} | {b['step_ms']:.0f} | "
                 f"{b['step_ms'] - b['forward_ms']:.0f} | {profile or '-'} |"
             )
