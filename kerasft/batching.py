@@ -28,8 +28,8 @@ PROGRESS_FROM = 8192  # texts: smaller inputs tokenize in a few seconds, without
 
 # A batch is padded to a multiple of this. XLA (JAX, TensorFlow) compiles every distinct batch
 # shape, and 8 keeps those to about 6 on the reference data for ~3.5 padding tokens per row.
-# Width 1 (rows grouped by exact length, no padding) trains PyTorch ~15% faster, but changes which
-# texts share a batch; it is not the default (benchmarks/results/train_speed.md, README).
+# Width 1 (rows grouped by exact length, no padding) trains PyTorch 12-13% faster, but changes
+# which texts share a batch; it is not the default (benchmarks/results/train_speed.md).
 BUCKET_WIDTH = 8
 
 

@@ -63,7 +63,7 @@ def peak_fp32_gflops(cores: int | None = None) -> tuple[float | None, str]:
     """A nominal fp32 peak of this CPU, and how it was computed.
 
     cores x clock x FLOPs per cycle, with 32 FLOPs per cycle (two 256-bit FMA pipes: AVX2
-    CPUs, and AMD's AVX-512, which runs 512-bit FMAs on 256-bit pipes) or 64 (Intel AVX-512
+    CPUs, and AMD Zen 4's AVX-512, which runs 512-bit FMAs on 256-bit pipes) or 64 (Intel AVX-512
     with two 512-bit FMA units). The clock is /proc/cpuinfo's `cpu MHz` (under a hypervisor,
     the nominal one). A yardstick for "share of peak", not a measurement.
 
