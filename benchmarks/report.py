@@ -292,3 +292,14 @@ if __name__ == "__main__":  # re-render a report directory from its report.json
 
     directory = Path(sys.argv[1])
     write_report(json.loads((directory / "report.json").read_text()), directory)
+
+
+def write_results(out: Path, report: dict, text: str) -> None:
+    """Writes a benchmark's markdown `text` to `out` and its `report` as JSON beside it
+    (`out` with `.json`), each atomically, and prints the markdown."""
+    from kerasft.fileio import atomic_write_text
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out.with_suffix(".json"), json.dumps(report, indent=1) + "\n")
+    atomic_write_text(out, text)
+    print(text)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -656,6 +657,9 @@ def build_parser(prog: str = "python -m kerasft.benchmarks.train_speed") -> argp
 
 
 def main(argv: list[str] | None = None) -> int:
+    from kerasft.benchmarks.report import write_results
+    from kerasft.data import DATA_ENV
+
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--worker"]:
         worker(argv[1], json.loads(argv[3]))
@@ -682,16 +686,10 @@ def main(argv: list[str] | None = None) -> int:
         if value < low:
             parser.error(f"--{name} must be >= {low}. Received: {value}")
     if not args.data or not Path(args.data).is_file():
-        parser.error(f"--data: no such file {args.data!r} (pass --data or set KERASFT_DATA)")
-    args.command = "python -m kerasft.benchmarks.train_speed " + " ".join(argv)
+        parser.error(f"--data: no such file {args.data!r} (pass --data or set ${DATA_ENV})")
+    args.command = "python -m kerasft.benchmarks.train_speed " + shlex.join(argv)
     report = measure(args, progress=lambda text: print(text, flush=True))
-    from kerasft.fileio import atomic_write_text
-
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out.with_suffix(".json"), json.dumps(report, indent=1) + "\n")
-    text = render(report)
-    atomic_write_text(args.out, text)
-    print(text)
+    write_results(args.out, report, render(report))
     return 0
 
 

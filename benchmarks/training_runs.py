@@ -138,6 +138,7 @@ def render(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from kerasft.benchmarks.report import write_results
     from kerasft.data import DATA_ENV
     from kerasft.presets import OFFLINE_PRESET
 
@@ -168,13 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--data: no such file {args.data!r} (pass --data or set {DATA_ENV})")
     args.command = "python -m kerasft.benchmarks.training_runs " + shlex.join(argv)
     report = measure(args, progress=lambda text: print(text, flush=True))
-    from kerasft.fileio import atomic_write_text
-
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out.with_suffix(".json"), json.dumps(report, indent=1) + "\n")
-    text = render(report)
-    atomic_write_text(args.out, text)
-    print(text)
+    write_results(args.out, report, render(report))
     return 0
 
 
