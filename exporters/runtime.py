@@ -32,7 +32,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from kerasft.exporters.tokenizer import kerashub_words, tokenizers_matches
+from kerasft.wordpiece import kerashub_words, tokenizers_matches
 
 
 class IntegrityError(ValueError):
@@ -161,7 +161,7 @@ class ExportedClassifier:
         self._unk, self._pad = (self.tokenizer.token_to_id(t) for t in ("[UNK]", "[PAD]"))
 
     def _exact_ids(self, text: str) -> list[int]:
-        """KerasHub's tokenization of a non-ASCII text (see `kerasft.exporters.tokenizer`)."""
+        """KerasHub's tokenization of a non-ASCII text (see `kerasft.wordpiece`)."""
         ids = []
         for word in kerashub_words(text, **self._settings):
             if len(word.encode("utf-8")) > 100:  # KerasHub's FastWordpiece byte limit
@@ -175,7 +175,7 @@ class ExportedClassifier:
 
         Texts go through `tokenizer.json`, which is identical to KerasHub on ASCII text and on
         text whose other characters case-fold like they lowercase (curly quotes, dashes, most
-        accented letters: `kerasft.exporters.tokenizer.tokenizers_matches`). The rest
+        accented letters: `kerasft.wordpiece.tokenizers_matches`). The rest
         (ligatures, `…`,
         combining marks, words over KerasHub's 100-byte limit) take the exact KerasHub
         pre-tokenisation with the same WordPiece model.

@@ -9,7 +9,7 @@ see stays small: one `(batch_size, L)` per bucket plus at most one short remaind
 One-hot targets are built per batch.
 
 Tokenization takes the Rust `tokenizers` library where it gives KerasHub's ids exactly (the
-`tokenizer.json` that exports ship: `kerasft.exporters.tokenizer`), and KerasHub's own
+`tokenizer.json` that exports ship: `kerasft.wordpiece`), and KerasHub's own
 preprocessor for every other text and every other tokenizer.
 """
 
@@ -97,7 +97,7 @@ def tokenize(
     Texts longer than the preprocessor's `sequence_length` are truncated (as KerasHub does);
     how many were is logged (a warning) when any were. For KerasHub's WordPiece preprocessors
     (DistilBERT's) the texts on which the Rust `tokenizers` library gives identical ids
-    (`kerasft.exporters.tokenizer.tokenizers_matches`: ASCII text and most other text) go
+    (`kerasft.wordpiece.tokenizers_matches`: ASCII text and most other text) go
     through it; the rest, and every other tokenizer, through the preprocessor itself.
 
     Args:
@@ -156,7 +156,7 @@ def _kerashub_ids(preprocessor, texts: list[str]) -> TokenIds:
 def _tokenize_chunk(preprocessor, fast, texts: list[str]) -> TokenIds:
     if fast is None:
         return _kerashub_ids(preprocessor, texts)
-    from kerasft.exporters.tokenizer import tokenizers_matches
+    from kerasft.wordpiece import tokenizers_matches
 
     tokenizer, settings = fast
     rows = [e.ids for e in tokenizer.encode_batch(texts)]
@@ -176,7 +176,7 @@ def fast_tokenizer(preprocessor):
     """`(tokenizers.Tokenizer, settings)` reproducing `preprocessor`, or None where there is none.
 
     Only KerasHub's DistilBERT preprocessor with its WordPiece tokenizer has one (the
-    `tokenizer.json` of `kerasft.exporters.tokenizer`); `tokenizers_matches(text, **settings)`
+    `tokenizer.json` of `kerasft.wordpiece`); `tokenizers_matches(text, **settings)`
     says for which texts its ids are KerasHub's.
     """
     import keras_hub
@@ -198,7 +198,7 @@ def fast_tokenizer(preprocessor):
 
 @functools.lru_cache(maxsize=4)
 def _rust_tokenizer(vocabulary: tuple, sequence_length: int, lowercase: bool, strip_accents: bool):
-    from kerasft.exporters.tokenizer import rust_tokenizer
+    from kerasft.wordpiece import rust_tokenizer
 
     tok = rust_tokenizer(list(vocabulary), lowercase, strip_accents, sequence_length)
     tok.no_padding()

@@ -8,7 +8,8 @@ import pytest
 
 from kerasft.benchmarks.tokenizer_speed import typographic
 from kerasft.exporters.runtime import ExportedClassifier, sha256_file
-from kerasft.exporters.tokenizer import tokenizers_matches, write_tokenizer_assets
+from kerasft.exporters.tokenizer import write_tokenizer_assets
+from kerasft.wordpiece import tokenizers_matches
 
 HARD_TEXTS = [
     "grab them by the… hand: trump's nonverbal behavior",  # "…" folds to "..." after the split
