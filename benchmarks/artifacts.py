@@ -21,10 +21,10 @@ import argparse
 import importlib.util
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
+from kerasft.exporters.exportdir import is_export
 from kerasft.rundir import MODEL_FILE
 
 BASE_CALIBRATION_TEXTS = 8
@@ -48,18 +48,14 @@ def has_openvino_peer() -> bool:
 
 
 def _build(target: Path, make) -> Path:
-    """Calls `make(tmp_dir)` and renames the result to `target`; skips a complete `target`."""
-    from kerasft.fileio import publish_dir, temp_dir_beside
+    """Calls `make(tmp_dir)` and publishes the result as `target`; skips a complete `target`."""
+    from kerasft.fileio import publish_target
 
     if target.is_dir() and (target / ".complete").is_file():
         return target
-    tmp = temp_dir_beside(target)
-    try:
+    with publish_target(target, overwrite=True, what="Artifact directory") as tmp:
         make(tmp)
         (tmp / ".complete").write_text("")
-        publish_dir(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -82,7 +78,8 @@ def _peer_export(target: Path, make, listing: str) -> dict:
 
 def prepare(run: Path, root: Path, role: str, widen: int, per_split: int, peers: bool, log):
     """Builds the role's artifacts under `root / role` and returns the index written there."""
-    from kerasft.exporters.dispatch import VARIANTS, export_in_subprocess, verification_set
+    from kerasft.exporters.dispatch import export_in_subprocess, verification_set
+    from kerasft.exporters.formats import VARIANTS
     from kerasft.tuner import TwoStageFineTuner
 
     out = root / role
@@ -126,7 +123,7 @@ def prepare(run: Path, root: Path, role: str, widen: int, per_split: int, peers:
         name = export_name(fmt, quantize)
         log(f"{role}: export {name}")
         target = out / "exports" / name
-        if not (target / "manifest.json").is_file():  # exports publish atomically
+        if not is_export(target):  # exports publish atomically
             # Own process each: base-shaped static INT8 needs ~17 GB alone and was killed at
             # 24 GB after other exports in the same process.
             export_in_subprocess(
@@ -136,31 +133,32 @@ def prepare(run: Path, root: Path, role: str, widen: int, per_split: int, peers:
             )  # fmt: skip
         index["exports"][name] = str(target)
     if peers and has_peers():
-        from kerasft.benchmarks.models import optimum_export, to_transformers
+        index.update(_peer_exports(out, role, tuner, vset.calibration, log))
+    (out / "index.json").write_text(json.dumps(index, indent=2))
+    return index
 
-        log(f"{role}: transformers checkpoint of the same weights")
-        hf = _build(
-            out / "transformers", lambda tmp: to_transformers(tuner.model, tmp, tuner.label_names)
-        )
-        index["transformers"] = str(hf)
-        log(f"{role}: Optimum ONNX export + Optimum dynamic INT8")
-        index["optimum"] = _peer_export(
-            out / "optimum",
-            lambda tmp: optimum_export(hf, tmp / "fp32", tmp / "int8"),
-            "optimum.json",
-        )
-    if peers and has_peers() and has_openvino_peer():
-        from kerasft.benchmarks.models import optimum_intel_export
 
+def _peer_exports(out: Path, role: str, tuner, calibration: list[str], log) -> dict:
+    """The peers' artifacts of the same weights: a transformers checkpoint, Optimum's ONNX
+    fp32 + INT8 and, when optimum-intel is installed, its OpenVINO fp32 + INT8."""
+    from kerasft.benchmarks.models import optimum_export, optimum_intel_export, to_transformers
+
+    log(f"{role}: transformers checkpoint of the same weights")
+    hf = _build(
+        out / "transformers", lambda tmp: to_transformers(tuner.model, tmp, tuner.label_names)
+    )
+    index = {"transformers": str(hf)}
+    log(f"{role}: Optimum ONNX export + Optimum dynamic INT8")
+    index["optimum"] = _peer_export(
+        out / "optimum", lambda tmp: optimum_export(hf, tmp / "fp32", tmp / "int8"), "optimum.json"
+    )
+    if has_openvino_peer():
         log(f"{role}: optimum-intel OpenVINO export + OVQuantizer INT8")
         index["optimum_intel"] = _peer_export(
             out / "optimum-intel",
-            lambda tmp: optimum_intel_export(
-                index["transformers"], tmp / "fp32", tmp / "int8", vset.calibration
-            ),
+            lambda tmp: optimum_intel_export(hf, tmp / "fp32", tmp / "int8", calibration),
             "optimum_intel.json",
         )
-    (out / "index.json").write_text(json.dumps(index, indent=2))
     return index
 
 

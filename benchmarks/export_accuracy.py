@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from kerasft.exporters.exportdir import read_manifest
+
 
 def _model_size(export_dir: Path, manifest: dict) -> int:
     path = export_dir / manifest["model_file"]
@@ -46,10 +48,9 @@ def main(argv=None) -> int:
 
     import numpy as np
 
-    from kerasft.exporters import VerificationError, export
-    from kerasft.exporters.dispatch import VARIANTS
-    from kerasft.exporters.runtime import load
-    from kerasft.rundir import load_tuner, run_splits
+    from kerasft.exporters.formats import VARIANTS
+    from kerasft.rundir import run_splits
+    from kerasft.tuner import load_tuner
 
     test = run_splits(args.run)[2]
     tuner = load_tuner(args.run)
@@ -71,43 +72,57 @@ def main(argv=None) -> int:
         if len(chosen) != len(wanted):
             parser.error(f"unknown variants in {args.variants!r}; known: {VARIANTS}")
     for fmt, quantize in chosen:
-        name = f"{fmt} {quantize or 'fp32'}"
-        out = args.exports / f"{fmt}-{quantize or 'fp32'}"
-        start = time.perf_counter()
-        try:
-            export(args.run, out, format=fmt, quantize=quantize, overwrite=True)
-        except VerificationError as e:  # report it with its numbers, go on with the others
-            rows.append({"variant": name, "failed_verification": str(e), **e.report})
-            print(f"{name}: FAILED verification: {e}", flush=True)
-            continue
-        export_seconds = time.perf_counter() - start
-        manifest = json.loads((out / "manifest.json").read_text())
-        start = time.perf_counter()
-        result = load(out).predict(test.texts)
-        predict_seconds = time.perf_counter() - start
-        ids = np.array([tuner.label_names.index(label) for label in result.labels])
-        row = {
-            "variant": name,
-            "accuracy": float(np.mean(ids == test.labels)),
-            "differs_from_keras": int(np.sum(ids != keras_pred)),
-            "model_bytes": _model_size(out, manifest),
-            "export_bytes": manifest["size_bytes"],
-            "verification": manifest["verification"],
-            "quantization_recipe": manifest.get("quantization_recipe"),
-            "fusions": manifest.get("fusions"),
-            "export_seconds": round(export_seconds, 1),
-            "test_split_seconds": round(predict_seconds, 1),
-        }
-        rows.append(row)
-        print(
-            f"{name}: accuracy {row['accuracy']:.4f}, differs {row['differs_from_keras']}, "
-            f"model {row['model_bytes'] / 1e6:.1f} MB",
-            flush=True,
-        )
+        rows.append(_export_row(args, fmt, quantize, test, tuner, keras_pred))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps({"run": str(args.run), "test_rows": len(test), "rows": rows}, indent=2) + "\n"
     )
+    _print_table(rows, keras_acc)
+    return 0
+
+
+def _export_row(args, fmt: str, quantize: str | None, test, tuner, keras_pred) -> dict:
+    """Exports one variant, scores it on the test split through its runtime; one report row."""
+    import numpy as np
+
+    from kerasft.exporters import VerificationError, export
+    from kerasft.exporters.runtime import load
+
+    name = f"{fmt} {quantize or 'fp32'}"
+    out = args.exports / f"{fmt}-{quantize or 'fp32'}"
+    start = time.perf_counter()
+    try:
+        export(args.run, out, format=fmt, quantize=quantize, overwrite=True)
+    except VerificationError as e:  # report it with its numbers, go on with the others
+        print(f"{name}: FAILED verification: {e}", flush=True)
+        return {"variant": name, "failed_verification": str(e), **e.report}
+    export_seconds = time.perf_counter() - start
+    manifest = read_manifest(out)
+    start = time.perf_counter()
+    result = load(out).predict(test.texts)
+    predict_seconds = time.perf_counter() - start
+    ids = np.array([tuner.label_names.index(label) for label in result.labels])
+    row = {
+        "variant": name,
+        "accuracy": float(np.mean(ids == test.labels)),
+        "differs_from_keras": int(np.sum(ids != keras_pred)),
+        "model_bytes": _model_size(out, manifest),
+        "export_bytes": manifest["size_bytes"],
+        "verification": manifest["verification"],
+        "quantization_recipe": manifest.get("quantization_recipe"),
+        "fusions": manifest.get("fusions"),
+        "export_seconds": round(export_seconds, 1),
+        "test_split_seconds": round(predict_seconds, 1),
+    }
+    print(
+        f"{name}: accuracy {row['accuracy']:.4f}, differs {row['differs_from_keras']}, "
+        f"model {row['model_bytes'] / 1e6:.1f} MB",
+        flush=True,
+    )
+    return row
+
+
+def _print_table(rows: list[dict], keras_acc: float) -> None:
     print("\n| variant | test accuracy | vs Keras (pts) | differs from Keras | model MB |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for row in rows:
@@ -119,7 +134,6 @@ def main(argv=None) -> int:
             f"| {row['variant']} | {row['accuracy']:.4f} | "
             f"{100 * (row['accuracy'] - keras_acc):+.2f} | {row['differs_from_keras']} | {size} |"
         )
-    return 0
 
 
 if __name__ == "__main__":

@@ -39,7 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kerasft.benchmarks.report import BASELINE
+from kerasft.benchmarks.report import BASELINE, write_report
+from kerasft.exporters.exportdir import read_manifest
 from kerasft.rundir import MODEL_FILE
 
 HERE = Path(__file__).resolve().parent
@@ -100,7 +101,7 @@ def variants(index: dict, threads: int, device: str) -> tuple[list[Variant], lis
         )
     )
     for name, export_dir in index["exports"].items():
-        manifest = json.loads((Path(export_dir) / "manifest.json").read_text())
+        manifest = read_manifest(export_dir)
         fmt = manifest["format"]
         model_path = Path(export_dir) / manifest["model_file"]
         if fmt == "litert" and device == "gpu":
@@ -144,7 +145,7 @@ def end_to_end_variants(index: dict, threads: int, texts_file: Path) -> list[Var
     """One `runtime` variant per kerasft export: raw strings through `kerasft.exporters.runtime`."""
     out = []
     for export_dir in index["exports"].values():
-        manifest = json.loads((Path(export_dir) / "manifest.json").read_text())
+        manifest = read_manifest(export_dir)
         fmt, quant = manifest["format"], manifest["quantization"]
         spec = {"kind": "runtime", "format": fmt, "path": str(export_dir), "threads": threads,
                 "texts": str(texts_file)}  # fmt: skip
@@ -571,35 +572,80 @@ def _check_seq_lens(seq_lens: list[int], longest: int | None) -> None:
 
 
 def run(args) -> int:
-    from kerasft.fileio import remove_stale_temp_dirs, target_lock
+    from kerasft.fileio import publish_target
     from kerasft.rundir import read_config, run_splits
 
     settings = _settings(args)
     read_config(args.run)  # a run directory, or a FileNotFoundError that says what is missing
     run_splits(args.run)  # its data file unchanged since the fit, or a DataChangedError
     _check_seq_lens(settings["seq_lens"], _max_sequence_length(args.run))  # before any export
-    with target_lock(args.out, "Report directory"):
-        remove_stale_temp_dirs(args.out)
-        return _run_locked(args, settings)
+    with publish_target(args.out, args.overwrite, "Report directory") as tmp:
+        report = _measure(args, settings)
+        write_report(report, tmp)
+    print((args.out / "report.md").read_text())
+    print(f"[bench] {report['seconds']:.0f} s -> {args.out}", file=sys.stderr)
+    return 0
 
 
-def _run_locked(args, settings) -> int:
+def _measure(args, settings) -> dict:
+    """Prepares the artifacts, measures every variant and returns the report."""
     from tqdm import tqdm
 
-    from kerasft.benchmarks.artifacts import has_peers
-    from kerasft.benchmarks.report import write_report
-    from kerasft.fileio import check_target_dir, publish_dir, temp_dir_beside
-
     started = time.time()
-    run_dir = args.run
-    check_target_dir(args.out, args.overwrite, "Report directory")
     device, gpus = detect_device(args.device)
-    peers = not args.no_peers
-    notes = []
+    indexes, root, notes = _prepare_roles(args, settings, device)
+    latency_index = indexes[settings["latency_model"]]
+    _check_seq_lens(settings["seq_lens"], latency_index["shape"]["max_sequence_length"])
+    work = root / "work"
+    work.mkdir(exist_ok=True)
+    run_vs, notes_run = variants(indexes["run"], settings["threads"], device)
+    lat_vs, notes_lat = variants(latency_index, settings["threads"], device)
+    n_cells = len(settings["batch_sizes"]) * len(settings["seq_lens"])
+    n_e2e = len(indexes["run"]["exports"])
+    total = len(run_vs) + len(lat_vs) * n_cells * (1 + settings["rounds"])
+    total += n_e2e * (1 + len(END_TO_END_BATCHES) * (1 + settings["rounds"]))
+    with tqdm(total=total, unit="step", file=sys.stderr, dynamic_ncols=True) as progress:
+        workers, failed = open_workers(run_vs, work, device, progress)
+        try:
+            accuracy = measure_accuracy(
+                indexes["run"], args.run, settings["test_rows"], work, progress, workers, run_vs
+            )
+            if latency_index is not indexes["run"]:  # new workers on the latency model
+                _close(workers)
+                workers, failed = open_workers(lat_vs, work, device, progress)
+            latency, cells = measure_latency(settings, progress, workers, failed, lat_vs)
+        finally:
+            _close(workers)
+        end_to_end = measure_end_to_end(indexes["run"], args.run, settings, work, device, progress)
+    return {
+        "command": args.command,
+        "device": device,
+        "machine": machine_info(settings["threads"], gpus),
+        "settings": settings,
+        "models": {
+            role: {"shape": idx["shape"], "keras": idx["keras"]} for role, idx in indexes.items()
+        },
+        "latency_model": settings["latency_model"],
+        "optimum_recipe": latency_index.get("optimum", {}).get("recipe"),
+        "optimum_intel_recipe": latency_index.get("optimum_intel", {}).get("recipe"),
+        "accuracy": accuracy,
+        "latency": latency,
+        **cells,
+        "end_to_end": end_to_end,
+        "notes": sorted(set(notes + notes_run + notes_lat)),
+        "seconds": round(time.time() - started, 1),
+    }
+
+
+def _prepare_roles(args, settings, device: str) -> tuple[dict, Path, list[str]]:
+    """The artifact index of the run's model (and of the base-shaped latency model)."""
+    from kerasft.benchmarks.artifacts import has_peers
+
+    peers, notes = not args.no_peers, []
     if peers and not has_peers():
         peers = False
         notes.append("peers (transformers, Optimum) not installed: pip install -e '.[bench]'")
-    root = args.artifacts or _default_artifacts(run_dir)
+    root = args.artifacts or _default_artifacts(args.run)
     root.mkdir(parents=True, exist_ok=True)
     roles = ["run"] + (["base"] if settings["latency_model"] == "base" else [])
     print(f"[bench] device {device}; artifacts in {root}", file=sys.stderr, flush=True)
@@ -607,60 +653,8 @@ def _run_locked(args, settings) -> int:
     for role in roles:
         print(f"[bench] preparing the {role} model's artifacts (exports are verified)...",
               file=sys.stderr, flush=True)  # fmt: skip
-        indexes[role] = _prepare(run_dir, root, role, args.widen, peers)
-    latency_index = indexes[settings["latency_model"]]
-    _check_seq_lens(settings["seq_lens"], latency_index["shape"]["max_sequence_length"])
-    tmp = temp_dir_beside(args.out)
-    work = root / "work"
-    work.mkdir(exist_ok=True)
-    try:
-        run_vs, notes_run = variants(indexes["run"], settings["threads"], device)
-        lat_vs, notes_lat = variants(latency_index, settings["threads"], device)
-        n_cells = len(settings["batch_sizes"]) * len(settings["seq_lens"])
-        n_e2e = len(indexes["run"]["exports"])
-        total = len(run_vs) + len(lat_vs) * n_cells * (1 + settings["rounds"])
-        total += n_e2e * (1 + len(END_TO_END_BATCHES) * (1 + settings["rounds"]))
-        with tqdm(total=total, unit="step", file=sys.stderr, dynamic_ncols=True) as progress:
-            workers, failed = open_workers(run_vs, work, device, progress)
-            try:
-                accuracy = measure_accuracy(
-                    indexes["run"], run_dir, settings["test_rows"], work, progress, workers, run_vs
-                )
-                if latency_index is not indexes["run"]:  # new workers on the latency model
-                    _close(workers)
-                    workers, failed = open_workers(lat_vs, work, device, progress)
-                latency, cells = measure_latency(settings, progress, workers, failed, lat_vs)
-            finally:
-                _close(workers)
-            end_to_end = measure_end_to_end(
-                indexes["run"], run_dir, settings, work, device, progress
-            )
-        report = {
-            "command": args.command,
-            "device": device,
-            "machine": machine_info(settings["threads"], gpus),
-            "settings": settings,
-            "models": {
-                role: {"shape": idx["shape"], "keras": idx["keras"]}
-                for role, idx in indexes.items()
-            },  # fmt: skip
-            "latency_model": settings["latency_model"],
-            "optimum_recipe": latency_index.get("optimum", {}).get("recipe"),
-            "optimum_intel_recipe": latency_index.get("optimum_intel", {}).get("recipe"),
-            "accuracy": accuracy,
-            "latency": latency,
-            **cells,
-            "end_to_end": end_to_end,
-            "notes": sorted(set(notes + notes_run + notes_lat)),
-            "seconds": round(time.time() - started, 1),
-        }
-        write_report(report, tmp)
-        publish_dir(tmp, args.out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    print((args.out / "report.md").read_text())
-    print(f"[bench] {report['seconds']:.0f} s -> {args.out}", file=sys.stderr)
-    return 0
+        indexes[role] = _prepare(args.run, root, role, args.widen, peers)
+    return indexes, root, notes
 
 
 if __name__ == "__main__":

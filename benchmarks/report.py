@@ -92,7 +92,6 @@ def _fmt(x, digits=1):
 
 def _markdown(report: dict, goals: dict) -> str:
     m, s = report["machine"], report["settings"]
-    latency_all = report["latency"]
     lat_shape = report["models"][report["latency_model"]]["shape"]
     acc = report["accuracy"]
     lines = [
@@ -114,6 +113,22 @@ def _markdown(report: dict, goals: dict) -> str:
         "Versions: " + ", ".join(f"{k} {v}" for k, v in sorted(m["versions"].items())),
         "",
     ]
+    lines += _targets(report["latency"], goals)
+    lines += _cell_tables(report)
+    lines += _end_to_end(report.get("end_to_end"))
+    lines += _variants(report)
+    if report["notes"]:
+        lines += ["## Notes", "", *[f"- {n}" for n in report["notes"]], ""]
+    lines += [
+        "Charts: `latency.png` (p50 per variant, batch size and sequence length), "
+        "`accuracy_vs_latency.png`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _targets(latency_all: dict, goals: dict) -> list[str]:
+    lines = []
     best = goals["best_onnx_int8"]
     lines += ["## Targets", ""]
     if goals.get("fastest_vs_peers"):
@@ -148,6 +163,11 @@ def _markdown(report: dict, goals: dict) -> str:
                 f"{'met' if g['met'] else 'NOT met'}.",
                 "",
             ]
+    return lines
+
+
+def _cell_tables(report: dict) -> list[str]:
+    lines = []
     lines += ["## Latency per cell (sorted by p50)", ""]
     latency = report["latency"]
     for cell in report["cells"]:
@@ -171,7 +191,11 @@ def _markdown(report: dict, goals: dict) -> str:
                 f"{c['n']} |"
             )
         lines.append("")
-    e2e = report.get("end_to_end")
+    return lines
+
+
+def _end_to_end(e2e: dict | None) -> list[str]:
+    lines = []
     if e2e:
         lines += [
             "## End to end: `kerasft.exporters.runtime.load(dir).predict(texts)`",
@@ -199,6 +223,12 @@ def _markdown(report: dict, goals: dict) -> str:
             )
         failed = [f"{n}: {r['error'][:120]}" for n, r in e2e["latency"].items() if r.get("error")]
         lines += [""] + [f"- failed: {f}" for f in failed] + ([""] if failed else [])
+    return lines
+
+
+def _variants(report: dict) -> list[str]:
+    latency, acc = report["latency"], report["accuracy"]
+    lines = []
     lines += [
         "## Variants",
         "",
@@ -220,14 +250,7 @@ def _markdown(report: dict, goals: dict) -> str:
             f"{runtime.replace('|', '/')} |"
         )
     lines.append("")
-    if report["notes"]:
-        lines += ["## Notes", "", *[f"- {n}" for n in report["notes"]], ""]
-    lines += [
-        "Charts: `latency.png` (p50 per variant, batch size and sequence length), "
-        "`accuracy_vs_latency.png`.",
-        "",
-    ]
-    return "\n".join(lines)
+    return lines
 
 
 def _charts(report: dict, out: Path) -> None:

@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from kerasft.data import DATA_ENV
+
 INSERTED = (
     "today", "again", "now", "also", "still", "really", "just", "even", "here", "there",
     "finally", "reportedly", "apparently", "somehow", "suddenly", "officially", "quietly",
@@ -135,7 +137,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--data",
         type=Path,
-        default=Path(os.environ.get("KERASFT_DATA", "../shared/data/sarcasm_headlines_v1.jsonl")),
+        default=Path(os.environ.get(DATA_ENV, "../shared/data/sarcasm_headlines_v1.jsonl")),
     )
     parser.add_argument("--factor", type=int, default=10, help="rows of the large run, x file")
     parser.add_argument("--preset", default="scale-tiny", help="scale-tiny, or a kerasft preset")
@@ -147,7 +149,7 @@ def main(argv=None) -> int:
         print(json.dumps(child(args)))
         return 0
     if not args.data.is_file():
-        parser.error(f"data file not found: {str(args.data)!r} (pass --data or $KERASFT_DATA)")
+        parser.error(f"data file not found: {str(args.data)!r} (pass --data or ${DATA_ENV})")
 
     rows = [json.loads(line) for line in args.data.open() if line.strip()]
     text_key = "headline" if "headline" in rows[0] else "text"

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from kerasft.data import DATA_ENV
+
 
 def typographic(text: str) -> str:
     """News typography: curly apostrophes and quotes, en and em dashes."""
@@ -51,7 +53,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--data",
         type=Path,
-        default=Path(os.environ.get("KERASFT_DATA", "../shared/data/sarcasm_headlines_v1.jsonl")),
+        default=Path(os.environ.get(DATA_ENV, "../shared/data/sarcasm_headlines_v1.jsonl")),
     )
     args = parser.parse_args(argv)
     from kerasft.exporters import runtime as runtime_module

@@ -102,7 +102,7 @@ def _kerasft_worker(spec: dict, bucket_width: int | None) -> None:
     import keras
 
     from kerasft import recipe
-    from kerasft.batching import BUCKET_WIDTH, BucketedBatches
+    from kerasft.batching import BUCKET_WIDTH
     from kerasft.benchmarks.worker import set_threads
     from kerasft.presets import load_classifier
 
@@ -121,22 +121,9 @@ def _kerasft_worker(spec: dict, bucket_width: int | None) -> None:
         classifier, train, epochs=1, learning_rate=LEARNING_RATE, train_base=True,
         linear_decay=True, verbose=0,
     )  # fmt: skip
-    # The timed steps: full batches of as many epochs as needed, in training order.
-    need = WARMUP_STEPS + spec["rounds"] * spec["steps"] + 1
-    batches = []
-    while len(batches) < need:
-        batches += [b for b in train.batches if len(b) == BATCH_SIZE]
-        train.set_epoch(train.epoch + 1)
-    batches = batches[:need]
-    lengths = np.array([int(train.bucket_len[b].max()) for b in batches])
-    # TensorFlow infers the dataset's signature from its first batches: two lengths first.
-    other = next((i for i, n in enumerate(lengths) if n != lengths[0]), None)
-    if other is not None:
-        batches.insert(1, batches.pop(other))
-        lengths = np.insert(np.delete(lengths, other), 1, lengths[other])
-    first = {}
-    for i, n in enumerate(lengths):
-        first.setdefault(n, i)
+    batches, lengths, first = _timed_batches(
+        train, WARMUP_STEPS + spec["rounds"] * spec["steps"] + 1
+    )
     timed = _Batches(train, batches)
     warm = _Batches(train, [batches[i] for i in sorted(first.values())])
     load_seconds = time.perf_counter() - started
@@ -144,14 +131,7 @@ def _kerasft_worker(spec: dict, bucket_width: int | None) -> None:
     model.fit(warm, epochs=1, verbose=0, shuffle=False)  # compiles every timed shape
     compile_seconds = time.perf_counter() - started
 
-    # Stage 1's cached pass: the frozen backbone's first pass over `feature_rows` rows, its
-    # compilation included, as `fit` runs it.
-    rows = np.arange(min(spec["feature_rows"], len(train.lengths)))
-    subset = BucketedBatches(train.token_ids.padded(rows), train.lengths[rows])
-    started = time.perf_counter()
-    recipe.extract_features(classifier, subset, verbose=0)
-    feature_seconds = time.perf_counter() - started
-
+    feature_rows, feature_seconds = _feature_pass(classifier, train, spec["feature_rows"])
     common = int(np.argmax(lengths == np.bincount(lengths).argmax()))  # a batch of the usual length
     breakdown = _breakdown(model, train, batches[common])
     rounds = _Rounds(spec["steps"], [(BATCH_SIZE, int(n)) for n in lengths[1 + WARMUP_STEPS :]])
@@ -167,7 +147,7 @@ def _kerasft_worker(spec: dict, bucket_width: int | None) -> None:
         "encoder_parameters": _encoder_parameters(classifier.backbone),
         "layers": classifier.backbone.num_layers,
         "hidden": classifier.backbone.hidden_dim,
-        "feature_rows_per_second": len(rows) / feature_seconds,
+        "feature_rows_per_second": feature_rows / feature_seconds,
         "padded_tokens_per_row": float(np.mean(lengths)),
     })  # fmt: skip
     if _read()["op"] != "round":
@@ -182,6 +162,39 @@ def _kerasft_worker(spec: dict, bucket_width: int | None) -> None:
                     self.model.stop_training = True
 
     model.fit(timed, epochs=1, verbose=0, shuffle=False, callbacks=[Timer()])
+
+
+def _timed_batches(train, need: int) -> tuple[list, np.ndarray, dict]:
+    """The timed steps: `need` full batches of as many epochs as needed, in training order;
+    their padded lengths; and `{length: index of its first batch}` (what warm-up compiles)."""
+    batches = []
+    while len(batches) < need:
+        batches += [b for b in train.batches if len(b) == BATCH_SIZE]
+        train.set_epoch(train.epoch + 1)
+    batches = batches[:need]
+    lengths = np.array([int(train.bucket_len[b].max()) for b in batches])
+    # TensorFlow infers the dataset's signature from its first batches: two lengths first.
+    other = next((i for i, n in enumerate(lengths) if n != lengths[0]), None)
+    if other is not None:
+        batches.insert(1, batches.pop(other))
+        lengths = np.insert(np.delete(lengths, other), 1, lengths[other])
+    first = {}
+    for i, n in enumerate(lengths):
+        first.setdefault(n, i)
+    return batches, lengths, first
+
+
+def _feature_pass(classifier, train, feature_rows: int) -> tuple[int, float]:
+    """Stage 1's cached pass: rows and seconds of the frozen backbone's first pass over
+    `feature_rows` rows, its compilation included, as `fit` runs it."""
+    from kerasft import recipe
+    from kerasft.batching import BucketedBatches
+
+    rows = np.arange(min(feature_rows, len(train.lengths)))
+    subset = BucketedBatches(train.token_ids.padded(rows), train.lengths[rows])
+    started = time.perf_counter()
+    recipe.extract_features(classifier, subset, verbose=0)
+    return len(rows), time.perf_counter() - started
 
 
 def _mean_ms(fn, repeats: int) -> float:
@@ -240,21 +253,12 @@ def _trainer_worker(spec: dict) -> None:
         DistilBertForSequenceClassification,
         Trainer,
         TrainerCallback,
-        TrainingArguments,
     )
-
-    from kerasft import recipe
-    from kerasft.benchmarks.models import to_transformers
-    from kerasft.presets import load_classifier
 
     torch.set_num_threads(spec["threads"])
     data = json.loads(Path(spec["data"]).read_text())
     started = time.perf_counter()
-    classifier = load_classifier(spec["preset"], len(data["label_names"]), spec["sequence_length"])
-    recipe.initialize_head(classifier, SEED)  # the same initial weights as kerasft's
-    hf_dir = Path(spec["work"]) / "transformers"
-    to_transformers(classifier, hf_dir, data["label_names"])
-    del classifier
+    hf_dir = _same_initial_weights(spec, data)
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     model = DistilBertForSequenceClassification.from_pretrained(hf_dir)
     encoded = tokenizer(data["texts"], truncation=True, max_length=spec["sequence_length"])
@@ -272,22 +276,7 @@ def _trainer_worker(spec: dict) -> None:
         shapes.append(tuple(int(n) for n in batch["input_ids"].shape))
         return batch
 
-    need = WARMUP_STEPS + spec["rounds"] * spec["steps"] + 1
-    args = TrainingArguments(
-        output_dir=str(Path(spec["work"]) / "trainer"),
-        per_device_train_batch_size=BATCH_SIZE,
-        learning_rate=LEARNING_RATE,
-        lr_scheduler_type="linear",
-        max_steps=need + 1,
-        save_strategy="no",
-        eval_strategy="no",
-        logging_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        seed=SEED,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-    )
+    args = _trainer_arguments(spec, WARMUP_STEPS + spec["rounds"] * spec["steps"] + 1)
     rounds = _Rounds(spec["steps"], shapes)
     load_seconds = time.perf_counter() - started
 
@@ -321,6 +310,40 @@ def _trainer_worker(spec: dict) -> None:
         return
     rounds.shapes = _ShiftedShapes(shapes, 1 + WARMUP_STEPS)
     trainer.train()
+
+
+def _trainer_arguments(spec: dict, need: int):
+    """Trainer's defaults (fused AdamW, linear schedule) at kerasft's batch, rate and seed."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(Path(spec["work"]) / "trainer"),
+        per_device_train_batch_size=BATCH_SIZE,
+        learning_rate=LEARNING_RATE,
+        lr_scheduler_type="linear",
+        max_steps=need + 1,
+        save_strategy="no",
+        eval_strategy="no",
+        logging_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=SEED,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+
+
+def _same_initial_weights(spec: dict, data: dict) -> Path:
+    """A transformers checkpoint of kerasft's initial classifier (same seeded head)."""
+    from kerasft import recipe
+    from kerasft.benchmarks.models import to_transformers
+    from kerasft.presets import load_classifier
+
+    classifier = load_classifier(spec["preset"], len(data["label_names"]), spec["sequence_length"])
+    recipe.initialize_head(classifier, SEED)  # the same initial weights as kerasft's
+    hf_dir = Path(spec["work"]) / "transformers"
+    to_transformers(classifier, hf_dir, data["label_names"])
+    return hf_dir
 
 
 class _ShiftedShapes:
@@ -451,62 +474,12 @@ def measure(args, progress=print) -> dict:
             "rounds": args.rounds, "steps": args.steps, "work": str(work),
             "feature_rows": args.feature_rows, "sequence_length": args.sequence_length,
         }  # fmt: skip
-        engines, setup = {}, {}
-        try:
-            for name in args.engines:  # one at a time: setup and compilation do not overlap
-                progress(f"starting {name} ...")
-                engines[name] = _Engine(name, spec, work)
-                setup[name] = engines[name].read()
-                progress(f"  {name}: ready ({setup[name]['load_seconds']:.0f} s loading, "
-                         f"{setup[name]['compile_seconds']:.0f} s compiling)")  # fmt: skip
-            steps = {name: [] for name in engines}
-            shapes = {name: [] for name in engines}
-            names = list(engines)
-            for r in range(args.rounds):
-                order = names[r % len(names) :] + names[: r % len(names)]
-                for name in order:
-                    engines[name].send("round")
-                    reply = engines[name].read()
-                    steps[name].append(reply["seconds"])
-                    shapes[name] += [tuple(s) for s in reply["shapes"]]
-                progress(f"round {r + 1}/{args.rounds}: " + ", ".join(
-                    f"{n} {np.median(steps[n][-1]) * 1e3:.0f} ms/step" for n in order
-                ))  # fmt: skip
-            stats = {name: engines.pop(name).close() for name in names}
-        finally:
-            for engine in engines.values():
-                engine.process.kill()
+        names, setup, steps, shapes, stats = _run_engines(args, spec, work, progress)
     peak, peak_formula = peak_fp32_gflops(args.threads)
-    results = {}
-    for name in names:
-        per_round = steps[name]
-        flat = np.concatenate(per_round)
-        rows_per_step = np.array([s[0] for s in shapes[name]], dtype=float)
-        lengths = np.array([s[1] for s in shapes[name]], dtype=float)
-        info = setup[name]
-        # Matrix FLOPs of a training step (forward + backward = 3x forward): 2 per parameter
-        # and token in the encoder layers, plus attention's two products (4 L d per token).
-        flops = (
-            3
-            * rows_per_step
-            * lengths
-            * (2 * info["encoder_parameters"] + 4 * info["layers"] * lengths * info["hidden"])
-        )
-        round_rates = [BATCH_SIZE * len(s) / float(np.sum(s)) for s in per_round]
-        gflops = float(np.sum(flops) / np.sum(flat) / 1e9)
-        results[name] = {
-            **info,
-            "ms_per_step_p50": float(np.median(flat) * 1e3),
-            "ms_per_step_p10": float(np.percentile(flat, 10) * 1e3),
-            "ms_per_step_p90": float(np.percentile(flat, 90) * 1e3),
-            "samples_per_second": float(np.median(round_rates)),
-            "samples_per_second_rounds": round_rates,
-            "timed_steps": len(flat),
-            "padded_tokens_per_row": float(np.mean(lengths)),
-            "gflops": gflops,
-            "share_of_peak": None if peak is None else gflops / peak,
-            "peak_rss_mb": stats[name]["peak_rss_mb"],
-        }
+    results = {
+        name: _engine_result(setup[name], steps[name], shapes[name], stats[name], peak)
+        for name in names
+    }
     if "trainer" in results:
         base = results["trainer"]["samples_per_second"]
         for result in results.values():
@@ -544,6 +517,66 @@ def measure(args, progress=print) -> dict:
         },  # fmt: skip
         "results": results,
         "seconds": time.perf_counter() - started,
+    }
+
+
+def _run_engines(args, spec: dict, work: Path, progress):
+    """Starts the engines one at a time, then runs the rounds, the order rotated each round."""
+    engines, setup = {}, {}
+    try:
+        for name in args.engines:  # one at a time: setup and compilation do not overlap
+            progress(f"starting {name} ...")
+            engines[name] = _Engine(name, spec, work)
+            setup[name] = engines[name].read()
+            progress(f"  {name}: ready ({setup[name]['load_seconds']:.0f} s loading, "
+                     f"{setup[name]['compile_seconds']:.0f} s compiling)")  # fmt: skip
+        steps = {name: [] for name in engines}
+        shapes = {name: [] for name in engines}
+        names = list(engines)
+        for r in range(args.rounds):
+            order = names[r % len(names) :] + names[: r % len(names)]
+            for name in order:
+                engines[name].send("round")
+                reply = engines[name].read()
+                steps[name].append(reply["seconds"])
+                shapes[name] += [tuple(s) for s in reply["shapes"]]
+            progress(f"round {r + 1}/{args.rounds}: " + ", ".join(
+                f"{n} {np.median(steps[n][-1]) * 1e3:.0f} ms/step" for n in order
+            ))  # fmt: skip
+        stats = {name: engines.pop(name).close() for name in names}
+    finally:
+        for engine in engines.values():
+            engine.process.kill()
+    return names, setup, steps, shapes, stats
+
+
+def _engine_result(info: dict, per_round: list, shapes: list, stats: dict, peak) -> dict:
+    """One engine's figures from its per-round step seconds and batch shapes."""
+    flat = np.concatenate(per_round)
+    rows_per_step = np.array([s[0] for s in shapes], dtype=float)
+    lengths = np.array([s[1] for s in shapes], dtype=float)
+    # Matrix FLOPs of a training step (forward + backward = 3x forward): 2 per parameter
+    # and token in the encoder layers, plus attention's two products (4 L d per token).
+    flops = (
+        3
+        * rows_per_step
+        * lengths
+        * (2 * info["encoder_parameters"] + 4 * info["layers"] * lengths * info["hidden"])
+    )
+    round_rates = [BATCH_SIZE * len(s) / float(np.sum(s)) for s in per_round]
+    gflops = float(np.sum(flops) / np.sum(flat) / 1e9)
+    return {
+        **info,
+        "ms_per_step_p50": float(np.median(flat) * 1e3),
+        "ms_per_step_p10": float(np.percentile(flat, 10) * 1e3),
+        "ms_per_step_p90": float(np.percentile(flat, 90) * 1e3),
+        "samples_per_second": float(np.median(round_rates)),
+        "samples_per_second_rounds": round_rates,
+        "timed_steps": len(flat),
+        "padded_tokens_per_row": float(np.mean(lengths)),
+        "gflops": gflops,
+        "share_of_peak": None if peak is None else gflops / peak,
+        "peak_rss_mb": stats["peak_rss_mb"],
     }
 
 

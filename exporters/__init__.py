@@ -1,8 +1,10 @@
-"""Exporters: SavedModel, ONNX and LiteRT (+ INT8), verified against the Keras model.
+"""Exporters: SavedModel, ONNX, OpenVINO and LiteRT (+ INT8), verified against the Keras model.
 
-One module per format (`saved_model`, `onnx`, `litert`), one dispatcher (`export`), one shared
-verification step (`verify`) and a dependency-light `runtime` for the exports. Importing this
-package imports nothing heavy.
+One module per format (`saved_model`, `onnx`, `openvino`, `litert`), each with a `CONTRACT`
+(its INT8 modes and recipes, collected in the `formats` registry) and one `write()`; one
+dispatcher (`export`); one shared verification step (`verify`); one owner of the export
+directory's manifest (`exportdir`); and a dependency-light `runtime` for the exports. Importing
+this package imports nothing heavy.
 
 Example:
     >>> from kerasft.exporters import export
@@ -13,7 +15,7 @@ import importlib
 
 _EXPORTS = {
     "export": "kerasft.exporters.dispatch",
-    "SUPPORTED": "kerasft.exporters.dispatch",
+    "SUPPORTED": "kerasft.exporters.formats",
     "VerificationError": "kerasft.exporters.verify",
     "load": "kerasft.exporters.runtime",
 }

@@ -17,55 +17,25 @@ from pathlib import Path
 
 import numpy as np
 
+from kerasft.data import DataError, encode_labels
+from kerasft.exporters import exportdir
+from kerasft.exporters.contract import FormatContract
+from kerasft.exporters.formats import MODULES, check_format
+from kerasft.exporters.onnx import DEFAULT_OPSET
+from kerasft.exporters.openvino import PRECISIONS
 from kerasft.exporters.verify import INT8_MAX_ACCURACY_DROP, INT8_MIN_AGREEMENT
-from kerasft.fileio import (
-    check_target_dir,
-    publish_dir,
-    remove_stale_temp_dirs,
-    target_lock,
-    temp_dir_beside,
-)
+from kerasft.fileio import check_target_dir, publish_target
 from kerasft.machine import cpu_model, isa
 from kerasft.rundir import CONFIG_FILE, MODEL_FILE
 from kerasft.versions import EXPORT, package_versions
 
 log = logging.getLogger("kerasft.export")
 
-# format -> allowed `quantize` values (None = fp32).
-SUPPORTED = {
-    "saved_model": (None, "keras"),
-    "onnx": (None, "dynamic", "static"),
-    "openvino": (None, "nncf"),
-    "litert": (None, "dynamic"),
-}
-# Every (format, quantize) pair export() supports, fp32 first within each format.
-VARIANTS = [(fmt, quantize) for fmt, allowed in SUPPORTED.items() for quantize in allowed]
-# What each INT8 recipe writes, in order: the next one is tried only when the previous one
-# misses the verification gate. OpenVINO: NNCF's plain recipe, then its accuracy control. ONNX
-# dynamic: every node quantized, then the 2, 4, 8 nodes whose quantization alone moves the
-# logits most kept in fp32 (`kerasft.exporters.onnx.node_sensitivity`, measured once).
-ATTEMPTS = {
-    ("openvino", "nncf"): (("nncf", {}), ("nncf-accuracy-control", {})),
-    ("onnx", "dynamic"): tuple(("dynamic", {"keep_fp32": k}) for k in (0, 2, 4, 8)),
-}
 # Verification texts per split of the run (train, validation, test): every split is used, each
 # capped so that the cost stays bounded (the reference run: 6,000 + 5,342 + 5,342 texts).
 VERIFY_PER_SPLIT = 6000
 CALIBRATION_TEXTS = 256
 ACCURACY_CONTROL_TEXTS = 1024
-
-
-def check_format(format: str, quantize: str | None) -> None:
-    """Raises `ValueError` for an unknown format or a quantization the format does not support."""
-    if format not in SUPPORTED:
-        raise ValueError(
-            f"Unrecognized format={format!r}. Supported formats are: {list(SUPPORTED)}"
-        )
-    if quantize not in SUPPORTED[format]:
-        raise ValueError(
-            f"format={format!r} does not support quantize={quantize!r}. "
-            f"Supported for {format}: {list(SUPPORTED[format])}"
-        )
 
 
 @dataclass
@@ -108,12 +78,14 @@ class VerificationSet:
         labels: their class names (as in the model's `label_names`), or None when unknown.
         splits: the split of each text (`"train"`, `"validation"`, `"test"`), or None.
         calibration: training texts for INT8 calibration (none of them among `texts`).
+        label_ids: `labels` as the model's class ids (set by `export`).
     """
 
     texts: list[str]
     labels: np.ndarray | None
     splits: list[str] | None
     calibration: list[str]
+    label_ids: np.ndarray | None = None
 
     def subset(self, split: str, limit: int) -> tuple[list[str], np.ndarray]:
         """Up to `limit` labelled texts of one split, in order."""
@@ -251,27 +223,19 @@ def export(
 ) -> Path:
     """Exports a fine-tuned classifier, verifies it with its own runtime, and publishes it.
 
-    The model is always traced under the TensorFlow backend from its backend-neutral `.keras`
-    file (a subprocess is used when the current backend is JAX or PyTorch), so a model trained
-    on any backend exports the same way.
-
-    Verification runs the artifact through `kerasft.exporters.runtime` on labelled texts from
-    every split
-    of the run (up to `verify_per_split` each) against the Keras model: fp32 must reproduce the
-    Keras logits; INT8 must agree with the fp32 labels on `min_agreement` of the texts and lose
-    at most `max_accuracy_drop` accuracy on the held-out splits (`kerasft.exporters.verify`).
-    OpenVINO's
-    `nncf` recipe falls back to NNCF's accuracy control when its plain recipe misses that gate.
-    The export directory gets the model, tokenizer assets, `manifest.json` (sha256 of every
-    file, verification numbers) and a model card (`README.md`).
+    The model is traced under the TensorFlow backend from its backend-neutral `.keras` file (in
+    a subprocess when the current backend is JAX or PyTorch). The artifact is verified through
+    `kerasft.exporters.runtime` on labelled texts of every split of the run against the Keras
+    model (`kerasft.exporters.verify`): fp32 must reproduce the Keras logits; INT8 must pass the
+    gate, else the format's next recipe is tried (`kerasft.exporters.formats`). The directory
+    gets the model, tokenizer assets, `manifest.json` and a model card (`README.md`).
 
     Args:
         source: a `kerasft fit` run directory, a `.keras` file saved by `TwoStageFineTuner.save`,
             or a fitted `TwoStageFineTuner`.
         out_dir: the export directory to create.
         format: `"saved_model"`, `"onnx"`, `"openvino"` or `"litert"`.
-        quantize: None (fp32); `"dynamic"` or `"static"` for ONNX; `"nncf"` for OpenVINO;
-            `"dynamic"` for LiteRT; `"keras"` (Keras' native `quantize("int8")`) for SavedModel.
+        quantize: None (fp32) or an INT8 mode of the format (`FORMATS[format].int8`).
         overwrite: replace an existing non-empty `out_dir`.
         texts: real texts to verify with (default: the run's splits, see above).
         labels: class names (or ids) of `texts`, for the accuracy-drop check; optional.
@@ -279,25 +243,22 @@ def export(
             the accuracy drop is judged on held-out texts; optional (all labelled texts then).
         calibration_texts: texts for INT8 calibration (default: 256 training texts).
         opset: ONNX opset (default 17).
-        fixed_shape: `(batch, sequence)` to fix either input axis (None keeps it dynamic; the
-            default keeps both). A fixed sequence length also caps the tokens per text; the
-            runtime pads every call to the fixed shape.
-        min_agreement: INT8 gate: least label agreement with the fp32 model (default 0.99).
-        max_accuracy_drop: INT8 gate: largest accuracy drop on held-out labelled texts
-            (default 0.01, one point).
+        fixed_shape: `(batch, sequence)` to fix either axis (None: dynamic); a fixed sequence
+            also caps the tokens per text.
+        min_agreement: INT8 gate: least label agreement with the fp32 model.
+        max_accuracy_drop: INT8 gate: largest accuracy drop on held-out labelled texts.
         precision: OpenVINO inference precision to verify with and record: `"f32"` (default)
             or `"bf16"` (then judged by the INT8 gate).
         verify_per_split: verification texts per split of the run.
-        keep_fp32: ONNX dynamic INT8 only: keep exactly this many of the most sensitive nodes
-            in fp32 (default None: all quantized, and more kept only if the gate needs it).
+        keep_fp32: ONNX dynamic INT8: keep exactly this many of the most sensitive nodes in
+            fp32 (None: all quantized, more kept only if the gate needs it).
 
     Returns:
         `out_dir` as a `Path`.
 
     Raises:
-        ValueError: unknown format, unsupported quantization or bad option (checked before
-            any work).
-        FileExistsError: `out_dir` exists and is not empty, and `overwrite` is False.
+        ValueError: unknown format, unsupported quantization or bad option (before any work).
+        FileExistsError: `out_dir` is not empty, and `overwrite` is False.
         kerasft.fileio.LockError: another process is writing `out_dir`.
         kerasft.rundir.DataChangedError: the run's data file changed since the fit.
         kerasft.exporters.verify.VerificationError: the artifact disagrees with the Keras model.
@@ -305,8 +266,206 @@ def export(
     Example:
         >>> export("runs/sarcasm", "exports/sarcasm-ov-int8", format="openvino", quantize="nncf")
     """
-    check_format(format, quantize)
-    _check_gate(min_agreement, max_accuracy_drop, precision, verify_per_split)
+    contract = check_format(format, quantize)
+    _check_options(format, quantize, min_agreement, max_accuracy_drop, precision,
+                   verify_per_split, keep_fp32)  # fmt: skip
+    check_target_dir(out_dir, overwrite, "Export directory")
+    import keras
+
+    options = {"format": format, "quantize": quantize, "overwrite": overwrite, "texts": texts,
+               "labels": labels, "splits": splits, "calibration_texts": calibration_texts,
+               "opset": opset, "fixed_shape": fixed_shape, "min_agreement": min_agreement,
+               "max_accuracy_drop": max_accuracy_drop, "precision": precision,
+               "verify_per_split": verify_per_split, "keep_fp32": keep_fp32}  # fmt: skip
+    if keras.backend.backend() != "tensorflow":
+        return export_in_subprocess(source, out_dir, **options)
+    with publish_target(out_dir, overwrite, "Export directory") as tmp:
+        _export_here(source, tmp, contract, **options)
+    return Path(out_dir)
+
+
+def _export_here(
+    source, tmp: Path, contract: FormatContract, *, quantize, texts, labels, splits,
+    calibration_texts, verify_per_split, min_agreement, max_accuracy_drop, **write_options,
+) -> None:  # fmt: skip
+    """`export` in this process (TensorFlow backend), into the work directory `tmp`: the Keras
+    reference, then write and verify, then the model card and the final manifest."""
+    started = time.perf_counter()
+    src = _load_source(source, copy=quantize == "keras")  # never quantize the caller's model
+    vset = _verification_texts(src, texts, labels, splits, calibration_texts, verify_per_split)
+    vset.label_ids = _label_ids(vset.labels, src.label_names)  # checked before any work
+    gate = {"min_agreement": min_agreement, "max_accuracy_drop": max_accuracy_drop}
+    write_options = {k: write_options[k] for k in ("fixed_shape", "opset", "precision",
+                                                     "keep_fp32")}  # fmt: skip
+    manifest, served, keras_ids = _write_verified(
+        contract, quantize, src, vset, tmp, gate=gate, **write_options
+    )
+    _describe(tmp, manifest, served, vset, keras_ids, src.run_dir, started)
+
+
+def _verification_texts(src, texts, labels, splits, calibration_texts, per_split):
+    """The `VerificationSet`: the given texts, or the run's own splits."""
+    if texts is None:
+        vset = verification_set(src.run_dir, per_split)
+        vset.calibration = list(calibration_texts or vset.calibration)
+        return vset
+    if splits is not None and len(splits) != len(texts):
+        raise ValueError(f"splits has {len(splits)} entries for {len(texts)} texts.")
+    return VerificationSet(
+        list(texts),
+        None if labels is None else np.asarray(labels),
+        list(splits) if splits is not None else None,
+        list(calibration_texts or texts),
+    )
+
+
+@contextlib.contextmanager
+def _serving_length(classifier, tokens: int | None):
+    """Caps the preprocessor at `tokens` (a fixed sequence axis) while exporting; restores it."""
+    before = classifier.preprocessor.sequence_length
+    if tokens:
+        classifier.preprocessor.sequence_length = tokens
+    try:
+        yield
+    finally:
+        classifier.preprocessor.sequence_length = before
+
+
+def _write_verified(
+    contract: FormatContract, quantize, src, vset, tmp: Path, *, fixed_shape, opset, precision,
+    keep_fp32, gate,
+) -> tuple[dict, object, np.ndarray]:  # fmt: skip
+    """Writes the format's recipes in order until one passes verification; returns its
+    manifest, its loaded runtime and the Keras token ids of the verification texts.
+
+    Raises:
+        VerificationError: the last recipe failed too (the message lists the earlier ones).
+    """
+    from kerasft.exporters.keras_graph import ServingGraph, onnx_friendly_ops
+    from kerasft.exporters.verify import VerificationError
+
+    clf = src.classifier
+    shape = check_fixed_shape(fixed_shape, clf.backbone.max_sequence_length)
+    onnx_ops = onnx_friendly_ops(clf) if contract.onnx_graph else contextlib.nullcontext()
+    with _serving_length(clf, shape[1]), onnx_ops:
+        graph = ServingGraph(clf)  # dynamic: the Keras reference for every text
+        log.info("Keras reference logits for %d verification texts", len(vset.texts))
+        reference = _reference(graph, clf, vset.texts)
+        if quantize == "keras":
+            with warnings.catch_warnings():  # "Layer X has no quantize method" for each
+                warnings.simplefilter("ignore")  # non-Dense layer: expected, not news
+                graph.model.quantize("int8")
+        if quantize == "keras" or shape != (None, None):
+            graph = ServingGraph(clf, fixed_shape=shape)
+        feeds = _quantization_feeds(contract, quantize, clf, vset, src.label_names, shape)
+        attempts = contract.attempts(quantize)
+        if keep_fp32 is not None:
+            attempts = ((quantize, {"keep_fp32": keep_fp32}),)
+        failed, sensitivity = [], {}
+        write = {"opset": opset or DEFAULT_OPSET, "backbone": clf.backbone, "precision": precision,
+                 "max_accuracy_drop": gate["max_accuracy_drop"], "sensitivity": sensitivity,
+                 **feeds}  # fmt: skip
+        for attempt, settings in attempts:
+            _clear(tmp)
+            label = " ".join([attempt or "fp32", *(f"{k}={v}" for k, v in settings.items())])
+            log.info("writing %s %s", contract.name, label)
+            info = MODULES[contract.name].write(graph, tmp, quantize=attempt, **write, **settings)
+            manifest = _manifest(contract, quantize, attempt, info, src, clf, shape, tmp)
+            try:
+                manifest["verification"], served = _verify(tmp, vset, reference, src, gate,
+                                                           reduced=_reduced(quantize, contract,
+                                                                            precision))  # fmt: skip
+            except VerificationError as e:
+                if (attempt, settings) == attempts[-1] or e.report.get("tokenizer_mismatches"):
+                    if failed:
+                        e.args = (f"{e.args[0]} Earlier recipes also failed: {failed}",)
+                    raise
+                failed.append({"recipe": label, "error": str(e)})
+                log.info("%s missed the gate (%s); trying the next recipe", label, e)
+                continue
+            manifest["verification"]["recipes_failed"] = failed
+            return manifest, served, reference[0]
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def _reduced(quantize, contract: FormatContract, precision: str) -> bool:
+    """Whether the export computes in reduced precision (judged by the INT8 gate)."""
+    return quantize is not None or (contract.name == "openvino" and precision != "f32")
+
+
+def _quantization_feeds(contract, quantize, clf, vset, label_names, shape) -> dict:
+    """`calibration` (and `validation`, for accuracy control) feeds for the INT8 recipes."""
+    config = contract.int8.get(quantize) if quantize else None
+    feeds = {"calibration": None, "validation": None}
+    if config is None:
+        return feeds
+    if config.calibration:
+        feeds["calibration"] = list(
+            _keras_batches(clf, vset.calibration, contract.calibration_batch, shape=shape)
+        )
+    if config.validation and vset.splits is not None:
+        val_texts, val_names = vset.subset("validation", ACCURACY_CONTROL_TEXTS)
+        feeds["validation"] = (list(_keras_batches(clf, val_texts, 1, shape=shape)),
+                               _label_ids(val_names, label_names))  # fmt: skip
+    return feeds
+
+
+def _manifest(contract, quantize, attempt, info, src, clf, shape, tmp: Path) -> dict:
+    """Writes the tokenizer assets and a manifest for what `write` just wrote."""
+    from kerasft.exporters.tokenizer import write_tokenizer_assets
+
+    tokenizer = write_tokenizer_assets(
+        clf.preprocessor.tokenizer, clf.preprocessor.sequence_length, tmp
+    )
+    manifest = {
+        "format": contract.name,
+        "quantization": quantize and f"int8-{quantize}",
+        "quantization_recipe": info.get("quantization_recipe", attempt),
+        "model_file": info["model_file"],
+        "label_names": src.label_names,
+        "sequence_length": clf.preprocessor.sequence_length,
+        "tokenizer": tokenizer,
+        "inputs": ["token_ids", "padding_mask"],
+        "input_shape": list(shape),
+        "opset": info.get("opset"),
+        "fusions": info.get("fusions"),
+        "kept_fp32": info.get("kept_fp32"),
+        "inference_precision": info.get("inference_precision"),
+        "source_backend": src.backend,
+        "versions": package_versions(EXPORT),
+    }
+    return exportdir.write_manifest(tmp, manifest)
+
+
+def _verify(tmp: Path, vset, reference, src, gate, reduced: bool) -> tuple[dict, object]:
+    """Loads the export with its own runtime and verifies it against the Keras reference."""
+    from kerasft.exporters import runtime
+    from kerasft.exporters.verify import verify
+
+    served = runtime.load(tmp)
+    log.info("verifying on %d texts with %s", len(vset.texts), type(served).__name__)
+    keras_ids, keras_logits = reference
+    report = verify(
+        served, vset.texts, keras_ids, keras_logits, reduced,
+        labels=vset.label_ids, splits=vset.splits, **gate,
+    )  # fmt: skip
+    return report, served
+
+
+def _describe(tmp: Path, manifest: dict, served, vset, keras_ids, run_dir, started: float) -> None:
+    """Adds the batch-1 latency and export time, writes the model card and the final manifest."""
+    from kerasft.exporters.model_card import write_model_card
+
+    manifest["latency"] = _latency_b1(served, vset.texts, keras_ids)
+    manifest["export_seconds"] = round(time.perf_counter() - started, 1)
+    write_model_card(tmp, manifest, run_dir)
+    exportdir.write_manifest(tmp, manifest)
+
+
+def _check_options(
+    format, quantize, min_agreement, max_accuracy_drop, precision, verify_per_split, keep_fp32
+) -> None:
+    """Raises `ValueError` naming the first bad option, its value and what is allowed."""
     if keep_fp32 is not None and not (
         (format, quantize) == ("onnx", "dynamic") and isinstance(keep_fp32, int) and keep_fp32 >= 0
     ):
@@ -315,153 +474,6 @@ def export(
             f"only. Received: keep_fp32={keep_fp32!r} with format={format!r}, "
             f"quantize={quantize!r}"
         )
-    check_target_dir(out_dir, overwrite, "Export directory")
-    import keras
-
-    options = {
-        "format": format, "quantize": quantize, "overwrite": overwrite, "texts": texts,
-        "labels": labels, "splits": splits, "calibration_texts": calibration_texts,
-        "opset": opset,
-        "fixed_shape": fixed_shape, "min_agreement": min_agreement,
-        "max_accuracy_drop": max_accuracy_drop, "precision": precision,
-        "verify_per_split": verify_per_split, "keep_fp32": keep_fp32,
-    }  # fmt: skip
-    if keras.backend.backend() != "tensorflow":
-        return export_in_subprocess(source, out_dir, **options)
-    with target_lock(out_dir, "Export directory"):
-        remove_stale_temp_dirs(out_dir)
-        check_target_dir(out_dir, overwrite, "Export directory")  # again, now that we own it
-        return _export_here(source, Path(out_dir), **options)
-
-
-def _export_here(
-    source, out_dir, *, format, quantize, overwrite, texts, labels, splits, calibration_texts,
-    opset, fixed_shape, min_agreement, max_accuracy_drop, precision, verify_per_split, keep_fp32,
-) -> Path:  # fmt: skip
-    """`export` in this process (TensorFlow backend), holding the lock on `out_dir`."""
-    from kerasft.exporters import litert, onnx, openvino, runtime, saved_model
-    from kerasft.exporters.keras_graph import ServingGraph, onnx_friendly_ops
-    from kerasft.exporters.model_card import write_model_card
-    from kerasft.exporters.tokenizer import write_tokenizer_assets
-    from kerasft.exporters.verify import VerificationError, verify
-
-    started = time.perf_counter()
-    src = _load_source(source, copy=quantize == "keras")  # never quantize the caller's model
-    if texts is None:
-        vset = verification_set(src.run_dir, verify_per_split)
-        vset.calibration = list(calibration_texts or vset.calibration)
-    else:
-        if splits is not None and len(splits) != len(texts):
-            raise ValueError(f"splits has {len(splits)} entries for {len(texts)} texts.")
-        vset = VerificationSet(
-            list(texts),
-            None if labels is None else np.asarray(labels),
-            list(splits) if splits is not None else None,
-            list(calibration_texts or texts),
-        )
-    label_ids = _label_ids(vset.labels, src.label_names)
-    clf = src.classifier
-    shape = check_fixed_shape(fixed_shape, clf.backbone.max_sequence_length)
-    reduced = quantize is not None or (format == "openvino" and precision != "f32")
-    out_dir = Path(out_dir)
-    tmp = temp_dir_beside(out_dir)
-    max_tokens = clf.preprocessor.sequence_length
-    try:
-        if shape[1]:  # a fixed sequence caps tokens per text; restored below
-            clf.preprocessor.sequence_length = shape[1]
-        onnx_graph = format in ("onnx", "openvino")
-        with onnx_friendly_ops(clf) if onnx_graph else contextlib.nullcontext():
-            graph = ServingGraph(clf)  # dynamic: the Keras reference for every text
-            log.info("Keras reference logits for %d verification texts", len(vset.texts))
-            keras_ids, keras_logits = _reference(graph, clf, vset.texts)
-            if quantize == "keras":
-                with warnings.catch_warnings():  # "Layer X has no quantize method" for each
-                    warnings.simplefilter("ignore")  # non-Dense layer: expected, not news
-                    graph.model.quantize("int8")
-            if quantize == "keras" or shape != (None, None):
-                graph = ServingGraph(clf, fixed_shape=shape)
-            writer = {"saved_model": saved_model, "onnx": onnx, "openvino": openvino,
-                      "litert": litert}[format]  # fmt: skip
-            # NNCF calibrates on single texts, as the runtime serves them; onnxruntime on batches.
-            per_text = 1 if format == "openvino" else 32
-            calibration = (
-                list(_keras_batches(clf, vset.calibration, per_text, shape=shape))
-                if quantize in ("static", "nncf", "dynamic") else None
-            )  # fmt: skip
-            validation = None
-            if format == "openvino" and quantize and vset.splits is not None:
-                val_texts, val_names = vset.subset("validation", ACCURACY_CONTROL_TEXTS)
-                validation = (list(_keras_batches(clf, val_texts, 1, shape=shape)),
-                              _label_ids(val_names, src.label_names))  # fmt: skip
-            attempts = ATTEMPTS.get((format, quantize), ((quantize, {}),))
-            if keep_fp32 is not None:
-                attempts = ((quantize, {"keep_fp32": keep_fp32}),)
-            failed, sensitivity = [], {}
-            for attempt, settings in attempts:
-                _clear(tmp)
-                label = " ".join([attempt or "fp32", *(f"{k}={v}" for k, v in settings.items())])
-                log.info("writing %s %s", format, label)
-                info = writer.write(
-                    graph, tmp, quantize=attempt, opset=opset or onnx.DEFAULT_OPSET,
-                    backbone=clf.backbone, calibration=calibration, validation=validation,
-                    max_accuracy_drop=max_accuracy_drop, precision=precision,
-                    sensitivity=sensitivity, **settings,
-                )  # fmt: skip
-                tokenizer = write_tokenizer_assets(
-                    clf.preprocessor.tokenizer, clf.preprocessor.sequence_length, tmp
-                )
-                manifest = {
-                    "format": format,
-                    "quantization": quantize and f"int8-{quantize}",
-                    "quantization_recipe": info.get("quantization_recipe", attempt),
-                    "model_file": info["model_file"],
-                    "label_names": src.label_names,
-                    "sequence_length": clf.preprocessor.sequence_length,
-                    "tokenizer": tokenizer,
-                    "inputs": ["token_ids", "padding_mask"],
-                    "input_shape": list(shape),
-                    "opset": info.get("opset"),
-                    "fusions": info.get("fusions"),
-                    "kept_fp32": info.get("kept_fp32"),
-                    "inference_precision": info.get("inference_precision"),
-                    "source_backend": src.backend,
-                    "versions": package_versions(EXPORT),
-                }
-                _write_manifest(tmp, manifest)
-                served = runtime.load(tmp)
-                log.info("verifying on %d texts with %s", len(vset.texts), type(served).__name__)
-                try:
-                    report = verify(
-                        served, vset.texts, keras_ids, keras_logits, reduced, labels=label_ids,
-                        splits=vset.splits, min_agreement=min_agreement,
-                        max_accuracy_drop=max_accuracy_drop,
-                    )  # fmt: skip
-                except VerificationError as e:
-                    last = (attempt, settings) == attempts[-1]
-                    if last or e.report.get("tokenizer_mismatches"):
-                        if failed:
-                            e.args = (f"{e.args[0]} Earlier recipes also failed: {failed}",)
-                        raise
-                    failed.append({"recipe": label, "error": str(e)})
-                    log.info("%s missed the gate (%s); trying the next recipe", label, e)
-                    continue
-                break
-        report["recipes_failed"] = failed
-        manifest["verification"] = report
-        manifest["latency"] = _latency_b1(served, vset.texts, keras_ids)
-        manifest["export_seconds"] = round(time.perf_counter() - started, 1)
-        write_model_card(tmp, manifest, src.run_dir)
-        _write_manifest(tmp, manifest)
-        publish_dir(tmp, out_dir)
-    finally:
-        clf.preprocessor.sequence_length = max_tokens
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
-
-
-def _check_gate(min_agreement, max_accuracy_drop, precision, verify_per_split) -> None:
-    """Raises `ValueError` naming the first bad gate option, its value and what is allowed."""
-    from kerasft.exporters.openvino import PRECISIONS
 
     def fraction(v):
         return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1
@@ -480,32 +492,24 @@ def _check_gate(min_agreement, max_accuracy_drop, precision, verify_per_split) -
 
 
 def _label_ids(labels, label_names: list[str]) -> np.ndarray | None:
-    """Class names (or ids) -> the model's class ids; None stays None."""
+    """Class names -> the model's class ids (`kerasft.data.encode_labels`: labels are names,
+    integers included: `1` is the class named `"1"`); None stays None.
+
+    Raises:
+        ValueError: a label that is not one of `label_names`.
+    """
     if labels is None:
         return None
-    labels = np.asarray(labels)
-    if labels.dtype.kind in "iu":
-        return labels.astype("int64")
-    index = {name: i for i, name in enumerate(label_names)}
-    unknown = sorted({str(v) for v in labels} - set(index))
-    if unknown:
-        raise ValueError(f"Verification labels {unknown[:5]} are not among {label_names}.")
-    return np.array([index[str(v)] for v in labels], dtype="int64")
+    try:
+        ids, _ = encode_labels(np.asarray(labels).tolist(), label_names)
+    except DataError as e:
+        raise ValueError(f"Verification labels: {e}") from None
+    return ids.astype("int64")
 
 
 def _clear(directory: Path) -> None:
     for path in directory.iterdir():
         shutil.rmtree(path) if path.is_dir() else path.unlink()
-
-
-def _write_manifest(directory: Path, manifest: dict) -> None:
-    """Lists every file but the manifest with its sha256, then writes `manifest.json`."""
-    from kerasft.exporters.runtime import sha256_file
-
-    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != "manifest.json")
-    manifest["files"] = {str(p.relative_to(directory)): sha256_file(p) for p in files}
-    manifest["size_bytes"] = sum(p.stat().st_size for p in files if p.name not in ("README.md",))
-    (directory / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
 
 def _latency_b1(served, texts: list[str], keras_ids: np.ndarray, calls: int = 50) -> dict:

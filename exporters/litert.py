@@ -5,6 +5,15 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from kerasft.exporters.contract import FormatContract, int8
+
+CONTRACT = FormatContract(
+    "litert",
+    "LiteRT (TFLite) flatbuffer for mobile and embedded devices",
+    int8={"dynamic": int8("dynamic", "dynamic-range")},
+    needs=("tensorflow",),
+)
+
 
 def write(graph, out_dir: Path, quantize: str | None = None, **_) -> dict:
     """Converts the serving graph to a `.tflite` flatbuffer with a `serving_default` signature.

@@ -66,27 +66,65 @@ def write_model_card(export_dir: Path, manifest: dict, run_dir: Path | None) -> 
         The card's path.
     """
     metrics, config = _run_info(run_dir)
-    recipe = config.get("recipe", {})
+    variant = manifest["quantization"] or "fp32"
+    preset = metrics.get("preset") or config.get("recipe", {}).get("preset") or "model"
+    name = f"kerasft-{Path(str(preset)).name}-{manifest['format']}-{variant}"
+    front = {
+        "library_name": "kerasft",
+        "pipeline_tag": "text-classification",
+        "tags": ["kerasft", "keras-hub", "distilbert", manifest["format"], variant],
+        "model-index": [{"name": name, "results": _results(manifest, metrics, config)}],
+    }
+    lines = [
+        "---",
+        _yaml(front),
+        "---",
+        "",
+        f"# {name}",
+        "",
+        f"A {len(manifest['label_names'])}-class text classifier (labels: "
+        + ", ".join(f"`{n}`" for n in manifest["label_names"])
+        + f") exported by kerasft as **{manifest['format']} {variant}**.",
+        *_source_lines(manifest, metrics, config),
+        *_export_lines(manifest),
+        *_verification_lines(manifest["verification"]),
+        *_latency_lines(manifest.get("latency", {})),
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from kerasft.exporters.runtime import load",
+        'model = load("path/to/this/dir", manifest_sha256="<sha256 printed by kerasft export>")',
+        'model.predict(["some text"]).labels',
+        "```",
+        "",
+        "Every file's sha256 is in `manifest.json` and is checked before loading.",
+        "",
+    ]
+    path = export_dir / "README.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def _results(manifest: dict, metrics: dict, config: dict) -> list[dict]:
+    """The `model-index` results: the run's Keras test metrics and the export's accuracy."""
     data = config.get("data")
     dataset = Path(data["path"]).name if isinstance(data, dict) else "data"
-    check = manifest["verification"]
-    variant = manifest["quantization"] or "fp32"
-    preset = Path(str(metrics.get("preset") or recipe.get("preset") or "model")).name
-    name = f"kerasft-{preset}-{manifest['format']}-{variant}"
+    check, variant = manifest["verification"], manifest["quantization"] or "fp32"
+    task = {"type": "text-classification", "name": "Text Classification"}
     results = []
     test = metrics.get("test")
     if test:
         results.append({
-            "task": {"type": "text-classification", "name": "Text Classification"},
-            "dataset": {"name": dataset, "type": "custom",
-                        "split": "test"},
+            "task": task,
+            "dataset": {"name": dataset, "type": "custom", "split": "test"},
             "metrics": [{"type": k, "value": float(test[k]), "name": f"Keras fp32 {k}"}
                         for k in ("accuracy", "f1", "precision", "recall") if k in test],
         })  # fmt: skip
     acc = check.get("accuracy")
     if acc:
         results.append({
-            "task": {"type": "text-classification", "name": "Text Classification"},
+            "task": task,
             "dataset": {"name": dataset, "type": "custom",
                         "split": "+".join(acc["texts_from"]) if isinstance(acc["texts_from"], list)
                         else "verification"},
@@ -98,23 +136,12 @@ def write_model_card(export_dir: Path, manifest: dict, run_dir: Path | None) -> 
                  "name": "label agreement with Keras fp32"},
             ],
         })  # fmt: skip
-    front = {
-        "library_name": "kerasft",
-        "pipeline_tag": "text-classification",
-        "tags": ["kerasft", "keras-hub", "distilbert", manifest["format"], variant],
-        "model-index": [{"name": name, "results": results}],
-    }
-    lat = manifest.get("latency", {})
+    return results
+
+
+def _source_lines(manifest: dict, metrics: dict, config: dict) -> list[str]:
+    recipe, test = config.get("recipe", {}), metrics.get("test")
     lines = [
-        "---",
-        _yaml(front),
-        "---",
-        "",
-        f"# {name}",
-        "",
-        f"A {len(manifest['label_names'])}-class text classifier (labels: "
-        + ", ".join(f"`{n}`" for n in manifest["label_names"])
-        + f") exported by kerasft as **{manifest['format']} {variant}**.",
         "",
         "## Source run",
         "",
@@ -134,7 +161,11 @@ def write_model_card(export_dir: Path, manifest: dict, run_dir: Path | None) -> 
             f"accuracy {test['accuracy']:.4f}, F1 {test['f1']:.4f}, precision "
             f"{test['precision']:.4f}, recall {test['recall']:.4f}"
         )
-    lines += [
+    return lines
+
+
+def _export_lines(manifest: dict) -> list[str]:
+    lines = [
         "",
         "## This export",
         "",
@@ -144,7 +175,11 @@ def write_model_card(export_dir: Path, manifest: dict, run_dir: Path | None) -> 
     ]
     if manifest.get("inference_precision"):
         lines.append(f"- OpenVINO inference precision: `{manifest['inference_precision']}`")
-    lines += [
+    return lines
+
+
+def _verification_lines(check: dict) -> list[str]:
+    lines = [
         "",
         "## Verification (against the Keras fp32 model)",
         "",
@@ -155,6 +190,7 @@ def write_model_card(export_dir: Path, manifest: dict, run_dir: Path | None) -> 
         f"- label agreement {check['label_agreement']:.4%} ({check['disagreements']} differ); "
         f"max |logit diff| {check['max_abs_logit_diff']:.3g}",
     ]  # fmt: skip
+    acc = check.get("accuracy")
     if acc:
         lo, hi = acc["drop_ci95"]
         lines.append(
@@ -163,28 +199,17 @@ def write_model_card(export_dir: Path, manifest: dict, run_dir: Path | None) -> 
             f"(95% CI {lo * 100:+.2f} to {hi * 100:+.2f})"
         )
     lines.append(f"- criterion: {check['criterion']}")
-    if lat:
-        lines += [
-            "",
-            "## Latency on the exporting machine",
-            "",
-            f"- {lat['p50_ms']:.2f} ms p50 for one text of {lat['tokens']} tokens (the median of "
-            f"the verification texts), tokenization included, `runtime.load(dir).predict([text])`,"
-            f" {lat['calls']} calls; {lat['cpu']}, {lat['cores']} cores",
-        ]
-    lines += [
+    return lines
+
+
+def _latency_lines(lat: dict) -> list[str]:
+    if not lat:
+        return []
+    return [
         "",
-        "## Use",
+        "## Latency on the exporting machine",
         "",
-        "```python",
-        "from kerasft.exporters.runtime import load",
-        'model = load("path/to/this/dir", manifest_sha256="<sha256 printed by kerasft export>")',
-        'model.predict(["some text"]).labels',
-        "```",
-        "",
-        "Every file's sha256 is in `manifest.json` and is checked before loading.",
-        "",
+        f"- {lat['p50_ms']:.2f} ms p50 for one text of {lat['tokens']} tokens (the median of "
+        f"the verification texts), tokenization included, `runtime.load(dir).predict([text])`,"
+        f" {lat['calls']} calls; {lat['cpu']}, {lat['cores']} cores",
     ]
-    path = export_dir / "README.md"
-    path.write_text("\n".join(lines), encoding="utf-8")
-    return path

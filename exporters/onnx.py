@@ -15,7 +15,26 @@ from pathlib import Path
 
 import numpy as np
 
+from kerasft.exporters.contract import FormatContract, int8
+
 DEFAULT_OPSET = 17
+# Dynamic: every node quantized, then the 2, 4, 8 nodes whose quantization alone moves the
+# logits most kept in fp32 (`node_sensitivity`, measured once on the calibration feeds).
+CONTRACT = FormatContract(
+    "onnx",
+    "ONNX with onnxruntime's transformer fusions (onnxruntime)",
+    int8={
+        "dynamic": int8(
+            "dynamic",
+            "onnxruntime dynamic INT8",
+            *(("dynamic", {"keep_fp32": k}) for k in (0, 2, 4, 8)),
+            calibration=True,
+        ),
+        "static": int8("static", "calibrated QDQ INT8", calibration=True),
+    },
+    onnx_graph=True,
+    needs=("tf2onnx", "onnxruntime"),
+)
 log = logging.getLogger(__name__)
 
 

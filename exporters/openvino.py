@@ -29,10 +29,29 @@ import tempfile
 from pathlib import Path
 
 from kerasft.exporters import onnx as onnx_export
+from kerasft.exporters.contract import FormatContract, int8
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("f32", "bf16")
+# NNCF's plain recipe, then its accuracy control when the plain one misses the gate.
+CONTRACT = FormatContract(
+    "openvino",
+    "OpenVINO IR (model.xml + model.bin) for Intel CPUs, GPUs and NPUs",
+    int8={
+        "nncf": int8(
+            "nncf",
+            "NNCF post-training INT8",
+            ("nncf", {}),
+            ("nncf-accuracy-control", {}),
+            calibration=True,
+            validation=True,
+        )
+    },
+    onnx_graph=True,
+    calibration_batch=1,  # NNCF calibrates on single texts, as the runtime serves them
+    needs=("tf2onnx", "openvino", "nncf"),
+)
 MODEL_FILE = "model.xml"
 
 

@@ -25,103 +25,18 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 
+from kerasft.exporters.exportdir import (  # noqa: F401  (re-exported: the runtime's API)
+    IntegrityError,
+    manifest_format,
+    read_manifest,
+    sha256_file,
+)
 from kerasft.wordpiece import kerashub_words, tokenizers_matches
-
-
-class IntegrityError(ValueError):
-    """An export directory failed its checks: a file differs from its sha256 in the manifest, a
-    file is missing or unlisted, a path leaves the directory, or the manifest is not the pinned
-    one. The message names the file and what was expected."""
-
-
-def sha256_file(path: str | Path) -> str:
-    """The hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _inside(export_dir: Path, name: str, what: str) -> Path:
-    """`export_dir / name`, refused unless `name` is a relative path that stays inside."""
-    parts = PurePosixPath(name).parts
-    if not name or name.startswith(("/", "\\")) or Path(name).is_absolute() or ".." in parts:
-        raise IntegrityError(
-            f"{export_dir}: manifest {what} {name!r} is not a relative path inside the export "
-            "directory; refusing to load it."
-        )
-    path = export_dir / name
-    if not path.resolve().is_relative_to(export_dir.resolve()):
-        raise IntegrityError(
-            f"{export_dir}: manifest {what} {name!r} resolves outside the export directory "
-            f"({path.resolve()}); refusing to load it."
-        )
-    return path
-
-
-def read_manifest(export_dir: str | Path, manifest_sha256: str | None = None) -> dict:
-    """Reads and checks an export's `manifest.json` and every file it lists.
-
-    Args:
-        export_dir: the export directory.
-        manifest_sha256: when given, the manifest's own sha256 must equal it (what
-            `kerasft export` printed): a deployment pins it to detect an edited manifest.
-
-    Returns:
-        The manifest.
-
-    Raises:
-        FileNotFoundError: if `export_dir` has no `manifest.json`.
-        IntegrityError: a pinned manifest that differs, a listed file that is missing or whose
-            sha256 differs, a path that leaves the directory, or a model file the manifest does
-            not list.
-    """
-    export_dir = Path(export_dir)
-    manifest_path = export_dir / "manifest.json"
-    if not manifest_path.is_file():
-        raise FileNotFoundError(
-            f"No manifest.json in {str(export_dir)!r}: not an export directory."
-        )
-    raw = manifest_path.read_bytes()
-    if manifest_sha256 is not None:
-        digest = hashlib.sha256(raw).hexdigest()
-        if digest != manifest_sha256.lower():
-            raise IntegrityError(
-                f"{manifest_path}: sha256 {digest} differs from the pinned manifest_sha256="
-                f"{manifest_sha256}; the manifest was edited or replaced. Refusing to load it."
-            )
-    manifest = json.loads(raw)
-    files = manifest.get("files")
-    if not isinstance(files, dict) or not files:
-        raise IntegrityError(f"{manifest_path}: lists no files with their sha256; not loadable.")
-    model_file = manifest.get("model_file")
-    if not isinstance(model_file, str):
-        raise IntegrityError(f"{manifest_path}: model_file={model_file!r} is not a path.")
-    _inside(export_dir, model_file, "model_file")
-    if model_file not in files and not any(n.startswith(f"{model_file}/") for n in files):
-        raise IntegrityError(
-            f"{export_dir}: model_file {model_file!r} is not among the files the manifest lists "
-            f"with a sha256 ({sorted(files)[:8]}); refusing to load an unlisted model file."
-        )
-    for name, expected in files.items():
-        path = _inside(export_dir, name, "file")
-        if not path.is_file():
-            raise IntegrityError(f"{export_dir}: {name} is listed in the manifest but missing.")
-        digest = sha256_file(path)
-        if digest != expected:
-            raise IntegrityError(
-                f"{export_dir}: {name} has sha256 {digest}, the manifest says {expected}: the "
-                "file was changed or corrupted. Refusing to load it."
-            )
-    return manifest
 
 
 @dataclass
@@ -367,12 +282,7 @@ def load(
         >>> model = load("exports/sarcasm-ov-int8", manifest_sha256="9f2c...")
         >>> model.predict(["area man wins argument with toaster"]).labels
     """
-    manifest_path = Path(export_dir) / "manifest.json"
-    if not manifest_path.is_file():
-        raise FileNotFoundError(
-            f"No manifest.json in {str(export_dir)!r}: not an export directory."
-        )
-    fmt = json.loads(manifest_path.read_text()).get("format")
+    fmt = manifest_format(export_dir)
     if fmt not in _RUNTIMES:
         raise ValueError(f"Unknown export format={fmt!r}. Supported formats: {sorted(_RUNTIMES)}")
     return _RUNTIMES[fmt](export_dir, manifest_sha256=manifest_sha256, **kwargs)

@@ -4,6 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from kerasft.exporters.contract import FormatContract, int8
+
+CONTRACT = FormatContract(
+    "saved_model",
+    "TF SavedModel with a serving_default signature (TensorFlow serving)",
+    int8={"keras": int8("keras", "Keras quantize('int8')")},
+    needs=("tensorflow",),
+)
+
 
 def write(graph, out_dir: Path, **_) -> dict:
     """Saves the serving graph as a SavedModel under `out_dir / "saved_model"`.

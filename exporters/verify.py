@@ -97,11 +97,7 @@ def verify(
     Raises:
         VerificationError: if a check fails, with the measured numbers.
     """
-    encoded = runtime.encode(texts)
-    width = max(encoded["token_ids"].shape[1], keras_ids.shape[1])
-    ids_a = np.pad(encoded["token_ids"], ((0, 0), (0, width - encoded["token_ids"].shape[1])))
-    ids_b = np.pad(keras_ids, ((0, 0), (0, width - keras_ids.shape[1])))
-    token_mismatch = int(np.sum(np.any(ids_a != ids_b, axis=1)))
+    token_mismatch = _token_mismatches(runtime.encode(texts)["token_ids"], keras_ids)
     logits = runtime.predict(texts, batch_size=batch_size).logits
     max_diff = float(np.max(np.abs(logits - keras_logits)))
     ours, reference = logits.argmax(-1), keras_logits.argmax(-1)
@@ -117,28 +113,14 @@ def verify(
         names, counts = np.unique(np.asarray(splits), return_counts=True)
         report["texts_per_split"] = {str(k): int(v) for k, v in zip(names, counts, strict=True)}
     if labels is not None:
-        labels = np.asarray(labels)
-        held_out = (
-            np.isin(np.asarray(splits), HELD_OUT)
-            if splits is not None
-            else np.ones(len(texts), bool)
-        )
-        report["accuracy"] = accuracy_drop(labels[held_out], reference[held_out], ours[held_out])
-        report["accuracy"]["texts_from"] = list(HELD_OUT) if splits is not None else "all"
-        if splits is not None:
-            report["accuracy_per_split"] = {
-                name: accuracy_drop(labels[mask], reference[mask], ours[mask])
-                for name in HELD_OUT
-                if (mask := np.asarray(splits) == name).any()
-            }
-    if quantized:
-        report["criterion"] = f"label_agreement >= {min_agreement}" + (
-            f" and accuracy drop on held-out texts <= {max_accuracy_drop}"
-            if labels is not None
-            else ""
-        )
-    else:
-        report["criterion"] = f"max_abs_logit_diff <= {FP32_TOLERANCE} and label_agreement == 1"
+        report.update(_accuracy_report(np.asarray(labels), splits, reference, ours))
+    report["criterion"] = (
+        f"label_agreement >= {min_agreement}"
+        + (f" and accuracy drop on held-out texts <= {max_accuracy_drop}" if "accuracy" in report
+           else "")
+        if quantized
+        else f"max_abs_logit_diff <= {FP32_TOLERANCE} and label_agreement == 1"
+    )  # fmt: skip
     if token_mismatch:
         raise VerificationError(
             f"tokenizer.json disagrees with the KerasHub preprocessor on {token_mismatch} of "
@@ -146,19 +128,7 @@ def verify(
             report,
         )
     if quantized:
-        problems = []
-        if agreement < min_agreement:
-            problems.append(
-                f"agrees with the fp32 model on {agreement:.2%} of {len(texts)} texts "
-                f"({report['disagreements']} differ); at least {min_agreement:.2%} is required"
-            )
-        acc = report.get("accuracy")
-        if acc and acc["drop"] > max_accuracy_drop:
-            problems.append(
-                f"loses {acc['drop'] * 100:.2f} accuracy points on {acc['texts']} held-out "
-                f"labelled texts (95% CI {acc['drop_ci95'][0] * 100:.2f} to "
-                f"{acc['drop_ci95'][1] * 100:.2f}); at most {max_accuracy_drop * 100:.2f} allowed"
-            )
+        problems = _gate_problems(report, min_agreement, max_accuracy_drop)
         if problems:
             raise VerificationError("Quantized export " + "; ".join(problems) + ".", report)
     elif max_diff > FP32_TOLERANCE or agreement < 1.0:
@@ -169,3 +139,43 @@ def verify(
         )
     report["passed"] = True
     return report
+
+
+def _accuracy_report(labels: np.ndarray, splits, reference: np.ndarray, ours: np.ndarray) -> dict:
+    """The accuracy drop on the held-out texts (all, without `splits`) and per held-out split."""
+    held_out = np.isin(np.asarray(splits), HELD_OUT) if splits is not None else slice(None)
+    report = {"accuracy": accuracy_drop(labels[held_out], reference[held_out], ours[held_out])}
+    report["accuracy"]["texts_from"] = list(HELD_OUT) if splits is not None else "all"
+    if splits is not None:
+        report["accuracy_per_split"] = {
+            name: accuracy_drop(labels[mask], reference[mask], ours[mask])
+            for name in HELD_OUT
+            if (mask := np.asarray(splits) == name).any()
+        }
+    return report
+
+
+def _gate_problems(report: dict, min_agreement: float, max_accuracy_drop: float) -> list[str]:
+    """What a quantized export misses of the gate, in words (empty when it passes)."""
+    problems, agreement = [], report["label_agreement"]
+    if agreement < min_agreement:
+        problems.append(
+            f"agrees with the fp32 model on {agreement:.2%} of {report['texts']} texts "
+            f"({report['disagreements']} differ); at least {min_agreement:.2%} is required"
+        )
+    acc = report.get("accuracy")
+    if acc and acc["drop"] > max_accuracy_drop:
+        problems.append(
+            f"loses {acc['drop'] * 100:.2f} accuracy points on {acc['texts']} held-out "
+            f"labelled texts (95% CI {acc['drop_ci95'][0] * 100:.2f} to "
+            f"{acc['drop_ci95'][1] * 100:.2f}); at most {max_accuracy_drop * 100:.2f} allowed"
+        )
+    return problems
+
+
+def _token_mismatches(ids: np.ndarray, keras_ids: np.ndarray) -> int:
+    """Rows whose token ids differ (both 0-padded to the wider of the two)."""
+    width = max(ids.shape[1], keras_ids.shape[1])
+    a = np.pad(ids, ((0, 0), (0, width - ids.shape[1])))
+    b = np.pad(keras_ids, ((0, 0), (0, width - keras_ids.shape[1])))
+    return int(np.sum(np.any(a != b, axis=1)))

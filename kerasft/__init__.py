@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "TwoStageFineTuner": "kerasft.tuner",
-    "merge_histories": "kerasft.tuner",
+    "merge_histories": "kerasft.stages",
     "RecipeConfig": "kerasft.config",
     "load_dataset": "kerasft.data",
     "reference_split": "kerasft.data",

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 
+from kerasft.wordpiece import rust_tokenizer, tokenizers_matches
+
 log = logging.getLogger(__name__)
 
 PROGRESS_FROM = 8192  # texts: smaller inputs tokenize in a few seconds, without a progress bar
@@ -156,7 +158,6 @@ def _kerashub_ids(preprocessor, texts: list[str]) -> TokenIds:
 def _tokenize_chunk(preprocessor, fast, texts: list[str]) -> TokenIds:
     if fast is None:
         return _kerashub_ids(preprocessor, texts)
-    from kerasft.wordpiece import tokenizers_matches
 
     tokenizer, settings = fast
     rows = [e.ids for e in tokenizer.encode_batch(texts)]
@@ -198,7 +199,6 @@ def fast_tokenizer(preprocessor):
 
 @functools.lru_cache(maxsize=4)
 def _rust_tokenizer(vocabulary: tuple, sequence_length: int, lowercase: bool, strip_accents: bool):
-    from kerasft.wordpiece import rust_tokenizer
 
     tok = rust_tokenizer(list(vocabulary), lowercase, strip_accents, sequence_length)
     tok.no_padding()

@@ -20,6 +20,7 @@ kill at any instant leaves the previous complete checkpoint or the new one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -76,6 +77,20 @@ def set_global_rng_state(state: dict) -> None:
 def seed_states(model: keras.Model) -> list:
     """The dropout seed-generator state variables of `model` (left out by `save_weights`)."""
     return [v for v in model.non_trainable_variables if v.name == "seed_generator_state"]
+
+
+def run_fingerprint(recipe: dict, label_names: list[str], texts, labels) -> dict:
+    """What identifies a run: its recipe, classes, training rows (hashed) and backend."""
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(text.encode("utf-8") + b"\0")
+    digest.update(np.asarray(labels, dtype="int64").tobytes())
+    return {
+        "recipe": recipe,
+        "label_names": label_names,
+        "train_sha256": digest.hexdigest(),
+        "backend": keras.backend.backend(),
+    }
 
 
 class CheckpointDir:

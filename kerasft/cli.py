@@ -9,6 +9,7 @@ kerasft.benchmarks.train_speed --quick` measures another machine).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -23,13 +24,6 @@ DEFAULT_BACKEND = "torch"
 log = logging.getLogger("kerasft")
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
 def _devices(text: str) -> int | str:
     if text == "all":
         return text
@@ -38,29 +32,89 @@ def _devices(text: str) -> int | str:
     return int(text)
 
 
-def _class_weight(text: str) -> str | dict[str, float]:
-    """`balanced`, or `LABEL=WEIGHT,LABEL=WEIGHT` (label names as in the data file)."""
-    if text == "balanced":
-        return text
-    weights = {}
-    for item in text.split(","):
-        name, sep, weight = item.rpartition("=")
-        try:
-            weights[name.strip()] = float(weight)
-        except ValueError:
-            sep = ""
-        if not sep or not name.strip():
-            raise argparse.ArgumentTypeError(
-                f"expected 'balanced' or LABEL=WEIGHT[,LABEL=WEIGHT...], got {text!r}"
+def _add_recipe_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per `RecipeConfig` field: its flag, default, help and choices come from it."""
+    from kerasft.config import RecipeConfig, flag_name
+
+    for field in dataclasses.fields(RecipeConfig):
+        meta, flag = field.metadata, flag_name(field)
+        if flag.startswith("--no-"):  # a boolean whose default is True
+            parser.add_argument(
+                flag, dest=field.name, action="store_false", default=True, help=meta["help"]
             )
-    return weights
+            continue
+        parse = meta["parse"]
+        metavar = meta["metavar"]
+        if metavar is None and not meta["choices"]:
+            metavar = flag[2:].replace("-", "_").upper()  # `--warmup-lr WARMUP_LR`
+        parser.add_argument(
+            flag, dest=field.name, default=field.default, help=meta["help"],
+            type=parse if parse in (None, int, float) else _arg_type(parse),
+            choices=meta["choices"], metavar=metavar, nargs=meta["nargs"],
+        )  # fmt: skip
+
+
+def _arg_type(parse):
+    """`parse` for argparse: its `ValueError` message becomes the usage error."""
+
+    def arg_type(text: str):
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    arg_type.__name__ = parse.__name__
+    return arg_type
+
+
+def recipe_from_args(args: argparse.Namespace):
+    """The `RecipeConfig` of parsed `kerasft fit` arguments.
+
+    Raises:
+        ValueError: a value out of range (the message names the option).
+    """
+    from kerasft.config import RecipeConfig
+
+    values = {}
+    for field in dataclasses.fields(RecipeConfig):
+        value = getattr(args, field.name)
+        if field.metadata["nargs"] and isinstance(value, list) and len(value) == 1:
+            value = value[0]  # `--weight-decay X`: one value for both stages
+        values[field.name] = value
+    return RecipeConfig(**values)
+
+
+def recipe_flags(recipe) -> list[str]:
+    """The `kerasft fit` flags that give `recipe` (defaults left out): the inverse of
+    `recipe_from_args`.
+
+    Example:
+        >>> recipe_flags(RecipeConfig(warmup_epochs=1, weight_decay=[0.0, 0.01]))
+        ['--warmup-epochs', '1', '--weight-decay', '0.0', '0.01']
+    """
+    from kerasft.config import flag_name
+
+    flags = []
+    for field in dataclasses.fields(recipe):
+        value, flag = getattr(recipe, field.name), flag_name(field)
+        if value == field.default:
+            continue
+        if isinstance(value, bool):  # only `--no-...` booleans are flags
+            flags.append(flag)
+        elif isinstance(value, dict):
+            flags += [flag, ",".join(f"{k}={v}" for k, v in value.items())]
+        elif isinstance(value, list):
+            texts = [str(v) for v in value]
+            flags += [flag, *texts] if field.metadata["nargs"] else [flag, ",".join(texts)]
+        else:
+            flags += [flag, str(value)]
+    return flags
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from kerasft.config import FINETUNE_METHODS, MIXED_PRECISION, SELECT_BEST, RecipeConfig
     from kerasft.data import DATA_ENV, REFERENCE_SEED
+    from kerasft.exporters.formats import FORMATS, INT8_MODES, int8_help
     from kerasft.exporters.verify import INT8_MAX_ACCURACY_DROP, INT8_MIN_AGREEMENT
-    from kerasft.presets import DEFAULT_PRESET
 
     parser = argparse.ArgumentParser(prog="kerasft", description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -77,11 +131,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", metavar="RUN",
         help="continue the interrupted run RUN from its last completed epoch, with the options "
         "it was started with (running the same command again does the same)",
-    )  # fmt: skip
-    fit.add_argument(
-        "--preset", default=DEFAULT_PRESET,
-        help=f"preset name or directory (default {DEFAULT_PRESET}: offline; KerasHub presets "
-        "such as distil_bert_base_en_uncased download from Kaggle)",
     )  # fmt: skip
     fit.add_argument("--text-column")
     fit.add_argument("--label-column")
@@ -102,75 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
         "with one, --data is split 75/25 (stratified, --split-seed) into training rows and the "
         "other set",
     )  # fmt: skip
-    fit.add_argument("--sequence-length", type=int, default=RecipeConfig.sequence_length)
-    fit.add_argument("--warmup-epochs", type=_positive_int, default=RecipeConfig.warmup_epochs)
-    fit.add_argument("--warmup-lr", type=float, default=RecipeConfig.warmup_learning_rate)
-    fit.add_argument("--finetune-epochs", type=_positive_int, default=RecipeConfig.finetune_epochs)
-    fit.add_argument("--finetune-lr", type=float, default=RecipeConfig.finetune_learning_rate)
-    fit.add_argument(
-        "--finetune-schedule",
-        choices=("constant", "linear"),
-        default=RecipeConfig.finetune_schedule,
-        help="stage-2 learning rate: constant, or linear decay to 0",
-    )
-    fit.add_argument(
-        "--select-best", choices=SELECT_BEST,
-        help="after stage 2, keep the epoch with the best validation score (default: the last)",
-    )  # fmt: skip
-    fit.add_argument(
-        "--early-stopping-patience", type=int, metavar="N",
-        help="stop stage 2 after N epochs without a better validation score",
-    )  # fmt: skip
-    fit.add_argument(
-        "--weight-decay", type=float, nargs="+", metavar="X",
-        help="AdamW weight decay: one value for both stages, or two (warm-up, fine-tune); "
-        "default 0 (Adam)",
-    )  # fmt: skip
-    fit.add_argument(
-        "--warmup-ratio", type=float, default=RecipeConfig.warmup_ratio,
-        help="fraction of stage 2's steps with a linear learning-rate warm-up (default 0)",
-    )  # fmt: skip
-    fit.add_argument(
-        "--max-grad-norm", type=float, help="clip gradients to this global norm (default: none)"
-    )
-    fit.add_argument(
-        "--gradient-accumulation-steps", type=int, metavar="N",
-        default=RecipeConfig.gradient_accumulation_steps,
-        help="one optimizer step per N batches (default 1)",
-    )  # fmt: skip
-    fit.add_argument(
-        "--mixed-precision", choices=MIXED_PRECISION,
-        help="train under Keras' mixed_bfloat16 / mixed_float16 policy (saved in float32)",
-    )  # fmt: skip
-    fit.add_argument(
-        "--class-weight", type=_class_weight, metavar="balanced|LABEL=W,...",
-        help="weigh the training loss per class: 'balanced' or e.g. '1=2.5' (default: none)",
-    )  # fmt: skip
-    fit.add_argument(
-        "--finetune-method", choices=FINETUNE_METHODS, default=RecipeConfig.finetune_method,
-        help="stage 2: full (every weight) or lora (low-rank adapters + head; base frozen)",
-    )  # fmt: skip
-    fit.add_argument(
-        "--lora-rank", type=int, default=RecipeConfig.lora_rank,
-        help=f"LoRA adapters' rank (default {RecipeConfig.lora_rank})",
-    )  # fmt: skip
-    fit.add_argument("--lora-alpha", type=float, help="LoRA scale numerator (default: the rank)")
-    fit.add_argument(
-        "--lora-targets", type=lambda t: [n.strip() for n in t.split(",")], metavar="A,B",
-        help="backbone layers to adapt (default: KerasHub's, attention query,value)",
-    )  # fmt: skip
-    fit.add_argument(
-        "--no-feature-cache", dest="cache_features", action="store_false",
-        help="stage 1 runs the frozen backbone on every step instead of once (slower; the "
-        "batch order of a multi-process run)",
-    )  # fmt: skip
+    _add_recipe_flags(fit)
     fit.add_argument(
         "--devices", type=_devices, metavar="N|all",
         help="data-parallel training over N devices, or all (jax: keras.distribution, "
         "tensorflow: tf.distribute; default: one device). --batch-size stays the global batch",
     )  # fmt: skip
-    fit.add_argument("--batch-size", type=int, default=RecipeConfig.batch_size)
-    fit.add_argument("--seed", type=int, default=RecipeConfig.seed)
     fit.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     fit.add_argument("--quiet", action="store_true", help="no per-step progress bars")
 
@@ -178,16 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
         "export", help="export a run to ONNX, OpenVINO, SavedModel or LiteRT, verified"
     )
     export.add_argument("run_dir")
-    export.add_argument(
-        "--format", required=True, choices=("onnx", "openvino", "saved_model", "litert")
-    )
-    export.add_argument(
-        "--int8",
-        choices=("dynamic", "static", "nncf", "keras"),
-        help="dynamic: onnxruntime dynamic INT8 (onnx) or dynamic-range (litert); static: "
-        "calibrated QDQ INT8 (onnx); nncf: NNCF post-training INT8 (openvino); keras: Keras "
-        "quantize('int8') (saved_model)",
-    )
+    export.add_argument("--format", required=True, choices=list(FORMATS))
+    export.add_argument("--int8", choices=INT8_MODES, help=int8_help())
     export.add_argument(
         "--min-agreement", type=float, default=INT8_MIN_AGREEMENT,
         help=f"INT8 gate: least label agreement with fp32 (default {INT8_MIN_AGREEMENT})",
@@ -280,15 +258,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-# `kerasft fit` options that define a run: the same values continue an interrupted run.
-RUN_OPTIONS = (
-    "backend", "data", "preset", "text_column", "label_column", "skip_invalid", "limit",
-    "sequence_length", "warmup_epochs", "warmup_lr", "finetune_epochs", "finetune_lr",
-    "finetune_schedule", "batch_size", "seed", "select_best", "early_stopping_patience",
-    "split_seed", "weight_decay", "warmup_ratio", "max_grad_norm", "gradient_accumulation_steps",
-    "mixed_precision", "class_weight", "validation_data", "test_data", "finetune_method",
-    "lora_rank", "lora_alpha", "lora_targets", "cache_features",
+# `kerasft fit` options that define a run, besides the recipe's: the same values continue an
+# interrupted run (`run_options`).
+DATA_OPTIONS = (
+    "backend", "data", "text_column", "label_column", "skip_invalid", "limit", "split_seed",
+    "validation_data", "test_data",
 )  # fmt: skip
+
+
+def run_options() -> dict[str, str]:
+    """`{dest: flag}` of every `kerasft fit` option that defines a run (data and recipe)."""
+    from kerasft.config import RecipeConfig, flag_name
+
+    options = {name: "--" + name.replace("_", "-") for name in DATA_OPTIONS}
+    options.update((f.name, flag_name(f)) for f in dataclasses.fields(RecipeConfig))
+    return options
 
 
 class TrainedModelKept(RuntimeError):
@@ -303,73 +287,87 @@ def _fit_target(args) -> Path:
     return Path(args.resume or args.out)
 
 
-def _saved_fit_args(out: Path) -> dict | None:
-    from kerasft.rundir import FIT_ARGS_FILE, partial_dir
+def _partial_dir(out: Path) -> Path:
+    from kerasft.rundir import partial_dir
 
-    path = partial_dir(out) / FIT_ARGS_FILE
+    return partial_dir(out)
+
+
+def _saved_fit_args(out: Path) -> dict | None:
+    from kerasft.rundir import FIT_ARGS_FILE
+
+    path = _partial_dir(out) / FIT_ARGS_FILE
     return json.loads(path.read_text()) if path.is_file() else None
 
 
 def cmd_fit(args) -> int:
     from kerasft import distribute
-    from kerasft.checkpoint import STATE_FILE
-    from kerasft.data import DataError
-    from kerasft.fileio import (
-        atomic_write_text,
-        check_target_dir,
-        remove_stale_temp_dirs,
-        target_lock,
-    )
-    from kerasft.rundir import CHECKPOINT_DIR, FIT_ARGS_FILE, partial_dir
 
     out = _fit_target(args)
     args.backend = os.environ["KERAS_BACKEND"]  # the one `main` chose, recorded for --resume
     distribute.check_devices(args.devices, args.backend)  # torch: refused before any work
-    if distribute.initialize():  # one process of a multi-process run (Keras' variables)
-        return _fit_multi_process(args, out)
     for name in ("data", "validation_data", "test_data"):
         if getattr(args, name):
             setattr(args, name, str(Path(getattr(args, name)).resolve()))
-    with target_lock(out, "Run directory"):
-        remove_stale_temp_dirs(out)
-        work, saved = partial_dir(out), _saved_fit_args(out)
-        if args.resume:
-            if saved is None:
-                raise FileNotFoundError(
-                    f"Nothing to resume for {str(out)!r}: no interrupted run in {str(work)!r}."
-                )
-            for name in RUN_OPTIONS:  # the interrupted run's options, whatever was typed now
-                setattr(args, name, saved.get(name, getattr(args, name)))
-        elif saved is not None and not args.overwrite:
-            # (an option the interrupted run's kerasft did not know yet keeps its default)
-            typed = {k: getattr(args, k) for k in RUN_OPTIONS}
-            differ = [f"--{k.replace('_', '-')} {saved[k]!r} -> {v!r}"
-                      for k, v in typed.items() if saved.get(k, v) != v]  # fmt: skip
-            if differ:
-                raise FileExistsError(
-                    f"An interrupted run of {str(out)!r} with other options is in "
-                    f"{str(work)!r} ({'; '.join(differ)}). `kerasft fit --resume {out}` "
-                    "continues it; --overwrite discards it."
-                )
-        check_target_dir(out, args.overwrite, "Run directory")
+    if distribute.initialize():  # one process of a multi-process run (Keras' variables)
+        return _fit_multi_process(args, out)
+    from kerasft.checkpoint import STATE_FILE
+    from kerasft.data import DATA_ENV, DataError
+    from kerasft.fileio import atomic_write_text, publish_target
+    from kerasft.rundir import CHECKPOINT_DIR, FIT_ARGS_FILE, MODEL_FILE, partial_dir
+
+    options, work = run_options(), partial_dir(out)
+    interrupted = work.is_dir() and any(work.iterdir())
+
+    def keep(work: Path) -> bool:  # what `--resume` continues from, or an untouched other run
+        done = (work / CHECKPOINT_DIR / STATE_FILE).exists() or (work / MODEL_FILE).exists()
+        return done or (interrupted and not started)
+
+    started = False
+    with publish_target(out, args.overwrite, "Run directory", work=work, keep_work=keep):
+        saved = _saved_fit_args(out)
+        _resolve_interrupted(args, out, saved, options)
+        recipe = recipe_from_args(args)  # bad values refused before any work
         if not args.data:
-            raise DataError("No data file: pass --data FILE or set $KERASFT_DATA.")
-        if work.exists() and (args.overwrite or saved is None):
-            shutil.rmtree(work)
-        if work.exists():
+            raise DataError(f"No data file: pass --data FILE or set ${DATA_ENV}.")
+        started = True
+        if args.overwrite or saved is None:
+            _clear(work)
+        elif interrupted:
             log.info("resuming the interrupted run in %s", work)
-        work.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(
-            work / FIT_ARGS_FILE, json.dumps({k: getattr(args, k) for k in RUN_OPTIONS})
-        )
-        try:
-            return _fit_into(args, out, work)
-        except BaseException:
-            # Failed before the first checkpoint (bad data, bad preset, Ctrl-C while loading):
-            # nothing to resume, so leave nothing behind.
-            if not (work / CHECKPOINT_DIR / STATE_FILE).exists() and work.exists():
-                shutil.rmtree(work, ignore_errors=True)
-            raise
+        atomic_write_text(work / FIT_ARGS_FILE, json.dumps({k: getattr(args, k) for k in options}))
+        metrics = _fit_into(args, recipe, out, work)
+    _print_fit(metrics, out)
+    return 0
+
+
+def _resolve_interrupted(args, out: Path, saved: dict | None, options: dict[str, str]) -> None:
+    """`--resume`: takes the interrupted run's options. Otherwise refuses to start over an
+    interrupted run of `out` with other options (unless `--overwrite`)."""
+    if args.resume:
+        if saved is None:
+            raise FileNotFoundError(
+                f"Nothing to resume for {str(out)!r}: no interrupted run in "
+                f"{str(_partial_dir(out))!r}."
+            )
+        for name in options:  # the interrupted run's options, whatever was typed now
+            setattr(args, name, saved.get(name, getattr(args, name)))
+    elif saved is not None and not args.overwrite:
+        # (an option the interrupted run's kerasft did not know yet keeps its default)
+        typed = {k: getattr(args, k) for k in options}
+        differ = [f"{options[k]} {saved[k]!r} -> {v!r}"
+                  for k, v in typed.items() if saved.get(k, v) != v]  # fmt: skip
+        if differ:
+            raise FileExistsError(
+                f"An interrupted run of {str(out)!r} with other options is in "
+                f"{str(_partial_dir(out))!r} ({'; '.join(differ)}). `kerasft fit --resume "
+                f"{out}` continues it; --overwrite discards it."
+            )
+
+
+def _clear(directory: Path) -> None:
+    for path in directory.iterdir():
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def _fit_multi_process(args, out: Path) -> int:
@@ -381,8 +379,8 @@ def _fit_multi_process(args, out: Path) -> int:
     """
     import jax
 
-    from kerasft.fileio import check_target_dir, target_lock
-    from kerasft.rundir import partial_dir
+    from kerasft.data import DATA_ENV
+    from kerasft.fileio import publish_target
 
     if args.resume:
         raise ValueError("--resume is not supported in a multi-process run (no checkpoints).")
@@ -392,71 +390,29 @@ def _fit_multi_process(args, out: Path) -> int:
             f"Received: --devices {args.devices}"
         )
     if not args.data:
-        raise ValueError("No data file: pass --data FILE or set $KERASFT_DATA.")
-    for name in ("data", "validation_data", "test_data"):
-        if getattr(args, name):
-            setattr(args, name, str(Path(getattr(args, name)).resolve()))
+        raise ValueError(f"No data file: pass --data FILE or set ${DATA_ENV}.")
+    recipe = recipe_from_args(args)
     if jax.process_index() != 0:
         log.info("process %d of %d: training; process 0 writes %s",
                  jax.process_index(), jax.process_count(), out)  # fmt: skip
-        return _fit_into(args, out, None)
-    with target_lock(out, "Run directory"):
-        check_target_dir(out, args.overwrite, "Run directory")
-        work = partial_dir(out)
-        if work.exists():
-            shutil.rmtree(work)
-        work.mkdir(parents=True)
-        return _fit_into(args, out, work, checkpoint=False)
+        return _fit_into(args, recipe, out, None)
+    with publish_target(out, args.overwrite, "Run directory", work=_partial_dir(out)) as work:
+        _clear(work)
+        metrics = _fit_into(args, recipe, out, work, checkpoint=False)
+    _print_fit(metrics, out)
+    return 0
 
 
-def _weight_decay(values: list[float] | None) -> float | list[float]:
-    if not values:
-        return 0.0
-    if len(values) > 2:
-        raise ValueError(
-            f"--weight-decay takes one value (both stages) or two (warm-up, fine-tune). "
-            f"Received: {values}"
-        )
-    return values[0] if len(values) == 1 else list(values)
-
-
-def _fit_into(args, out: Path, work: Path | None, checkpoint: bool = True) -> int:
-    """Loads the data, fits, and writes the run into `work` (None: train only, write nothing)."""
+def _read_splits(args, seed: int):
+    """The data source, the `(train, validation, test)` splits and row counts of a fit."""
     import keras
 
     from kerasft import rundir
-    from kerasft.config import RecipeConfig
     from kerasft.data import load_dataset
-    from kerasft.tuner import TwoStageFineTuner
 
-    recipe = RecipeConfig(
-        preset=args.preset,
-        sequence_length=args.sequence_length,
-        warmup_epochs=args.warmup_epochs,
-        warmup_learning_rate=args.warmup_lr,
-        finetune_epochs=args.finetune_epochs,
-        finetune_learning_rate=args.finetune_lr,
-        finetune_schedule=args.finetune_schedule,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        cache_features=args.cache_features,
-        select_best=args.select_best,
-        early_stopping_patience=args.early_stopping_patience,
-        weight_decay=_weight_decay(args.weight_decay),
-        warmup_ratio=args.warmup_ratio,
-        max_grad_norm=args.max_grad_norm,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        class_weight=args.class_weight,
-        finetune_method=args.finetune_method,
-        lora_rank=args.lora_rank,
-        lora_alpha=args.lora_alpha,
-        lora_targets=args.lora_targets,
-    )
-    start = time.perf_counter()
     source = rundir.DataSource.from_file(
         args.data, validation=args.validation_data, test=args.test_data,
-        skip_invalid=args.skip_invalid, limit=args.limit, limit_seed=args.seed,
+        skip_invalid=args.skip_invalid, limit=args.limit, limit_seed=seed,
         split_seed=args.split_seed,
     )  # fmt: skip
     log.info("reading %s (%.1f MB)", source.path, source.size / 1e6)
@@ -470,18 +426,31 @@ def _fit_into(args, out: Path, work: Path | None, checkpoint: bool = True) -> in
         args.data, len(used), data.skipped, len(train), len(val), len(test),
         keras.backend.backend(),
     )  # fmt: skip
+    rows = {"file": len(data) + data.skipped, "used": len(used), "skipped": data.skipped,
+            "train": len(train), "validation": len(val), "test": len(test)}  # fmt: skip
+    return source, (train, val, test), rows
+
+
+def _fit_into(args, recipe, out: Path, work: Path | None, checkpoint: bool = True) -> dict | None:
+    """Loads the data, fits, and writes the run into `work` (None: train only, write nothing).
+
+    Returns:
+        The run's metrics (None when nothing is written).
+    """
+    from kerasft import rundir
+    from kerasft.tuner import TwoStageFineTuner
+
+    start = time.perf_counter()
+    source, (train, val, test), rows = _read_splits(args, recipe.seed)
     # Progress bars only on a terminal: redirected to a file, one line per epoch (Keras'
     # verbose=2) instead of carriage returns and escape codes.
     verbose = "auto" if sys.stdout.isatty() and not args.quiet else 2
-    tuner = TwoStageFineTuner(**recipe.to_dict(), distribution=args.devices, verbose=verbose)
-    stage2 = "LoRA adapters + head" if args.finetune_method == "lora" else "all layers"
+    tuner = TwoStageFineTuner(recipe=recipe, distribution=args.devices, verbose=verbose)
+    stage2 = "LoRA adapters + head" if recipe.finetune_method == "lora" else "all layers"
     log.info("stage 1: warm-up (backbone frozen), stage 2: fine-tune (%s)", stage2)
-    rows = {"file": len(data) + data.skipped, "used": len(used), "skipped": data.skipped,
-            "train": len(train), "validation": len(val), "test": len(test)}  # fmt: skip
-    del data, used  # the splits hold what training needs
     if work is None:
         tuner.fit(train, validation_data=val)
-        return 0
+        return None
     checkpoints = work / rundir.CHECKPOINT_DIR
     tuner.fit(train, validation_data=val, checkpoint_dir=checkpoints if checkpoint else None)
     try:
@@ -489,7 +458,7 @@ def _fit_into(args, out: Path, work: Path | None, checkpoint: bool = True) -> in
             work, tuner, train=train, validation=val, test=test, source=source, rows=rows,
             total_seconds_since=start,
         )  # fmt: skip
-        rundir.finish(work, out)
+        rundir.drop_resume_files(work)
     except Exception as e:
         model = work / rundir.MODEL_FILE
         where = (
@@ -501,6 +470,10 @@ def _fit_into(args, out: Path, work: Path | None, checkpoint: bool = True) -> in
             f"{type(e).__name__}: {e} after training. {where}; `kerasft fit --resume {out}` "
             "finishes the run without training again."
         ) from e
+    return metrics
+
+
+def _print_fit(metrics: dict, out: Path) -> None:
     test_m, seconds = metrics["test"], metrics["seconds"]
     print(
         f"test accuracy {test_m['accuracy']:.4f}  f1 {test_m['f1']:.4f}  precision "
@@ -508,11 +481,10 @@ def _fit_into(args, out: Path, work: Path | None, checkpoint: bool = True) -> in
         f"({seconds['total']:.0f} s; warm-up {seconds.get('warmup', 0):.0f} s, "
         f"fine-tune {seconds.get('finetune', 0):.0f} s) -> {out}"
     )
-    return 0
 
 
 def _load_run(run_dir: str):
-    from kerasft.rundir import load_tuner
+    from kerasft.tuner import load_tuner
 
     tuner = load_tuner(run_dir)
     tuner.verbose = 0
@@ -520,8 +492,7 @@ def _load_run(run_dir: str):
 
 
 def cmd_export(args) -> int:
-    from kerasft.exporters import export
-    from kerasft.exporters.runtime import sha256_file
+    from kerasft.exporters import export, exportdir
 
     out = export(
         args.run_dir,
@@ -535,7 +506,7 @@ def cmd_export(args) -> int:
         precision=args.precision,
         keep_fp32=args.keep_fp32,
     )
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = exportdir.read_manifest(out)
     check, variant = manifest["verification"], manifest["quantization"] or "fp32"
     acc = check.get("accuracy")
     drop = (
@@ -548,14 +519,16 @@ def cmd_export(args) -> int:
         f"{args.format} {variant}: {manifest['size_bytes'] / 1e6:.1f} MB, "
         f"verified on {check['texts']} texts (max |logit diff| {check['max_abs_logit_diff']:.2g}, "
         f"label agreement {check['label_agreement']:.2%}{drop}) -> {out}\n"
-        f"manifest sha256 {sha256_file(out / 'manifest.json')} "
+        f"manifest sha256 {exportdir.manifest_sha256(out)} "
         "(pin it: runtime.load(dir, manifest_sha256=...))"
     )
     return 0
 
 
 def cmd_predict(args) -> int:
-    if (Path(args.run_dir) / "manifest.json").is_file():  # an export: its own runtime, no Keras
+    from kerasft.exporters.exportdir import is_export
+
+    if is_export(args.run_dir):  # an export: its own runtime, no Keras
         from kerasft.exporters.runtime import load
 
         result = load(args.run_dir, manifest_sha256=args.manifest_sha256).predict(args.texts)

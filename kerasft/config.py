@@ -1,16 +1,112 @@
-"""`RecipeConfig`: the validated two-stage recipe, one place for every hyperparameter."""
+"""`RecipeConfig`: the validated two-stage recipe, one place for every hyperparameter.
+
+Each field declares its default, its validation and its `kerasft fit` flag with help text
+(`option`); the CLI's flags, `config.json`, the `--resume` comparison and
+`TwoStageFineTuner(**options)` all derive from the fields. Adding an option means adding a field
+here and using it where it acts (`kerasft.recipe` or `kerasft.stages`).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
+from typing import Any
 
 from kerasft.presets import DEFAULT_PRESET
 
 SELECT_BEST = ("accuracy", "f1", "loss")
 MIXED_PRECISION = ("bfloat16", "float16")
 FINETUNE_METHODS = ("full", "lora")
+SCHEDULES = ("constant", "linear")
 STAGES = ("warmup", "finetune")
+
+
+def option(
+    default,
+    help: str,
+    *,
+    check: tuple[Callable[[Any], bool], str],
+    parse: Callable[[str], Any] | None = None,
+    flag: str | None = None,
+    choices: tuple[str, ...] | None = None,
+    metavar: str | None = None,
+    nargs: str | None = None,
+):
+    """A `RecipeConfig` field with everything that derives from it: its validation, its
+    `kerasft fit` flag and help text.
+
+    Args:
+        default: the default value (immutable).
+        help: the flag's help text.
+        check: `(predicate, allowed)`: a value is valid when `predicate(value)` is true;
+            `allowed` says what is, in the error message.
+        parse: turns the flag's text into a value (None: a string, or `choices`).
+        flag: the flag, if not `--` + the field name with dashes; a flag starting `--no-`
+            stores False in a boolean field whose default is True.
+        choices: the allowed strings.
+        metavar: the flag's placeholder in `--help`.
+        nargs: argparse's `nargs` (`"+"`: one value or more; one value is given to the field
+            as itself, more as a list).
+    """
+    metadata = {"help": help, "check": check, "parse": parse, "flag": flag, "choices": choices,
+                "metavar": metavar, "nargs": nargs}  # fmt: skip
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def parse_class_weight(text: str) -> str | dict[str, float]:
+    """`"balanced"`, or `"LABEL=WEIGHT,LABEL=WEIGHT"` (label names as in the data file).
+
+    Raises:
+        ValueError: the text is neither.
+    """
+    if text == "balanced":
+        return text
+    weights = {}
+    for item in text.split(","):
+        name, sep, weight = item.rpartition("=")
+        try:
+            weights[name.strip()] = float(weight)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise ValueError(f"expected 'balanced' or LABEL=WEIGHT[,LABEL=WEIGHT...], got {text!r}")
+    return weights
+
+
+def parse_names(text: str) -> list[str]:
+    """`"a,b"` -> `["a", "b"]`."""
+    return [name.strip() for name in text.split(",")]
+
+
+def flag_name(field: dataclasses.Field) -> str:
+    """The `kerasft fit` flag of a `RecipeConfig` field."""
+    return field.metadata["flag"] or "--" + field.name.replace("_", "-")
+
+
+def _is_int(value, low: int, high: int | None = None) -> bool:
+    return (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and value >= low
+        and (high is None or value <= high)
+    )
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+
+def _is_positive(value) -> bool:
+    return _is_number(value) and 0 < value < float("inf")
+
+
+def _is_fraction(value) -> bool:
+    return _is_number(value) and 0 <= value < 1
+
+
+def _is_rate(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1
 
 
 @dataclasses.dataclass
@@ -69,119 +165,179 @@ class RecipeConfig:
         ValueError: on construction, for any out-of-range value (the message names it).
     """
 
-    preset: str = DEFAULT_PRESET
-    num_classes: int | None = None
-    sequence_length: int = 128
-    warmup_epochs: int = 2
-    warmup_learning_rate: float = 1e-3
-    finetune_epochs: int = 2
-    finetune_learning_rate: float = 1e-4
-    batch_size: int = 32
-    seed: int = 30
-    cache_features: bool = True
-    finetune_schedule: str = "linear"
-    select_best: str | None = None
-    early_stopping_patience: int | None = None
-    weight_decay: float | list[float] = 0.0
-    warmup_ratio: float = 0.0
-    max_grad_norm: float | None = None
-    gradient_accumulation_steps: int = 1
-    mixed_precision: str | None = None
-    class_weight: str | dict[str, float] | None = None
-    finetune_method: str = "full"
-    lora_rank: int = 8
-    lora_alpha: float | None = None
-    lora_targets: list[str] | None = None
+    preset: str = option(
+        DEFAULT_PRESET,
+        f"preset name or directory (default {DEFAULT_PRESET}: offline; KerasHub presets such "
+        "as distil_bert_base_en_uncased download from Kaggle)",
+        check=(lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
+    )
+    num_classes: int | None = option(
+        None,
+        "number of classes (default: the classes of the training labels)",
+        check=(lambda v: v is None or _is_int(v, 2), ">= 2 or None"),
+        parse=int,
+        metavar="K",
+    )
+    sequence_length: int = option(
+        128,
+        "maximum tokens per text (default 128)",
+        check=(lambda v: _is_int(v, 8, 512), "an int in [8, 512]"),
+        parse=int,
+    )
+    warmup_epochs: int = option(
+        2, "stage-1 epochs (default 2)", check=(lambda v: _is_int(v, 0), "an int >= 0"), parse=int
+    )
+    warmup_learning_rate: float = option(
+        1e-3,
+        "stage-1 Adam learning rate (default 1e-3)",
+        check=(_is_rate, "a float in (0, 1]"),
+        parse=float,
+        flag="--warmup-lr",
+    )
+    finetune_epochs: int = option(
+        2, "stage-2 epochs (default 2)", check=(lambda v: _is_int(v, 0), "an int >= 0"), parse=int
+    )
+    finetune_learning_rate: float = option(
+        1e-4,
+        "stage-2 Adam learning rate, the peak of its schedule (default 1e-4)",
+        check=(_is_rate, "a float in (0, 1]"),
+        parse=float,
+        flag="--finetune-lr",
+    )
+    batch_size: int = option(
+        32, "rows per batch (default 32)", check=(lambda v: _is_int(v, 1), "an int >= 1"), parse=int
+    )
+    seed: int = option(
+        30,
+        "seed of weight init, dropout, shuffling and --limit (default 30)",
+        check=(lambda v: _is_int(v, 0), "an int >= 0"),
+        parse=int,
+    )
+    cache_features: bool = option(
+        True,
+        "stage 1 runs the frozen backbone on every step instead of once (slower; the batch "
+        "order of a multi-process run)",
+        check=(lambda v: isinstance(v, bool), "True or False"),
+        flag="--no-feature-cache",
+    )
+    finetune_schedule: str = option(
+        "linear",
+        "stage-2 learning rate: constant, or linear decay to 0",
+        check=(lambda v: v in SCHEDULES, f"one of {list(SCHEDULES)}"),
+        choices=SCHEDULES,
+    )
+    select_best: str | None = option(
+        None,
+        "after stage 2, keep the epoch with the best validation score (default: the last)",
+        check=(lambda v: v in (None, *SELECT_BEST), f"one of {list(SELECT_BEST)} or None"),
+        choices=SELECT_BEST,
+    )
+    early_stopping_patience: int | None = option(
+        None,
+        "stop stage 2 after N epochs without a better validation score",
+        check=(lambda v: v is None or _is_int(v, 1), "an int >= 1 or None"),
+        parse=int,
+        metavar="N",
+    )
+    weight_decay: float | list[float] = option(
+        0.0,
+        "AdamW weight decay: one value for both stages, or two (warm-up, fine-tune); default 0 "
+        "(Adam)",
+        check=(
+            lambda v: (
+                _is_fraction(v)
+                or (isinstance(v, list) and len(v) == 2 and all(_is_fraction(w) for w in v))
+            ),
+            "a float in [0, 1), or [warmup, finetune] of two such floats",
+        ),
+        parse=float,
+        metavar="X",
+        nargs="+",
+    )
+    warmup_ratio: float = option(
+        0.0,
+        "fraction of stage 2's steps with a linear learning-rate warm-up (default 0)",
+        check=(_is_fraction, "a float in [0, 1)"),
+        parse=float,
+    )
+    max_grad_norm: float | None = option(
+        None,
+        "clip gradients to this global norm (default: none)",
+        check=(lambda v: v is None or _is_positive(v), "a float > 0 or None"),
+        parse=float,
+    )
+    gradient_accumulation_steps: int = option(
+        1,
+        "one optimizer step per N batches (default 1)",
+        check=(lambda v: _is_int(v, 1), "an int >= 1"),
+        parse=int,
+        metavar="N",
+    )
+    mixed_precision: str | None = option(
+        None,
+        "train under Keras' mixed_bfloat16 / mixed_float16 policy (saved in float32)",
+        check=(lambda v: v in (None, *MIXED_PRECISION), f"one of {list(MIXED_PRECISION)} or None"),
+        choices=MIXED_PRECISION,
+    )
+    class_weight: str | dict[str, float] | None = option(
+        None,
+        "weigh the training loss per class: 'balanced' or e.g. '1=2.5' (default: none)",
+        check=(
+            lambda v: (
+                v in (None, "balanced")
+                or (isinstance(v, dict) and bool(v) and all(_is_positive(w) for w in v.values()))
+            ),
+            "'balanced', a non-empty {label: weight > 0} mapping, or None",
+        ),
+        parse=parse_class_weight,
+        metavar="balanced|LABEL=W,...",
+    )
+    finetune_method: str = option(
+        "full",
+        "stage 2: full (every weight) or lora (low-rank adapters + head; base frozen)",
+        check=(lambda v: v in FINETUNE_METHODS, f"one of {list(FINETUNE_METHODS)}"),
+        choices=FINETUNE_METHODS,
+    )
+    lora_rank: int = option(
+        8,
+        "LoRA adapters' rank (default 8)",
+        check=(lambda v: _is_int(v, 1, 1024), "an int in [1, 1024]"),
+        parse=int,
+    )
+    lora_alpha: float | None = option(
+        None,
+        "LoRA scale numerator (default: the rank)",
+        check=(lambda v: v is None or _is_positive(v), "a number > 0 or None"),
+        parse=float,
+    )
+    lora_targets: list[str] | None = option(
+        None,
+        "backbone layers to adapt (default: KerasHub's, attention query,value)",
+        check=(
+            lambda v: (
+                v is None
+                or (isinstance(v, list) and bool(v) and all(isinstance(t, str) and t for t in v))
+            ),
+            "a non-empty list of layer names, or None",
+        ),
+        parse=parse_names,
+        metavar="A,B",
+    )
 
     def __post_init__(self):
         if isinstance(self.preset, os.PathLike):
             self.preset = os.fspath(self.preset)
-        if isinstance(self.lora_targets, tuple):
-            self.lora_targets = list(self.lora_targets)
-        if isinstance(self.weight_decay, tuple):
-            self.weight_decay = list(self.weight_decay)
+        for name in ("lora_targets", "weight_decay"):  # JSON and the CLI give lists
+            if isinstance(getattr(self, name), tuple):
+                setattr(self, name, list(getattr(self, name)))
         if isinstance(self.class_weight, dict):  # label names, as in `label_names`
             self.class_weight = {str(k): v for k, v in self.class_weight.items()}
-        checks = {
-            "num_classes": (
-                self.num_classes is None or _is_int(self.num_classes, 2),
-                ">= 2 or None",
-            ),
-            "sequence_length": (_is_int(self.sequence_length, 8, 512), "an int in [8, 512]"),
-            "warmup_epochs": (_is_int(self.warmup_epochs, 0), "an int >= 0"),
-            "finetune_epochs": (_is_int(self.finetune_epochs, 0), "an int >= 0"),
-            "batch_size": (_is_int(self.batch_size, 1), "an int >= 1"),
-            "seed": (_is_int(self.seed, 0), "an int >= 0"),
-            "warmup_learning_rate": (_is_rate(self.warmup_learning_rate), "a float in (0, 1]"),
-            "finetune_learning_rate": (_is_rate(self.finetune_learning_rate), "a float in (0, 1]"),
-            "preset": (isinstance(self.preset, str) and bool(self.preset), "a non-empty string"),
-            "cache_features": (isinstance(self.cache_features, bool), "True or False"),
-            "finetune_schedule": (
-                self.finetune_schedule in ("constant", "linear"),
-                "'constant' or 'linear'",
-            ),
-            "select_best": (
-                self.select_best in (None, *SELECT_BEST),
-                f"one of {list(SELECT_BEST)} or None",
-            ),
-            "early_stopping_patience": (
-                self.early_stopping_patience is None or _is_int(self.early_stopping_patience, 1),
-                "an int >= 1 or None",
-            ),
-            "weight_decay": (
-                _is_fraction(self.weight_decay)
-                or (
-                    isinstance(self.weight_decay, list)
-                    and len(self.weight_decay) == 2
-                    and all(_is_fraction(w) for w in self.weight_decay)
-                ),
-                "a float in [0, 1), or [warmup, finetune] of two such floats",
-            ),
-            "warmup_ratio": (_is_fraction(self.warmup_ratio), "a float in [0, 1)"),
-            "max_grad_norm": (
-                self.max_grad_norm is None or _is_positive(self.max_grad_norm),
-                "a float > 0 or None",
-            ),
-            "gradient_accumulation_steps": (
-                _is_int(self.gradient_accumulation_steps, 1),
-                "an int >= 1",
-            ),
-            "mixed_precision": (
-                self.mixed_precision in (None, *MIXED_PRECISION),
-                f"one of {list(MIXED_PRECISION)} or None",
-            ),
-            "class_weight": (
-                self.class_weight in (None, "balanced")
-                or (
-                    isinstance(self.class_weight, dict)
-                    and bool(self.class_weight)
-                    and all(_is_positive(w) for w in self.class_weight.values())
-                ),
-                "'balanced', a non-empty {label: weight > 0} mapping, or None",
-            ),
-            "finetune_method": (
-                self.finetune_method in FINETUNE_METHODS,
-                f"one of {list(FINETUNE_METHODS)}",
-            ),
-            "lora_rank": (_is_int(self.lora_rank, 1, 1024), "an int in [1, 1024]"),
-            "lora_alpha": (
-                self.lora_alpha is None or _is_positive(self.lora_alpha),
-                "a number > 0 or None",
-            ),
-            "lora_targets": (
-                self.lora_targets is None
-                or (
-                    isinstance(self.lora_targets, list)
-                    and bool(self.lora_targets)
-                    and all(isinstance(t, str) and t for t in self.lora_targets)
-                ),
-                "a non-empty list of layer names, or None",
-            ),
-        }
-        for name, (ok, allowed) in checks.items():
-            if not ok:
+        for field in dataclasses.fields(self):
+            ok, allowed = field.metadata["check"]
+            value = getattr(self, field.name)
+            if not ok(value):
                 raise ValueError(
-                    f"{name} must be {allowed}. Received: {name}={getattr(self, name)!r}"
+                    f"{field.name} must be {allowed}. Received: {field.name}={value!r}"
                 )
         if self.warmup_epochs + self.finetune_epochs == 0:
             raise ValueError(
@@ -202,6 +358,24 @@ class RecipeConfig:
             return float(self.weight_decay[STAGES.index(stage)])
         return float(self.weight_decay)
 
+    def stage_options(self, stage: str) -> dict:
+        """The optimizer and schedule options of `stage` (`"warmup"` or `"finetune"`), as
+        `kerasft.recipe.prepare_stage` takes them: the one place that maps the recipe's
+        per-stage values (`<stage>_learning_rate`, `weight_decay`, the stage-2 schedule) to a
+        stage."""
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {list(STAGES)}. Received: stage={stage!r}")
+        finetune = stage == "finetune"
+        return {
+            "learning_rate": getattr(self, f"{stage}_learning_rate"),
+            "linear_decay": finetune and self.finetune_schedule == "linear",
+            "warmup_ratio": self.warmup_ratio if finetune else 0.0,
+            "weight_decay": self.stage_weight_decay(stage),
+            "max_grad_norm": self.max_grad_norm,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps,
+            "loss_scale": self.mixed_precision == "float16",
+        }
+
     def to_dict(self) -> dict:
         """Returns the config as a JSON-serialisable dict."""
         return dataclasses.asdict(self)
@@ -214,28 +388,3 @@ class RecipeConfig:
         if unknown:
             raise ValueError(f"Unknown recipe keys {unknown}. Allowed: {sorted(known)}")
         return cls(**config)
-
-
-def _is_int(value, low: int, high: int | None = None) -> bool:
-    return (
-        isinstance(value, int)
-        and not isinstance(value, bool)
-        and value >= low
-        and (high is None or value <= high)
-    )
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
-
-
-def _is_positive(value) -> bool:
-    return _is_number(value) and 0 < value < float("inf")
-
-
-def _is_fraction(value) -> bool:
-    return _is_number(value) and 0 <= value < 1
-
-
-def _is_rate(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1

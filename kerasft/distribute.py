@@ -119,6 +119,46 @@ def data_parallel(devices) -> DataParallelPlan | None:
     return _jax_plan(devices) if backend == "jax" else _tensorflow_plan(devices)
 
 
+def plan_for(distribution, batch_size: int, checkpoint_dir=None) -> DataParallelPlan | None:
+    """The `DataParallelPlan` of a fit (None for one device), checked against its options.
+
+    Raises:
+        ValueError: a batch size the devices do not divide, or `checkpoint_dir` in a
+            multi-process run.
+    """
+    plan = data_parallel(distribution)
+    if plan is None:
+        return None
+    plan.check_batch_size(batch_size)
+    if plan.process_count > 1 and checkpoint_dir is not None:
+        raise ValueError(
+            "checkpoint_dir is not supported in a multi-process run: every process would "
+            "have to read the same checkpoint to resume. Received: checkpoint_dir="
+            f"{str(checkpoint_dir)!r} with {plan.process_count} processes."
+        )
+    log.info(
+        "data parallel: %s; batch %d = %d rows per device",
+        plan.describe(), batch_size, batch_size // plan.replicas,
+    )  # fmt: skip
+    return plan
+
+
+def log_remainders(train, val, recipe) -> None:
+    """Says how batches were made even across the devices (see `BucketedBatches`)."""
+    n, bs, replicas = len(train.lengths), recipe.batch_size, train.replicas
+    cached = recipe.cache_features and recipe.warmup_epochs and train.shard is None
+    cached = n % bs % replicas if cached else train.dropped
+    log.info(
+        "even batches across %d devices: training leaves out %d row(s) per epoch "
+        "(stage 1: %d), other rows each epoch; validation pads its "
+        "last batch with %d zero-weight row(s)",
+        replicas, train.dropped, cached, 0 if val is None else val.padded,
+    )  # fmt: skip
+    if train.shard is not None and recipe.cache_features and recipe.warmup_epochs:
+        log.info("multi-process: stage 1 runs the frozen backbone on every step "
+                 "(a feature cache would need every process's rows)")  # fmt: skip
+
+
 def check_devices(devices, backend: str | None = None) -> None:
     """Raises ValueError for a bad device count, or more than one device on a backend Keras
     cannot distribute (torch); the message says which backends can. Starts no backend."""

@@ -10,6 +10,7 @@ import os
 import shutil
 import socket
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,21 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, default_file_mode())  # mkstemp makes 0600; use what open() would
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write_file(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Calls `write(tmp)` on a temporary path beside `path` (same suffix), then renames it to
+    `path`: a reader never sees a half-written file, and a failed write leaves nothing."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(suffix=path.suffix, dir=path.parent, prefix=f".{path.name}.tmp-")
+    os.close(fd)
+    try:
+        write(Path(tmp))
         os.chmod(tmp, default_file_mode())  # mkstemp makes 0600; use what open() would
         os.replace(tmp, path)
     finally:
@@ -144,3 +160,56 @@ def remove_stale_temp_dirs(target: str | Path) -> list[Path]:
             removed.append(path)
             log.warning("removed %s, left by a writer that was killed", path)
     return removed
+
+
+@contextlib.contextmanager
+def publish_target(
+    target: str | Path,
+    overwrite: bool = False,
+    what: str = "Output directory",
+    *,
+    work: str | Path | None = None,
+    keep_work: Callable[[Path], bool] | None = None,
+) -> Iterator[Path]:
+    """Builds a directory beside `target` and publishes it there atomically: the one sequence
+    every writer of a run, export or report follows.
+
+    Under `target_lock(target)`: removes temporary directories that killed writers left,
+    refuses a non-empty `target` unless `overwrite`, yields the work directory, and when the
+    block ends without an error renames it to `target` (`publish_dir`). On an error the work
+    directory is removed, unless `keep_work(work)` says it holds something to resume from.
+
+    Args:
+        target: the directory to create or replace.
+        overwrite: replace a non-empty `target`.
+        what: how messages name `target` ("Run directory", "Export directory", ...).
+        work: the work directory to use and keep across attempts (a run's `.NAME.partial`;
+            created if missing, its content left as it is); None: a fresh temporary one.
+        keep_work: called with the work directory after an error; True keeps it.
+
+    Yields:
+        The work directory.
+
+    Raises:
+        LockError: another live process is writing `target`.
+        FileExistsError: `target` is not empty and `overwrite` is False.
+
+    Example:
+        >>> with publish_target("exports/x", overwrite=True, what="Export directory") as tmp:
+        ...     (tmp / "model.onnx").write_bytes(data)
+    """
+    with target_lock(target, what):
+        remove_stale_temp_dirs(target)
+        check_target_dir(target, overwrite, what)
+        if work is None:
+            tmp = temp_dir_beside(target)
+        else:
+            tmp = Path(work)
+            tmp.mkdir(parents=True, exist_ok=True)
+        try:
+            yield tmp
+            publish_dir(tmp, target)
+        except BaseException:
+            if tmp.exists() and not (keep_work is not None and keep_work(tmp)):
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise

@@ -5,14 +5,14 @@ adapters on its attention projections (KerasHub's default targets: `query` and `
 freezes every base weight; the adapters train with the head. Keras merges the adapters into the
 kernels whenever a layer is saved, so `model.keras` is an ordinary classifier that every
 exporter handles unchanged. The adapter on its own (the low-rank factors and the head, a few
-hundred KB) is `save_adapter`'s directory, which `load_adapter` puts back onto the same base
-preset.
+hundred KB) is `save_adapter`'s directory, which `kerasft.tuner.load_adapter` puts back onto the
+same base preset.
 
 Example:
     >>> tuner = TwoStageFineTuner(finetune_method="lora", lora_rank=8)
     >>> tuner.fit(train, validation_data=val)
     >>> tuner.save_adapter("sarcasm-lora")  # small; tuner.save() writes the merged model
-    >>> again = load_adapter("sarcasm-lora")  # base preset + adapter
+    >>> again = kerasft.tuner.load_adapter("sarcasm-lora")  # base preset + adapter
 """
 
 from __future__ import annotations
@@ -23,6 +23,9 @@ from pathlib import Path
 
 import keras
 import numpy as np
+
+from kerasft.fileio import atomic_write_text
+from kerasft.presets import load_classifier
 
 ADAPTER_FILE = "adapter.lora.h5"  # KerasHub's `save_lora_weights` format (the backbone's part)
 HEAD_FILE = "head.weights.h5"
@@ -111,8 +114,6 @@ def save_adapter(
         ValueError: the classifier has no LoRA adapters.
         FileExistsError: `directory` already holds an adapter.
     """
-    from kerasft.fileio import atomic_write_text
-
     layers = adapted_layers(classifier)
     if not layers:
         raise ValueError("This model has no LoRA adapters: fit with finetune_method='lora'.")
@@ -136,31 +137,29 @@ def save_adapter(
     return directory
 
 
-def load_adapter(directory: str | os.PathLike, preset: str | None = None):
-    """A `TwoStageFineTuner` of the base preset with a saved adapter put back on it.
+def load_adapter_classifier(directory: str | os.PathLike, preset: str | None = None):
+    """The base preset's classifier with a saved adapter put back on it (not merged).
+
+    `kerasft.tuner.load_adapter` wraps it in a fitted `TwoStageFineTuner`.
 
     Args:
         directory: a `save_adapter` directory.
         preset: the base preset to load, if not the one recorded (it must be the same model).
 
     Returns:
-        A fitted `TwoStageFineTuner` whose `model` carries the adapters (not merged).
+        `(classifier, meta)`: the classifier and the adapter's `adapter.json`.
 
     Raises:
         FileNotFoundError: `directory` holds no adapter.
     """
-    from kerasft.presets import load_classifier
-    from kerasft.tuner import TwoStageFineTuner
-
     directory = Path(directory)
     if not (directory / ADAPTER_CONFIG).is_file():
         raise FileNotFoundError(f"No {ADAPTER_CONFIG} in {str(directory)!r}: not an adapter.")
     meta = json.loads((directory / ADAPTER_CONFIG).read_text())
-    tuner = TwoStageFineTuner.from_config({**meta["recipe"], "preset": preset or meta["preset"]})
-    classifier = load_classifier(tuner.preset, len(meta["label_names"]), meta["sequence_length"])
+    classifier = load_classifier(
+        preset or meta["preset"], len(meta["label_names"]), meta["sequence_length"]
+    )
     enable_lora(classifier, meta["lora_rank"], meta["lora_alpha"], meta["lora_targets"])
     classifier.backbone.load_lora_weights(str(directory / ADAPTER_FILE))
     _head_model(classifier).load_weights(directory / HEAD_FILE)
-    tuner.model, tuner.label_names = classifier, meta["label_names"]
-    tuner.num_classes, tuner.backend = len(meta["label_names"]), keras.backend.backend()
-    return tuner
+    return classifier, meta

@@ -11,6 +11,7 @@ import keras
 import numpy as np
 
 from kerasft.config import MIXED_PRECISION
+from kerasft.lora import adapted_layers
 
 
 def policy_name(mixed_precision: str | None) -> str | None:
@@ -70,8 +71,6 @@ def to_float32(classifier, copy: bool = False):
     are copied through its own `save_own_variables` / `load_own_variables`, exactly as Keras
     writes and reads a `.keras` file (which merges LoRA the same way).
     """
-    from kerasft.lora import adapted_layers
-
     plain = classifier.dtype_policy.name == "float32" and not adapted_layers(classifier)
     if plain and not copy:
         return classifier

@@ -20,6 +20,7 @@ import keras
 import numpy as np
 
 from kerasft.batching import BUCKET_WIDTH, BucketedBatches, one_hot, tokenize
+from kerasft.lora import adapted_layers
 from kerasft.optimizers import adam
 from kerasft.presets import load_classifier
 
@@ -418,8 +419,6 @@ def prepare_stage(
         order never depends on global random state and a resumed run sees the same batches.
     """
     if train_base == "lora":  # the adapters and the head train; `enable_lora` set the flags
-        from kerasft.lora import adapted_layers
-
         if not adapted_layers(classifier):
             raise ValueError("train_base='lora' needs adapters: call kerasft.lora.enable_lora.")
     else:

@@ -9,13 +9,14 @@ A run directory holds:
   or `"splits"`, meaning the splits are stored in `splits/*.jsonl` inside the run;
 - `metrics.json`: validation and test metrics, row counts, seconds, the kept epoch, trainable
   and total parameters of stage 2;
-- `adapter/` (LoRA runs): the adapter alone, which `kerasft.lora.load_adapter` puts back onto
+- `adapter/` (LoRA runs): the adapter alone, which `kerasft.tuner.load_adapter` puts back onto
   the base preset (`model.keras` is the merged model);
 - `history.json` and `training_curves.png`.
 
-`kerasft fit`, `TwoStageFineTuner.save_run`, the exporters and the benchmarks all go through
-this module. While a fit is in progress its files live in a hidden `.<name>.partial` directory
-beside the target (with the per-epoch `checkpoint/`), which is renamed into place when complete.
+`kerasft fit`, `save_run` (`TwoStageFineTuner.save_run`), the exporters and the benchmarks all
+go through this module; `kerasft.tuner.load_tuner` loads a run's tuner. While a fit is in
+progress its files live in a hidden `.<name>.partial` directory beside the target (with the
+per-epoch `checkpoint/`), which is renamed into place when complete.
 
 Example:
     >>> from kerasft import rundir
@@ -37,7 +38,20 @@ from pathlib import Path
 
 import numpy as np
 
-from kerasft.data import REFERENCE_SEED, DataError, TextDataset
+from kerasft.data import (
+    REFERENCE_SEED,
+    DataError,
+    TextDataset,
+    align_labels,
+    encode_labels,
+    holdout_split,
+    load_dataset,
+    split_dataset,
+    stratified_limit,
+)
+from kerasft.fileio import atomic_write_text, publish_target
+from kerasft.plots import plot_history
+from kerasft.versions import TRAINING, package_versions
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +62,7 @@ HISTORY_FILE = "history.json"
 CURVES_FILE = "training_curves.png"
 SPLITS_DIR = "splits"
 CHECKPOINT_DIR = "checkpoint"
-ADAPTER_DIR = "adapter"  # LoRA runs: the adapter alone (`kerasft.lora.load_adapter`)
+ADAPTER_DIR = "adapter"  # LoRA runs: the adapter alone (`kerasft.tuner.load_adapter`)
 FIT_ARGS_FILE = "fit-args.json"  # in the partial directory: the options `--resume` reuses
 SPLIT_NAMES = ("train", "validation", "test")
 FORMAT_VERSION = 2
@@ -147,8 +161,6 @@ class DataSource:
 
     def load(self, check: bool = True) -> TextDataset:
         """Loads the rows the run used (after `skip_invalid` and `limit`), in file order."""
-        from kerasft.data import load_dataset
-
         if check:
             self.check_unchanged()
         return self.select(
@@ -157,8 +169,6 @@ class DataSource:
 
     def select(self, data: TextDataset) -> TextDataset:
         """The rows of the loaded file that the run used (the `limit` subsample, or all)."""
-        from kerasft.data import stratified_limit
-
         if self.limit is None:
             return data
         return data.subset(stratified_limit(data.labels, self.limit, seed=self.limit_seed))
@@ -174,8 +184,6 @@ class DataSource:
             DataError: a class too small to split, or an evaluation file with labels the data
                 file does not have.
         """
-        from kerasft.data import align_labels, holdout_split, load_dataset, split_dataset
-
         if self.validation_file is None and self.test_file is None:
             return split_dataset(data, self.split_seed)
         given = {
@@ -280,22 +288,6 @@ def run_splits(
     return tuple(_read_split(Path(run_dir) / SPLITS_DIR, n, label_names) for n in SPLIT_NAMES)
 
 
-def load_tuner(run_dir: str | os.PathLike):
-    """Loads the fitted `TwoStageFineTuner` of a run directory.
-
-    Raises:
-        FileNotFoundError: `run_dir` has no `model.keras`.
-    """
-    from kerasft.tuner import TwoStageFineTuner
-
-    path = Path(run_dir) / MODEL_FILE
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"No {MODEL_FILE} in {str(run_dir)!r}: is it a `kerasft fit` run directory?"
-        )
-    return TwoStageFineTuner.load(path)
-
-
 # --- writing -----------------------------------------------------------------------------------
 
 
@@ -339,11 +331,6 @@ def write_run(
     Returns:
         The metrics written to `metrics.json`.
     """
-    import keras
-
-    from kerasft.plots import plot_history
-    from kerasft.versions import TRAINING, package_versions
-
     directory = Path(directory)
     tuner.save(directory / MODEL_FILE)
     adapter_bytes = None
@@ -368,6 +355,25 @@ def write_run(
     _write_json(directory / CONFIG_FILE, config)
     if tuner.history is not None:
         _write_json(directory / HISTORY_FILE, tuner.history.history)
+    metrics = _score(tuner, splits, rows)
+    if adapter_bytes is not None:
+        metrics["adapter_bytes"] = adapter_bytes
+    if total_seconds_since is not None:
+        metrics["seconds"]["total"] = time.perf_counter() - total_seconds_since
+    _write_json(directory / METRICS_FILE, metrics)
+    if plot and tuner.history is not None:
+        plot_history(
+            tuner.history.history,
+            directory / CURVES_FILE,
+            f"{Path(str(tuner.preset)).name} ({metrics['backend']})",
+        )
+    return metrics
+
+
+def _score(tuner, splits: dict, rows: dict | None) -> dict:
+    """`metrics.json` of a fitted tuner: its validation and test scores and what it reports."""
+    import keras
+
     metrics = {}
     for name in ("validation", "test"):
         if splits[name] is not None and len(splits[name]):
@@ -383,29 +389,69 @@ def write_run(
         selected_epoch=tuner.selected_epoch,
         parameters=tuner.parameters,
     )
-    if adapter_bytes is not None:
-        metrics["adapter_bytes"] = adapter_bytes
     if getattr(tuner, "data_parallel", None):
         metrics["data_parallel"] = tuner.data_parallel
-    if total_seconds_since is not None:
-        metrics["seconds"]["total"] = time.perf_counter() - total_seconds_since
-    _write_json(directory / METRICS_FILE, metrics)
-    if plot and tuner.history is not None:
-        plot_history(
-            tuner.history.history,
-            directory / CURVES_FILE,
-            f"{Path(str(tuner.preset)).name} ({metrics['backend']})",
-        )
     return metrics
 
 
-def finish(directory: str | os.PathLike, target: str | os.PathLike) -> None:
-    """Drops the checkpoints of a completed run and renames `directory` to `target`."""
-    from kerasft.fileio import publish_dir
-
+def drop_resume_files(directory: str | os.PathLike) -> None:
+    """Drops what only resuming needs (checkpoints, `fit-args.json`) from a finished run."""
     shutil.rmtree(Path(directory) / CHECKPOINT_DIR, ignore_errors=True)
     (Path(directory) / FIT_ARGS_FILE).unlink(missing_ok=True)
-    publish_dir(directory, target)
+
+
+def save_run(
+    run_dir: str | os.PathLike,
+    tuner,
+    *,
+    train: TextDataset | None = None,
+    validation: TextDataset | None = None,
+    test: TextDataset | None = None,
+    source: DataSource | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Writes a fitted tuner's run directory, as `kerasft fit` does, built beside `run_dir` and
+    renamed into place under a lock on it (`kerasft.fileio.publish_target`).
+
+    The model is saved first, then `validation` and `test` are scored into `metrics.json`.
+    Without `source`, the given splits are stored in the run (`splits/*.jsonl`) so that an
+    export verifies against them; with a `DataSource`, the run records the data file (hashed)
+    and rebuilds the splits from it.
+
+    Args:
+        run_dir: the run directory to create.
+        tuner: a fitted `TwoStageFineTuner`.
+        train: training split, stored with the run.
+        validation: validation split, scored and stored.
+        test: test split, scored and stored.
+        source: the data file the splits were drawn from by the reference split, or None.
+        overwrite: replace an existing non-empty `run_dir`.
+
+    Returns:
+        `run_dir` as a `Path`.
+
+    Raises:
+        FileExistsError: `run_dir` is not empty and `overwrite` is False.
+        kerasft.fileio.LockError: another process is writing `run_dir`.
+    """
+    run_dir = Path(run_dir)
+    with publish_target(run_dir, overwrite, "Run directory") as work:
+        write_run(work, tuner, source=source, train=train, validation=validation, test=test)
+    return run_dir
+
+
+def model_path(run_dir: str | os.PathLike) -> Path:
+    """The run's `model.keras`.
+
+    Raises:
+        FileNotFoundError: `run_dir` has none (not a `kerasft fit` run directory).
+    """
+    path = Path(run_dir) / MODEL_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"No {MODEL_FILE} in {str(run_dir)!r}: is it a `kerasft fit` run directory?"
+        )
+    return path
 
 
 def _write_split(directory: Path, name: str, split: TextDataset | None) -> None:
@@ -422,9 +468,8 @@ def _read_split(directory: Path, name: str, label_names: list[str]) -> TextDatas
     path = directory / f"{name}.jsonl"
     if not path.is_file():
         return TextDataset([], np.zeros(0, dtype="int32"), label_names, str(path))
-    index = {n: i for i, n in enumerate(label_names)}
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
-    labels = np.array([index[str(r["label"])] for r in rows], dtype="int32")
+    labels, _ = encode_labels([r["label"] for r in rows], label_names)
     return TextDataset([r["text"] for r in rows], labels, label_names, str(path))
 
 
@@ -439,6 +484,4 @@ def _jsonable(obj):
 
 
 def _write_json(path: Path, obj) -> None:
-    from kerasft.fileio import atomic_write_text
-
     atomic_write_text(path, json.dumps(_jsonable(obj), indent=2) + "\n")

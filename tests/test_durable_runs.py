@@ -18,7 +18,7 @@ from kerasft.checkpoint import STATE_FILE, CheckpointMismatchError
 from kerasft.cli import main
 from kerasft.exporters import export
 from kerasft.fileio import LockError, remove_stale_temp_dirs, target_lock
-from kerasft.tuner import TwoStageFineTuner
+from kerasft.tuner import TwoStageFineTuner, load_tuner
 
 
 def _weights(run_dir):
@@ -261,7 +261,7 @@ def test_save_run_without_the_cli_and_changed_data_is_refused(tiny_preset, toy_j
     assert (len(train), len(val), len(test)) == (0, 16, 16) and test.texts == texts[80:]
     metrics = json.loads((run / rundir.METRICS_FILE).read_text())
     assert metrics["test"]["rows"] == 16
-    assert rundir.load_tuner(run).predict(texts[80:82]).shape == (2,)
+    assert load_tuner(run).predict(texts[80:82]).shape == (2,)
     exported = export(run, tmp_path / "api-export", format="onnx")  # verifies on the stored splits
     manifest = json.loads((exported / "manifest.json").read_text())
     assert manifest["verification"]["texts"] == 32

@@ -10,7 +10,8 @@ import time
 import pytest
 
 from conftest import BACKENDS, ROOT
-from kerasft.exporters.dispatch import check_format, export
+from kerasft.exporters.dispatch import export
+from kerasft.exporters.formats import check_format
 from kerasft.exporters.runtime import load, verify_checksums
 
 VARIANTS = [

@@ -8,7 +8,8 @@ import pytest
 from conftest import toy_texts
 from kerasft.cli import main
 from kerasft.data import DataError, encode_labels, label_values, load_dataset
-from kerasft.tuner import TwoStageFineTuner, _label_ids
+from kerasft.data import label_ids as _label_ids
+from kerasft.tuner import TwoStageFineTuner
 
 
 def tuner(preset="does/not/matter", **kwargs):
@@ -105,3 +106,15 @@ def test_truncated_texts_are_counted_and_logged(tiny_preset, caplog):
     assert lengths.tolist() == [4, 8, 8]
     assert count_truncated(pre, texts, lengths) == 1
     assert "1 of 3 texts are longer than sequence_length=8 tokens and were truncated" in caplog.text
+
+
+def test_export_verification_labels_are_names_integers_included():
+    """One name -> id rule everywhere: the export's verification labels follow `encode_labels`
+    (an integer label is the class of that name, not an index)."""
+    from kerasft.exporters.dispatch import _label_ids as export_label_ids
+
+    assert export_label_ids([2, 1, 2], ["1", "2"]).tolist() == [1, 0, 1]
+    assert export_label_ids(["2", "1"], ["1", "2"]).tolist() == [1, 0]
+    with pytest.raises(ValueError, match=r"Unknown labels \['0'\]"):
+        export_label_ids([0, 1], ["1", "2"])  # ids would have been accepted before
+    assert export_label_ids(None, ["1", "2"]) is None

@@ -14,7 +14,8 @@ import numpy as np
 sys.path.insert(0, {tests!r})
 from conftest import toy_texts
 from kerasft import TwoStageFineTuner
-from kerasft.lora import adapted_layers, load_adapter
+from kerasft.lora import adapted_layers
+from kerasft.tuner import load_adapter
 
 class Snapshot(keras.callbacks.Callback):
     # the classifier's variables when each stage starts (callbacks see the whole classifier)

@@ -3,7 +3,9 @@
 import pytest
 
 from kerasft.data import DataError
-from kerasft.tuner import TwoStageFineTuner, _label_ids, merge_histories
+from kerasft.data import label_ids as _label_ids
+from kerasft.stages import merge_histories
+from kerasft.tuner import TwoStageFineTuner
 
 
 def tuner(**kwargs):

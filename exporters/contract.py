@@ -1,0 +1,67 @@
+"""What a format module declares about itself (`CONTRACT`), read by the registry and the CLI.
+
+Each format module (`saved_model`, `onnx`, `openvino`, `litert`) holds one `FormatContract`
+and one `write(graph, out_dir, quantize=..., **options) -> dict` entry; `kerasft.exporters.formats`
+collects them. Like optimum's `AutoQuantizationConfig` presets, each INT8 mode is a named
+`QuantizationConfig`: the recipes it tries in order (the next only when the previous misses
+the verification gate) and what they need.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class QuantizationConfig:
+    """One `--int8` mode of a format.
+
+    Attributes:
+        mode: the `quantize=` / `--int8` value.
+        description: one line for `--help` and the docs.
+        attempts: `(recipe, settings)` pairs passed to `write(quantize=recipe, **settings)`,
+            tried in order: the next only when the previous misses the gate.
+        calibration: the recipes calibrate (or measure node sensitivity) on training texts.
+        validation: the recipes need labelled validation feeds (accuracy control).
+    """
+
+    mode: str
+    description: str
+    attempts: tuple[tuple[str, dict], ...]
+    calibration: bool = False
+    validation: bool = False
+
+
+@dataclass(frozen=True)
+class FormatContract:
+    """What a format supports and how it is written.
+
+    Attributes:
+        name: the `format=` / `--format` value.
+        description: one line for the docs.
+        int8: the INT8 modes, by name.
+        onnx_graph: traced with ONNX-friendly ops (`keras_graph.onnx_friendly_ops`).
+        calibration_batch: rows per calibration feed (1: texts one at a time, as served).
+        needs: the Python modules `write` needs, for a one-line error when one is missing.
+    """
+
+    name: str
+    description: str
+    int8: dict[str, QuantizationConfig] = field(default_factory=dict)
+    onnx_graph: bool = False
+    calibration_batch: int = 32
+    needs: tuple[str, ...] = ()
+
+    @property
+    def modes(self) -> tuple[str | None, ...]:
+        """Every `quantize` value the format takes, fp32 (None) first."""
+        return (None, *self.int8)
+
+    def attempts(self, mode: str | None) -> tuple[tuple[str | None, dict], ...]:
+        """The recipes `mode` tries in order (fp32: one, unquantized)."""
+        return ((None, {}),) if mode is None else self.int8[mode].attempts
+
+
+def int8(mode: str, description: str, *attempts: tuple[str, dict], **needs) -> QuantizationConfig:
+    """Shorthand for a `QuantizationConfig` (one attempt `(mode, {})` when none is given)."""
+    return QuantizationConfig(mode, description, attempts or ((mode, {}),), **needs)

@@ -1,0 +1,53 @@
+"""The format registry: every export format's contract, by name (`FORMATS`).
+
+`kerasft.exporters.dispatch` checks format x INT8 mode against it before any work, and the CLI
+takes its `--format` and `--int8` choices from it. Importing it imports no heavy library.
+
+Example:
+    >>> from kerasft.exporters.formats import FORMATS, VARIANTS
+    >>> FORMATS["onnx"].modes
+    (None, 'dynamic', 'static')
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from kerasft.exporters import litert, onnx, openvino, saved_model
+from kerasft.exporters.contract import FormatContract
+
+MODULES: dict[str, ModuleType] = {m.CONTRACT.name: m for m in (saved_model, onnx, openvino, litert)}
+FORMATS: dict[str, FormatContract] = {name: m.CONTRACT for name, m in MODULES.items()}
+# format -> allowed `quantize` values (None = fp32).
+SUPPORTED = {name: contract.modes for name, contract in FORMATS.items()}
+# Every (format, quantize) pair `export` supports, fp32 first within each format.
+VARIANTS = [(name, mode) for name, contract in FORMATS.items() for mode in contract.modes]
+INT8_MODES = tuple(dict.fromkeys(mode for c in FORMATS.values() for mode in c.int8))
+
+
+def check_format(format: str, quantize: str | None) -> FormatContract:
+    """The contract of `format`, after checking that it takes `quantize`.
+
+    Raises:
+        ValueError: an unknown format, or a quantization the format does not support (the
+            message lists what is supported).
+    """
+    if format not in FORMATS:
+        raise ValueError(f"Unrecognized format={format!r}. Supported formats are: {list(FORMATS)}")
+    contract = FORMATS[format]
+    if quantize not in contract.modes:
+        raise ValueError(
+            f"format={format!r} does not support quantize={quantize!r}. "
+            f"Supported for {format}: {list(contract.modes)}"
+        )
+    return contract
+
+
+def int8_help() -> str:
+    """`--int8` help: each mode with the formats that take it."""
+    parts = []
+    for mode in INT8_MODES:
+        uses = [f"{c.int8[mode].description} ({c.name})" for c in FORMATS.values()
+                if mode in c.int8]  # fmt: skip
+        parts.append(f"{mode}: {' or '.join(uses)}")
+    return "; ".join(parts)
