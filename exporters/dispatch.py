@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import logging
 import os
@@ -267,6 +268,7 @@ def export(
         >>> export("runs/sarcasm", "exports/sarcasm-ov-int8", format="openvino", quantize="nncf")
     """
     contract = check_format(format, quantize)
+    _check_installed(contract)
     _check_options(format, quantize, min_agreement, max_accuracy_drop, precision,
                    verify_per_split, keep_fp32)  # fmt: skip
     check_target_dir(out_dir, overwrite, "Export directory")
@@ -460,6 +462,24 @@ def _describe(tmp: Path, manifest: dict, served, vset, keras_ids, run_dir, start
     manifest["export_seconds"] = round(time.perf_counter() - started, 1)
     write_model_card(tmp, manifest, run_dir)
     exportdir.write_manifest(tmp, manifest)
+
+
+def _check_installed(contract: FormatContract) -> None:
+    """Raises `RuntimeError` naming the extra to install when a module the format needs is
+    missing (TensorFlow, above all, in a JAX- or PyTorch-only environment)."""
+    missing = [name for name in contract.needs if not _installed(name)]
+    if missing:
+        raise RuntimeError(
+            f"format {contract.name!r} needs {', '.join(contract.needs)} to export (not "
+            f"installed: {', '.join(missing)}): pip install 'kerasft[export]'"
+        )
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # a finder that refuses the module
+        return False
 
 
 def _check_options(

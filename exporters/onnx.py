@@ -33,7 +33,7 @@ CONTRACT = FormatContract(
         "static": int8("static", "calibrated QDQ INT8", calibration=True),
     },
     onnx_graph=True,
-    needs=("tf2onnx", "onnxruntime"),
+    needs=("tensorflow", "tf2onnx", "onnxruntime"),
 )
 log = logging.getLogger(__name__)
 

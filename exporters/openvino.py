@@ -50,7 +50,7 @@ CONTRACT = FormatContract(
     },
     onnx_graph=True,
     calibration_batch=1,  # NNCF calibrates on single texts, as the runtime serves them
-    needs=("tf2onnx", "openvino", "nncf"),
+    needs=("tensorflow", "tf2onnx", "openvino", "nncf"),
 )
 MODEL_FILE = "model.xml"
 

@@ -36,7 +36,7 @@ from kerasft.exporters.exportdir import (  # noqa: F401  (re-exported: the runti
     read_manifest,
     sha256_file,
 )
-from kerasft.wordpiece import kerashub_words, tokenizers_matches
+from kerasft.wordpiece import token_ids
 
 
 @dataclass
@@ -72,18 +72,7 @@ class ExportedClassifier:
         self._max_len = self.manifest["sequence_length"]
         # (batch, sequence) the model was exported with; None = a dynamic axis.
         self.fixed_batch, self.fixed_length = self.manifest.get("input_shape", [None, None])
-        self._cls, self._sep = (self.tokenizer.token_to_id(t) for t in ("[CLS]", "[SEP]"))
-        self._unk, self._pad = (self.tokenizer.token_to_id(t) for t in ("[UNK]", "[PAD]"))
-
-    def _exact_ids(self, text: str) -> list[int]:
-        """KerasHub's tokenization of a non-ASCII text (see `kerasft.wordpiece`)."""
-        ids = []
-        for word in kerashub_words(text, **self._settings):
-            if len(word.encode("utf-8")) > 100:  # KerasHub's FastWordpiece byte limit
-                ids.append(self._unk)
-            else:
-                ids += [t.id for t in self.tokenizer.model.tokenize(word)]
-        return [self._cls, *ids[: self._max_len - 2], self._sep]
+        self._pad = self.tokenizer.token_to_id("[PAD]")
 
     def encode(self, texts: list[str]) -> dict[str, np.ndarray]:
         """Returns `{"token_ids", "padding_mask"}` int32, padded to the longest text.
@@ -98,11 +87,7 @@ class ExportedClassifier:
         if isinstance(texts, str):
             raise TypeError("predict() takes a list of texts; wrap a single string in a list.")
         texts = list(texts)
-        rows = [e.ids for e in self.tokenizer.encode_batch(texts)]
-        rows = [
-            r if tokenizers_matches(t, **self._settings) else self._exact_ids(t)
-            for r, t in zip(rows, texts, strict=True)
-        ]
+        rows = token_ids(self.tokenizer, texts, **self._settings, sequence_length=self._max_len)
         lengths = np.array([len(r) for r in rows])
         width = self.fixed_length or lengths.max(initial=0)
         ids = np.full((len(rows), width), self._pad, dtype="int32")

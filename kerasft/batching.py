@@ -8,9 +8,10 @@ Each batch is then cut to its bucket length (a multiple of `bucket_width`, defau
 see stays small: one `(batch_size, L)` per bucket plus at most one short remainder batch.
 One-hot targets are built per batch.
 
-Tokenization takes the Rust `tokenizers` library where it gives KerasHub's ids exactly (the
-`tokenizer.json` that exports ship: `kerasft.wordpiece`), and KerasHub's own
-preprocessor for every other text and every other tokenizer.
+DistilBERT's WordPiece texts are tokenized without TensorFlow: the Rust `tokenizers` library
+where it gives KerasHub's ids exactly (the `tokenizer.json` that exports ship), KerasHub's exact
+pre-tokenisation with the same WordPiece model for the rest (`kerasft.wordpiece.token_ids`).
+Any other preprocessor tokenizes through KerasHub itself.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 
-from kerasft.wordpiece import rust_tokenizer, tokenizers_matches
+from kerasft.wordpiece import rust_tokenizer, token_ids
 
 log = logging.getLogger(__name__)
 
 PROGRESS_FROM = 8192  # texts: smaller inputs tokenize in a few seconds, without a progress bar
+UNLIMITED = 1 << 20  # tokens: no truncation (counting what `sequence_length` cut)
 
 # A batch is padded to a multiple of this. XLA (JAX, TensorFlow) compiles every distinct batch
 # shape, and 8 keeps those to about 6 on the reference data for ~3.5 padding tokens per row.
@@ -98,9 +100,9 @@ def tokenize(
 
     Texts longer than the preprocessor's `sequence_length` are truncated (as KerasHub does);
     how many were is logged (a warning) when any were. For KerasHub's WordPiece preprocessors
-    (DistilBERT's) the texts on which the Rust `tokenizers` library gives identical ids
-    (`kerasft.wordpiece.tokenizers_matches`: ASCII text and most other text) go
-    through it; the rest, and every other tokenizer, through the preprocessor itself.
+    (DistilBERT's) the ids come from `kerasft.wordpiece.token_ids` (the Rust `tokenizers`
+    library, and KerasHub's exact pre-tokenisation where that differs; no TensorFlow); every
+    other tokenizer runs through the preprocessor itself.
 
     Args:
         preprocessor: e.g. `DistilBertTextClassifierPreprocessor`; its `sequence_length` is the
@@ -158,27 +160,20 @@ def _kerashub_ids(preprocessor, texts: list[str]) -> TokenIds:
 def _tokenize_chunk(preprocessor, fast, texts: list[str]) -> TokenIds:
     if fast is None:
         return _kerashub_ids(preprocessor, texts)
-
     tokenizer, settings = fast
-    rows = [e.ids for e in tokenizer.encode_batch(texts)]
-    exact = [i for i, t in enumerate(texts) if not tokenizers_matches(t, **settings)]
-    if exact:  # KerasHub's ids for the few texts `tokenizer.json` may not reproduce
-        slow = _kerashub_ids(preprocessor, [texts[i] for i in exact])
-        for j, i in enumerate(exact):
-            start = slow.offsets[j]
-            rows[i] = slow.flat[start : start + slow.lengths[j]].tolist()
+    rows = token_ids(tokenizer, texts, **settings, sequence_length=preprocessor.sequence_length)
     lengths = np.array([len(r) for r in rows], dtype="int32")
     dtype = "uint16" if tokenizer.get_vocab_size() <= 1 << 16 else "int32"
     flat = np.fromiter((i for r in rows for i in r), dtype=dtype, count=int(lengths.sum()))
     return TokenIds(flat, _offsets(lengths), lengths, preprocessor.sequence_length)
 
 
-def fast_tokenizer(preprocessor):
+def fast_tokenizer(preprocessor, sequence_length: int | None = None):
     """`(tokenizers.Tokenizer, settings)` reproducing `preprocessor`, or None where there is none.
 
     Only KerasHub's DistilBERT preprocessor with its WordPiece tokenizer has one (the
-    `tokenizer.json` of `kerasft.wordpiece`); `tokenizers_matches(text, **settings)`
-    says for which texts its ids are KerasHub's.
+    `tokenizer.json` of `kerasft.wordpiece`); `kerasft.wordpiece.token_ids` gives KerasHub's
+    ids with it for every text. `sequence_length` overrides the preprocessor's.
     """
     import keras_hub
 
@@ -194,7 +189,8 @@ def fast_tokenizer(preprocessor):
         "strip_accents": bool(tokenizer.strip_accents),
     }
     vocabulary = tuple(tokenizer.get_vocabulary())
-    return _rust_tokenizer(vocabulary, preprocessor.sequence_length, **settings), settings
+    length = sequence_length or preprocessor.sequence_length
+    return _rust_tokenizer(vocabulary, length, **settings), settings
 
 
 @functools.lru_cache(maxsize=4)
@@ -209,13 +205,19 @@ def count_truncated(preprocessor, texts: list[str], lengths: np.ndarray) -> int:
     """How many of `texts` the preprocessor truncated.
 
     Only texts that fill the whole sequence can have been cut; those few are tokenized again
-    without the limit (`[CLS]` and `[SEP]` take two places).
+    without the limit (`[CLS]` and `[SEP]` take two places), by the same path as `tokenize`.
     """
     full = np.flatnonzero(lengths >= preprocessor.sequence_length)
     if not len(full):
         return 0
-    pieces = preprocessor.tokenizer([texts[i] for i in full])
-    counts = [len(keras.ops.convert_to_numpy(p)) for p in pieces]
+    fast, longest = fast_tokenizer(preprocessor, sequence_length=UNLIMITED), UNLIMITED
+    if fast is not None:
+        tokenizer, settings = fast
+        rows = token_ids(tokenizer, [texts[i] for i in full], **settings, sequence_length=longest)
+        counts = [len(r) - 2 for r in rows]
+    else:
+        pieces = preprocessor.tokenizer([texts[i] for i in full])
+        counts = [len(keras.ops.convert_to_numpy(p)) for p in pieces]
     return int(sum(n > preprocessor.sequence_length - 2 for n in counts))
 
 

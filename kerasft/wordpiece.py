@@ -4,8 +4,11 @@ and the exact pre-tokenisation rules, shared by training and the export runtime.
 `rust_tokenizer` reproduces the KerasHub DistilBERT preprocessor (BERT normalisation and
 pre-tokenisation, WordPiece, `[CLS] text [SEP]`, truncation to `sequence_length`);
 `tokenizers_matches` says for which texts its ids are KerasHub's, and `kerashub_words` splits
-the others exactly as KerasHub does. Exports ship it as `tokenizer.json`
-(`kerasft.exporters.tokenizer`), whose verification checks identical ids on real texts.
+the others exactly as KerasHub does; `token_ids` puts the two together. Training
+(`kerasft.batching`) and the export runtime both tokenize with it, so neither needs
+TensorFlow. Exports ship the tokenizer as `tokenizer.json` (`kerasft.exporters.tokenizer`),
+whose verification checks identical ids on real texts; a test checks training's ids against
+KerasHub's preprocessor on every reference headline.
 """
 
 from __future__ import annotations
@@ -170,3 +173,48 @@ def tokenizers_matches(text: str, lowercase: bool, strip_accents: bool) -> bool:
     if not lowercase:
         return True
     return all(_plain(ch) for ch in text if ch > "\x7f")
+
+
+# --- both together: KerasHub's ids for any text ----------------------------------------------
+
+# KerasHub's FastWordpiece gives `[UNK]` for a word of more than this many UTF-8 bytes.
+MAX_WORD_BYTES = 100
+
+
+def exact_ids(tokenizer, text: str, lowercase: bool, strip_accents: bool, sequence_length: int):
+    """KerasHub's ids for one text through its exact pre-tokenisation (`kerashub_words`) and the
+    WordPiece model of `tokenizer` (a `rust_tokenizer`), `[CLS]` and `[SEP]` included, cut to
+    `sequence_length`."""
+    unk = tokenizer.token_to_id("[UNK]")
+    ids = []
+    for word in kerashub_words(text, lowercase, strip_accents):
+        if len(word.encode("utf-8")) > MAX_WORD_BYTES:
+            ids.append(unk)
+        else:
+            ids += [t.id for t in tokenizer.model.tokenize(word)]
+    cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    return [cls, *ids[: sequence_length - 2], sep]
+
+
+def token_ids(
+    tokenizer, texts: list[str], lowercase: bool, strip_accents: bool, sequence_length: int
+) -> list[list[int]]:
+    """KerasHub's ids for `texts`, unpadded: the Rust tokenizer where `tokenizers_matches`, the
+    exact path (`exact_ids`) for the rest.
+
+    Args:
+        tokenizer: a `rust_tokenizer` (its padding is ignored; truncation must be
+            `sequence_length`).
+        texts: the texts.
+        lowercase: the WordPiece tokenizer's `lowercase`.
+        strip_accents: its `strip_accents`.
+        sequence_length: maximum ids per text, `[CLS]` and `[SEP]` included.
+
+    Returns:
+        One list of ids per text.
+    """
+    rows = [e.ids for e in tokenizer.encode_batch(texts)]
+    for i, text in enumerate(texts):
+        if not tokenizers_matches(text, lowercase, strip_accents):
+            rows[i] = exact_ids(tokenizer, text, lowercase, strip_accents, sequence_length)
+    return rows

@@ -1,5 +1,6 @@
 """Shared test helpers: per-backend subprocesses, a tiny DistilBERT preset, toy data, paths."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -9,8 +10,13 @@ from pathlib import Path
 
 import pytest
 
-# In-process tests are backend-independent; pin one so they behave the same everywhere.
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+# In-process tests are backend-independent; pin one so they behave the same everywhere (torch
+# in the TensorFlow-free environment, where only the `tf_free` tests run).
+try:
+    HAS_TENSORFLOW = importlib.util.find_spec("tensorflow") is not None
+except ImportError:  # test_tf_free's subprocesses refuse it
+    HAS_TENSORFLOW = False
+os.environ.setdefault("KERAS_BACKEND", "tensorflow" if HAS_TENSORFLOW else "torch")
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKENDS = ("jax", "tensorflow", "torch")
@@ -79,7 +85,7 @@ def tiny_preset(tmp_path_factory) -> Path:
     """A KerasHub preset directory of a seeded 2-layer, hidden-32 DistilBERT, 27-word vocabulary."""
     out = tmp_path_factory.mktemp("tiny") / "preset"
     code = TINY_PRESET_CODE.format(tests=str(ROOT / "tests"), out=str(out), dropout=0.1)
-    run_backend("tensorflow", code)
+    run_backend("tensorflow" if HAS_TENSORFLOW else "jax", code)
     return out
 
 

@@ -5,6 +5,7 @@ import json
 import keras
 import numpy as np
 import pytest
+from test_tf_free import REFERENCE_IDS_SHA256, ids_digest
 
 from kerasft.benchmarks.tokenizer_speed import typographic
 from kerasft.exporters.runtime import ExportedClassifier, sha256_file
@@ -89,3 +90,5 @@ def test_training_tokenizer_gives_kerashub_ids_on_the_whole_file(sarcasm_file):
     assert fast.flat.dtype == np.uint16 and len(fast) == len(texts) == 26709 + 2000 + 14
     assert np.array_equal(fast.lengths, exact.lengths)
     assert np.array_equal(fast.flat, exact.flat)
+    # the digest the TensorFlow-free environment checks its ids against (test_tf_free)
+    assert ids_digest(tokenize(preprocessor, rows)) == REFERENCE_IDS_SHA256

@@ -1,0 +1,137 @@
+"""Training and serving on JAX and PyTorch without TensorFlow (`-m tf_free`; CI runs these in a
+second environment that has no TensorFlow at all).
+
+Where TensorFlow is installed, each subprocess blocks `import tensorflow` (and
+tensorflow-text, tf-keras), so the same tests prove that nothing on these paths needs it.
+"""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, run_backend
+
+pytestmark = pytest.mark.tf_free
+
+TF_FREE_BACKENDS = ("jax", "torch")
+# `import tensorflow` (tensorflow-text, tf-keras) then raises ImportError and
+# `importlib.util.find_spec` says None, as if they were not installed.
+BLOCK_TF = """
+import sys
+sys.modules.update(dict.fromkeys(("tensorflow", "tensorflow_text", "tf_keras")))
+"""
+# sha256 of the training token ids (lengths, then ids) of every reference headline at sequence
+# length 128. `test_tokenizer_assets` checks, where TensorFlow exists, that these ids are
+# KerasHub's preprocessor's and that they hash to this.
+REFERENCE_IDS_SHA256 = "0aa9b546dbd080334be26e41100cf5a55b003b47c14ae754c47e1cc44220c0c9"
+
+
+def ids_digest(ids) -> str:
+    digest = hashlib.sha256(np.asarray(ids.lengths, dtype="int32").tobytes())
+    digest.update(np.asarray(ids.flat, dtype="int32").tobytes())
+    return digest.hexdigest()
+
+
+FIT_CODE = """
+import json, sys, tempfile
+import numpy as np
+sys.path.insert(0, {tests!r})
+from conftest import toy_texts
+from kerasft import TwoStageFineTuner
+from kerasft.tuner import load_tuner
+
+texts, labels = toy_texts(96, seed=2)
+tuner = TwoStageFineTuner({preset!r}, sequence_length=32, warmup_epochs=1, finetune_epochs=1,
+                          batch_size=16, seed=3, verbose=0)
+tuner.fit(texts[:64], labels[:64], validation_data=(texts[64:], labels[64:]))
+run = tempfile.mkdtemp() + "/run"
+tuner.save_run(run, validation=(texts[64:80], labels[64:80]), test=(texts[80:], labels[80:]))
+again = load_tuner(run)
+print(json.dumps({{
+    "predict": again.predict(texts[80:84]).tolist(),
+    "same": bool(np.allclose(again.predict_proba(texts[80:]), tuner.predict_proba(texts[80:]),
+                             atol=1e-5)),
+    "evaluate": again.evaluate(texts[80:], labels[80:])["accuracy"],
+    "tensorflow_loaded": any(m.split(".")[0] == "tensorflow" and sys.modules[m] is not None
+                             for m in list(sys.modules)),
+}}))
+"""
+
+
+@pytest.mark.parametrize("backend", TF_FREE_BACKENDS)
+def test_fit_save_load_predict_without_tensorflow(backend, tiny_preset):
+    code = FIT_CODE.format(tests=str(ROOT / "tests"), preset=str(tiny_preset))
+    r = run_backend(backend, BLOCK_TF + code)
+    assert r["tensorflow_loaded"] is False
+    assert r["same"] and len(r["predict"]) == 4 and 0 <= r["evaluate"] <= 1
+
+
+def _cli(backend: str, *args: str, cwd=None) -> subprocess.CompletedProcess:
+    """`kerasft ARGS` in a subprocess whose imports of TensorFlow fail."""
+    code = BLOCK_TF + "import sys\nfrom kerasft.cli import main\nsys.exit(main(sys.argv[1:]))"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "KERAS_BACKEND": backend}
+    command = [sys.executable, "-c", code, "--backend", backend, *args]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=cwd)
+
+
+@pytest.mark.parametrize("backend", TF_FREE_BACKENDS)
+def test_cli_fit_predict_evaluate_without_tensorflow(backend, tiny_preset, toy_data, tmp_path):
+    run = tmp_path / "run"
+    fit = _cli(backend, "fit", "--data", str(toy_data), "--preset", str(tiny_preset), "--out",
+               str(run), "--sequence-length", "32", "--batch-size", "16", "--warmup-epochs", "1",
+               "--finetune-epochs", "1", "--quiet")  # fmt: skip
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    assert "test accuracy" in fit.stdout
+    predict = _cli(backend, "predict", str(run), "a good day", "--json")
+    assert predict.returncode == 0, predict.stderr[-3000:]
+    assert json.loads(predict.stdout)[0]["label"] in ("neg", "pos")
+    evaluate = _cli(backend, "evaluate", str(run), "--data", str(toy_data), "--json")
+    assert evaluate.returncode == 0, evaluate.stderr[-3000:]
+    assert json.loads(evaluate.stdout)["rows"] == 400
+
+
+def test_exports_that_need_tensorflow_refuse_in_one_line(tmp_path):
+    """Without TensorFlow an export that traces under it names the extra to install, before any
+    work (the run directory is not even read)."""
+    result = _cli("torch", "export", str(tmp_path), "--format", "onnx", "--out",
+                  str(tmp_path / "x"))  # fmt: skip
+    assert result.returncode == 2
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(
+        "kerasft export: error: format 'onnx' needs tensorflow, tf2onnx, onnxruntime to export "
+        "(not installed: tensorflow"
+    ), line
+    assert line.endswith("): pip install 'kerasft[export]'"), line
+    assert not (tmp_path / "x").exists()
+
+
+REF_IDS_CODE = """
+import json, sys, hashlib
+import numpy as np
+import keras_hub
+sys.path.insert(0, {tests!r})
+from test_tf_free import ids_digest
+from kerasft.batching import tokenize
+from kerasft.presets import minilm_source_dir
+
+tokenizer = keras_hub.models.DistilBertTokenizer(
+    vocabulary=str(minilm_source_dir() / "vocab.txt"), lowercase=True
+)
+preprocessor = keras_hub.models.DistilBertTextClassifierPreprocessor(tokenizer)
+rows = [json.loads(line)["headline"] for line in open({data!r}, encoding="utf-8")]
+print(json.dumps({{"rows": len(rows), "digest": ids_digest(tokenize(preprocessor, rows))}}))
+"""
+
+
+@pytest.mark.parametrize("backend", TF_FREE_BACKENDS)
+def test_reference_ids_without_tensorflow(backend, sarcasm_file):
+    """The training ids of every reference headline, without TensorFlow, are the ones
+    `test_tokenizer_assets` checks against KerasHub's preprocessor where TensorFlow exists."""
+    code = REF_IDS_CODE.format(tests=str(ROOT / "tests"), data=str(sarcasm_file))
+    r = run_backend(backend, BLOCK_TF + code)
+    assert r == {"rows": 26709, "digest": REFERENCE_IDS_SHA256}
