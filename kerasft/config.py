@@ -324,6 +324,14 @@ class RecipeConfig:
         metavar="A,B",
     )
 
+    label_smoothing: float = option(
+        0.0,
+        "smooth the one-hot targets: 1 - X on the label, X / K spread over all K classes "
+        "(Keras' CategoricalCrossentropy label_smoothing); default 0",
+        check=(_is_fraction, "a float in [0, 1)"),
+        parse=float,
+    )
+
     def __post_init__(self):
         if isinstance(self.preset, os.PathLike):
             self.preset = os.fspath(self.preset)
@@ -374,6 +382,7 @@ class RecipeConfig:
             "max_grad_norm": self.max_grad_norm,
             "gradient_accumulation_steps": self.gradient_accumulation_steps,
             "loss_scale": self.mixed_precision == "float16",
+            "label_smoothing": self.label_smoothing,
         }
 
     def to_dict(self) -> dict:

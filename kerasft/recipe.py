@@ -59,6 +59,7 @@ def compile_classifier(
     gradient_accumulation_steps: int = 1,
     loss_scale: bool = False,
     weighted_metrics: bool = False,
+    label_smoothing: float = 0.0,
 ) -> keras.Model:
     """Compiles `model` with the recipe's loss: a fresh Adam, one-hot CE from logits, accuracy.
 
@@ -78,6 +79,7 @@ def compile_classifier(
         weighted_metrics: accuracy and F1 honour sample weights (Keras' `weighted_metrics`):
             for data-parallel evaluation, whose padding rows weigh 0. With `class_weight`
             they are then class-weighted too.
+        label_smoothing: the loss's target smoothing (Keras' `label_smoothing`).
 
     Returns:
         `model`, compiled.
@@ -104,7 +106,9 @@ def compile_classifier(
     ]
     model.compile(
         optimizer=optimizer,
-        loss=keras.losses.CategoricalCrossentropy(from_logits=True),
+        loss=keras.losses.CategoricalCrossentropy(
+            from_logits=True, label_smoothing=label_smoothing
+        ),
         **{"weighted_metrics" if weighted_metrics else "metrics": metrics},
     )
     return model

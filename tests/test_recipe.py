@@ -33,3 +33,23 @@ def test_frozen_stage_leaves_backbone_weights_unchanged(tiny_preset):
         np.array_equal(a, b) for a, b in zip(before, clf.backbone.get_weights(), strict=True)
     )
     assert not np.array_equal(head_before, np.array(clf.output_dense.kernel))
+
+
+def test_label_smoothing_reaches_the_loss():
+    """`label_smoothing` is the recipe's stage option and the compiled loss's smoothing: a
+    confident right answer costs more with it than without."""
+    import keras
+
+    from kerasft.config import RecipeConfig
+    from kerasft.recipe import compile_classifier
+
+    assert RecipeConfig(label_smoothing=0.2).stage_options("warmup")["label_smoothing"] == 0.2
+    inputs = keras.Input((2,))
+    model = keras.Model(inputs, keras.layers.Dense(2, use_bias=False)(inputs))
+    model.layers[-1].set_weights([np.array([[20.0, -20.0], [-20.0, 20.0]])])
+    x, y = np.eye(2, dtype="float32"), np.eye(2, dtype="float32")
+    losses = {}
+    for smoothing in (0.0, 0.2):
+        compile_classifier(model, 1e-3, label_smoothing=smoothing)
+        losses[smoothing] = model.evaluate(x, y, verbose=0, return_dict=True)["loss"]
+    assert losses[0.0] < 1e-6 < 1.0 < losses[0.2]

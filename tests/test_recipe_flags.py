@@ -35,6 +35,7 @@ EXAMPLES = {
     "lora_rank": 4,
     "lora_alpha": 16.0,
     "lora_targets": ["query", "key"],
+    "label_smoothing": 0.1,
 }
 FIELDS = dataclasses.fields(RecipeConfig)
 
