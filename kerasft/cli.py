@@ -135,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--text-column")
     fit.add_argument("--label-column")
     fit.add_argument("--skip-invalid", action="store_true", help="drop rows without text/label")
+    fit.add_argument("--encoding", default="utf-8", help="the data files' text encoding")
+    fit.add_argument(
+        "--no-header", action="store_true",
+        help="CSV/TSV: the first row is data; columns are named 0, 1, ... (default: detected)",
+    )  # fmt: skip
     fit.add_argument("--limit", type=int, help="stratified subsample of N rows before the split")
     fit.add_argument(
         "--split-seed", type=int, default=REFERENCE_SEED,
@@ -206,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", required=True)
     evaluate.add_argument("--text-column")
     evaluate.add_argument("--label-column")
+    evaluate.add_argument("--encoding", default="utf-8", help="the data file's text encoding")
     evaluate.add_argument("--json", action="store_true")
 
     sub.add_parser(
@@ -262,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
 # interrupted run (`run_options`).
 DATA_OPTIONS = (
     "backend", "data", "text_column", "label_column", "skip_invalid", "limit", "split_seed",
-    "validation_data", "test_data",
+    "validation_data", "test_data", "encoding", "no_header",
 )  # fmt: skip
 
 
@@ -413,12 +419,14 @@ def _read_splits(args, seed: int):
     source = rundir.DataSource.from_file(
         args.data, validation=args.validation_data, test=args.test_data,
         skip_invalid=args.skip_invalid, limit=args.limit, limit_seed=seed,
-        split_seed=args.split_seed,
+        split_seed=args.split_seed, encoding=args.encoding,
     )  # fmt: skip
     log.info("reading %s (%.1f MB)", source.path, source.size / 1e6)
-    data = load_dataset(source.path, args.text_column, args.label_column, args.skip_invalid)
+    data = load_dataset(source.path, args.text_column, args.label_column, args.skip_invalid,
+                        args.encoding, header=False if args.no_header else None)  # fmt: skip
     # The columns found, so that the splits are rebuilt from the same ones.
     source.text_column, source.label_column = data.columns["text"], data.columns["label"]
+    source.header = data.columns["header"]
     used = source.select(data)
     train, val, test = source.split(used)
     log.info(
@@ -554,7 +562,8 @@ def cmd_evaluate(args) -> int:
     from kerasft.data import load_dataset
 
     tuner = _load_run(args.run_dir)
-    metrics = tuner.score(load_dataset(args.data, args.text_column, args.label_column))
+    data = load_dataset(args.data, args.text_column, args.label_column, encoding=args.encoding)
+    metrics = tuner.score(data)
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:

@@ -1,10 +1,12 @@
 """Labelled text loading, the reference 60/20/20 split and stratified subsampling.
 
 Supported files: JSON Lines (`.jsonl`/`.ndjson`), a JSON array of objects (`.json`), CSV (`.csv`)
-and TSV (`.tsv`/`.tab`) with a header row, each optionally gzipped (`.jsonl.gz`, ...); a UTF-8
-byte-order mark (as Excel writes) is ignored. A label that is empty, null/None or NaN (in any
-spelling, "nan" included) is missing. Text and label columns are auto-detected from common
-names (`headline`, `sentence`, `text`, ... / `is_sarcastic`, `label`, ...) and can be given by name.
+and TSV (`.tsv`/`.tab`) with a header row or, for a two-column `label, text` file, without
+one (detected, or `header=False`), each optionally gzipped (`.jsonl.gz`, ...), in UTF-8 or the
+`encoding` given; a UTF-8 byte-order mark (as Excel writes) is ignored. A label that is empty,
+null/None or NaN (in any spelling, "nan" included) is missing. Text and label columns are
+auto-detected from common names (`headline`, `sentence`, `text`, ... / `is_sarcastic`, `label`,
+...) and can be given by name.
 Labels are class names, in files and in the Python API alike (`encode_labels`): the distinct
 values in sorted order (numeric when all are integers) become class ids `0..K-1`, and their string
 forms are kept in `TextDataset.label_names`; `{1, 2}` is a 2-class task named "1" and "2".
@@ -79,11 +81,28 @@ class TextDataset:
         )
 
 
-def _open_text(path: Path):
+def _open_text(path: Path, encoding: str = "utf-8"):
     """Opens a (possibly gzipped) text file; a UTF-8 byte-order mark (Excel's) is dropped."""
+    encoding = "utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding
     if path.suffix.lower() == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8-sig", newline="")
-    return path.open(encoding="utf-8-sig", newline="")
+        return gzip.open(path, "rt", encoding=encoding, newline="")
+    return path.open(encoding=encoding, newline="")
+
+
+def _decode_error(path: Path, encoding: str, error: UnicodeDecodeError) -> DataError:
+    """Where a file stops being `encoding`: its line and byte, read again from the raw bytes."""
+    raw = gzip.open(path).read() if path.suffix.lower() == ".gz" else path.read_bytes()
+    try:
+        raw.decode(encoding)
+        at = error.start  # (not reached: the file did not decode)
+    except UnicodeDecodeError as e:
+        at = e.start
+    line = raw.count(b"\n", 0, at) + 1
+    return DataError(
+        f"{path}: line {line}: byte 0x{raw[at]:02x} (offset {at}) is not {encoding}. Pass the "
+        "file's encoding: --encoding latin-1 (or cp1252, ...) on the command line, "
+        "encoding=... in load_dataset."
+    )
 
 
 def _format_of(path: Path) -> str | None:
@@ -103,7 +122,9 @@ def _is_missing(value) -> bool:
     return isinstance(value, str) and value.strip().lower() in MISSING_LABELS
 
 
-def _read_records(path: Path, fmt: str) -> Iterator[tuple[int, dict]]:
+def _read_records(
+    path: Path, fmt: str, encoding: str = "utf-8", header: bool = True
+) -> Iterator[tuple[int, dict]]:
     """Yields `(row number, record)` one at a time (a JSON array is parsed whole first).
 
     Row numbers are lines for JSON Lines and CSV/TSV (the header is line 1), positions for a
@@ -111,7 +132,7 @@ def _read_records(path: Path, fmt: str) -> Iterator[tuple[int, dict]]:
     held as dicts.
     """
     if fmt == "jsonl":
-        with _open_text(path) as f:
+        with _open_text(path, encoding) as f:
             for lineno, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
@@ -128,7 +149,7 @@ def _read_records(path: Path, fmt: str) -> Iterator[tuple[int, dict]]:
         return
     if fmt == "json":
         try:
-            with _open_text(path) as f:
+            with _open_text(path, encoding) as f:
                 data = json.loads(f.read())
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: line {e.lineno}: malformed JSON ({e.msg}).") from e
@@ -136,7 +157,14 @@ def _read_records(path: Path, fmt: str) -> Iterator[tuple[int, dict]]:
             raise DataError(f"{path}: expected a JSON array of objects.")
         yield from enumerate(data, start=1)
         return
-    with _open_text(path) as f:
+    if not header:  # columns are named by position: "0", "1", ...
+        with _open_text(path, encoding) as f:
+            reader = csv.reader(f, delimiter="\t" if fmt == "tsv" else ",")
+            for row in reader:
+                if row:
+                    yield reader.line_num, {str(i): v for i, v in enumerate(row)}
+        return
+    with _open_text(path, encoding) as f:
         reader = csv.DictReader(f, delimiter="\t" if fmt == "tsv" else ",")
         for record in reader:
             if None in record:
@@ -166,6 +194,13 @@ def _pick_column(columns: list[str], given: str | None, candidates, role: str, p
             f"{path}: ambiguous {role} column: {found} all match. Choose one with {role}_column=..."
         )
     return found[0]
+
+
+def _headerless_columns(path: Path, fmt: str, encoding: str) -> tuple[str, str]:
+    """`(text column, label column)` of a headerless two-column file: labels repeat."""
+    rows = [r for _, r in itertools.islice(_read_records(path, fmt, encoding, False), 10000)]
+    distinct = [len({r.get(str(i)) for r in rows}) for i in (0, 1)]
+    return ("1", "0") if distinct[0] < distinct[1] else ("0", "1")
 
 
 def encode_labels(values, known: list[str] | None = None) -> tuple[np.ndarray, list[str]]:
@@ -236,6 +271,8 @@ def load_dataset(
     text_column: str | None = None,
     label_column: str | None = None,
     skip_invalid: bool = False,
+    encoding: str = "utf-8",
+    header: bool | None = None,
 ) -> TextDataset:
     """Loads labelled texts from a JSONL, JSON, CSV or TSV file.
 
@@ -246,14 +283,21 @@ def load_dataset(
         label_column: the label column; auto-detected when None.
         skip_invalid: drop rows with an empty text or label instead of failing (the count is
             logged and kept in `TextDataset.skipped`).
+        encoding: the file's text encoding (a UTF-8 byte-order mark is dropped).
+        header: CSV/TSV (ignored otherwise): whether the first row names the columns. None
+            (default) decides:
+            a two-column file whose first row names no known column is read without a header
+            when one column holds few distinct values (the labels) and the other many (the
+            texts). Without a header the columns are named `"0"`, `"1"`, ...
 
     Returns:
         A `TextDataset`.
 
     Raises:
         FileNotFoundError: the file does not exist.
-        DataError: unknown format, empty file, malformed row, missing/ambiguous columns, a
-            missing label, or a single class.
+        DataError: unknown format, empty file, text that is not `encoding` (line and byte
+            named), malformed row, missing/ambiguous columns, a missing label, or a single
+            class.
 
     Example:
         >>> ds = load_dataset("../shared/data/sarcasm_headlines_v1.jsonl")
@@ -271,14 +315,47 @@ def load_dataset(
         )
     if path.stat().st_size == 0:
         raise DataError(f"{path}: the file is empty.")
+    try:
+        if header is None and fmt in ("csv", "tsv") and text_column is label_column is None:
+            header = _has_header(path, fmt, encoding)
+        return _load(path, fmt, text_column, label_column, skip_invalid, encoding, header)
+    except UnicodeDecodeError as e:
+        raise _decode_error(path, encoding, e) from None
+
+
+def _has_header(path: Path, fmt: str, encoding: str) -> bool:
+    """False for a two-column file whose first row names no known column and whose columns
+    look like labels (few distinct values, the first row's among them) and texts (many);
+    else True."""
+    with _open_text(path, encoding) as f:
+        first = next(csv.reader(f, delimiter="\t" if fmt == "tsv" else ","), [])
+    known = {c.lower() for c in (*TEXT_COLUMNS, *LABEL_COLUMNS)}
+    if len(first) != 2 or any(c.strip().lower() in known for c in first):
+        return True
+    rows = [r for _, r in itertools.islice(_read_records(path, fmt, encoding, False), 10000)]
+    distinct = [len({r.get(str(i)) for r in rows}) for i in (0, 1)]
+    label = str(int(distinct[1] < distinct[0]))
+    repeats = rows[0].get(label) in {r.get(label) for r in rows[1:]}  # a header name would not
+    return not (repeats and min(distinct) <= max(2, min(50, len(rows) // 10)) < max(distinct))
+
+
+def _load(path, fmt, text_column, label_column, skip_invalid, encoding, header) -> TextDataset:
     unit = "record" if fmt == "json" else "line"
-    records = _read_records(path, fmt)
+    records = _read_records(path, fmt, encoding, header is not False)
     first = next(records, None)
     if first is None:
         raise DataError(f"{path}: the file has no data rows.")
     columns = list(first[1])
-    text_col = _pick_column(columns, text_column, TEXT_COLUMNS, "text", path)
-    label_col = _pick_column(columns, label_column, LABEL_COLUMNS, "label", path)
+    if header is False and text_column is label_column is None and len(columns) == 2:
+        text_column, label_column = _headerless_columns(path, fmt, encoding)
+    try:
+        text_col = _pick_column(columns, text_column, TEXT_COLUMNS, "text", path)
+        label_col = _pick_column(columns, label_column, LABEL_COLUMNS, "label", path)
+    except DataError as e:
+        if header is not False and fmt in ("csv", "tsv"):
+            e.args = (f"{e.args[0]} If the first row is data, not column names, pass "
+                      "--no-header (header=False).",)  # fmt: skip
+        raise
 
     texts, raw_labels, skipped = [], [], 0
     for row, record in itertools.chain([first], records):
@@ -309,7 +386,12 @@ def load_dataset(
             "needs at least two."
         )
     return TextDataset(
-        texts, labels, names, str(path), skipped, {"text": text_col, "label": label_col}
+        texts,
+        labels,
+        names,
+        str(path),
+        skipped,
+        {"text": text_col, "label": label_col, "header": header is not False},
     )
 
 

@@ -99,6 +99,8 @@ class DataSource:
         test_file: the same for a separate test file, or None. With both, the data file is
             used whole for training; with one, the data file is split 75/25 (stratified,
             `split_seed`) into training rows and the other evaluation set.
+        encoding: the text encoding of the files.
+        header: CSV/TSV: whether the first row names the columns (None: detected).
     """
 
     path: str
@@ -112,6 +114,8 @@ class DataSource:
     split_seed: int = REFERENCE_SEED
     validation_file: dict | None = None
     test_file: dict | None = None
+    encoding: str = "utf-8"
+    header: bool | None = None
 
     @classmethod
     def from_file(
@@ -163,9 +167,13 @@ class DataSource:
         """Loads the rows the run used (after `skip_invalid` and `limit`), in file order."""
         if check:
             self.check_unchanged()
-        return self.select(
-            load_dataset(self.path, self.text_column, self.label_column, self.skip_invalid)
-        )
+        return self.select(self._load(self.path))
+
+    def _load(self, path: str) -> TextDataset:
+        return load_dataset(
+            path, self.text_column, self.label_column, self.skip_invalid, self.encoding,
+            header=self.header,
+        )  # fmt: skip
 
     def select(self, data: TextDataset) -> TextDataset:
         """The rows of the loaded file that the run used (the `limit` subsample, or all)."""
@@ -187,12 +195,7 @@ class DataSource:
         if self.validation_file is None and self.test_file is None:
             return split_dataset(data, self.split_seed)
         given = {
-            name: align_labels(
-                load_dataset(
-                    described["path"], self.text_column, self.label_column, self.skip_invalid
-                ),
-                data.label_names,
-            )
+            name: align_labels(self._load(described["path"]), data.label_names)
             for name, described in self.files().items()
             if name != "data"
         }

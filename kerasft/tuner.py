@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import zipfile
+import zlib
 from pathlib import Path
 
 import keras
@@ -357,10 +359,7 @@ class TwoStageFineTuner:
         `evaluate` and `bench` accept; see `kerasft.rundir.save_run` for the arguments.
 
         Example:
-            >>> tuner.fit(train_texts, train_labels, validation_data=(val_texts, val_labels))
-            >>> tuner.save_run("runs/mine", validation=(val_texts, val_labels),
-            ...                test=(test_texts, test_labels))
-            >>> # then: kerasft export runs/mine --format onnx --int8 dynamic --out exports/mine
+            >>> tuner.save_run("runs/mine", validation=(val_x, val_y), test=(test_x, test_y))
         """
         splits = {
             name: None if split is None else self._as_dataset(split)
@@ -375,6 +374,7 @@ class TwoStageFineTuner:
 
         Raises:
             FileNotFoundError: if the model or its `.json` sidecar is missing.
+            ValueError: the model file is damaged (a truncated or corrupted archive).
         """
         import keras_hub  # noqa: F401  (registers the KerasHub classes for deserialisation)
 
@@ -384,7 +384,13 @@ class TwoStageFineTuner:
                 raise FileNotFoundError(f"Saved tuner file not found: {str(p)!r}")
         meta = json.loads(_meta_path(path).read_text())
         tuner = cls.from_config(meta["config"])
-        tuner.model = keras.saving.load_model(path)
+        damaged = f"{str(path)!r} is damaged: not a complete Keras archive"
+        if not zipfile.is_zipfile(path):
+            raise ValueError(f"{damaged} (truncated or overwritten). Restore it or fit again.")
+        try:
+            tuner.model = keras.saving.load_model(path)
+        except (zipfile.BadZipFile, EOFError, zlib.error) as e:  # a member cut or corrupted
+            raise ValueError(f"{damaged} ({type(e).__name__}: {e}). Restore it.") from e
         tuner.label_names = meta["label_names"]
         tuner.backend = meta.get("backend")
         return tuner

@@ -120,3 +120,62 @@ def test_installed_names_live_under_kerasft(tmp_path):
                           cwd=tmp_path, env=env, timeout=120)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == [False, False, True, True]
+
+
+def test_a_damaged_model_file_says_so(toy_runs, tmp_path, capsys):
+    import shutil
+
+    run = shutil.copytree(toy_runs["torch"], tmp_path / "run")
+    model = run / "model.keras"
+    model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])  # a cut copy
+    assert main(["--backend", "torch", "predict", str(run), "a good day"]) == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith(
+            "model.keras' is damaged: not a complete Keras archive (truncated or overwritten). "
+            "Restore it or fit again."
+        )
+    )
+
+
+def test_a_file_that_is_not_utf8_is_named_and_read_with_encoding(toy_runs, tmp_path, capsys):
+    data = tmp_path / "latin.csv"
+    data.write_bytes("text,label\nthe caf\xe9 day was good great,pos\nan awful day,neg\n"
+                     .encode("latin-1"))  # fmt: skip
+    assert main(["fit", "--data", str(data), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"{data}: line 2: byte 0xe9 (offset 18) is not utf-8" in err
+    assert "--encoding latin-1" in err and not (tmp_path / "run").exists()
+    code = main(["evaluate", str(toy_runs["torch"]), "--data", str(data), "--encoding",
+                 "latin-1", "--json"])  # fmt: skip
+    assert code == 0
+    assert json.loads(capsys.readouterr().out)["rows"] == 2
+
+
+def test_a_headerless_label_text_tsv_fits(tiny_preset, tmp_path, capsys):
+    """A `label<TAB>text` file without a header row: the first row is data, and is trained on."""
+    from conftest import toy_texts
+
+    texts, labels = toy_texts(120, seed=7)
+    data = tmp_path / "plain.tsv"
+    data.write_text("".join(f"{y}\t{t}\n" for t, y in zip(texts, labels, strict=True)))
+    run = tmp_path / "run"
+    code = main(["fit", "--data", str(data), "--out", str(run), "--preset", str(tiny_preset),
+                 "--sequence-length", "32", "--batch-size", "16", "--warmup-epochs", "1",
+                 "--finetune-epochs", "1", "--quiet"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err[-2000:]
+    config = json.loads((run / "config.json").read_text())
+    assert config["data"]["header"] is False
+    assert (config["data"]["text_column"], config["data"]["label_column"]) == ("1", "0")
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["rows"]["file"] == 120 and metrics["label_names"] == ["0", "1"]
+
+
+def test_a_header_that_names_no_known_column_suggests_no_header(tmp_path, capsys):
+    data = tmp_path / "odd.csv"
+    data.write_text("words,class_id\nsome text,1\nother text,0\nmore text,1\n")
+    assert main(["fit", "--data", str(data), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "no text column found among ['words', 'class_id']" in err
+    assert "If the first row is data, not column names, pass --no-header" in err
