@@ -61,29 +61,26 @@ def download_wheels(out: Path) -> list[Path]:
 
 def write_fp16_checkpoint(out: Path) -> Path:
     """The offline preset's DistilBERT checkpoint with float16 weights."""
-    from safetensors.numpy import load_file, save_file
-
     from kerasft.presets import minilm_source_dir, write_distilbert_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = write_distilbert_checkpoint(minilm_source_dir(), Path(tmp) / "fp32")
-        shutil.rmtree(out, ignore_errors=True)
-        shutil.copytree(fp32, out, ignore=shutil.ignore_patterns("model.safetensors"))
-        tensors = load_file(fp32 / "model.safetensors")
-        save_file({k: v.astype("float16") for k, v in tensors.items()},
-                  str(out / "model.safetensors"))  # fmt: skip
-    return out
+        return cast_checkpoint(fp32, out, "float16")
 
 
 def unpack(fp16_dir: Path, out: Path) -> Path:
     """A float32 copy of a `write_fp16_checkpoint` directory (on the device)."""
+    return cast_checkpoint(fp16_dir, out, "float32")
+
+
+def cast_checkpoint(source: Path, out: Path, dtype: str) -> Path:
+    """A copy of a checkpoint directory with `model.safetensors` cast to `dtype`."""
     from safetensors.numpy import load_file, save_file
 
     shutil.rmtree(out, ignore_errors=True)
-    shutil.copytree(fp16_dir, out, ignore=shutil.ignore_patterns("model.safetensors"))
-    tensors = load_file(fp16_dir / "model.safetensors")
-    save_file({k: v.astype("float32") for k, v in tensors.items()},
-              str(out / "model.safetensors"))  # fmt: skip
+    shutil.copytree(source, out, ignore=shutil.ignore_patterns("model.safetensors"))
+    tensors = load_file(source / "model.safetensors")
+    save_file({k: v.astype(dtype) for k, v in tensors.items()}, str(out / "model.safetensors"))
     return out
 
 
