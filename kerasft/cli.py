@@ -426,7 +426,7 @@ def _read_splits(args, seed: int):
                         args.encoding, header=False if args.no_header else None)  # fmt: skip
     # The columns found, so that the splits are rebuilt from the same ones.
     source.text_column, source.label_column = data.columns["text"], data.columns["label"]
-    source.header = data.columns["header"]
+    source.header = data.header
     used = source.select(data)
     train, val, test = source.split(used)
     log.info(

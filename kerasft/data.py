@@ -57,6 +57,8 @@ class TextDataset:
         label_names: class names; ints are kept as their string form (`"0"`, `"1"`).
         source: where the rows came from.
         skipped: rows dropped by `skip_invalid=True` (always 0 otherwise).
+        columns: `{"text": ..., "label": ...}`, the columns the rows were read from.
+        header: CSV/TSV: whether the file's first row named the columns; None otherwise.
     """
 
     texts: list[str]
@@ -65,6 +67,7 @@ class TextDataset:
     source: str = ""
     skipped: int = 0
     columns: dict = field(default_factory=dict)
+    header: bool | None = None
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -391,7 +394,8 @@ def _load(path, fmt, text_column, label_column, skip_invalid, encoding, header) 
         names,
         str(path),
         skipped,
-        {"text": text_col, "label": label_col, "header": header is not False},
+        {"text": text_col, "label": label_col},
+        header=None if fmt not in ("csv", "tsv") else header is not False,
     )
 
 

@@ -39,6 +39,9 @@ recipe.load_pretrained_classifier = no_dropout
 
 texts, labels = toy_texts(206, seed=3)
 train, val, test = slice(0, 118), slice(118, 169), slice(169, 206)
+start = recipe.load_pretrained_classifier({preset!r}, 2, 32)
+recipe.initialize_head(start, 30)  # the tuner's seed: the weights training starts from
+start = [np.asarray(w, dtype="float64") for w in start.weights]
 runs = []
 for devices in (None, 2):
     tuner = TwoStageFineTuner(
@@ -62,7 +65,8 @@ print(json.dumps({{
     "proba": float(np.abs(one["proba"] - two["proba"]).max()),
     "rows": len(two["proba"]),
     "evaluate": {{k: abs(one["evaluate"][k] - two["evaluate"][k]) for k in one["evaluate"]}},
-    "changed": max(float(np.abs(w).max()) for w in one["weights"]),
+    "changed": max(float(np.abs(a - b).max()) for a, b in zip(one["weights"], start)),
+    "start": len(start) == len(one["weights"]),
 }}))
 """
 
@@ -77,6 +81,8 @@ def test_two_devices_give_the_weights_of_one(backend, tiny_preset_no_dropout):
     assert max(out["history"].values()) <= 1e-4, out
     assert out["rows"] == 37 and out["proba"] <= 1e-4, out
     assert max(out["evaluate"].values()) <= 1e-4, out
+    # ... and they did train: the weights moved from where both runs started
+    assert out["start"] and out["changed"] > 1e-3, out
 
 
 def _fit_args(backend, preset, data, out, *extra):
