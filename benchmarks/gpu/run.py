@@ -130,15 +130,15 @@ def _time(call, calls: int, warmup: int = 3) -> dict:
     return {"p50_ms": float(np.median(ms)), "p90_ms": float(np.percentile(ms, 90)), "n": calls}
 
 
-def _feeds(vocabulary_size: int, cells):
-    """Token ids (every position attended, `[CLS]`-like first id) per (batch, tokens) cell."""
+def _feeds(vocabulary_size: int, cells, cls_id: int):
+    """Token ids (every position attended, `[CLS]` first) per (batch, tokens) cell."""
     import numpy as np
 
     rng = np.random.default_rng(0)
     for batch, tokens in cells:
         low = min(1000, vocabulary_size // 2)  # past the special tokens
         ids = rng.integers(low, vocabulary_size, size=(batch, tokens)).astype("int32")
-        ids[:, 0] = 101
+        ids[:, 0] = cls_id
         yield (batch, tokens), ids, np.ones_like(ids)
 
 
@@ -164,7 +164,9 @@ def keras_step(args) -> dict:
             out.block_until_ready()
 
     results = {}
-    for (batch, tokens), ids, mask in _feeds(tuner.model.backbone.vocabulary_size, _cells(args)):
+    cls_id = tuner.model.preprocessor.tokenizer.token_to_id("[CLS]")
+    vocabulary_size = tuner.model.backbone.vocabulary_size
+    for (batch, tokens), ids, mask in _feeds(vocabulary_size, _cells(args), cls_id):
         feed = {"token_ids": keras.ops.convert_to_tensor(ids),
                 "padding_mask": keras.ops.convert_to_tensor(mask)}  # fmt: skip
         if backend == "torch":
@@ -214,8 +216,9 @@ def transformers_step(args) -> dict:
 def peers_step(args) -> dict:
     """transformers eager fp16, `torch.compile`, onnxruntime CUDA: latency on the same cells."""
     import torch
-    from transformers import DistilBertForSequenceClassification
+    from transformers import AutoTokenizer, DistilBertForSequenceClassification
 
+    cls_id = AutoTokenizer.from_pretrained(args.checkpoint).cls_token_id
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     dtype = torch.float16 if cuda else torch.float32  # fp16 matmuls need the GPU
@@ -230,11 +233,11 @@ def peers_step(args) -> dict:
     results, notes = {}, [f"transformers on {device} in {str(dtype).replace('torch.', '')}"]
     for name, net in (("transformers eager", model), ("transformers torch.compile", compiled)):
         try:
-            results[name] = _torch_cells(net, model.config.vocab_size, device, sync, args)
+            results[name] = _torch_cells(net, model.config.vocab_size, cls_id, device, sync, args)
         except Exception as e:  # e.g. torch.compile without a C++ compiler: say so, go on
             notes.append(f"{name} failed: {type(e).__name__}: {str(e)[:200]}")
     try:
-        ort, note = _onnxruntime_cuda(model.float(), device, args)
+        ort, note = _onnxruntime_cuda(model.float(), cls_id, device, args)
     except Exception as e:
         ort, note = None, f"onnxruntime CUDA failed: {type(e).__name__}: {str(e)[:200]}"
     notes.append(note)
@@ -243,11 +246,11 @@ def peers_step(args) -> dict:
     return {"device": device, "cells": results, "notes": notes}
 
 
-def _torch_cells(net, vocabulary_size: int, device: str, sync, args) -> dict:
+def _torch_cells(net, vocabulary_size: int, cls_id: int, device: str, sync, args) -> dict:
     import torch
 
     cells = {}
-    for (batch, tokens), ids, mask in _feeds(vocabulary_size, _cells(args)):
+    for (batch, tokens), ids, mask in _feeds(vocabulary_size, _cells(args), cls_id):
         feed = {"input_ids": torch.from_numpy(ids).long().to(device),
                 "attention_mask": torch.from_numpy(mask).long().to(device)}  # fmt: skip
 
@@ -259,7 +262,7 @@ def _torch_cells(net, vocabulary_size: int, device: str, sync, args) -> dict:
     return cells
 
 
-def _onnxruntime_cuda(model, device: str, args) -> tuple[dict | None, str]:
+def _onnxruntime_cuda(model, cls_id: int, device: str, args) -> tuple[dict | None, str]:
     """onnxruntime's CUDA provider on a `torch.onnx` export, where the installed build has it."""
     import onnxruntime as ort
     import torch
@@ -277,7 +280,7 @@ def _onnxruntime_cuda(model, device: str, args) -> tuple[dict | None, str]:
     )  # fmt: skip
     session = ort.InferenceSession(str(path), providers=["CUDAExecutionProvider"])
     results = {}
-    for (batch, tokens), ids, mask in _feeds(model.config.vocab_size, _cells(args)):
+    for (batch, tokens), ids, mask in _feeds(model.config.vocab_size, _cells(args), cls_id):
         feed = {"input_ids": ids.astype("int64"), "attention_mask": mask.astype("int64")}
         results[f"b{batch}_s{tokens}"] = _time(
             lambda feed=feed: session.run(None, feed), args.calls
