@@ -116,8 +116,9 @@ class TwoStageFineTuner:
         self.adapter_model = None  # with finetune_method="lora": the classifier with adapters
 
     def __getattr__(self, name):
-        if name in _RECIPE_FIELDS:  # `tuner.batch_size` reads the recipe
-            return getattr(self.__dict__["recipe"], name)
+        recipe = self.__dict__.get("recipe")
+        if recipe is not None and name in _RECIPE_FIELDS:  # `tuner.batch_size` reads the recipe
+            return getattr(recipe, name)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
@@ -274,8 +275,7 @@ class TwoStageFineTuner:
         data = self._encode(texts, labels)
         with distribute.maybe_scope(self._plan):
             core = self._core()
-            if not core.compiled:
-                # the rate is unused: loss and metrics only
+            if not core.compiled:  # the rate is unused: loss and metrics only
                 recipe.compile_classifier(core, 1e-3, weighted_metrics=self._plan is not None)
             result = core.evaluate(data, verbose=0, return_dict=True)
         result["loss"] *= padding_scale(data)  # the mean over the real rows
@@ -284,16 +284,12 @@ class TwoStageFineTuner:
     def _encode(self, texts, labels=None):
         """Unshuffled batches for inference, even across the devices predictions run on."""
         replicas = self._plan.replicas if self._plan is not None else 1
-        return recipe.encode(
-            self._fitted(), texts, labels, batch_size=self.recipe.batch_size, replicas=replicas
-        )
+        size = self.recipe.batch_size
+        return recipe.encode(self._fitted(), texts, labels, batch_size=size, replicas=replicas)
 
     def score(self, x, y=None) -> dict:
-        """Returns accuracy, precision, recall, F1 and the confusion matrix on `x`, `y`.
-
-        Labels are given as in `fit`; string labels are matched to `label_names` by name.
-        See `kerasft.metrics.classification_metrics`.
-        """
+        """Returns accuracy, precision, recall, F1 and the confusion matrix on `x`, `y` (labels
+        as in `fit`, matched to `label_names` by name; `kerasft.metrics`)."""
         texts, labels, _ = texts_and_labels(x, y, self._fitted_labels())
         predicted = np.argmax(self.predict_proba(texts), axis=-1)
         return classification_metrics(labels, predicted, self.num_classes)
