@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from kerasft.presets import DEFAULT_PRESET
+from kerasft.presets import DEFAULT_PRESET, SEQUENCE_LENGTHS
 
 SELECT_BEST = ("accuracy", "f1", "loss")
 MIXED_PRECISION = ("bfloat16", "float16")
@@ -181,7 +181,10 @@ class RecipeConfig:
     sequence_length: int = option(
         128,
         "maximum tokens per text (default 128)",
-        check=(lambda v: _is_int(v, 8, 512), "an int in [8, 512]"),
+        check=(
+            lambda v: _is_int(v, *SEQUENCE_LENGTHS),
+            "an int in [{}, {}]".format(*SEQUENCE_LENGTHS),
+        ),
         parse=int,
     )
     warmup_epochs: int = option(

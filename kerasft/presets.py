@@ -24,6 +24,9 @@ OFFLINE_PRESET = "all_minilm_l6_v2"
 # KerasHub presets such as "distil_bert_base_en_uncased" are chosen by name.
 DEFAULT_PRESET = OFFLINE_PRESET
 CACHE_ENV = "KERASFT_CACHE"
+# Tokens per text a classifier is built with: at least [CLS], [SEP] and a few words; at most the
+# position embeddings of DistilBERT-sized checkpoints (the one home of these bounds).
+SEQUENCE_LENGTHS = (8, 512)
 
 # BERT (sentence-transformers layout) -> Hugging Face DistilBERT names, per encoder layer.
 _LAYER_MAP = {
@@ -264,9 +267,10 @@ def load_classifier(
     """
     if not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes must be an int >= 2. Received: num_classes={num_classes!r}")
-    if not isinstance(sequence_length, int) or not 8 <= sequence_length <= 512:
+    low, high = SEQUENCE_LENGTHS
+    if not isinstance(sequence_length, int) or not low <= sequence_length <= high:
         raise ValueError(
-            "sequence_length must be an int in [8, 512]. "
+            f"sequence_length must be an int in [{low}, {high}]. "
             f"Received: sequence_length={sequence_length!r}"
         )
     import keras_hub
