@@ -5,8 +5,9 @@
         --device cuda --out benchmarks/results/gpu.md
     python -m kerasft.benchmarks.gpu.run --device cpu --quick --data FILE --out /tmp/gpu.md
 
-Sized for a 15-minute lease (about 8 minutes on an H200): every step runs in its own process, one
-after another, and a step that fails is reported with its error instead of ending the run.
+Meant to fit in about 8 minutes of a 15-minute lease (no GPU has run it yet): every step runs in
+its own process, one after another, and a step that fails is reported with its error instead of
+ending the run.
 
 1. **Fine-tuning**: `kerasft fit` on the reference split for each backend (`--backends`, default
    torch and jax) in float32 and under Keras' `mixed_bfloat16` policy: seconds per stage,
