@@ -317,6 +317,25 @@ if __name__ == "__main__":  # re-render a report directory from its report.json
     write_report(json.loads((directory / "report.json").read_text()), directory)
 
 
+def header(title: str, report: dict, machine: str, versions: dict) -> list[str]:
+    """The first lines of every results file: title, the command that wrote it, date and
+    commit, the machine (`machine`, one line) and the library versions."""
+    return [
+        f"# {title}",
+        "",
+        f"Command: `{report['command']}`  ",
+        f"Date: {report['date']}; commit {report['commit']}  ",
+        f"{machine}  ",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())) + "  ",
+    ]
+
+
+def cpu_line(machine: dict) -> str:
+    """`CPU: model, N cores, ISA: flags` of `kerasft.machine.describe()`."""
+    isa = ", ".join(machine["isa"]) or "none found"
+    return f"CPU: {machine['cpu']}, {machine['cores']} cores, ISA: {isa}"
+
+
 def write_results(out: Path, report: dict, text: str) -> None:
     """Writes a benchmark's markdown `text` to `out` and its `report` as JSON beside it
     (`out` with `.json`), each atomically, and prints the markdown."""

@@ -98,14 +98,10 @@ def measure(args, progress=print) -> dict:
 
 def render(report: dict) -> str:
     """The markdown report."""
-    m = report["machine"]
+    from kerasft.benchmarks.report import cpu_line, header
+
     lines = [
-        "# kerasft fit runs",
-        "",
-        f"Command: `{report['command']}`  ",
-        f"Date: {report['date']}; commit {report['commit']}  ",
-        f"CPU: {m['cpu']}, {m['cores']} cores, ISA: {', '.join(m['isa']) or 'none found'}  ",
-        "Versions: " + ", ".join(f"{k} {v}" for k, v in sorted(report["versions"].items())),
+        *header("kerasft fit runs", report, cpu_line(report["machine"]), report["versions"]),
         "",
         "Each run alone, one after another. Wall: the whole command (loading, tokenizing, both "
         "stages, scoring, saving) in its own process; stage seconds and samples/s from the run's "

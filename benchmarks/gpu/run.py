@@ -373,15 +373,13 @@ def measure(args, progress=print) -> dict:
 
 def render(report: dict) -> str:
     """The report as markdown (`benchmarks.report.write_results` writes it with the JSON)."""
+    from kerasft.benchmarks.report import cpu_line, header
+
     m = report["machine"]
+    device = (f"Device: **{report['device']}**; GPU: {m.get('gpu') or 'none'} (driver "
+              f"{m.get('driver') or '-'}); {cpu_line(m)}")  # fmt: skip
     lines = [
-        "# kerasft on a GPU: fine-tuning and inference",
-        "",
-        f"Command: `{report['command']}`  ",
-        f"Date: {report['date']}; commit {report['commit']}  ",
-        f"Device: **{report['device']}**; GPU: {m.get('gpu') or 'none'} (driver "
-        f"{m.get('driver') or '-'}); CPU {m['cpu']}, {m['cores']} cores, ISA {m['isa']}  ",
-        "Versions: " + ", ".join(f"{k} {v}" for k, v in sorted(m["versions"].items())) + "  ",
+        *header("kerasft on a GPU: fine-tuning and inference", report, device, m["versions"]),
         f"Preset `{report['preset']}`; fit options `{report['fit_args'] or '(the defaults)'}`"
         + ("; **--quick: a smoke run, not a measurement**" if report["quick"] else ""),
         "",
