@@ -7,6 +7,10 @@
     python -m kerasft.benchmarks.training_runs --data ../shared/data/sarcasm_headlines_v1.jsonl \\
         --backends torch,jax,tensorflow --limit 4000 --warmup-epochs 1 --finetune-epochs 1 \\
         --out benchmarks/results/backends_limit4000.md
+    # one run per recipe option (each --variant adds its options to the command)
+    python -m kerasft.benchmarks.training_runs --data ../shared/data/sarcasm_headlines_v1.jsonl \\
+        --backends torch --limit 4000 --warmup-epochs 1 --finetune-epochs 1 \\
+        --variant "" --variant "--weight-decay 0.01" --out benchmarks/results/recipe_options.md
 
 Each run is the `kerasft fit` command a user types (shown in the report), in its own process,
 one after another. Wall time and peak resident memory are the process's own (`wait4`); the
@@ -43,8 +47,9 @@ def run_fit(command: list[str], log_path: Path, env: dict | None = None) -> dict
     }
 
 
-def fit_command(args, backend: str | None, out: Path) -> list[str]:
-    """The `kerasft fit` command line of one run (`backend` None: the CLI's default)."""
+def fit_command(args, backend: str | None, out: Path, variant: str = "") -> list[str]:
+    """The `kerasft fit` command line of one run (`backend` None: the CLI's default; `variant`:
+    more options, as one string)."""
     command = ["kerasft"] + ([] if backend is None else ["--backend", backend])
     command += ["fit", "--data", args.data, "--preset", args.preset, "--out", str(out), "--quiet"]
     if args.limit:
@@ -53,7 +58,7 @@ def fit_command(args, backend: str | None, out: Path) -> list[str]:
         command += ["--warmup-epochs", str(args.warmup_epochs)]
     if args.finetune_epochs is not None:
         command += ["--finetune-epochs", str(args.finetune_epochs)]
-    return command + shlex.split(args.fit_args)
+    return command + shlex.split(args.fit_args) + shlex.split(variant)
 
 
 def measure(args, progress=print) -> dict:
@@ -66,10 +71,12 @@ def measure(args, progress=print) -> dict:
     with tempfile.TemporaryDirectory(prefix="kerasft-training-runs-") as tmp:
         root = Path(args.keep) if args.keep else Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
-        for backend in args.backends:
-            name = backend or "default"
+        for index, (backend, variant) in enumerate(
+            (b, v) for b in args.backends for v in args.variants
+        ):
+            name = f"{backend or 'default'}-{index}"
             out = root / f"run-{name}"
-            command = fit_command(args, backend, out)
+            command = fit_command(args, backend, out, variant)
             progress(f"running {shlex.join(command)}")
             env = dict(os.environ)
             env.pop("KERAS_BACKEND", None)  # the command line decides, as for a user
@@ -82,7 +89,7 @@ def measure(args, progress=print) -> dict:
             metrics = json.loads((out / "metrics.json").read_text())
             history = json.loads((out / "history.json").read_text())
             runs.append({"command": shlex.join(command).replace(str(root), "RUNS"), **result,
-                         "metrics": metrics, "history": history})  # fmt: skip
+                         "variant": variant, "metrics": metrics, "history": history})  # fmt: skip
             test = metrics["test"]
             progress(f"  {metrics['backend']}: test accuracy {test['accuracy']:.4f}, "
                      f"{result['wall_seconds']:.0f} s wall")  # fmt: skip
@@ -108,27 +115,34 @@ def render(report: dict) -> str:
         "`metrics.json` (stage 1 includes the frozen backbone's pass over the training and "
         "validation rows; both include per-epoch validation and checkpoints).",
         "",
-        "| backend | rows train/val/test | test accuracy | test F1 | validation accuracy | "
-        "warm-up s | fine-tune s | fine-tune samples/s | wall s | peak RSS GB |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| backend | options | rows train/val/test | test accuracy | test F1 | validation accuracy "
+        "| warm-up s | fine-tune s | fine-tune samples/s | wall s | peak RSS GB | trainable "
+        "params (stage 2) | adapter MB |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for run in report["runs"]:
         metrics, seconds = run["metrics"], run["metrics"]["seconds"]
         rows = metrics["rows"]
         speed = metrics.get("samples_per_second", {}).get("finetune")
+        options = f"`{run['variant']}`" if run.get("variant") else "(none)"
+        trainable = metrics.get("parameters", {}).get("trainable")
+        adapter = metrics.get("adapter_bytes")
         lines.append(
-            f"| {metrics['backend']} | {rows.get('train')}/{rows.get('validation')}/"
+            f"| {metrics['backend']} | {options} | {rows.get('train')}/{rows.get('validation')}/"
             f"{rows.get('test')} | {metrics['test']['accuracy']:.4f} | {metrics['test']['f1']:.4f} "
             f"| {metrics['validation']['accuracy']:.4f} | {seconds.get('warmup', 0):.0f} | "
             f"{seconds.get('finetune', 0):.0f} | {'-' if speed is None else f'{speed:.1f}'} | "
-            f"{run['wall_seconds']:.0f} | {run['peak_rss_mb'] / 1024:.2f} |"
+            f"{run['wall_seconds']:.0f} | {run['peak_rss_mb'] / 1024:.2f} | "
+            f"{'-' if trainable is None else f'{trainable:,}'} | "
+            f"{'-' if adapter is None else f'{adapter / 1e6:.2f}'} |"
         )
     lines += ["", "Commands:", ""]
     lines += [f"- `{run['command']}`" for run in report["runs"]]
     lines += ["", "Validation accuracy per epoch (stage 1, then stage 2):", ""]
     for run in report["runs"]:
         values = ", ".join(f"{v:.4f}" for v in run["history"].get("val_accuracy", []))
-        lines.append(f"- {run['metrics']['backend']}: {values}")
+        options = f" `{run['variant']}`" if run.get("variant") else ""
+        lines.append(f"- {run['metrics']['backend']}{options}: {values}")
     lines.append("")
     return "\n".join(lines)
 
@@ -153,6 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup-epochs", type=int)
     parser.add_argument("--finetune-epochs", type=int)
     parser.add_argument("--fit-args", default="", help="more `kerasft fit` options, as one string")
+    parser.add_argument(
+        "--variant", action="append", dest="variants", metavar="OPTIONS",
+        help="more `kerasft fit` options for one run per backend, as one string; repeat for one "
+        "run each (\"\" = none)",
+    )  # fmt: skip
     parser.add_argument("--keep", help="keep the run directories under this directory")
     parser.add_argument("--out", type=Path, required=True, help="markdown report (JSON beside)")
     args = parser.parse_args(argv)
@@ -161,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     if bad or not names:
         parser.error(f"unknown backends {bad}. Choose from {[*BACKENDS, 'default']}.")
     args.backends = [None if b == "default" else b for b in names]
+    args.variants = args.variants or [""]
     if not args.data or not Path(args.data).is_file():
         parser.error(f"--data: no such file {args.data!r} (pass --data or set {DATA_ENV})")
     args.command = "python -m kerasft.benchmarks.training_runs " + shlex.join(argv)

@@ -68,14 +68,19 @@ def test_training_runs_reports_the_fit_it_ran(tiny_preset, toy_data, tmp_path):
         "kerasft.benchmarks.training_runs", "--data", toy_data, "--preset", tiny_preset,
         "--backends", "torch", "--warmup-epochs", 1, "--finetune-epochs", 1,
         "--fit-args", "--sequence-length 32 --batch-size 16", "--keep", tmp_path / "runs",
-        "--out", out,
+        "--variant", "", "--variant", "--finetune-method lora --lora-rank 2", "--out", out,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(out.with_suffix(".json").read_text())
-    (run,) = report["runs"]
-    metrics = json.loads((tmp_path / "runs" / "run-torch" / "metrics.json").read_text())
-    assert run["metrics"] == metrics and metrics["backend"] == "torch"
-    assert run["wall_seconds"] > metrics["seconds"]["finetune"] > 0
-    assert run["peak_rss_mb"] > 100
+    full, lora = report["runs"]
+    metrics = json.loads((tmp_path / "runs" / "run-torch-0" / "metrics.json").read_text())
+    assert full["metrics"] == metrics and metrics["backend"] == "torch"
+    assert full["wall_seconds"] > metrics["seconds"]["finetune"] > 0
+    assert full["peak_rss_mb"] > 100
     text = out.read_text()
     assert f"{metrics['test']['accuracy']:.4f}" in text and "--backend torch fit" in text
+    # one run per --variant, its options in its command and its row
+    assert lora["command"].endswith("--finetune-method lora --lora-rank 2")
+    assert "--finetune-method" not in full["command"]
+    assert lora["metrics"]["adapter_bytes"] > 0 and "adapter_bytes" not in metrics
+    assert "| `--finetune-method lora --lora-rank 2` |" in text and "| (none) |" in text
