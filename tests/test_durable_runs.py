@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 
 import keras
 import numpy as np
@@ -31,43 +30,51 @@ def _max_diff(a, b):
     return max(float(np.max(np.abs(x - y))) for x, y in zip(a, b, strict=True))
 
 
-def _kill_when(args, out, ready, timeout=300):
-    """Starts `kerasft fit`, SIGKILLs it once `ready(state)` holds; returns that state."""
-    state_path = rundir.partial_dir(out) / rundir.CHECKPOINT_DIR / STATE_FILE
-    proc = subprocess.Popen(args, env=CLI_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                state = json.loads(state_path.read_text())
-            except (FileNotFoundError, json.JSONDecodeError):
-                state = None
-            if state is not None and ready(state):
-                proc.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.005)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-3000:]
+# Runs `kerasft fit` with `CheckpointDir.save` wrapped to SIGKILL the process right after the
+# checkpoint of (stage, epochs_done) is written: a crash at a chosen point, no polling race.
+KILL_AFTER_CHECKPOINT = """
+import os, signal, sys
+from kerasft import checkpoint
+stage, done = sys.argv.pop(1), int(sys.argv.pop(1))
+save = checkpoint.CheckpointDir.save
+def save_then_die(self, state, *args, **kwargs):
+    save(self, state, *args, **kwargs)
+    if state["stage"] == stage and state["epochs_done"] == done:
+        os.kill(os.getpid(), signal.SIGKILL)
+checkpoint.CheckpointDir.save = save_then_die
+from kerasft.cli import main
+sys.exit(main())
+"""
+
+
+def _killed_after(args, out, stage: str, epochs_done: int) -> dict:
+    """Runs `kerasft fit` (`args`), killed by SIGKILL once the checkpoint after `epochs_done`
+    epochs (counted over both stages) of `stage` is on disk; returns that checkpoint's state."""
+    assert args[1:3] == ["-m", "kerasft.cli"], args
+    killed = [args[0], "-c", KILL_AFTER_CHECKPOINT, stage, str(epochs_done), *args[3:]]
+    # the wrapper imports Keras before the CLI reads --backend: name the backend beforehand
+    env = {**CLI_ENV, "KERAS_BACKEND": args[args.index("--backend") + 1]}
+    proc = subprocess.run(killed, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert not out.exists(), "a killed run must not look finished"
-    return state
+    state_path = rundir.partial_dir(out) / rundir.CHECKPOINT_DIR / STATE_FILE
+    return json.loads(state_path.read_text())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.slow
 def test_sigkill_in_stage_2_then_resume_matches_uninterrupted(
     backend, toy_runs, tiny_preset, toy_data, tmp_path
 ):
     out = tmp_path / "run"
     args = fit_args(backend, tiny_preset, toy_data, out)  # the toy_runs recipe: 2 + 8 epochs
-    state = _kill_when(args, out, lambda s: s["stage"] == "finetune" and s["epochs_done"] >= 3)
-    assert state["stage"] == "finetune" and 3 <= state["epochs_done"] < 10, state
+    state = _killed_after(args, out, "finetune", 5)
+    assert (state["stage"], state["epochs_done"]) == ("finetune", 5), state
     # jax: the same command again resumes; tensorflow and torch: the explicit --resume.
     again = args if backend == "jax" else [*args[:3], "fit", "--resume", str(out)]
     proc = subprocess.run(again, env=CLI_ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resuming from" in proc.stderr and "of 10 epochs done (finetune)" in proc.stderr
+    assert "resuming from" in proc.stderr and "5 of 10 epochs done (finetune)" in proc.stderr
     assert _max_diff(_weights(out), _weights(toy_runs[backend])) <= 1e-6
     assert not rundir.partial_dir(out).exists()
     history = json.loads((out / rundir.HISTORY_FILE).read_text())
@@ -76,39 +83,37 @@ def test_sigkill_in_stage_2_then_resume_matches_uninterrupted(
     np.testing.assert_allclose(history["loss"], uninterrupted["loss"], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_sigkill_in_stage_1_then_resume_matches_uninterrupted(tiny_preset, toy_data, tmp_path):
     recipe = {"warmup_epochs": 6, "finetune_epochs": 1}
     reference = fit_run("tensorflow", tiny_preset, toy_data, tmp_path / "ref", **recipe)
     out = tmp_path / "run"
     args = fit_args("tensorflow", tiny_preset, toy_data, out, **recipe)
-    state = _kill_when(args, out, lambda s: s["stage"] == "warmup" and s["epochs_done"] >= 1)
-    assert state["stage"] == "warmup" and state["epochs_done"] < 6, state
+    state = _killed_after(args, out, "warmup", 2)
+    assert (state["stage"], state["epochs_done"]) == ("warmup", 2), state
     proc = subprocess.run(args, env=CLI_ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 of 7 epochs done (warmup)" in proc.stderr
     assert _max_diff(_weights(out), _weights(reference)) <= 1e-6
 
 
-def test_two_fits_on_one_target_one_is_refused(tiny_preset, toy_data, tmp_path):
+@pytest.mark.slow
+def test_a_second_fit_on_a_held_target_is_refused_then_runs(tiny_preset, toy_data, tmp_path):
+    """The lock race made deterministic: this test process holds the target's lock (as a
+    running `kerasft fit` does) while a second fit starts, and releases it afterwards."""
     out = tmp_path / "run"
     args = fit_args("tensorflow", tiny_preset, toy_data, out, 1, 2)
-    procs = [
-        subprocess.Popen(args, env=CLI_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        for _ in range(2)
-    ]
-    results = []
-    for p in procs:
-        _, err = p.communicate(timeout=600)
-        results.append((p.returncode, err.decode()))
-    codes = sorted(code for code, _ in results)
-    assert codes == [0, 2], results
-    refused = next(err for code, err in results if code == 2)
-    winner = next(p.pid for p, (code, _) in zip(procs, results, strict=True) if code == 0)
-    assert f"is being written by another kerasft process (pid {winner} on" in refused
+    with target_lock(out, "Run directory"):
+        refused = subprocess.run(args, env=CLI_ENV, capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert f"is being written by another kerasft process (pid {os.getpid()} on" in refused.stderr
     # one line from kerasft and no traceback (TensorFlow's native start-up lines may precede it)
-    assert "Traceback" not in refused, refused
-    assert [line for line in refused.splitlines() if line.startswith("kerasft")] == [
-        next(line for line in refused.splitlines() if "is being written by another" in line)
-    ], refused
+    assert "Traceback" not in refused.stderr, refused.stderr
+    lines = [line for line in refused.stderr.splitlines() if line.startswith("kerasft")]
+    assert len(lines) == 1 and "is being written by another" in lines[0], refused.stderr
+    assert not out.exists() and not rundir.partial_dir(out).exists()  # it touched nothing
+    proc = subprocess.run(args, env=CLI_ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert {p.name for p in out.iterdir()} >= {"model.keras", "metrics.json", "config.json"}
     TwoStageFineTuner.load(out / rundir.MODEL_FILE).predict(["a good day"])
 
@@ -144,6 +149,7 @@ def _fit_main(preset, data, out, *extra):
     return main(args)
 
 
+@pytest.mark.slow
 def test_failure_after_training_keeps_the_model_and_resume_finishes(
     tiny_preset, toy_jsonl, tmp_path, monkeypatch, capsys, caplog
 ):
@@ -182,6 +188,7 @@ def test_failure_after_training_keeps_the_model_and_resume_finishes(
     assert _max_diff(_weights(out), kept) == 0
 
 
+@pytest.mark.slow
 def test_select_best_f1_keeps_the_best_epoch(tiny_preset, toy_jsonl, tmp_path, capsys):
     out = tmp_path / "run"
     assert _fit_main(tiny_preset, toy_jsonl, out, "--select-best", "f1") == 0
@@ -209,6 +216,7 @@ def test_early_stopping_and_select_best_need_validation(tiny_preset):
         TwoStageFineTuner(tiny_preset, early_stopping_patience=0)
 
 
+@pytest.mark.slow
 def test_early_stopping_stops_stage_2(tiny_preset):
     texts, labels = toy_texts(160, seed=4)
     tuner = TwoStageFineTuner(
@@ -223,6 +231,7 @@ def test_early_stopping_stops_stage_2(tiny_preset):
     assert max(val_acc[kept:]) <= val_acc[kept - 1] == max(val_acc[1:])
 
 
+@pytest.mark.slow
 def test_user_callbacks_see_the_whole_classifier(tiny_preset, tmp_path):
     texts, labels = toy_texts(96, seed=2)
     checkpoint = keras.callbacks.ModelCheckpoint(str(tmp_path / "epoch{epoch}.keras"))
@@ -248,6 +257,7 @@ def test_checkpoint_of_another_run_is_refused(tiny_preset, tmp_path):
         TwoStageFineTuner(tiny_preset, seed=1, **kw).fit(texts, labels, checkpoint_dir=tmp_path)
 
 
+@pytest.mark.slow
 def test_save_run_without_the_cli_and_changed_data_is_refused(tiny_preset, toy_jsonl, tmp_path):
     from kerasft.data import load_dataset
 
