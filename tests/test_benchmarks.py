@@ -145,6 +145,7 @@ def test_missing_run_is_named(tmp_path, capsys):
     assert "No model.keras in" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_quick_bench_runs_every_variant(toy_runs, tmp_path):
     out, artifacts = tmp_path / "report", tmp_path / "artifacts"
     cmd = [sys.executable, "-m", "kerasft.cli", "bench", "--run", str(toy_runs["tensorflow"])]
@@ -187,3 +188,48 @@ def test_quick_bench_runs_every_variant(toy_runs, tmp_path):
     # A second run reuses the verified artifacts and refuses to overwrite the report.
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 2 and "exists and is not empty" in again.stderr
+
+
+@pytest.mark.slow
+def test_export_accuracy_serves_the_test_split_at_each_batch_size(toy_runs, tmp_path):
+    from kerasft.benchmarks import export_accuracy
+    from kerasft.rundir import run_splits
+
+    out, exports = tmp_path / "int8.md", tmp_path / "exports"
+    argv = ["--run", str(toy_runs["tensorflow"]), "--exports", str(exports), "--out", str(out)]
+    argv += ["--variants", "onnx:fp32,onnx:dynamic", "--serving-batches", "1,8"]
+    assert export_accuracy.main(argv) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    test_rows = len(run_splits(toy_runs["tensorflow"])[2])
+    assert report["test_rows"] == test_rows and report["serving_batches"] == [1, 8]
+    fp32, dynamic = report["rows"]
+    for batch in ("1", "8"):  # fp32 gives Keras' labels whatever the batch
+        assert fp32["serving"][batch]["agreement"] == 1.0
+        assert fp32["serving"][batch]["accuracy"] == report["keras_accuracy"]
+        assert 0.5 <= dynamic["serving"][batch]["agreement"] <= 1.0
+    assert dynamic["verification"]["passed"] and dynamic["model_bytes"] > 0
+    text = out.read_text()
+    assert text.startswith("# Export variants on the test split\n\nCommand: `python -m")
+    assert "ISA:" in text and "| onnx dynamic |" in text
+    # --reuse keeps the verified exports instead of exporting again
+    assert export_accuracy.main([*argv, "--reuse"]) == 0
+    again = json.loads(out.with_suffix(".json").read_text())
+    assert [row["reused"] for row in again["rows"]] == [True, True]
+    assert again["rows"][1]["serving"] == dynamic["serving"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--variants", "onnx:bogus"], "unknown variants in 'onnx:bogus'; known: saved_model:fp32"),
+        (["--serving-batches", "0,32"], "--serving-batches must be >= 1. Received: [0, 32]"),
+        (["--serving-batches", "one"], "--serving-batches: comma-separated ints. Received: one"),
+    ],
+)
+def test_export_accuracy_names_bad_options(argv, message, tmp_path, capsys):
+    from kerasft.benchmarks import export_accuracy
+
+    base = ["--run", str(tmp_path), "--exports", str(tmp_path), "--out", str(tmp_path / "r.md")]
+    with pytest.raises(SystemExit):
+        export_accuracy.main(base + argv)
+    assert message in capsys.readouterr().err

@@ -42,6 +42,7 @@ def test_predict_on_a_non_run_dir(tmp_path, capsys):
     assert "No model.keras in" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_fit_log_redirected_to_a_file_has_no_progress_bars(tiny_preset, toy_data, tmp_path):
     from conftest import fit_args
 
@@ -153,6 +154,7 @@ def test_a_file_that_is_not_utf8_is_named_and_read_with_encoding(toy_runs, tmp_p
     assert json.loads(capsys.readouterr().out)["rows"] == 2
 
 
+@pytest.mark.slow
 def test_a_headerless_label_text_tsv_fits(tiny_preset, tmp_path, capsys):
     """A `label<TAB>text` file without a header row: the first row is data, and is trained on."""
     from conftest import toy_texts

@@ -73,6 +73,7 @@ print(json.dumps({{
 
 
 @pytest.mark.parametrize("backend", ["jax", "tensorflow"])
+@pytest.mark.slow
 def test_two_devices_give_the_weights_of_one(backend, tiny_preset_no_dropout):
     code = COMPARE.format(tests=str(ROOT / "tests"), preset=str(tiny_preset_no_dropout))
     out = run_backend(backend, code, env=TWO_CPUS)
@@ -100,6 +101,7 @@ def _fit_cli(backend, preset, data, out, *extra, env=None):
 
 
 @pytest.mark.parametrize("backend", ["jax", "tensorflow"])
+@pytest.mark.slow
 def test_fit_devices_2_completes(backend, tiny_preset, toy_data, tmp_path):
     proc = _fit_cli(
         backend, tiny_preset, toy_data, tmp_path / "run", "--devices", "2", env=TWO_CPUS
@@ -152,6 +154,7 @@ def test_devices_flag_is_checked(bad, tmp_path):
     assert f"expected a device count >= 1 or 'all', got {bad!r}" in proc.stderr
 
 
+@pytest.mark.slow
 def test_two_jax_processes_on_localhost_match_one_process(tiny_preset, toy_data, tmp_path):
     """`keras.distribution.initialize` through Keras' variables, one CPU device per process
     (JAX's CPU collectives): process 0 writes the run, process 1 writes nothing, and the run

@@ -55,6 +55,7 @@ print(json.dumps({{
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.slow
 def test_lora_stage_2_trains_only_adapters_and_head(backend, tiny_preset, tmp_path):
     code = LORA_CODE.format(tests=str(ROOT / "tests"), preset=str(tiny_preset), tmp=str(tmp_path))
     r = run_backend(backend, code)
@@ -92,6 +93,7 @@ def test_unknown_lora_targets_are_named(tiny_preset):
         enable_lora(clf, 4, targets=["qkv"])
 
 
+@pytest.mark.slow
 def test_lora_run_exports_to_onnx_int8_and_verifies(tiny_preset, toy_data, tmp_path):
     from conftest import fit_args
     from kerasft.cli import main

@@ -46,6 +46,7 @@ print(json.dumps(out))
 
 
 @pytest.mark.parametrize("backend", ["torch", "jax"])
+@pytest.mark.slow
 def test_adam_updates_equal_keras_adam(backend):
     out = run_backend(backend, SAME_UPDATES)
     fused = backend == "torch"

@@ -113,6 +113,7 @@ print(json.dumps({{
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.slow
 def test_every_option_trains_on_each_backend(backend, tiny_preset):
     code = OPTIONS_CODE.format(tests=str(ROOT / "tests"), preset=str(tiny_preset))
     r = run_backend(backend, code)
@@ -147,6 +148,7 @@ class _Crash(keras.callbacks.Callback):
             raise KeyboardInterrupt(f"killed after epoch {epoch + 1}")
 
 
+@pytest.mark.slow
 def test_resume_with_every_option_matches_uninterrupted(tiny_preset, tmp_path):
     from conftest import toy_texts
 

@@ -107,6 +107,7 @@ def test_cli_predict_refuses_with_one_line(copy):
     ]
 
 
+@pytest.mark.slow
 def test_cli_export_prints_the_manifest_hash(toy_runs, tmp_path):
     out = tmp_path / "e"
     cmd = [sys.executable, "-m", "kerasft.cli", "export", str(toy_runs["jax"]), "--format",

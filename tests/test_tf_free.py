@@ -64,6 +64,7 @@ print(json.dumps({{
 
 
 @pytest.mark.parametrize("backend", TF_FREE_BACKENDS)
+@pytest.mark.slow
 def test_fit_save_load_predict_without_tensorflow(backend, tiny_preset):
     code = FIT_CODE.format(tests=str(ROOT / "tests"), preset=str(tiny_preset))
     r = run_backend(backend, BLOCK_TF + code)
@@ -80,6 +81,7 @@ def _cli(backend: str, *args: str, cwd=None) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("backend", TF_FREE_BACKENDS)
+@pytest.mark.slow
 def test_cli_fit_predict_evaluate_without_tensorflow(backend, tiny_preset, toy_data, tmp_path):
     run = tmp_path / "run"
     fit = _cli(backend, "fit", "--data", str(toy_data), "--preset", str(tiny_preset), "--out",
@@ -129,6 +131,7 @@ print(json.dumps({{"rows": len(rows), "digest": ids_digest(tokenize(preprocessor
 
 
 @pytest.mark.parametrize("backend", TF_FREE_BACKENDS)
+@pytest.mark.slow
 def test_reference_ids_without_tensorflow(backend, sarcasm_file):
     """The training ids of every reference headline, without TensorFlow, are the ones
     `test_tokenizer_assets` checks against KerasHub's preprocessor where TensorFlow exists."""

@@ -70,6 +70,7 @@ def test_runtime_matches_kerashub(preprocessor, sarcasm_file, tmp_path):
     assert np.array_equal(got["padding_mask"].sum(1), mask.sum(1))
 
 
+@pytest.mark.slow
 def test_training_tokenizer_gives_kerashub_ids_on_the_whole_file(sarcasm_file):
     """Training tokenizes with the Rust `tokenizers` path where it is exact (`tokenize`); on
     every sarcasm headline, typographic variants and the hard cases, the ids must be

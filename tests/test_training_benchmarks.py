@@ -17,6 +17,7 @@ def _run(module, *argv, timeout=600):
     return proc
 
 
+@pytest.mark.slow
 def test_train_speed_times_kerasft_and_trainer_side_by_side(tiny_preset, toy_data, tmp_path):
     out = tmp_path / "speed.md"
     proc = _run(
@@ -62,6 +63,7 @@ def test_train_speed_refuses_bad_options(argv, message, toy_data):
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_training_runs_reports_the_fit_it_ran(tiny_preset, toy_data, tmp_path):
     out = tmp_path / "runs.md"
     proc = _run(

@@ -45,6 +45,7 @@ print(json.dumps({{
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.slow
 def test_two_stage_fit_predict_save_load(backend, tiny_preset, tmp_path):
     code = TUNER_CODE.format(tests=str(ROOT / "tests"), preset=str(tiny_preset), tmp=str(tmp_path))
     r = run_backend(backend, code)
@@ -75,6 +76,7 @@ print(json.dumps({{"kernel": kernel.tolist(), "bias": bias}}))
 """
 
 
+@pytest.mark.slow
 def test_seeded_head_is_identical_on_every_backend(tiny_preset):
     results = [run_backend(b, HEAD_CODE.format(preset=str(tiny_preset))) for b in BACKENDS]
     assert results[0]["kernel"] == results[1]["kernel"] == results[2]["kernel"]
