@@ -1,23 +1,29 @@
-"""Accuracy and size of every export variant of a run, on its reference test split.
+"""Accuracy and size of export variants of a run, on its test split, served as users serve them.
 
-Exports the run in every format x quantization that `exporters` supports, classifies the whole
-test split with each export's own runtime, and compares with the Keras model: accuracy, number of
-predictions that differ from Keras, model file size and total export size.
+Exports the run in every format x quantization that `exporters` supports (or `--variants`),
+classifies the whole test split with each export's own runtime at each serving batch size
+(`--serving-batches`, texts in file order, each batch padded to its longest text), and compares
+with the Keras model: accuracy, agreement with Keras' labels, predictions that differ, model
+file size, and the export's own verification figures (its manifest).
 
-    python -m kerasft.benchmarks.export_accuracy --run RUN_DIR --exports EXPORTS_DIR \
-        --out report.json
+    python -m kerasft.benchmarks.export_accuracy --run RUN_DIR --exports EXPORTS_DIR \\
+        --variants onnx:dynamic,openvino:nncf --out benchmarks/results/int8.md
+
+Accuracy differences are export minus Keras, in points (negative: the export is less accurate).
+`--reuse` keeps an export already in EXPORTS_DIR (its manifest's checksums are verified) instead
+of exporting again.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
 
-from kerasft.exporters.exportdir import read_manifest
+from kerasft.exporters.exportdir import is_export, read_manifest
 
 
 def _model_size(export_dir: Path, manifest: dict) -> int:
@@ -28,37 +34,31 @@ def _model_size(export_dir: Path, manifest: dict) -> int:
     return path.stat().st_size + (weights.stat().st_size if weights else 0)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", required=True, type=Path)
-    parser.add_argument("--exports", required=True, type=Path, help="where exports are written")
-    parser.add_argument("--out", required=True, type=Path, help="report JSON")
-    parser.add_argument(
-        "--formats",
-        default="onnx,openvino,saved_model,litert",
-        help="comma-separated formats to export",
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m kerasft.benchmarks.export_accuracy", description=__doc__.splitlines()[0]
     )
+    parser.add_argument("--run", required=True, type=Path, help="a `kerasft fit` run directory")
+    parser.add_argument("--exports", required=True, type=Path, help="where exports are written")
+    parser.add_argument("--out", required=True, type=Path, help="markdown report (JSON beside)")
+    parser.add_argument(
+        "--formats", default="onnx,openvino,saved_model,litert",
+        help="comma-separated formats to export (every quantization of each)",
+    )  # fmt: skip
     parser.add_argument(
         "--variants",
         help="only these format:quantization pairs, e.g. onnx:dynamic,openvino:nncf,onnx:fp32",
     )
-    args = parser.parse_args(argv)
-    # Exports are traced under TensorFlow; loading the Keras model there avoids a subprocess.
-    os.environ["KERAS_BACKEND"] = "tensorflow"
+    parser.add_argument(
+        "--serving-batches", default="1,32", help="batch sizes to serve the test split at"
+    )
+    parser.add_argument("--reuse", action="store_true", help="keep exports already there")
+    return parser
 
-    import numpy as np
 
+def _chosen(parser, args) -> list[tuple[str, str | None]]:
     from kerasft.exporters.formats import VARIANTS
-    from kerasft.rundir import run_splits
-    from kerasft.tuner import load_tuner
 
-    test = run_splits(args.run)[2]
-    tuner = load_tuner(args.run)
-    tuner.verbose = 0
-    keras_pred = tuner.predict_proba(test.texts).argmax(axis=-1)  # class ids
-    keras_acc = float(np.mean(keras_pred == test.labels))
-    rows = [{"variant": "keras fp32", "accuracy": keras_acc, "differs_from_keras": 0}]
-    print(f"keras fp32: accuracy {keras_acc:.4f} on {len(test)} test rows", flush=True)
     formats = args.formats.split(",")
     unknown = sorted(set(formats) - {fmt for fmt, _ in VARIANTS})
     if unknown:
@@ -70,19 +70,66 @@ def main(argv=None) -> int:
         wanted = {tuple(v.split(":")) for v in args.variants.split(",")}
         chosen = [(f, q) for f, q in VARIANTS if (f, q or "fp32") in wanted]
         if len(chosen) != len(wanted):
-            parser.error(f"unknown variants in {args.variants!r}; known: {VARIANTS}")
-    for fmt, quantize in chosen:
-        rows.append(_export_row(args, fmt, quantize, test, tuner, keras_pred))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps({"run": str(args.run), "test_rows": len(test), "rows": rows}, indent=2) + "\n"
-    )
-    _print_table(rows, keras_acc)
+            known = ", ".join(f"{f}:{q or 'fp32'}" for f, q in VARIANTS)
+            parser.error(f"unknown variants in {args.variants!r}; known: {known}")
+    return chosen
+
+
+def main(argv: list[str] | None = None) -> int:
+    from kerasft.benchmarks.report import write_results
+
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.serving_batches = [int(b) for b in args.serving_batches.split(",")]
+    except ValueError:
+        parser.error(f"--serving-batches: comma-separated ints. Received: {args.serving_batches}")
+    if min(args.serving_batches) < 1:
+        parser.error(f"--serving-batches must be >= 1. Received: {args.serving_batches}")
+    chosen = _chosen(parser, args)
+    # Exports are traced under TensorFlow; loading the Keras model there avoids a subprocess.
+    os.environ["KERAS_BACKEND"] = "tensorflow"
+    args.command = "python -m kerasft.benchmarks.export_accuracy " + shlex.join(argv)
+    report = measure(args, chosen)
+    write_results(args.out, report, render(report))
     return 0
 
 
-def _export_row(args, fmt: str, quantize: str | None, test, tuner, keras_pred) -> dict:
-    """Exports one variant, scores it on the test split through its runtime; one report row."""
+def measure(args, chosen) -> dict:
+    """Scores Keras and every chosen export on the run's test split; the report."""
+    import numpy as np
+
+    from kerasft.machine import describe
+    from kerasft.rundir import run_splits
+    from kerasft.tuner import load_tuner
+    from kerasft.versions import EXPORT, package_versions, source_commit
+
+    source = source_commit()
+    test = run_splits(args.run)[2]
+    tuner = load_tuner(args.run)
+    tuner.verbose = 0
+    keras_ids = tuner.predict_proba(test.texts).argmax(axis=-1)  # class ids
+    keras_acc = float(np.mean(keras_ids == test.labels))
+    print(f"keras fp32: accuracy {keras_acc:.4f} on {len(test)} test rows", flush=True)
+    rows = [_export_row(args, fmt, q, test, tuner, keras_ids) for fmt, q in chosen]
+    return {
+        "command": args.command,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "commit": source,
+        "machine": describe(),
+        "versions": package_versions(EXPORT),
+        "run": str(args.run),
+        "test_rows": len(test),
+        "keras_accuracy": keras_acc,
+        "serving_batches": args.serving_batches,
+        "rows": rows,
+    }
+
+
+def _export_row(args, fmt: str, quantize: str | None, test, tuner, keras_ids) -> dict:
+    """Exports one variant (or reuses it), serves the test split through its runtime at each
+    serving batch size; one report row."""
     import numpy as np
 
     from kerasft.exporters import VerificationError, export
@@ -90,50 +137,87 @@ def _export_row(args, fmt: str, quantize: str | None, test, tuner, keras_pred) -
 
     name = f"{fmt} {quantize or 'fp32'}"
     out = args.exports / f"{fmt}-{quantize or 'fp32'}"
+    reused = args.reuse and is_export(out)
     start = time.perf_counter()
-    try:
-        export(args.run, out, format=fmt, quantize=quantize, overwrite=True)
-    except VerificationError as e:  # report it with its numbers, go on with the others
-        print(f"{name}: FAILED verification: {e}", flush=True)
-        return {"variant": name, "failed_verification": str(e), **e.report}
+    if not reused:
+        try:
+            export(args.run, out, format=fmt, quantize=quantize, overwrite=True)
+        except VerificationError as e:  # report it with its numbers, go on with the others
+            print(f"{name}: FAILED verification: {e}", flush=True)
+            return {"variant": name, "failed_verification": str(e), **e.report}
     export_seconds = time.perf_counter() - start
-    manifest = read_manifest(out)
-    start = time.perf_counter()
-    result = load(out).predict(test.texts)
-    predict_seconds = time.perf_counter() - start
-    ids = np.array([tuner.label_names.index(label) for label in result.labels])
+    manifest = read_manifest(out)  # checks every file's sha256
+    served = load(out)
+    serving = {}
+    for batch in args.serving_batches:
+        result = served.predict(test.texts, batch_size=batch)
+        ids = np.array([tuner.label_names.index(label) for label in result.labels])
+        serving[str(batch)] = {
+            "accuracy": float(np.mean(ids == test.labels)),
+            "agreement": float(np.mean(ids == keras_ids)),
+            "differs_from_keras": int(np.sum(ids != keras_ids)),
+        }
     row = {
         "variant": name,
-        "accuracy": float(np.mean(ids == test.labels)),
-        "differs_from_keras": int(np.sum(ids != keras_pred)),
+        "reused": bool(reused),
+        "serving": serving,
         "model_bytes": _model_size(out, manifest),
         "export_bytes": manifest["size_bytes"],
         "verification": manifest["verification"],
         "quantization_recipe": manifest.get("quantization_recipe"),
-        "fusions": manifest.get("fusions"),
-        "export_seconds": round(export_seconds, 1),
-        "test_split_seconds": round(predict_seconds, 1),
+        "kept_fp32": manifest.get("kept_fp32"),
+        "export_seconds": None if reused else round(export_seconds, 1),
     }
-    print(
-        f"{name}: accuracy {row['accuracy']:.4f}, differs {row['differs_from_keras']}, "
-        f"model {row['model_bytes'] / 1e6:.1f} MB",
-        flush=True,
+    figures = ", ".join(
+        f"batch {b}: accuracy {s['accuracy']:.4f}, agreement {100 * s['agreement']:.2f}%"
+        for b, s in serving.items()
     )
+    print(f"{name}: {figures}; model {row['model_bytes'] / 1e6:.1f} MB", flush=True)
     return row
 
 
-def _print_table(rows: list[dict], keras_acc: float) -> None:
-    print("\n| variant | test accuracy | vs Keras (pts) | differs from Keras | model MB |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    for row in rows:
+def render(report: dict) -> str:
+    """The markdown report."""
+    from kerasft.benchmarks.report import cpu_line, header
+
+    keras_acc, batches = report["keras_accuracy"], report["serving_batches"]
+    machine = cpu_line(report["machine"])
+    lines = [
+        *header("Export variants on the test split", report, machine, report["versions"]),
+        "",
+        f"Run `{report['run']}`: Keras fp32 test accuracy {keras_acc:.4f} on "
+        f"{report['test_rows']:,} rows. Each export classifies the whole test split with its own "
+        "runtime (`kerasft.exporters.runtime`, tokenization included), texts in file order, each "
+        "batch padded to its longest text. Agreement: share of test texts given Keras' label. "
+        "Accuracy vs Keras: export minus Keras, in points (negative = less accurate). Gate: the "
+        "export's own verification (`manifest.json`: agreement on every split, accuracy drop on "
+        "validation + test).",
+        "",
+    ]
+    cells = [f"batch {b}: agreement / accuracy (vs Keras)" for b in batches]
+    lines += [
+        "| variant | recipe | " + " | ".join(cells) + " | gate: agreement (texts) | model MB |",
+        "| --- | --- | " + " | ".join("---:" for _ in cells) + " | ---: | ---: |",
+    ]
+    for row in report["rows"]:
         if "failed_verification" in row:
-            print(f"| {row['variant']} | export refused: {row['failed_verification']} | | | |")
+            lines.append(f"| {row['variant']} | export refused: {row['failed_verification']} |")
             continue
-        size = f"{row['model_bytes'] / 1e6:.1f}" if "model_bytes" in row else ""
-        print(
-            f"| {row['variant']} | {row['accuracy']:.4f} | "
-            f"{100 * (row['accuracy'] - keras_acc):+.2f} | {row['differs_from_keras']} | {size} |"
+        served = [
+            f"{100 * s['agreement']:.2f}% / {s['accuracy']:.4f} "
+            f"({100 * (s['accuracy'] - keras_acc):+.2f})"
+            for s in (row["serving"][str(b)] for b in batches)
+        ]
+        check = row["verification"]
+        gate = check.get("label_agreement")
+        gate = "-" if gate is None else f"{100 * gate:.2f}% ({check['texts']:,})"
+        lines.append(
+            f"| {row['variant']} | {row.get('quantization_recipe') or '-'} | "
+            + " | ".join(served)
+            + f" | {gate} | {row['model_bytes'] / 1e6:.1f} |"
         )
+    lines.append("")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -144,6 +144,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, help="also write the table and the figures here (.md)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--kerashub-tokenizer", action="store_true", help=argparse.SUPPRESS)
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(child(args)))
@@ -151,6 +152,16 @@ def main(argv=None) -> int:
     if not args.data.is_file():
         parser.error(f"data file not found: {str(args.data)!r} (pass --data or ${DATA_ENV})")
 
+    from kerasft.machine import describe
+    from kerasft.versions import TRAINING, package_versions, source_commit
+
+    measured = {
+        "command": "python -m kerasft.benchmarks.scale " + " ".join(argv),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "commit": source_commit(),
+        "machine": describe(),
+        "versions": package_versions(TRAINING),
+    }
     rows = [json.loads(line) for line in args.data.open() if line.strip()]
     text_key = "headline" if "headline" in rows[0] else "text"
     results = []
@@ -170,10 +181,16 @@ def main(argv=None) -> int:
                 sys.stderr.write(proc.stderr[-4000:])
                 return proc.returncode
             results.append({"factor": factor, **json.loads(proc.stdout.strip().splitlines()[-1])})
-    report = format_report(results, args, repeats, len(rows))
-    print(report)
+    text = format_report(results, args, repeats, len(rows))
     if args.out:
-        args.out.write_text(report + "\n")
+        from kerasft.benchmarks.report import cpu_line, header, write_results
+
+        head = header("Memory and speed of the data path as rows grow", measured,
+                      cpu_line(measured["machine"]), measured["versions"])  # fmt: skip
+        measured["results"] = results
+        write_results(args.out, measured, "\n".join([*head, "", text, ""]))
+    else:
+        print(text)
     return 0
 
 
