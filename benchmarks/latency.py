@@ -261,9 +261,12 @@ def build_parser(prog: str = "python -m kerasft.benchmarks.latency") -> argparse
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--run", required=True, type=Path, help="a `kerasft fit` run directory")
     parser.add_argument("--out", required=True, type=Path, help="report directory to create")
-    parser.add_argument("--device", choices=("cpu", "gpu", "auto"), default="auto")
-    parser.add_argument("--batch-sizes", default="1,8,32")
-    parser.add_argument("--seq-lens", default="32,128")
+    parser.add_argument(
+        "--device", choices=("cpu", "gpu", "auto"), default="auto",
+        help="auto: the GPU paths too when a CUDA GPU is there",
+    )  # fmt: skip
+    parser.add_argument("--batch-sizes", default="1,8,32", help="batch sizes to time")
+    parser.add_argument("--seq-lens", default="32,128", help="sequence lengths (tokens) to time")
     parser.add_argument(
         "--latency-model", choices=("base", "run"), default=None,
         help="base: DistilBERT-base-shaped widening of the run's model (default); run: the run's "
@@ -272,7 +275,9 @@ def build_parser(prog: str = "python -m kerasft.benchmarks.latency") -> argparse
     parser.add_argument(
         "--widen", type=int, default=2, help="width factor for --latency-model base"
     )
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="intra-op threads")
+    parser.add_argument(
+        "--threads", type=int, help="intra-op threads per variant (default: the CPU's cores)"
+    )
     parser.add_argument(
         "--rounds", type=int, help="interleaved timing rounds (default 12; quick 3)"
     )
@@ -320,7 +325,7 @@ def _settings(args) -> dict:
         ),
         "test_rows": args.test_rows if args.test_rows is not None else defaults["test_rows"],
         "latency_model": args.latency_model or defaults["latency_model"],
-        "threads": args.threads,
+        "threads": args.threads if args.threads is not None else os.cpu_count(),
     }
     for key in ("rounds", "threads"):
         if s[key] < 1:

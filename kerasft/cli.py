@@ -125,15 +125,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     fit = sub.add_parser("fit", help="two-stage fine-tuning on the reference 60/20/20 split")
-    fit.add_argument("--data", default=os.environ.get(DATA_ENV), help=f"data file (or ${DATA_ENV})")
+    fit.add_argument("--data", help=f"data file (default: ${DATA_ENV})")
     fit.add_argument("--out", help="run directory to create")
     fit.add_argument(
         "--resume", metavar="RUN",
         help="continue the interrupted run RUN from its last completed epoch, with the options "
         "it was started with (running the same command again does the same)",
     )  # fmt: skip
-    fit.add_argument("--text-column")
-    fit.add_argument("--label-column")
+    fit.add_argument("--text-column", help="the text column (default: detected)")
+    fit.add_argument("--label-column", help="the label column (default: detected)")
     fit.add_argument("--skip-invalid", action="store_true", help="drop rows without text/label")
     fit.add_argument("--encoding", default="utf-8", help="the data files' text encoding")
     fit.add_argument(
@@ -168,8 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser(
         "export", help="export a run to ONNX, OpenVINO, SavedModel or LiteRT, verified"
     )
-    export.add_argument("run_dir")
-    export.add_argument("--format", required=True, choices=list(FORMATS))
+    export.add_argument("run_dir", help="a `kerasft fit` run directory")
+    export.add_argument("--format", required=True, choices=list(FORMATS), help="artifact format")
     export.add_argument("--int8", choices=INT8_MODES, help=int8_help())
     export.add_argument(
         "--min-agreement", type=float, default=INT8_MIN_AGREEMENT,
@@ -200,19 +200,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = sub.add_parser("predict", help="label texts with a run or export directory")
     predict.add_argument("run_dir", help="a `kerasft fit` run or a `kerasft export` directory")
-    predict.add_argument("texts", nargs="+")
-    predict.add_argument("--json", action="store_true")
+    predict.add_argument("texts", nargs="+", help="texts to label")
+    predict.add_argument(
+        "--json", action="store_true",
+        help="a JSON list of {text, label, probability} instead of 'label<TAB>probability<TAB>"
+        "text' lines",
+    )  # fmt: skip
     predict.add_argument(
         "--manifest-sha256", help="export only: refuse a manifest whose sha256 differs"
     )
 
     evaluate = sub.add_parser("evaluate", help="score every row of a labelled file")
-    evaluate.add_argument("run_dir")
-    evaluate.add_argument("--data", required=True)
-    evaluate.add_argument("--text-column")
-    evaluate.add_argument("--label-column")
+    evaluate.add_argument("run_dir", help="a `kerasft fit` run directory")
+    evaluate.add_argument("--data", required=True, help="labelled data file, scored whole")
+    evaluate.add_argument("--text-column", help="the text column (default: detected)")
+    evaluate.add_argument("--label-column", help="the label column (default: detected)")
     evaluate.add_argument("--encoding", default="utf-8", help="the data file's text encoding")
-    evaluate.add_argument("--json", action="store_true")
+    evaluate.add_argument(
+        "--json",
+        action="store_true",
+        help="the metrics as one JSON object instead of 'name: value' lines",
+    )
 
     sub.add_parser(
         "bench",
@@ -247,8 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     # through the root logger) stay hidden.
     logging.basicConfig(level=logging.WARNING, format="[kerasft] %(message)s")
     logging.getLogger("kerasft").setLevel(logging.INFO)
-    from kerasft.data import DataError
+    from kerasft.data import DATA_ENV, DataError
 
+    if args.command == "fit" and args.data is None:
+        args.data = os.environ.get(DATA_ENV)
     try:
         commands = {
             "fit": cmd_fit,
@@ -523,6 +533,11 @@ def cmd_export(args) -> int:
         if acc
         else ""
     )
+    per_batch = check.get("per_batch_size")
+    if per_batch:  # a batch-dependent recipe: each serving batch size, the worst decides
+        drop += "; by serving batch size: " + ", ".join(
+            f"{size}: {r['label_agreement']:.2%}" for size, r in per_batch.items()
+        )
     print(
         f"{args.format} {variant}: {manifest['size_bytes'] / 1e6:.1f} MB, "
         f"verified on {check['texts']} texts (max |logit diff| {check['max_abs_logit_diff']:.2g}, "
