@@ -23,6 +23,9 @@ class QuantizationConfig:
             tried in order: the next only when the previous misses the gate.
         calibration: the recipes calibrate (or measure node sensitivity) on training texts.
         validation: the recipes need labelled validation feeds (accuracy control).
+        batch_dependent: a text's output depends on the other texts of its batch (activation
+            ranges taken per call), so the gate verifies at every serving batch size
+            (`kerasft.exporters.verify.SERVING_BATCHES`) and keeps the worst.
     """
 
     mode: str
@@ -30,6 +33,7 @@ class QuantizationConfig:
     attempts: tuple[tuple[str, dict], ...]
     calibration: bool = False
     validation: bool = False
+    batch_dependent: bool = False
 
 
 @dataclass(frozen=True)

@@ -374,13 +374,17 @@ def _write_verified(
             info = MODULES[contract.name].write(graph, tmp, quantize=attempt, **write, **settings)
             manifest = _manifest(contract, quantize, attempt, info, src, clf, shape, tmp)
             try:
-                manifest["verification"], served = _verify(tmp, vset, reference, src, gate,
-                                                           reduced=_reduced(quantize, contract,
-                                                                            precision))  # fmt: skip
+                reduced = _reduced(quantize, contract, precision)
+                batch_dependent = bool(quantize) and contract.int8[quantize].batch_dependent
+                manifest["verification"], served = _verify(
+                    tmp, vset, reference, gate, reduced, batch_dependent
+                )
             except VerificationError as e:
                 if (attempt, settings) == attempts[-1] or e.report.get("tokenizer_mismatches"):
                     if failed:
                         e.args = (f"{e.args[0]} Earlier recipes also failed: {failed}",)
+                    if reduced and not e.report.get("tokenizer_mismatches"):
+                        e.args = (e.args[0] + _other_recipes(contract, quantize),)
                     raise
                 failed.append({"recipe": label, "error": str(e)})
                 log.info("%s missed the gate (%s); trying the next recipe", label, e)
@@ -388,6 +392,14 @@ def _write_verified(
             manifest["verification"]["recipes_failed"] = failed
             return manifest, served, reference[0]
     raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def _other_recipes(contract: FormatContract, quantize) -> str:
+    """What to try after a refused INT8 export: the format's other modes, or a wider gate."""
+    others = [f"--int8 {mode}" for mode in contract.int8 if mode != quantize]
+    return (
+        f" Try {' or '.join(others)} (another recipe), or " if others else " Try "
+    ) + "a wider gate (--min-agreement, --max-accuracy-drop)."
 
 
 def _reduced(quantize, contract: FormatContract, precision: str) -> bool:
@@ -439,17 +451,21 @@ def _manifest(contract, quantize, attempt, info, src, clf, shape, tmp: Path) -> 
     return exportdir.write_manifest(tmp, manifest)
 
 
-def _verify(tmp: Path, vset, reference, src, gate, reduced: bool) -> tuple[dict, object]:
-    """Loads the export with its own runtime and verifies it against the Keras reference."""
+def _verify(
+    tmp: Path, vset, reference, gate, reduced: bool, batch_dependent: bool
+) -> tuple[dict, object]:
+    """Loads the export with its own runtime and verifies it against the Keras reference (at
+    every serving batch size when the recipe's output depends on the batch)."""
     from kerasft.exporters import runtime
-    from kerasft.exporters.verify import verify
+    from kerasft.exporters.verify import SERVING_BATCHES, verify
 
     served = runtime.load(tmp)
-    log.info("verifying on %d texts with %s", len(vset.texts), type(served).__name__)
+    sizes = f" at batch sizes {list(SERVING_BATCHES)}" if reduced and batch_dependent else ""
+    log.info("verifying on %d texts with %s%s", len(vset.texts), type(served).__name__, sizes)
     keras_ids, keras_logits = reference
     report = verify(
         served, vset.texts, keras_ids, keras_logits, reduced,
-        labels=vset.label_ids, splits=vset.splits, **gate,
+        labels=vset.label_ids, splits=vset.splits, batch_dependent=batch_dependent, **gate,
     )  # fmt: skip
     return report, served
 

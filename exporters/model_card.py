@@ -190,6 +190,20 @@ def _verification_lines(check: dict) -> list[str]:
         f"- label agreement {check['label_agreement']:.4%} ({check['disagreements']} differ); "
         f"max |logit diff| {check['max_abs_logit_diff']:.3g}",
     ]  # fmt: skip
+    for size, served in check.get("per_batch_size", {}).items():
+        drop = served.get("accuracy_drop")
+        lines.append(
+            f"- served at batch size {size}: label agreement {served['label_agreement']:.4%} "
+            f"({served['disagreements']} differ)"
+            + ("" if drop is None else f", accuracy drop {drop * 100:+.2f} points")
+        )
+    if "batch_independent" in check:
+        lines.append(
+            "- a text's output does not depend on the other texts of its batch (static ranges)"
+            if check["batch_independent"]
+            else "- a text's output depends on its batch (activation ranges per call): the gate "
+            "takes the worst serving batch size"
+        )
     acc = check.get("accuracy")
     if acc:
         lo, hi = acc["drop_ci95"]

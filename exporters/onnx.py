@@ -29,6 +29,7 @@ CONTRACT = FormatContract(
             "onnxruntime dynamic INT8",
             *(("dynamic", {"keep_fp32": k}) for k in (0, 2, 4, 8)),
             calibration=True,
+            batch_dependent=True,  # activation ranges per call, over the whole batch
         ),
         "static": int8("static", "calibrated QDQ INT8", calibration=True),
     },

@@ -3,7 +3,9 @@
 fp32 exports must reproduce the Keras logits. Reduced-precision exports (INT8, or OpenVINO in
 bfloat16) are judged on what users care about, measured on labelled texts from every split of
 the run: label agreement with the fp32 Keras model and the accuracy drop on the held-out splits
-(validation and test), with a 95% confidence interval for the drop.
+(validation and test), with a 95% confidence interval for the drop. Recipes whose output for a
+text depends on the rest of its batch (dynamic activation ranges) are verified at every serving
+batch size, batch 1 and the runtime's default batch (`SERVING_BATCHES`), and gated on the worst.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ FP32_TOLERANCE = 1e-4
 INT8_MIN_AGREEMENT = 0.99
 INT8_MAX_ACCURACY_DROP = 0.01
 HELD_OUT = ("validation", "test")
+# Batch 1 and the runtime's default batch (`ExportedClassifier.predict(batch_size=32)`), each
+# batch padded to its longest text, as users serve.
+SERVING_BATCHES = (1, 32)
 
 
 class VerificationError(RuntimeError):
@@ -70,6 +75,7 @@ def verify(
     min_agreement: float = INT8_MIN_AGREEMENT,
     max_accuracy_drop: float = INT8_MAX_ACCURACY_DROP,
     batch_size: int = 32,
+    batch_dependent: bool = False,
 ) -> dict:
     """Compares an export (through `kerasft.exporters.runtime`) with the Keras model on `texts`.
 
@@ -90,6 +96,9 @@ def verify(
         min_agreement: the agreement gate for quantized exports.
         max_accuracy_drop: the accuracy-drop gate for quantized exports (0.01 = 1 point).
         batch_size: texts per runtime call.
+        batch_dependent: the export's output for a text depends on its batch: it is also run
+            at every other size of `SERVING_BATCHES`; the report's agreement and accuracy are
+            the worst over those sizes, and `per_batch_size` gives each.
 
     Returns:
         The verification report (also written to the manifest).
@@ -98,26 +107,41 @@ def verify(
         VerificationError: if a check fails, with the measured numbers.
     """
     token_mismatch = _token_mismatches(runtime.encode(texts)["token_ids"], keras_ids)
-    logits = runtime.predict(texts, batch_size=batch_size).logits
-    max_diff = float(np.max(np.abs(logits - keras_logits)))
-    ours, reference = logits.argmax(-1), keras_logits.argmax(-1)
-    agreement = float(np.mean(ours == reference))
-    report = {
-        "texts": len(texts),
-        "tokenizer_mismatches": token_mismatch,
-        "max_abs_logit_diff": max_diff,
-        "label_agreement": agreement,
-        "disagreements": int(np.sum(ours != reference)),
-    }
+    reference = keras_logits.argmax(-1)
+    sizes = [batch_size]
+    if quantized and batch_dependent:
+        sizes += [b for b in SERVING_BATCHES if b != batch_size]
+    per_batch = {}
+    for size in sizes:
+        logits = runtime.predict(texts, batch_size=size).logits
+        per_batch[size] = _label_report(logits, keras_logits, reference, labels, splits)
+    # the worst serving batch size decides (one size unless the recipe is batch-dependent)
+    report = min(per_batch.values(), key=lambda r: r["label_agreement"]).copy()
+    if "accuracy" in report:
+        worst = max(per_batch.values(), key=lambda r: r["accuracy"]["drop"])
+        report.update({k: worst[k] for k in ("accuracy", "accuracy_per_split") if k in worst})
+    report["max_abs_logit_diff"] = max(r["max_abs_logit_diff"] for r in per_batch.values())
+    max_diff, agreement = report["max_abs_logit_diff"], report["label_agreement"]
+    report = {"texts": len(texts), "tokenizer_mismatches": token_mismatch, **report}
     if splits is not None:
         names, counts = np.unique(np.asarray(splits), return_counts=True)
         report["texts_per_split"] = {str(k): int(v) for k, v in zip(names, counts, strict=True)}
-    if labels is not None:
-        report.update(_accuracy_report(np.asarray(labels), splits, reference, ours))
+    report["batch_independent"] = not batch_dependent
+    if len(per_batch) > 1:
+        report["per_batch_size"] = {
+            str(size): {
+                "label_agreement": r["label_agreement"],
+                "disagreements": r["disagreements"],
+                **({"accuracy_drop": r["accuracy"]["drop"]} if "accuracy" in r else {}),
+            }
+            for size, r in sorted(per_batch.items())
+        }
+    at_every_size = f" at batch sizes {sorted(per_batch)}" if len(per_batch) > 1 else ""
     report["criterion"] = (
         f"label_agreement >= {min_agreement}"
         + (f" and accuracy drop on held-out texts <= {max_accuracy_drop}" if "accuracy" in report
            else "")
+        + at_every_size
         if quantized
         else f"max_abs_logit_diff <= {FP32_TOLERANCE} and label_agreement == 1"
     )  # fmt: skip
@@ -141,6 +165,19 @@ def verify(
     return report
 
 
+def _label_report(logits, keras_logits, reference, labels, splits) -> dict:
+    """Logit difference, label agreement and (with labels) the accuracy drop of one serving."""
+    ours = logits.argmax(-1)
+    report = {
+        "max_abs_logit_diff": float(np.max(np.abs(logits - keras_logits))),
+        "label_agreement": float(np.mean(ours == reference)),
+        "disagreements": int(np.sum(ours != reference)),
+    }
+    if labels is not None:
+        report.update(_accuracy_report(np.asarray(labels), splits, reference, ours))
+    return report
+
+
 def _accuracy_report(labels: np.ndarray, splits, reference: np.ndarray, ours: np.ndarray) -> dict:
     """The accuracy drop on the held-out texts (all, without `splits`) and per held-out split."""
     held_out = np.isin(np.asarray(splits), HELD_OUT) if splits is not None else slice(None)
@@ -158,10 +195,13 @@ def _accuracy_report(labels: np.ndarray, splits, reference: np.ndarray, ours: np
 def _gate_problems(report: dict, min_agreement: float, max_accuracy_drop: float) -> list[str]:
     """What a quantized export misses of the gate, in words (empty when it passes)."""
     problems, agreement = [], report["label_agreement"]
+    per_batch = report.get("per_batch_size", {})
     if agreement < min_agreement:
+        worst = [size for size, r in per_batch.items() if r["label_agreement"] < min_agreement]
+        where = f" served at batch size{'s' * (len(worst) > 1)} {', '.join(worst)}" if worst else ""
         problems.append(
             f"agrees with the fp32 model on {agreement:.2%} of {report['texts']} texts "
-            f"({report['disagreements']} differ); at least {min_agreement:.2%} is required"
+            f"({report['disagreements']} differ){where}; at least {min_agreement:.2%} is required"
         )
     acc = report.get("accuracy")
     if acc and acc["drop"] > max_accuracy_drop:

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import BACKENDS, ROOT
@@ -132,6 +133,31 @@ def test_export_twice_refuses_then_overwrites(toy_runs, tmp_path):
     assert json.loads((out / "manifest.json").read_text())["source_backend"] == "jax"
     verify_checksums(out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e"]
+
+
+@pytest.mark.slow
+def test_static_int8_recipes_answer_the_same_alone_and_in_a_batch(toy_runs, tmp_path):
+    """ONNX static and OpenVINO NNCF INT8 calibrate their ranges once: a text's logits are the
+    same served alone and inside a padded batch. ONNX dynamic INT8 is verified at batch 1 and 32."""
+    from kerasft.rundir import run_splits
+
+    texts = run_splits(toy_runs["tensorflow"])[2].texts[:40]
+    for fmt, quantize in (("onnx", "static"), ("openvino", "nncf"), ("onnx", "dynamic")):
+        out = export(toy_runs["tensorflow"], tmp_path / f"{fmt}-{quantize}", format=fmt,
+                     quantize=quantize)  # fmt: skip
+        check = json.loads((out / "manifest.json").read_text())["verification"]
+        served = load(out)
+        alone = np.concatenate([served.predict([t]).logits for t in texts])
+        batched = served.predict(texts, batch_size=len(texts)).logits
+        if quantize == "dynamic":
+            assert check["batch_independent"] is False
+            assert set(check["per_batch_size"]) == {"1", "32"}
+            assert check["label_agreement"] == min(
+                r["label_agreement"] for r in check["per_batch_size"].values()
+            )
+        else:
+            assert check["batch_independent"] is True and "per_batch_size" not in check
+            np.testing.assert_allclose(alone, batched, atol=1e-4)
 
 
 # `kerasft export` with its verification step replaced by SIGKILL: the process dies after the

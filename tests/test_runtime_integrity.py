@@ -169,6 +169,48 @@ def test_gate_judges_agreement_and_held_out_accuracy():
                min_agreement=0.995, max_accuracy_drop=0.02)  # fmt: skip
 
 
+class _BatchDependentRuntime(_FakeRuntime):
+    """Gives `logits_by_batch[batch_size]`: a recipe whose answers depend on the batch."""
+
+    def __init__(self, ids, logits_by_batch):
+        super().__init__(ids, None)
+        self.by_batch, self.sizes = logits_by_batch, []
+
+    def predict(self, texts, batch_size=32):
+        self.sizes.append(batch_size)
+        self._logits = self.by_batch[batch_size]
+        return super().predict(texts, batch_size)
+
+
+def test_a_batch_dependent_recipe_is_gated_at_its_worst_serving_batch_size():
+    n = 400
+    ids = np.ones((n, 4), dtype="int32")
+    labels = np.array([0, 1] * (n // 2))
+    keras = np.eye(2)[labels]
+    at_32 = keras.copy()
+    at_32[[200, 202, 204, 206, 208]] = np.eye(2)[[1, 1, 1, 1, 1]]  # 5 flips (98.75%), train rows
+    served = {1: keras, 32: at_32}  # batch 1 agrees everywhere, batch 32 does not
+    runtime = _BatchDependentRuntime(ids, served)
+    with pytest.raises(VerificationError) as refused:
+        verify(runtime, ["t"] * n, ids, keras, True, labels, batch_dependent=True)
+    assert str(refused.value).startswith(
+        "Quantized export agrees with the fp32 model on 98.75% of 400 texts (5 differ) served at "
+        "batch size 32; at least 99.00% is required"
+    )
+    assert refused.value.report["per_batch_size"] == {
+        "1": {"label_agreement": 1.0, "disagreements": 0, "accuracy_drop": 0.0},
+        "32": {"label_agreement": 0.9875, "disagreements": 5, "accuracy_drop": 0.0125},
+    }
+    assert sorted(set(runtime.sizes)) == [1, 32]
+    # the same export passes when only batch 1 disagrees a little: the worst size decides
+    at_1 = keras.copy()
+    at_1[[200, 202]] = np.eye(2)[[1, 1]]
+    report = verify(_BatchDependentRuntime(ids, {1: at_1, 32: keras}), ["t"] * n, ids, keras,
+                    True, labels, batch_dependent=True, max_accuracy_drop=0.01)  # fmt: skip
+    assert report["passed"] and report["label_agreement"] == 0.995
+    assert report["batch_independent"] is False and "at batch sizes [1, 32]" in report["criterion"]
+
+
 def test_gate_options_are_validated_up_front(toy_runs, tmp_path):
     with pytest.raises(ValueError, match=r"min_agreement must be a number in \[0, 1\]. Received: "
                                          r"min_agreement=99"):  # fmt: skip
