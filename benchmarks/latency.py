@@ -596,7 +596,9 @@ def _measure(args, settings) -> dict:
     """Prepares the artifacts, measures every variant and returns the report."""
     from tqdm import tqdm
 
-    started = time.time()
+    from kerasft.versions import source_commit
+
+    started, commit = time.time(), source_commit()  # the code measured
     device, gpus = detect_device(args.device)
     indexes, root, notes = _prepare_roles(args, settings, device)
     latency_index = indexes[settings["latency_model"]]
@@ -624,6 +626,8 @@ def _measure(args, settings) -> dict:
         end_to_end = measure_end_to_end(indexes["run"], args.run, settings, work, device, progress)
     return {
         "command": args.command,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
+        "commit": commit,
         "device": device,
         "machine": machine_info(settings["threads"], gpus),
         "settings": settings,

@@ -95,11 +95,9 @@ def _markdown(report: dict, goals: dict) -> str:
     lat_shape = report["models"][report["latency_model"]]["shape"]
     acc = report["accuracy"]
     lines = [
-        "# kerasft latency report",
-        "",
-        f"Command: `{report['command']}`  ",
-        f"Device: **{report['device']}**; CPU {m['cpu']}, {m['cores']} cores, "
-        f"{m['threads']} intra-op threads per runtime; GPU: {m['gpu']}  ",
+        *header("kerasft latency report", report, cpu_line(m), m["versions"]),
+        f"Device: **{report['device']}**; {m['threads']} intra-op threads per runtime; "
+        f"GPU: {m['gpu']}  ",
         f"Latency model ({report['latency_model']}): {lat_shape['layers']} layers, hidden "
         f"{lat_shape['hidden']}, {lat_shape['heads']} heads, FFN {lat_shape['intermediate']}, "
         f"{lat_shape['parameters'] / 1e6:.1f} M parameters. Accuracy model: the fine-tuned run, "
@@ -109,8 +107,6 @@ def _markdown(report: dict, goals: dict) -> str:
         f"{s.get('settle_seconds', 0)} s pause and one untimed call, after per-shape warm-up; "
         "inputs are token ids with every position attended (tokenization excluded). Medians (p50) "
         f"decide every ratio. Total {report['seconds']:.0f} s.",
-        "",
-        "Versions: " + ", ".join(f"{k} {v}" for k, v in sorted(m["versions"].items())),
         "",
     ]
     lines += _targets(report["latency"], goals)

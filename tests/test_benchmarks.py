@@ -183,6 +183,8 @@ def test_quick_bench_runs_every_variant(toy_runs, tmp_path):
         "report.json", "report.md", "latency.png", "accuracy_vs_latency.png",
     }  # fmt: skip
     md = (out / "report.md").read_text()
+    assert md.startswith("# kerasft latency report\n\nCommand: `") and "ISA: " in md
+    assert f"commit {report['commit']}" in md and report["date"] in md
     assert "### batch 1, 32 tokens" in md and "| optimum onnx int8 |" in md
     assert "## End to end" in md and "| openvino int8-nncf (runtime) |" in md
     # A second run reuses the verified artifacts and refuses to overwrite the report.
