@@ -199,10 +199,10 @@ def _verification_lines(check: dict) -> list[str]:
         )
     if "batch_independent" in check:
         lines.append(
-            "- a text's output does not depend on the other texts of its batch (static ranges)"
+            "- the recipe takes no activation range over the batch: verified at one batch size"
             if check["batch_independent"]
-            else "- a text's output depends on its batch (activation ranges per call): the gate "
-            "takes the worst serving batch size"
+            else "- the recipe takes activation ranges per call, over the whole batch, so a text's "
+            "output depends on its batch: verified at each serving batch size, the worst decides"
         )
     acc = check.get("accuracy")
     if acc:

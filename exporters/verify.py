@@ -126,7 +126,8 @@ def verify(
     if splits is not None:
         names, counts = np.unique(np.asarray(splits), return_counts=True)
         report["texts_per_split"] = {str(k): int(v) for k, v in zip(names, counts, strict=True)}
-    report["batch_independent"] = not batch_dependent
+    if quantized:  # does the recipe take activation ranges over the whole batch?
+        report["batch_independent"] = not batch_dependent
     if len(per_batch) > 1:
         report["per_batch_size"] = {
             str(size): {
