@@ -100,10 +100,10 @@ def measure(args, chosen) -> dict:
     """Scores Keras and every chosen export on the run's test split; the report."""
     import numpy as np
 
-    from kerasft.machine import describe
+    from kerasft.benchmarks.report import provenance
     from kerasft.rundir import run_splits
     from kerasft.tuner import load_tuner
-    from kerasft.versions import EXPORT, package_versions, source_commit
+    from kerasft.versions import EXPORT, source_commit
 
     source = source_commit()
     test = run_splits(args.run)[2]
@@ -114,11 +114,7 @@ def measure(args, chosen) -> dict:
     print(f"keras fp32: accuracy {keras_acc:.4f} on {len(test)} test rows", flush=True)
     rows = [_export_row(args, fmt, q, test, tuner, keras_ids) for fmt, q in chosen]
     return {
-        "command": args.command,
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "commit": source,
-        "machine": describe(),
-        "versions": package_versions(EXPORT),
+        **provenance(args.command, source, EXPORT),
         "run": str(args.run),
         "test_rows": len(test),
         "keras_accuracy": keras_acc,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 BASELINE = "keras tensorflow fp32"
@@ -311,6 +312,22 @@ if __name__ == "__main__":  # re-render a report directory from its report.json
 
     directory = Path(sys.argv[1])
     write_report(json.loads((directory / "report.json").read_text()), directory)
+
+
+def provenance(command: str, commit: str, packages: tuple[str, ...]) -> dict:
+    """What every results file records: the command, the date (now, UTC), the commit measured
+    (`kerasft.versions.source_commit()`, read when the measurement began), the machine and the
+    versions of `packages`."""
+    from kerasft.machine import describe
+    from kerasft.versions import package_versions
+
+    return {
+        "command": command,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "commit": commit,
+        "machine": describe(),
+        "versions": package_versions(packages),
+    }
 
 
 def header(title: str, report: dict, machine: str, versions: dict) -> list[str]:

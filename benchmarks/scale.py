@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import resource
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -152,16 +153,9 @@ def main(argv=None) -> int:
     if not args.data.is_file():
         parser.error(f"data file not found: {str(args.data)!r} (pass --data or ${DATA_ENV})")
 
-    from kerasft.machine import describe
-    from kerasft.versions import TRAINING, package_versions, source_commit
+    from kerasft.versions import source_commit
 
-    measured = {
-        "command": "python -m kerasft.benchmarks.scale " + " ".join(argv),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "commit": source_commit(),
-        "machine": describe(),
-        "versions": package_versions(TRAINING),
-    }
+    command, commit = "python -m kerasft.benchmarks.scale " + shlex.join(argv), source_commit()
     rows = [json.loads(line) for line in args.data.open() if line.strip()]
     text_key = "headline" if "headline" in rows[0] else "text"
     results = []
@@ -183,11 +177,12 @@ def main(argv=None) -> int:
             results.append({"factor": factor, **json.loads(proc.stdout.strip().splitlines()[-1])})
     text = format_report(results, args, repeats, len(rows))
     if args.out:
-        from kerasft.benchmarks.report import cpu_line, header, write_results
+        from kerasft.benchmarks.report import cpu_line, header, provenance, write_results
+        from kerasft.versions import TRAINING
 
+        measured = {**provenance(command, commit, TRAINING), "results": results}
         head = header("Memory and speed of the data path as rows grow", measured,
                       cpu_line(measured["machine"]), measured["versions"])  # fmt: skip
-        measured["results"] = results
         write_results(args.out, measured, "\n".join([*head, "", text, ""]))
     else:
         print(text)

@@ -63,8 +63,8 @@ def fit_command(args, backend: str | None, out: Path, variant: str = "") -> list
 
 def measure(args, progress=print) -> dict:
     """Runs every backend's fit, one at a time, and collects the results."""
-    from kerasft.machine import describe
-    from kerasft.versions import TRAINING, package_versions, source_commit
+    from kerasft.benchmarks.report import provenance
+    from kerasft.versions import TRAINING, source_commit
 
     source = source_commit()  # the code measured (later edits to the tree do not count)
     runs = []
@@ -93,14 +93,7 @@ def measure(args, progress=print) -> dict:
             test = metrics["test"]
             progress(f"  {metrics['backend']}: test accuracy {test['accuracy']:.4f}, "
                      f"{result['wall_seconds']:.0f} s wall")  # fmt: skip
-    return {
-        "command": args.command,
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "commit": source,
-        "machine": describe(),
-        "versions": package_versions(TRAINING),
-        "runs": runs,
-    }
+    return {**provenance(args.command, source, TRAINING), "runs": runs}
 
 
 def render(report: dict) -> str:
