@@ -142,7 +142,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--factor", type=int, default=10, help="rows of the large run, x file")
     parser.add_argument("--preset", default="scale-tiny", help="scale-tiny, or a kerasft preset")
-    parser.add_argument("--out", type=Path, help="also write the table and the figures here (.md)")
+    parser.add_argument("--out", type=Path, help="report file (.md; JSON beside)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--kerashub-tokenizer", action="store_true", help=argparse.SUPPRESS)
     argv = sys.argv[1:] if argv is None else argv

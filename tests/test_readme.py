@@ -28,12 +28,9 @@ def parsers() -> dict[str, argparse.ArgumentParser]:
     return {"kerasft": parser, **commands}
 
 
-def summaries() -> dict[str, str]:
+def summaries(parser: argparse.ArgumentParser) -> dict[str, str]:
     """Each command's one-line help, as `kerasft --help` lists it."""
-    from kerasft import cli
-
-    actions = cli.build_parser()._subparsers._group_actions[0]._choices_actions
-    return {a.dest: a.help for a in actions}
+    return {a.dest: a.help for a in parser._subparsers._group_actions[0]._choices_actions}
 
 
 def _cell(text: str) -> str:
@@ -64,8 +61,9 @@ def _default(action: argparse.Action) -> str:
 
 def render_reference() -> str:
     """The README's CLI reference: per command, one row per argument (name, default, help)."""
-    lines, summary = [START], summaries()
-    for name, parser in parsers().items():
+    commands = parsers()
+    lines, summary = [START], summaries(commands["kerasft"])
+    for name, parser in commands.items():
         formatter = parser._get_formatter()
         if name == "kerasft":  # the global options, in a sentence
             lines += ["", "Before the command, `kerasft` takes " + "; ".join(
