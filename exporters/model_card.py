@@ -195,7 +195,7 @@ def _verification_lines(check: dict) -> list[str]:
         lines.append(
             f"- served at batch size {size}: label agreement {served['label_agreement']:.4%} "
             f"({served['disagreements']} differ)"
-            + ("" if drop is None else f", accuracy drop {drop * 100:+.2f} points")
+            + ("" if drop is None else f", accuracy {0 - drop * 100:+.2f} points vs Keras")
         )
     if "batch_independent" in check:
         lines.append(
@@ -209,8 +209,8 @@ def _verification_lines(check: dict) -> list[str]:
         lo, hi = acc["drop_ci95"]
         lines.append(
             f"- accuracy on {acc['texts']} held-out labelled texts: Keras {acc['reference']:.4f},"
-            f" this export {acc['export']:.4f}: drop {acc['drop'] * 100:+.2f} points "
-            f"(95% CI {lo * 100:+.2f} to {hi * 100:+.2f})"
+            f" this export {acc['export']:.4f}: {0 - acc['drop'] * 100:+.2f} points "
+            f"(export minus Keras; 95% CI {0 - hi * 100:+.2f} to {0 - lo * 100:+.2f})"
         )
     lines.append(f"- criterion: {check['criterion']}")
     return lines

@@ -530,8 +530,8 @@ def cmd_export(args) -> int:
     check, variant = manifest["verification"], manifest["quantization"] or "fp32"
     acc = check.get("accuracy")
     drop = (
-        f", accuracy drop {acc['drop'] * 100:+.2f} points on {acc['texts']} held-out texts "
-        f"(95% CI {acc['drop_ci95'][0] * 100:+.2f} to {acc['drop_ci95'][1] * 100:+.2f})"
+        f", accuracy {0 - acc['drop'] * 100:+.2f} points vs Keras on {acc['texts']} held-out texts "
+        f"(95% CI {0 - acc['drop_ci95'][1] * 100:+.2f} to {0 - acc['drop_ci95'][0] * 100:+.2f})"
         if acc
         else ""
     )
