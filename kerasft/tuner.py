@@ -384,7 +384,9 @@ class TwoStageFineTuner:
         if not zipfile.is_zipfile(path):
             raise ValueError(f"{damaged} (truncated or overwritten). Restore it or fit again.")
         try:
-            tuner.model = keras.saving.load_model(path)
+            # compile=False: KerasHub tasks override compile(), so Keras would skip it anyway,
+            # with a warning for each load; the model is compiled when it trains.
+            tuner.model = keras.saving.load_model(path, compile=False)
         except (zipfile.BadZipFile, EOFError, zlib.error) as e:  # a member cut or corrupted
             raise ValueError(f"{damaged} ({type(e).__name__}: {e}). Restore it.") from e
         tuner.label_names = meta["label_names"]
