@@ -384,8 +384,8 @@ class TwoStageFineTuner:
         if not zipfile.is_zipfile(path):
             raise ValueError(f"{damaged} (truncated or overwritten). Restore it or fit again.")
         try:
-            # compile=False: KerasHub tasks override compile(), so Keras would skip it anyway,
-            # with a warning for each load; the model is compiled when it trains.
+            # compile=False: a KerasHub task compiles itself with its defaults when built, and
+            # Keras skips a custom compile() from the saved config anyway, warning each load.
             tuner.model = keras.saving.load_model(path, compile=False)
         except (zipfile.BadZipFile, EOFError, zlib.error) as e:  # a member cut or corrupted
             raise ValueError(f"{damaged} ({type(e).__name__}: {e}). Restore it.") from e
