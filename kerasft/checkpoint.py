@@ -3,19 +3,21 @@
 Keras' `BackupAndRestore` covers one `fit` call on one model: it restores the model it is
 attached to (the head alone during a cached stage 1), writes its files in place, keeps no history
 or shuffling state, and deletes its backup when that `fit` ends, which is exactly the stage
-boundary a two-stage run must survive. This module keeps what a resume needs across both stages,
-using Keras' own saving for the tensors:
+boundary a two-stage run must survive. This module keeps what a resume needs across both stages:
 
-- `epoch-NNNN.weights.h5`: every classifier variable (`Model.save_weights` of the
-  preprocessor-free classifier);
-- `epoch-NNNN.state.npz`: the optimizer's variables (`Optimizer.save_own_variables`, Adam's
-  moments and step count) and the dropout layers' seed-generator states, which `save_weights`
-  leaves out;
+- `epoch-NNNN-STAGE.npz`: every classifier variable (`core.weights`, in order, with their paths),
+  the optimizer's variables (`Optimizer.save_own_variables`, Adam's moments and step count), the
+  dropout layers' seed-generator states and the global random states;
 - `state.json`: stage, epochs done, the data order's epoch counter, the history so far, the
   best validation epoch, seconds spent, and a fingerprint of the recipe and training data.
 
+The tensors go through `numpy.savez` (Python's file I/O), not `Model.save_weights`: HDF5 that
+runs out of disk space mid-write leaves its file open, and h5py's clean-up then crashes the
+process (h5py#914; Keras' `save_weights` does not close the file on an error). A full disk is
+then an ordinary `OSError`. Checkpoints of format 1 (`.weights.h5` + `.state.npz`) still load.
+
 Each file is written under a temporary name and renamed; `state.json` is replaced last, so a
-kill at any instant leaves the previous complete checkpoint or the new one.
+kill or a full disk at any instant leaves the previous complete checkpoint or the new one.
 """
 
 from __future__ import annotations
@@ -31,13 +33,13 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from kerasft.fileio import atomic_write_text
+from kerasft.fileio import atomic_write_file, atomic_write_text
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
-BEST_WEIGHTS = "best.weights.h5"
-FORMAT_VERSION = 1
+BEST_WEIGHTS = "best.npz"
+FORMAT_VERSION = 2
 
 
 class CheckpointMismatchError(ValueError):
@@ -132,38 +134,36 @@ class CheckpointDir:
         return state
 
     def save(self, state: dict, classifier_core: keras.Model, optimizer=None) -> None:
-        """Writes one checkpoint: weights, optimizer and seed states, then `state.json`."""
+        """Writes one checkpoint: the tensors' `.npz`, then `state.json`.
+
+        Raises:
+            OSError: the file system refused a write (a full disk, say); the previous complete
+                checkpoint stays the last one and no temporary file is left.
+        """
         start = time.perf_counter()
         self.directory.mkdir(parents=True, exist_ok=True)
         tag = f"epoch-{state['epochs_done']:04d}-{state['stage']}"
-        weights, extra = f"{tag}.weights.h5", f"{tag}.state.npz"
-        tmp_weights = self.directory / f".tmp-{weights}"
-        classifier_core.save_weights(tmp_weights)
+        arrays = _weight_arrays(classifier_core)
         store = {}
         if optimizer is not None and optimizer.built:
             optimizer.save_own_variables(store)
-        arrays = {f"optimizer/{k}": np.asarray(v) for k, v in store.items()}
+        arrays.update((f"optimizer/{k}", np.asarray(v)) for k, v in store.items())
         for i, v in enumerate(seed_states(classifier_core)):
             arrays[f"seed/{i}"] = keras.ops.convert_to_numpy(v)
         rng = global_rng_state()
         arrays["rng/torch"] = rng.get("torch", np.zeros(0, "uint8"))
         for i, cuda in enumerate(rng.get("torch_cuda", [])):
             arrays[f"rng/torch_cuda/{i}"] = cuda
-        tmp_extra = self.directory / f".tmp-{tag}.state.npz"
-        with open(tmp_extra, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp_weights, self.directory / weights)
-        os.replace(tmp_extra, self.directory / extra)
+        _write_npz(self.directory / f"{tag}.npz", arrays)
         state = {
             **state,
             "format": FORMAT_VERSION,
-            "weights": weights,
-            "extra": extra,
+            "arrays": f"{tag}.npz",
             "fingerprint": self.fingerprint,
             "python_random": rng["python"],
         }
         atomic_write_text(self.directory / STATE_FILE, json.dumps(state, indent=1))
-        keep = {STATE_FILE, weights, extra, BEST_WEIGHTS}
+        keep = {STATE_FILE, state["arrays"], BEST_WEIGHTS}
         for path in self.directory.iterdir():
             if path.name not in keep:
                 path.unlink()
@@ -176,9 +176,18 @@ class CheckpointDir:
             `(optimizer_store, rng_state)`: the optimizer variables for `restore_optimizer`
             and the global random state for `set_global_rng_state`, both to be applied right
             before training continues.
+
+        Raises:
+            CheckpointMismatchError: the checkpoint's variables are not the model's.
         """
-        classifier_core.load_weights(self.directory / state["weights"])
-        with np.load(self.directory / state["extra"]) as arrays:
+        if state.get("format", 1) == 1:  # kerasft 0.1's layout: Keras' .weights.h5 + .state.npz
+            classifier_core.load_weights(self.directory / state["weights"])
+            name = state["extra"]
+        else:
+            name = state["arrays"]
+        with np.load(self.directory / name) as arrays:
+            if "weights/paths" in arrays.files:
+                _assign_weights(classifier_core, arrays, self.directory / name)
             for i, v in enumerate(seed_states(classifier_core)):
                 v.assign(arrays[f"seed/{i}"])
             files = arrays.files
@@ -196,13 +205,36 @@ class CheckpointDir:
         """Keeps the classifier's weights of the best epoch so far (atomically)."""
         start = time.perf_counter()
         self.directory.mkdir(parents=True, exist_ok=True)
-        tmp = self.directory / f".tmp-{BEST_WEIGHTS}"
-        classifier_core.save_weights(tmp)
-        os.replace(tmp, self.directory / BEST_WEIGHTS)
+        _write_npz(self.directory / BEST_WEIGHTS, _weight_arrays(classifier_core))
         self.seconds += time.perf_counter() - start
 
     def restore_best(self, classifier_core: keras.Model) -> None:
-        classifier_core.load_weights(self.directory / BEST_WEIGHTS)
+        path = self.directory / BEST_WEIGHTS
+        with np.load(path) as arrays:
+            _assign_weights(classifier_core, arrays, path)
+
+
+def _weight_arrays(model: keras.Model) -> dict[str, np.ndarray]:
+    """`model.weights` as `.npz` entries: `weights/I` in order, and their paths."""
+    arrays = {f"weights/{i}": keras.ops.convert_to_numpy(v) for i, v in enumerate(model.weights)}
+    arrays["weights/paths"] = np.array([v.path for v in model.weights])
+    return arrays
+
+
+def _assign_weights(model: keras.Model, arrays, path: Path) -> None:
+    saved, ours = [str(p) for p in arrays["weights/paths"]], [v.path for v in model.weights]
+    if saved != ours:
+        differ = sorted(set(saved) ^ set(ours))[:3] or "their order"
+        raise CheckpointMismatchError(
+            f"{str(path)!r} holds {len(saved)} variables that are not the model's {len(ours)} "
+            f"(they differ in {differ})."
+        )
+    for i, v in enumerate(model.weights):
+        v.assign(arrays[f"weights/{i}"])
+
+
+def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    atomic_write_file(path, lambda tmp: np.savez(tmp, **arrays))
 
 
 def restore_optimizer(model: keras.Model, store: dict) -> None:

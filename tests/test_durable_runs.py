@@ -4,6 +4,7 @@ best-epoch selection, callbacks on the real model, run directories written witho
 import errno
 import json
 import os
+import shlex
 import signal
 import subprocess
 
@@ -329,3 +330,40 @@ def test_split_seed_is_recorded_and_rebuilds_other_splits(tmp_path):
     assert reference.split_seed == 30
     assert rundir.DataSource.from_dict(other.to_dict()).splits()[2].texts == other.splits()[2].texts
     assert other.splits()[2].texts != reference.splits()[2].texts
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_fit_is_one_line_and_the_run_resumes(tiny_preset, toy_data, tmp_path):
+    """`--out` on a 300 kB file system: a checkpoint or two fit, then one fails. Before, h5py's
+    clean-up of the half-written checkpoint crashed the process (exit 139); now the error is one
+    line naming the directory and `--resume`, and the run resumes once there is room."""
+    probe = subprocess.run(["unshare", "--mount", "--map-root-user", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"needs a mount namespace for a small tmpfs: {probe.stderr.decode()[:200]}")
+    small = tmp_path / "small"
+    small.mkdir()
+    fit = shlex.join(fit_args("torch", tiny_preset, toy_data, small / "run", 2, 2))
+    script = f"""
+        mount -t tmpfs -o size=300k tmpfs {small}
+        {fit} 2> {tmp_path}/first.err; echo "first=$?"
+        cat {small}/.run.partial/checkpoint/state.json > {tmp_path}/state.json
+        mount -o remount,size=20m {small}
+        {fit} 2> {tmp_path}/second.err; echo "second=$?"
+        ls {small}/run
+    """
+    proc = subprocess.run(["unshare", "--mount", "--map-root-user", "bash", "-c", script],
+                          capture_output=True, text=True, env=CLI_ENV, timeout=600)  # fmt: skip
+    assert "first=2" in proc.stdout, proc.stdout + (tmp_path / "first.err").read_text()[-3000:]
+    first = (tmp_path / "first.err").read_text()
+    errors = [line for line in first.splitlines() if line.startswith("kerasft fit: error:")]
+    assert len(errors) == 1 and "Traceback" not in first and "Exception ignored" not in first
+    assert errors[0].startswith(
+        f"kerasft fit: error: no space left on device while writing the run in "
+        f"{small}/.run.partial (errno 28). It is kept up to its last complete checkpoint ("
+    )
+    assert errors[0].endswith(f"then `kerasft fit --resume {small}/run` continues it.")
+    done = json.loads((tmp_path / "state.json").read_text())["epochs_done"]
+    assert 1 <= done < 4
+    second = (tmp_path / "second.err").read_text()
+    assert "second=0" in proc.stdout, second[-3000:]
+    assert f"{done} of 4 epochs done" in second and "model.keras" in proc.stdout
