@@ -8,6 +8,7 @@ Example:
 """
 
 import importlib
+import os
 
 __version__ = "0.1.0"
 
@@ -31,7 +32,26 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
+BACKENDS = ("jax", "tensorflow", "torch")
+
+
+def check_backend() -> None:
+    """Refuses a `KERAS_BACKEND` kerasft does not run on, listing the ones it does.
+
+    Raises:
+        ValueError: `KERAS_BACKEND` is set to another name (Keras' own message would not list
+            the backends).
+    """
+    backend = os.environ.get("KERAS_BACKEND")
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(
+            f"KERAS_BACKEND={backend!r} is not a backend kerasft runs on. Set it to one of: "
+            f"{', '.join(BACKENDS)}."
+        )
+
+
 def __getattr__(name):
     if name in _EXPORTS:
+        check_backend()
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'kerasft' has no attribute {name!r}")

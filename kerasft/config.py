@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from kerasft import wording
 from kerasft.presets import DEFAULT_PRESET, SEQUENCE_LENGTHS
 
 SELECT_BEST = ("accuracy", "f1", "loss")
@@ -347,12 +348,14 @@ class RecipeConfig:
             ok, allowed = field.metadata["check"]
             value = getattr(self, field.name)
             if not ok(value):
-                raise ValueError(
-                    f"{field.name} must be {allowed}. Received: {field.name}={value!r}"
-                )
+                received = f"{field.name}={value!r}"
+                if wording.on_command_line():
+                    received = f"{flag_name(field)} {value}"
+                raise ValueError(f"{field.name} must be {allowed}. Received: {received}")
         if self.warmup_epochs + self.finetune_epochs == 0:
             raise ValueError(
-                "At least one stage needs epochs. Received: warmup_epochs=0, finetune_epochs=0"
+                "At least one stage needs epochs. Received: "
+                f"{wording.option('warmup_epochs', 0)}, {wording.option('finetune_epochs', 0)}"
             )
 
     @property

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from kerasft.wording import option
+
 logger = logging.getLogger(__name__)
 
 DATA_ENV = "KERASFT_DATA"
@@ -103,8 +105,26 @@ def _decode_error(path: Path, encoding: str, error: UnicodeDecodeError) -> DataE
     line = raw.count(b"\n", 0, at) + 1
     return DataError(
         f"{path}: line {line}: byte 0x{raw[at]:02x} (offset {at}) is not {encoding}. Pass the "
-        "file's encoding: --encoding latin-1 (or cp1252, ...) on the command line, "
-        "encoding=... in load_dataset."
+        f"file's encoding: {option('encoding', 'latin-1')} (or cp1252, ...)."
+    )
+
+
+def _json_error(
+    path, line: int, error: json.JSONDecodeError, expected: str = "one JSON object per line"
+) -> DataError:
+    """A JSON syntax error as a user reads it: line, column, the problem, what was expected."""
+    problem = error.msg.removesuffix(" starting at").removesuffix(" at")
+    at = error.doc[error.pos : error.pos + 1]
+    control = problem == "Invalid control character"
+    if problem == "Unterminated string" or (control and at in "\r\n"):
+        hint = " (the line ends inside a string: cut short?)"
+    elif control:
+        hint = f" ({at!r} inside a string; JSON writes it escaped)"
+    else:
+        hint = ""
+    return DataError(
+        f"{path}: line {line}, column {error.colno}: malformed JSON: {problem}{hint}. "
+        f'Expected {expected}, such as {{"text": "...", "label": 1}}.'
     )
 
 
@@ -128,54 +148,60 @@ def _is_missing(value) -> bool:
 def _read_records(
     path: Path, fmt: str, encoding: str = "utf-8", header: bool = True
 ) -> Iterator[tuple[int, dict]]:
-    """Yields `(row number, record)` one at a time (a JSON array is parsed whole first).
+    """`_records` of a file (a JSON array is parsed whole first)."""
+    with _open_text(path, encoding) as f:
+        yield from _records(f, fmt, header, path)
 
-    Row numbers are lines for JSON Lines and CSV/TSV (the header is line 1), positions for a
-    JSON array. Only the caller's text and label survive each record: a large file is never
-    held as dicts.
+
+def _records(lines, fmt: str, header: bool, name) -> Iterator[tuple[int, dict]]:
+    """Yields `(row number, record)` one at a time from an iterable of text lines.
+
+    Row numbers are lines for JSON Lines, CSV/TSV (the header is line 1) and text files (one
+    text per line: `{"text": line}`, blank lines skipped), positions for a JSON array. Only the
+    caller's text and label survive each record: a large file is never held as dicts.
     """
+    if fmt == "lines":
+        for lineno, line in enumerate(lines, start=1):
+            if line.strip():
+                yield lineno, {"text": line.rstrip("\r\n")}
+        return
     if fmt == "jsonl":
-        with _open_text(path, encoding) as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}: line {lineno}: malformed JSON ({e.msg}).") from e
-                if not isinstance(record, dict):
-                    raise DataError(
-                        f"{path}: line {lineno}: expected a JSON object, got "
-                        f"{type(record).__name__}."
-                    )
-                yield lineno, record
+        for lineno, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise _json_error(name, lineno, e) from None
+            if not isinstance(record, dict):
+                raise DataError(
+                    f"{name}: line {lineno}: expected a JSON object, got {type(record).__name__}."
+                )
+            yield lineno, record
         return
     if fmt == "json":
         try:
-            with _open_text(path, encoding) as f:
-                data = json.loads(f.read())
+            data = json.loads("".join(lines))
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}: line {e.lineno}: malformed JSON ({e.msg}).") from e
+            raise _json_error(name, e.lineno, e, "one JSON array of objects") from None
         if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-            raise DataError(f"{path}: expected a JSON array of objects.")
+            raise DataError(f"{name}: expected a JSON array of objects.")
         yield from enumerate(data, start=1)
         return
+    delimiter = "\t" if fmt == "tsv" else ","
     if not header:  # columns are named by position: "0", "1", ...
-        with _open_text(path, encoding) as f:
-            reader = csv.reader(f, delimiter="\t" if fmt == "tsv" else ",")
-            for row in reader:
-                if row:
-                    yield reader.line_num, {str(i): v for i, v in enumerate(row)}
+        reader = csv.reader(lines, delimiter=delimiter)
+        for row in reader:
+            if row:
+                yield reader.line_num, {str(i): v for i, v in enumerate(row)}
         return
-    with _open_text(path, encoding) as f:
-        reader = csv.DictReader(f, delimiter="\t" if fmt == "tsv" else ",")
-        for record in reader:
-            if None in record:
-                raise DataError(
-                    f"{path}: line {reader.line_num}: more fields than the header "
-                    f"{reader.fieldnames}."
-                )
-            yield reader.line_num, record
+    reader = csv.DictReader(lines, delimiter=delimiter)
+    for record in reader:
+        if None in record:
+            raise DataError(
+                f"{name}: line {reader.line_num}: more fields than the header {reader.fieldnames}."
+            )
+        yield reader.line_num, record
 
 
 def _pick_column(columns: list[str], given: str | None, candidates, role: str, path: Path) -> str:
@@ -190,18 +216,18 @@ def _pick_column(columns: list[str], given: str | None, candidates, role: str, p
     if not found:
         raise DataError(
             f"{path}: no {role} column found among {columns}. Expected one of {list(candidates)}, "
-            f"or name it with {role}_column=..."
+            f"or name it with {option(role + '_column')}."
         )
     if len(found) > 1:
         raise DataError(
-            f"{path}: ambiguous {role} column: {found} all match. Choose one with {role}_column=..."
+            f"{path}: ambiguous {role} column: {found} all match. Choose one with "
+            f"{option(role + '_column')}."
         )
     return found[0]
 
 
-def _headerless_columns(path: Path, fmt: str, encoding: str) -> tuple[str, str]:
-    """`(text column, label column)` of a headerless two-column file: labels repeat."""
-    rows = [r for _, r in itertools.islice(_read_records(path, fmt, encoding, False), 10000)]
+def _headerless_columns(rows: list[dict]) -> tuple[str, str]:
+    """`(text column, label column)` of a headerless two-column file's rows: labels repeat."""
     distinct = [len({r.get(str(i)) for r in rows}) for i in (0, 1)]
     return ("1", "0") if distinct[0] < distinct[1] else ("0", "1")
 
@@ -326,16 +352,31 @@ def load_dataset(
         raise _decode_error(path, encoding, e) from None
 
 
+HEAD_LINES = 10000  # the lines header and column detection look at
+
+
 def _has_header(path: Path, fmt: str, encoding: str) -> bool:
-    """False for a two-column file whose first row names no known column and whose columns
-    look like labels (few distinct values, the first row's among them) and texts (many);
-    else True."""
     with _open_text(path, encoding) as f:
-        first = next(csv.reader(f, delimiter="\t" if fmt == "tsv" else ","), [])
+        return _detect_header(list(itertools.islice(f, HEAD_LINES)), fmt, path)
+
+
+def _detect_header(head: list[str], fmt: str, name, one_column_is_text: bool = False) -> bool:
+    """Whether a CSV/TSV file's first lines (`head`) start with a header row.
+
+    False for a two-column file whose first row names no known column and whose columns look
+    like labels (few distinct values, the first row's among them) and texts (many), and, with
+    `one_column_is_text`, for a one-column file whose first row names no known column; else
+    True.
+    """
+    first = next(csv.reader(head, delimiter="\t" if fmt == "tsv" else ","), [])
     known = {c.lower() for c in (*TEXT_COLUMNS, *LABEL_COLUMNS)}
-    if len(first) != 2 or any(c.strip().lower() in known for c in first):
+    if any(c.strip().lower() in known for c in first):
         return True
-    rows = [r for _, r in itertools.islice(_read_records(path, fmt, encoding, False), 10000)]
+    if len(first) == 1 and one_column_is_text:
+        return False
+    if len(first) != 2:
+        return True
+    rows = [r for _, r in _records(head, fmt, False, name)]
     distinct = [len({r.get(str(i)) for r in rows}) for i in (0, 1)]
     label = str(int(distinct[1] < distinct[0]))
     repeats = rows[0].get(label) in {r.get(label) for r in rows[1:]}  # a header name would not
@@ -350,14 +391,20 @@ def _load(path, fmt, text_column, label_column, skip_invalid, encoding, header) 
         raise DataError(f"{path}: the file has no data rows.")
     columns = list(first[1])
     if header is False and text_column is label_column is None and len(columns) == 2:
-        text_column, label_column = _headerless_columns(path, fmt, encoding)
+        head = itertools.islice(_read_records(path, fmt, encoding, False), HEAD_LINES)
+        text_column, label_column = _headerless_columns([r for _, r in head])
     try:
         text_col = _pick_column(columns, text_column, TEXT_COLUMNS, "text", path)
         label_col = _pick_column(columns, label_column, LABEL_COLUMNS, "label", path)
     except DataError as e:
-        if header is not False and fmt in ("csv", "tsv"):
+        known = {c.lower() for c in (*TEXT_COLUMNS, *LABEL_COLUMNS)}
+        if (
+            header is not False
+            and fmt in ("csv", "tsv")
+            and not known & {c.lower() for c in columns}
+        ):
             e.args = (f"{e.args[0]} If the first row is data, not column names, pass "
-                      "--no-header (header=False).",)  # fmt: skip
+                      f"{option('header', False)}.",)  # fmt: skip
         raise
 
     texts, raw_labels, skipped = [], [], 0
@@ -374,12 +421,13 @@ def _load(path, fmt, text_column, label_column, skip_invalid, encoding, header) 
                 continue
             raise DataError(
                 f"{path}: {unit} {row}: {problem}. Fix the row or pass "
-                "skip_invalid=True to drop such rows."
+                f"{option('skip_invalid', True)} to drop such rows."
             )
         texts.append(text)
         raw_labels.append(label.strip() if isinstance(label, str) else label)
     if skipped:
-        logger.warning("%s: skipped %d invalid rows (skip_invalid=True).", path, skipped)
+        logger.warning("%s: skipped %d invalid rows (%s).", path, skipped,
+                       option("skip_invalid", True))  # fmt: skip
     if not texts:
         raise DataError(f"{path}: no valid rows left (skipped {skipped}).")
     labels, names = encode_labels(raw_labels)

@@ -34,7 +34,7 @@ def test_fit_missing_data_file_leaves_nothing(tmp_path, capsys):
 
 def test_fit_bad_hyperparameter(tmp_path, capsys):
     assert main(["fit", "--data", "x", "--out", str(tmp_path / "r"), "--batch-size", "0"]) == 2
-    assert "batch_size must be an int >= 1. Received: batch_size=0" in capsys.readouterr().err
+    assert "batch_size must be an int >= 1. Received: --batch-size 0" in capsys.readouterr().err
 
 
 def test_predict_on_a_non_run_dir(tmp_path, capsys):

@@ -79,7 +79,25 @@ def test_header_only_csv(tmp_path):
 
 def test_malformed_json_line(tmp_path):
     f = write(tmp_path / "m.jsonl", '{"headline": "a", "is_sarcastic": 1}\n{"headline": "b", \n')
-    with pytest.raises(DataError, match=r"m\.jsonl: line 2: malformed JSON"):
+    with pytest.raises(DataError, match=r"m\.jsonl: line 2, column \d+: malformed JSON: .*"
+                       r"Expected one JSON object per line"):  # fmt: skip
+        load_dataset(f)
+
+
+def test_json_line_cut_short_names_line_column_and_expectation(tmp_path):
+    """A line cut in the middle of a string (a truncated download) or a raw tab inside one: the
+    message says where, what, and what a line should be, not json's bare "... at"."""
+    f = write(tmp_path / "cut.jsonl", '{"text": "a", "label": 1}\n{"text": "half a headl\n')
+    with pytest.raises(DataError) as cut:
+        load_dataset(f)
+    assert str(cut.value) == (
+        f"{f}: line 2, column 23: malformed JSON: Invalid control character (the line ends "
+        'inside a string: cut short?). Expected one JSON object per line, such as {"text": '
+        '"...", "label": 1}.'
+    )
+    f = write(tmp_path / "tab.jsonl", '{"text": "a\tb", "label": 1}\n')
+    tab = r"line 1, column 12: malformed JSON: Invalid control character \('\\t' inside a string"
+    with pytest.raises(DataError, match=tab):
         load_dataset(f)
 
 
