@@ -25,6 +25,8 @@ Example:
 
 from __future__ import annotations
 
+import functools
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +53,10 @@ class Predictions:
 class ExportedClassifier:
     """Base class: tokenization, batching and softmax; subclasses run the model.
 
+    Every runtime's `predict` is safe to call from several threads at once, without a lock
+    around the model: onnxruntime's and TensorFlow's sessions are, OpenVINO and LiteRT get one
+    infer request or interpreter per thread.
+
     Args:
         export_dir: a directory written by `kerasft.exporters.export`.
         manifest_sha256: pin the manifest's sha256 (see `read_manifest`).
@@ -58,6 +64,8 @@ class ExportedClassifier:
     Raises:
         IntegrityError: see `read_manifest`; nothing is loaded then.
     """
+
+    chunk_rows = 1024  # texts sorted by length together (`predict`)
 
     def __init__(self, export_dir: str | Path, manifest_sha256: str | None = None):
         from tokenizers import Tokenizer
@@ -72,59 +80,86 @@ class ExportedClassifier:
         self._max_len = self.manifest["sequence_length"]
         # (batch, sequence) the model was exported with; None = a dynamic axis.
         self.fixed_batch, self.fixed_length = self.manifest.get("input_shape", [None, None])
-        self._pad = self.tokenizer.token_to_id("[PAD]")
+        self._pad_id = self.tokenizer.token_to_id("[PAD]")
 
     def encode(self, texts: list[str]) -> dict[str, np.ndarray]:
         """Returns `{"token_ids", "padding_mask"}` int32, padded to the longest text.
 
         Texts go through `tokenizer.json`, which is identical to KerasHub on ASCII text and on
         text whose other characters case-fold like they lowercase (curly quotes, dashes, most
-        accented letters: `kerasft.wordpiece.tokenizers_matches`). The rest
-        (ligatures, `…`,
+        accented letters: `kerasft.wordpiece.tokenizers_matches`). The rest (ligatures, `…`,
         combining marks, words over KerasHub's 100-byte limit) take the exact KerasHub
         pre-tokenisation with the same WordPiece model.
         """
         if isinstance(texts, str):
             raise TypeError("predict() takes a list of texts; wrap a single string in a list.")
-        texts = list(texts)
-        rows = token_ids(self.tokenizer, texts, **self._settings, sequence_length=self._max_len)
+        rows = token_ids(self.tokenizer, list(texts), **self._settings,
+                         sequence_length=self._max_len)  # fmt: skip
+        return self._pad(rows)
+
+    def _pad(self, rows: list) -> dict[str, np.ndarray]:
+        """Token id rows as the model's int32 inputs, padded to the longest (or fixed) length."""
         lengths = np.array([len(r) for r in rows])
         width = self.fixed_length or lengths.max(initial=0)
-        ids = np.full((len(rows), width), self._pad, dtype="int32")
+        ids = np.full((len(rows), width), self._pad_id, dtype="int32")
         for i, r in enumerate(rows):
             ids[i, : len(r)] = r
         mask = np.arange(ids.shape[1])[None, :] < lengths[:, None]
         return {"token_ids": ids, "padding_mask": mask.astype("int32")}
 
     def logits(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        """The model's logits for one batch of `_pad`ded inputs (thread-safe)."""
         raise NotImplementedError
 
     def predict(self, texts: list[str], batch_size: int = 32) -> Predictions:
         """Classifies `texts`.
 
+        Texts are taken `chunk_rows` at a time, in order; within a chunk they are tokenized once,
+        sorted by length and run `batch_size` at a time, each batch padded to its longest text
+        (as training buckets do), then put back in input order. The same texts give the same
+        batches however they arrive (one call or `chunk_rows` at a time, as `kerasft predict
+        --data` streams them), which matters to recipes whose answer depends on the batch (ONNX
+        dynamic INT8).
+
+        Safe to call from several threads at once (see each runtime's class).
+
         Args:
             texts: the texts.
-            batch_size: texts per model call.
+            batch_size: texts per model call (a fixed batch axis overrides it).
 
         Returns:
             `Predictions` with labels, probabilities `(N, K)` and logits.
         """
+        if isinstance(texts, str):
+            raise TypeError("predict() takes a list of texts; wrap a single string in a list.")
         texts = list(texts)
-        batch_size = self.fixed_batch or batch_size
-        logits = []
-        for i in range(0, len(texts), batch_size):
-            chunk = texts[i : i + batch_size]
-            # A fixed batch axis gets a short last batch filled up with its first text.
-            filled = chunk + chunk[:1] * (batch_size - len(chunk)) if self.fixed_batch else chunk
-            logits.append(self.logits(self.encode(filled))[: len(chunk)])
+        logits = [
+            self._chunk_logits(texts[i : i + self.chunk_rows], self.fixed_batch or batch_size)
+            for i in range(0, len(texts), self.chunk_rows)
+        ]
         logits = np.concatenate(logits) if logits else np.zeros((0, len(self.label_names)))
         shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
         proba = shifted / shifted.sum(axis=-1, keepdims=True)
         return Predictions([self.label_names[i] for i in proba.argmax(-1)], proba, logits)
 
+    def _chunk_logits(self, texts: list[str], batch_size: int) -> np.ndarray:
+        rows = token_ids(self.tokenizer, texts, **self._settings, sequence_length=self._max_len)
+        order = np.argsort([len(r) for r in rows], kind="stable")
+        logits = np.zeros((len(rows), len(self.label_names)), dtype="float32")
+        for i in range(0, len(order), batch_size):
+            take = order[i : i + batch_size]
+            batch = [rows[j] for j in take]
+            if self.fixed_batch:  # a short last batch is filled up with its first text
+                batch += batch[:1] * (batch_size - len(batch))
+            logits[take] = self.logits(self._pad(batch))[: len(take)]
+        return logits
+
 
 class OnnxClassifier(ExportedClassifier):
-    """ONNX export on onnxruntime (CPU provider unless `providers` says otherwise)."""
+    """ONNX export on onnxruntime (CPU provider unless `providers` says otherwise).
+
+    One `InferenceSession` serves every thread: its `run` is thread-safe.
+    """
 
     def __init__(
         self,
@@ -154,6 +189,10 @@ class OnnxClassifier(ExportedClassifier):
 class OpenVINOClassifier(ExportedClassifier):
     """OpenVINO IR export on OpenVINO's CPU plugin (or another `device`).
 
+    An infer request serves one inference at a time (another thread's call raises "Infer
+    Request is busy"), so each thread gets its own from the one compiled model, as OpenVINO's
+    guide for concurrent inference does; the compiled model is shared.
+
     Args:
         export_dir: the export directory.
         threads: inference threads (OpenVINO's default: all cores).
@@ -179,8 +218,16 @@ class OpenVINOClassifier(ExportedClassifier):
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         self.compiled = ov.Core().compile_model(str(self.model_path), device, config)
-        self.request = self.compiled.create_infer_request()
+        self._local = threading.local()  # one infer request per thread
         self.input_names = {name for port in self.compiled.inputs for name in port.get_names()}
+
+    @property
+    def request(self):
+        """This thread's infer request (created on its first call)."""
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self.compiled.create_infer_request()
+        return request
 
     def logits(self, inputs):
         feed = {k: v for k, v in inputs.items() if k in self.input_names}
@@ -188,7 +235,7 @@ class OpenVINOClassifier(ExportedClassifier):
 
 
 class SavedModelClassifier(ExportedClassifier):
-    """SavedModel export served by TensorFlow's `serving_default` signature.
+    """SavedModel export served by TensorFlow's `serving_default` signature (thread-safe).
 
     Loading a SavedModel executes its TensorFlow graph, which may contain arbitrary operations
     (reading or writing files included): load only SavedModels from a source you trust. The
@@ -209,7 +256,10 @@ class SavedModelClassifier(ExportedClassifier):
 
 
 class LiteRTClassifier(ExportedClassifier):
-    """LiteRT (TFLite) export on the LiteRT interpreter, resized to each batch's shape."""
+    """LiteRT (TFLite) export on the LiteRT interpreter, resized to each batch's shape.
+
+    An interpreter is not thread-safe, so each thread gets its own (they map the same file).
+    """
 
     def __init__(self, export_dir, threads: int | None = None, manifest_sha256: str | None = None):
         super().__init__(export_dir, manifest_sha256)
@@ -217,8 +267,20 @@ class LiteRTClassifier(ExportedClassifier):
             from ai_edge_litert.interpreter import Interpreter
         except ImportError:  # pragma: no cover - fallback when only TensorFlow is installed
             from tensorflow.lite import Interpreter
-        self.interpreter = Interpreter(model_path=str(self.model_path), num_threads=threads)
-        self.runner = self.interpreter.get_signature_runner("serving_default")
+        self._interpreter = functools.partial(
+            Interpreter, model_path=str(self.model_path), num_threads=threads
+        )
+        self._local = threading.local()
+        self.interpreter = self._local.interpreter = self._interpreter()  # checked at load
+
+    @property
+    def runner(self):
+        """This thread's `serving_default` signature runner (its own interpreter)."""
+        runner = getattr(self._local, "runner", None)
+        if runner is None:
+            interpreter = getattr(self._local, "interpreter", None) or self._interpreter()
+            runner = self._local.runner = interpreter.get_signature_runner("serving_default")
+        return runner
 
     def logits(self, inputs):
         out = self.runner(**inputs)

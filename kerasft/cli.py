@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -20,7 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-BACKENDS = ("tensorflow", "jax", "torch")
+from kerasft import BACKENDS
+
 DEFAULT_BACKEND = "torch"
 
 log = logging.getLogger("kerasft")
@@ -117,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     from kerasft.data import DATA_ENV, REFERENCE_SEED
     from kerasft.exporters.formats import FORMATS, INT8_MODES, int8_help
     from kerasft.exporters.verify import INT8_MAX_ACCURACY_DROP, INT8_MIN_AGREEMENT
+    from kerasft.labelling import OUTPUT_FORMATS
+    from kerasft.textstream import INPUT_FORMATS
 
     parser = argparse.ArgumentParser(prog="kerasft", description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -200,13 +204,56 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
-    predict = sub.add_parser("predict", help="label texts with a run or export directory")
+    predict = sub.add_parser(
+        "predict", help="label texts, or a file of texts, with a run or export directory"
+    )
     predict.add_argument("run_dir", help="a `kerasft fit` run or a `kerasft export` directory")
-    predict.add_argument("texts", nargs="+", help="texts to label")
+    predict.add_argument("texts", nargs="*", help="texts to label (or --data)")
+    predict.add_argument(
+        "--data", metavar="FILE",
+        help="label every row of FILE (JSONL/JSON/CSV/TSV/.txt, optionally gzipped; - reads "
+        "standard input, one text per line unless --input-format), streamed in chunks",
+    )  # fmt: skip
+    predict.add_argument(
+        "--out", metavar="FILE",
+        help="--data: write the predictions to FILE, complete or not at all (default: stdout)",
+    )  # fmt: skip
+    predict.add_argument(
+        "--output-format", choices=OUTPUT_FORMATS,
+        help="--data: jsonl (default) or csv (default for a .csv --out): line, id, label and "
+        "one probability per class",
+    )  # fmt: skip
+    predict.add_argument(
+        "--input-format", choices=INPUT_FORMATS,
+        help="--data: the file's format (default: from its suffix; lines for stdin)",
+    )  # fmt: skip
+    predict.add_argument("--text-column", help="--data: the text column (default: detected)")
+    predict.add_argument(
+        "--id-column", help="--data: a column copied to each output row (default: `id`, if any)"
+    )
+    predict.add_argument(
+        "--score", action="store_true",
+        help="--data: score the predictions against the file's label column (--label-column, "
+        "default: detected); labels are otherwise ignored",
+    )  # fmt: skip
+    predict.add_argument("--label-column", help="--data --score: the label column")
+    predict.add_argument("--encoding", default="utf-8", help="--data: the file's text encoding")
+    predict.add_argument(
+        "--no-header", action="store_true",
+        help="--data CSV/TSV: the first row is data (default: detected)",
+    )  # fmt: skip
+    predict.add_argument(
+        "--skip-invalid", action="store_true", help="--data: drop rows without text"
+    )
+    predict.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    predict.add_argument(
+        "--quiet", action="store_true",
+        help="--data: no progress on stderr (shown only when stderr is a terminal)",
+    )  # fmt: skip
     predict.add_argument(
         "--json", action="store_true",
-        help="a JSON list of {text, label, probability} instead of 'label<TAB>probability<TAB>"
-        "text' lines",
+        help="texts: a JSON list of {text, label, probability} instead of 'label<TAB>probability"
+        "<TAB>text' lines",
     )  # fmt: skip
     predict.add_argument(
         "--manifest-sha256", help="export only: refuse a manifest whose sha256 differs"
@@ -241,6 +288,10 @@ def main(argv: list[str] | None = None) -> int:
         from kerasft.benchmarks.latency import main as bench_main
 
         return bench_main(extra, prog="kerasft bench")
+    if args.command == "predict" and extra and not args.texts and not _has_flag(extra):
+        # `predict RUN --json TEXT ...`: argparse gives an optional `texts` nothing once an
+        # option follows RUN, and leaves the texts over
+        args.texts, extra = extra, []
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "export":
@@ -253,11 +304,20 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["KERAS_BACKEND"] = args.backend
     else:
         os.environ.setdefault("KERAS_BACKEND", DEFAULT_BACKEND)
+        if os.environ["KERAS_BACKEND"] not in BACKENDS:
+            print(
+                f"kerasft {args.command}: error: KERAS_BACKEND={os.environ['KERAS_BACKEND']!r} "
+                f"is not a backend kerasft runs on. Use one of: {', '.join(BACKENDS)} "
+                f"(--backend NAME, or unset KERAS_BACKEND for {DEFAULT_BACKEND}).",
+                file=sys.stderr,
+            )
+            return 2
     # kerasft's own progress at INFO; other libraries' INFO lines (onnxruntime's quantizer logs
     # through the root logger) stay hidden.
     logging.basicConfig(level=logging.WARNING, format="[kerasft] %(message)s")
     logging.getLogger("kerasft").setLevel(logging.INFO)
     from kerasft.data import DATA_ENV, DataError
+    from kerasft.wording import command_line
 
     if args.command == "fit" and args.data is None:
         args.data = os.environ.get(DATA_ENV)
@@ -268,12 +328,17 @@ def main(argv: list[str] | None = None) -> int:
             "predict": cmd_predict,
             "evaluate": cmd_evaluate,
         }
-        return commands[args.command](args)
+        with command_line():  # messages name --flags, not keywords
+            return commands[args.command](args)
     except (DataError, OSError, ValueError, RuntimeError) as e:
         # One line, no traceback: bad input, a lock held by another writer, a full disk or a
         # read-only target (OSError covers FileNotFoundError and FileExistsError).
         print(f"kerasft {args.command}: error: {e}", file=sys.stderr)
         return 2
+
+
+def _has_flag(words: list[str]) -> bool:
+    return any(w.startswith("-") and len(w) > 1 for w in words)
 
 
 # `kerasft fit` options that define a run, besides the recipe's: the same values continue an
@@ -342,21 +407,50 @@ def cmd_fit(args) -> int:
         return done or (interrupted and not started)
 
     started = False
-    with publish_target(out, args.overwrite, "Run directory", work=work, keep_work=keep):
-        saved = _saved_fit_args(out)
-        _resolve_interrupted(args, out, saved, options)
-        recipe = recipe_from_args(args)  # bad values refused before any work
-        if not args.data:
-            raise DataError(f"No data file: pass --data FILE or set ${DATA_ENV}.")
-        started = True
-        if args.overwrite or saved is None:
-            _clear(work)
-        elif interrupted:
-            log.info("resuming the interrupted run in %s", work)
-        atomic_write_text(work / FIT_ARGS_FILE, json.dumps({k: getattr(args, k) for k in options}))
-        metrics = _fit_into(args, recipe, out, work)
+    try:
+        with publish_target(out, args.overwrite, "Run directory", work=work, keep_work=keep):
+            saved = _saved_fit_args(out)
+            _resolve_interrupted(args, out, saved, options)
+            recipe = recipe_from_args(args)  # bad values refused before any work
+            if not args.data:
+                raise DataError(f"No data file: pass --data FILE or set ${DATA_ENV}.")
+            started = True
+            if args.overwrite or saved is None:
+                _clear(work)
+            elif interrupted:
+                log.info("resuming the interrupted run in %s", work)
+            fit_args = json.dumps({k: getattr(args, k) for k in options})
+            atomic_write_text(work / FIT_ARGS_FILE, fit_args)
+            metrics = _fit_into(args, recipe, out, work)
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        raise RuntimeError(_disk_full(e, out, work)) from None
     _print_fit(metrics, out)
     return 0
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _disk_full(error: OSError, out: Path, work: Path) -> str:
+    """The one line of a fit that ran out of space: where, what is kept, how to continue."""
+    from kerasft.checkpoint import STATE_FILE
+    from kerasft.rundir import CHECKPOINT_DIR
+
+    reason = os.strerror(error.errno).lower()
+    state = work / CHECKPOINT_DIR / STATE_FILE
+    if not state.is_file():
+        return (
+            f"{reason} while writing the run in {work} (errno {error.errno}); no epoch had "
+            "finished, so nothing is kept. Free space there and run the same command again."
+        )
+    done = json.loads(state.read_text())
+    return (
+        f"{reason} while writing the run in {work} (errno {error.errno}). It is kept up to its "
+        f"last complete checkpoint ({done['epochs_done']} epoch(s) done, {done['stage']} "
+        f"stage): free space there, then `kerasft fit --resume {out}` continues it."
+    )
 
 
 def _resolve_interrupted(args, out: Path, saved: dict | None, options: dict[str, str]) -> None:
@@ -551,27 +645,80 @@ def cmd_export(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from kerasft.exporters.exportdir import is_export
-
-    if is_export(args.run_dir):  # an export: its own runtime, no Keras
-        from kerasft.exporters.runtime import load
-
-        result = load(args.run_dir, manifest_sha256=args.manifest_sha256).predict(args.texts)
-        labels, proba = result.labels, result.probabilities.max(axis=1)
-    else:
-        tuner = _load_run(args.run_dir)
-        all_proba = tuner.predict_proba(args.texts)
-        labels = [tuner.label_names[k] for k in all_proba.argmax(axis=1)]
-        proba = all_proba.max(axis=1)
+    if args.data is not None:
+        return _predict_file(args)
+    if not args.texts:
+        raise ValueError("Nothing to label: give texts, or --data FILE (- for standard input).")
+    names, predict_proba, _ = _predictor(args)
+    proba = predict_proba(args.texts)
     rows = [
-        {"text": text, "label": label, "probability": float(p)}
-        for text, label, p in zip(args.texts, labels, proba, strict=True)
+        {"text": text, "label": names[k], "probability": float(p[k])}
+        for text, k, p in zip(args.texts, proba.argmax(axis=1), proba, strict=True)
     ]
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
         for row in rows:
             print(f"{row['label']}\t{row['probability']:.4f}\t{row['text']}")
+    return 0
+
+
+def _predictor(args):
+    """`(label_names, predict_proba, chunk_rows)` of a run directory (Keras) or an export (its
+    runtime, no Keras)."""
+    from kerasft.exporters.exportdir import is_export
+
+    if is_export(args.run_dir):
+        from kerasft.exporters.runtime import load
+
+        model = load(args.run_dir, manifest_sha256=args.manifest_sha256)
+        return model.label_names, lambda texts: model.predict(texts).probabilities, model.chunk_rows
+    if args.manifest_sha256:
+        raise ValueError(
+            f"--manifest-sha256 pins an export's manifest; {args.run_dir!r} is a run directory."
+        )
+    from kerasft.labelling import CHUNK_ROWS
+
+    tuner = _load_run(args.run_dir)
+    return tuner.label_names, tuner.predict_proba, CHUNK_ROWS
+
+
+def _predict_file(args) -> int:
+    """`kerasft predict RUN --data FILE`: streams the file through the model into --out."""
+    from kerasft.labelling import label_file
+    from kerasft.textstream import read_texts
+
+    if args.texts:
+        raise ValueError(
+            f"Give texts or --data, not both. Received: --data {args.data} and "
+            f"{len(args.texts)} text(s) ({args.texts[0]!r}, ...)."
+        )
+    if args.label_column and not args.score:
+        raise ValueError("--label-column names the labels to score: add --score.")
+    stream = read_texts(
+        args.data, text_column=args.text_column, label_column=args.label_column,
+        id_column=args.id_column, encoding=args.encoding,
+        header=False if args.no_header else None, input_format=args.input_format,
+        labels=args.score, skip_invalid=args.skip_invalid,
+    )  # fmt: skip
+    names, predict_proba, chunk_rows = _predictor(args)
+    summary = label_file(
+        stream, predict_proba, names, out=args.out, output_format=args.output_format,
+        chunk_rows=chunk_rows, overwrite=args.overwrite,
+        progress=not args.quiet and sys.stderr.isatty(),
+    )  # fmt: skip
+    if not args.quiet:
+        skipped = f" ({summary['skipped']} skipped)" if summary["skipped"] else ""
+        log.info("labelled %d rows%s in %.1f s (%.0f rows/s) -> %s", summary["rows"], skipped,
+                 summary["seconds"], summary["rows_per_second"], args.out or "stdout")  # fmt: skip
+    if "metrics" in summary:
+        m = summary["metrics"]
+        print(
+            f"scored {m['rows']} rows: accuracy {m['accuracy']:.4f}  f1 {m['f1']:.4f}  "
+            f"precision {m['precision']:.4f}  recall {m['recall']:.4f}  confusion "
+            f"{m['confusion_matrix']} (rows = true, cols = predicted)",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -144,3 +144,22 @@ def fit_run(backend, preset, data, out, **kwargs):
 def toy_runs(tiny_preset, toy_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     return {b: fit_run(b, tiny_preset, toy_data, root / b) for b in BACKENDS}
+
+
+@pytest.fixture(scope="session")
+def toy_export(toy_runs, tmp_path_factory):
+    """`toy_export(format, quantize=None)`: an export of the TensorFlow toy run, built once per
+    session and shared (read it, never change it)."""
+    built = {}
+
+    def get(format: str, quantize: str | None = None) -> Path:
+        from kerasft.exporters.dispatch import export
+
+        if (format, quantize) not in built:
+            out = tmp_path_factory.mktemp("export") / f"{format}-{quantize or 'fp32'}"
+            built[format, quantize] = export(
+                toy_runs["tensorflow"], out, format=format, quantize=quantize
+            )
+        return built[format, quantize]
+
+    return get

@@ -19,8 +19,8 @@ TEXTS = ["the day was so good and great", "an awful sad grim movie"]
 
 
 @pytest.fixture(scope="module")
-def onnx_export(toy_runs, tmp_path_factory):
-    return export(toy_runs["tensorflow"], tmp_path_factory.mktemp("e") / "onnx", format="onnx")
+def onnx_export(toy_export):
+    return toy_export("onnx")
 
 
 @pytest.fixture
