@@ -2,7 +2,8 @@
 
 Exports the run in every format x quantization that `exporters` supports (or `--variants`),
 classifies the whole test split with each export's own runtime at each serving batch size
-(`--serving-batches`, texts in file order, each batch padded to its longest text), and compares
+(`--serving-batches`; the runtime sorts each 1,024-text chunk by length and pads each batch to
+its longest text, as `kerasft predict` serves files), and compares
 with the Keras model: accuracy, agreement with Keras' labels, predictions that differ, model
 file size, and the export's own verification figures (its manifest).
 
@@ -183,11 +184,11 @@ def render(report: dict) -> str:
         "",
         f"Run `{report['run']}`: Keras fp32 test accuracy {keras_acc:.4f} on "
         f"{report['test_rows']:,} rows. Each export classifies the whole test split with its own "
-        "runtime (`kerasft.exporters.runtime`, tokenization included), texts in file order, each "
-        "batch padded to its longest text. Agreement: share of test texts given Keras' label. "
-        "Accuracy vs Keras: export minus Keras, in points (negative = less accurate). Gate: the "
-        "export's own verification (`manifest.json`: agreement on every split, accuracy drop on "
-        "validation + test).",
+        "runtime (`kerasft.exporters.runtime`, tokenization included), each 1,024-text chunk "
+        "sorted by length, each batch padded to its longest text. Agreement: share of test texts "
+        "given Keras' label. Accuracy vs Keras: export minus Keras, in points (negative = less "
+        "accurate). Gate: the export's own verification (`manifest.json`: agreement on every "
+        "split, accuracy drop on validation + test).",
         "",
     ]
     cells = [f"batch {b}: agreement / accuracy (vs Keras)" for b in batches]

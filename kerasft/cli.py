@@ -266,6 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--label-column", help="the label column (default: detected)")
     evaluate.add_argument("--encoding", default="utf-8", help="the data file's text encoding")
     evaluate.add_argument(
+        "--no-header", action="store_true",
+        help="CSV/TSV: the first row is data; columns are named 0, 1, ... (default: detected)",
+    )  # fmt: skip
+    evaluate.add_argument(
+        "--skip-invalid", action="store_true", help="drop rows without text/label"
+    )
+    evaluate.add_argument(
         "--json",
         action="store_true",
         help="the metrics as one JSON object instead of 'name: value' lines",
@@ -649,6 +656,10 @@ def cmd_predict(args) -> int:
         return _predict_file(args)
     if not args.texts:
         raise ValueError("Nothing to label: give texts, or --data FILE (- for standard input).")
+    given = [flag for flag, value in _FILE_FLAGS.items() if getattr(args, value[0]) != value[1]]
+    if given:
+        raise ValueError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to --data "
+                         "FILE only, not to texts given as arguments.")  # fmt: skip
     names, predict_proba, _ = _predictor(args)
     proba = predict_proba(args.texts)
     rows = [
@@ -661,6 +672,17 @@ def cmd_predict(args) -> int:
         for row in rows:
             print(f"{row['label']}\t{row['probability']:.4f}\t{row['text']}")
     return 0
+
+
+# `kerasft predict` flags for --data only: {flag: (dest, default)}
+_FILE_FLAGS = {
+    "--out": ("out", None), "--output-format": ("output_format", None),
+    "--input-format": ("input_format", None), "--text-column": ("text_column", None),
+    "--id-column": ("id_column", None), "--score": ("score", False),
+    "--label-column": ("label_column", None), "--encoding": ("encoding", "utf-8"),
+    "--no-header": ("no_header", False), "--skip-invalid": ("skip_invalid", False),
+    "--overwrite": ("overwrite", False), "--quiet": ("quiet", False),
+}  # fmt: skip
 
 
 def _predictor(args):
@@ -726,7 +748,8 @@ def cmd_evaluate(args) -> int:
     from kerasft.data import load_dataset
 
     tuner = _load_run(args.run_dir)
-    data = load_dataset(args.data, args.text_column, args.label_column, encoding=args.encoding)
+    data = load_dataset(args.data, args.text_column, args.label_column, args.skip_invalid,
+                        args.encoding, header=False if args.no_header else None)  # fmt: skip
     metrics = tuner.score(data)
     if args.json:
         print(json.dumps(metrics, indent=2))

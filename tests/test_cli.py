@@ -181,3 +181,16 @@ def test_a_header_that_names_no_known_column_suggests_no_header(tmp_path, capsys
     err = capsys.readouterr().err
     assert "no text column found among ['words', 'class_id']" in err
     assert "If the first row is data, not column names, pass --no-header" in err
+
+
+def test_evaluate_names_and_takes_skip_invalid(toy_runs, tmp_path, capsys):
+    data = tmp_path / "gap.jsonl"
+    data.write_text('{"text": "good day", "label": "pos"}\n{"text": "sad", "label": ""}\n'
+                    '{"text": "awful grim day", "label": "neg"}\n')  # fmt: skip
+    assert main(["evaluate", str(toy_runs["torch"]), "--data", str(data)]) == 2
+    assert "line 2: missing label ('') in column 'label'. Fix the row or pass --skip-invalid" in (
+        capsys.readouterr().err
+    )
+    assert main(["evaluate", str(toy_runs["torch"]), "--data", str(data), "--skip-invalid",
+                 "--json"]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out)["rows"] == 2

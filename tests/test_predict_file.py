@@ -141,6 +141,8 @@ def test_scores_csv_output_and_refusals(toy_export, tmp_path, capsys):
     assert "Give texts or --data, not both" in capsys.readouterr().err
     assert main(["predict", str(export)]) == 2
     assert "Nothing to label: give texts, or --data FILE" in capsys.readouterr().err
+    assert main(["predict", str(export), "hi", "--out", "x.csv", "--score"]) == 2
+    assert "--out, --score apply to --data FILE only" in capsys.readouterr().err
     assert main(["predict", str(export), "--data", str(files["jsonl"][0]), "--score"]) == 2
     assert "no label column found among ['text']" in capsys.readouterr().err
     odd = tmp_path / "odd.csv"

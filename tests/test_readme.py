@@ -47,12 +47,12 @@ def _argument(action: argparse.Action) -> str:
         metavar = action.metavar or ("X" if action.type is float else "N")
         if action.type not in (int, float) and action.metavar is None:
             metavar = action.dest.upper()
-        return f"`{name} {metavar}{' ...' if action.nargs == '+' else ''}`"
-    return f"`{action.dest.upper()}{' ...' if action.nargs == '+' else ''}`"
+        return f"`{name} {metavar}{' ...' if action.nargs in ('+', '*') else ''}`"
+    return f"`{action.dest.upper()}{' ...' if action.nargs in ('+', '*') else ''}`"
 
 
 def _default(action: argparse.Action) -> str:
-    if action.required or (not action.option_strings and action.nargs != "?"):
+    if action.required or (not action.option_strings and action.nargs not in ("?", "*")):
         return "required"
     if action.nargs == 0 or action.default is None:
         return ""

@@ -92,6 +92,11 @@ def test_cli_fit_predict_evaluate_without_tensorflow(backend, tiny_preset, toy_d
     predict = _cli(backend, "predict", str(run), "a good day", "--json")
     assert predict.returncode == 0, predict.stderr[-3000:]
     assert json.loads(predict.stdout)[0]["label"] in ("neg", "pos")
+    labels = _cli(backend, "predict", str(run), "--data", str(toy_data), "--score", "--out",
+                  str(tmp_path / "labels.csv"))  # fmt: skip
+    assert labels.returncode == 0, labels.stderr[-3000:]
+    assert "scored 400 rows: accuracy" in labels.stderr
+    assert len((tmp_path / "labels.csv").read_text().splitlines()) == 401
     evaluate = _cli(backend, "evaluate", str(run), "--data", str(toy_data), "--json")
     assert evaluate.returncode == 0, evaluate.stderr[-3000:]
     assert json.loads(evaluate.stdout)["rows"] == 400

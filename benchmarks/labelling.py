@@ -1,0 +1,217 @@
+"""Labelling files: rows/s per export format, threads, and memory as the file grows.
+
+    python -m kerasft.benchmarks.labelling --run RUN --exports DIR --out labelling.md
+
+`DIR` holds exports of `RUN` (as `kerasft.benchmarks.export_accuracy --exports DIR` writes
+them: `onnx-dynamic`, `openvino-nncf`, ...). Each measurement runs in its own process:
+
+- **File**: `kerasft predict EXPORT --data TEST --out FILE` as the CLI runs it
+  (`kerasft.labelling.label_file`: read, tokenize, sort by length, predict, write), on the run's
+  test split, after a warm-up on 256 texts; the run directory (Keras) too.
+- **Threads**: one loaded export, its `predict` called from 1, 2 and 4 threads at once, each
+  thread on its own share of the test split; rows/s of the whole.
+- **Memory**: peak RSS of the `kerasft predict --data` process on generated files of
+  `--memory-rows` rows (the test split's texts, cycled), through `--memory-variant`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from kerasft.exporters.exportdir import is_export
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m kerasft.benchmarks.labelling", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--run", required=True, type=Path, help="a `kerasft fit` run directory")
+    parser.add_argument("--exports", required=True, type=Path, help="a directory of its exports")
+    parser.add_argument("--out", required=True, type=Path, help="markdown report (JSON beside)")
+    parser.add_argument("--threads", default="1,2,4", help="thread counts to call predict from")
+    parser.add_argument(
+        "--memory-rows", default="10000,1000000", help="rows of the generated files"
+    )
+    parser.add_argument(
+        "--memory-variant", default="onnx-dynamic", help="the export that labels those files"
+    )
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # one measurement, JSON out
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    if args.worker:
+        print(json.dumps(_work(json.loads(args.worker))))
+        return 0
+    from kerasft.benchmarks.report import provenance, write_results
+    from kerasft.rundir import run_splits
+    from kerasft.versions import EXPORT, source_commit
+
+    source = source_commit()
+    threads = [int(t) for t in args.threads.split(",")]
+    exports = sorted(p for p in args.exports.iterdir() if is_export(p))
+    if not exports:
+        raise SystemExit(f"no exports in {args.exports}")
+    test = run_splits(args.run)[2]
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "test.jsonl"
+        data.write_text("".join(json.dumps({"text": t}) + "\n" for t in test.texts))
+        rows = [_measure(str(args.run), data, tmp, None)]
+        rows += [_measure(str(p), data, tmp, threads) for p in exports]
+        memory = [_memory(args.exports / args.memory_variant, test.texts, int(n), tmp)
+                  for n in args.memory_rows.split(",")]  # fmt: skip
+    command = "python -m kerasft.benchmarks.labelling " + shlex.join(argv)
+    report = {**provenance(command, source, EXPORT), "run": str(args.run),
+              "test_rows": len(test), "rows": rows, "memory": memory}  # fmt: skip
+    write_results(args.out, report, render(report))
+    return 0
+
+
+def _measure(model: str, data: Path, tmp: str, threads: list[int] | None) -> dict:
+    job = {"model": model, "data": str(data), "out": f"{tmp}/labels.jsonl", "threads": threads}
+    env = {**os.environ, "KERAS_BACKEND": os.environ.get("KERAS_BACKEND", "torch")}
+    cmd = [sys.executable, "-m", "kerasft.benchmarks.labelling", "--run", "-", "--exports", "-",
+           "--out", "-", "--worker", json.dumps(job)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if proc.returncode:
+        raise RuntimeError(f"{model}: {proc.stderr[-3000:]}")
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"{row['name']}: {row['file_rows_per_second']:.0f} rows/s"
+          + "".join(f", {t} threads {r:.0f}" for t, r in row.get("threads", {}).items()),
+          flush=True)  # fmt: skip
+    return row
+
+
+def _work(job: dict) -> dict:
+    """One process: the CLI's file labelling on `job["data"]`, then predict from threads."""
+    from kerasft.labelling import CHUNK_ROWS, label_file
+    from kerasft.textstream import read_texts
+
+    model = Path(job["model"])
+    if is_export(model):
+        from kerasft.exporters.runtime import load
+
+        served = load(model)
+        name = served.manifest["format"] + " " + (served.manifest["quantization"] or "fp32")
+        predict_proba, chunk = (lambda t: served.predict(t).probabilities), served.chunk_rows
+        names = served.label_names
+    else:
+        import keras
+
+        from kerasft.tuner import load_tuner
+
+        tuner = load_tuner(model)
+        tuner.verbose = 0
+        name = f"run directory (Keras, {keras.backend.backend()})"
+        predict_proba, chunk, names = tuner.predict_proba, CHUNK_ROWS, tuner.label_names
+    texts = [t for _, t, _, _ in read_texts(job["data"])]
+    predict_proba(texts[:256])  # warm-up
+    summary = label_file(read_texts(job["data"]), predict_proba, names, out=job["out"],
+                         chunk_rows=chunk, overwrite=True)  # fmt: skip
+    row = {"name": name, "model": str(model), "rows": summary["rows"],
+           "file_rows_per_second": summary["rows_per_second"]}  # fmt: skip
+    if job["threads"]:
+        row["threads"] = {str(n): _threaded(served, texts, n) for n in job["threads"]}
+    return row
+
+
+def _threaded(served, texts: list[str], n: int) -> float:
+    """Rows/s of `served.predict` called from `n` threads at once, each on its share."""
+    shares = [texts[i::n] for i in range(n)]
+    barrier = threading.Barrier(n + 1)
+
+    def call(share):
+        barrier.wait()
+        served.predict(share)
+
+    workers = [threading.Thread(target=call, args=(s,)) for s in shares]
+    for w in workers:
+        w.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for w in workers:
+        w.join()
+    return len(texts) / (time.perf_counter() - start)
+
+
+def _memory(export: Path, texts: list[str], rows: int, tmp: str) -> dict:
+    """Peak RSS of `kerasft predict EXPORT --data FILE --out OUT` on a file of `rows` rows."""
+    data = Path(tmp) / f"rows-{rows}.jsonl"
+    with data.open("w") as f:
+        for i in range(rows):
+            f.write(json.dumps({"id": i, "text": texts[i % len(texts)]}) + "\n")
+    out = Path(tmp) / f"rows-{rows}.out.jsonl"
+    cmd = [sys.executable, "-m", "kerasft.cli", "predict", str(export), "--data", str(data),
+           "--out", str(out), "--overwrite", "--quiet"]  # fmt: skip
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    if status:
+        raise RuntimeError(f"{shlex.join(cmd)}: {proc.stderr.read().decode()[-3000:]}")
+    with out.open() as f:
+        written = sum(1 for _ in f)
+    data.unlink()
+    out.unlink()
+    result = {"export": export.name, "rows": rows, "rows_written": written,
+              "peak_rss_mb": usage.ru_maxrss / 1024, "seconds": seconds}  # fmt: skip
+    print(f"{rows:,} rows: peak RSS {result['peak_rss_mb']:.0f} MB, {seconds:.0f} s", flush=True)
+    return result
+
+
+def render(report: dict) -> str:
+    from kerasft.benchmarks.report import cpu_line, header
+
+    lines = [
+        *header("Labelling files", report, cpu_line(report["machine"]), report["versions"]),
+        "",
+        f"Run `{report['run']}`, its test split ({report['test_rows']:,} headlines). **File**: "
+        "rows/s of `kerasft predict MODEL --data FILE --out OUT` as the CLI runs it (read, "
+        "tokenize, sort each 1,024-row chunk by length, predict in batches of 32, write JSON "
+        "Lines), after a warm-up. **Threads**: rows/s of one loaded export whose `predict` is "
+        "called from N threads at once (each on its share of the texts; the runtime's own "
+        "intra-op threads as by default).",
+        "",
+    ]
+    counts = sorted({t for r in report["rows"] for t in r.get("threads", {})}, key=int)
+    lines += [
+        "| model | file rows/s | " + " | ".join(f"{t} thread(s) rows/s" for t in counts) + " |",
+        "| --- | ---: | " + " | ".join("---:" for _ in counts) + " |",
+    ]
+    for r in report["rows"]:
+        cells = [f"{r['threads'][t]:,.0f}" if t in r.get("threads", {}) else "-" for t in counts]
+        lines.append(f"| {r['name']} | {r['file_rows_per_second']:,.0f} | " + " | ".join(cells)
+                     + " |")  # fmt: skip
+    lines += [
+        "",
+        "**Memory**: peak RSS of the `kerasft predict --data` process (the export's runtime, "
+        "tokenizer and one chunk) on generated JSON Lines files (`id`, `text`: the test split's "
+        "texts cycled).",
+        "",
+        "| export | rows | peak RSS MB | seconds | rows/s |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for m in report["memory"]:
+        lines.append(f"| {m['export']} | {m['rows']:,} | {m['peak_rss_mb']:,.0f} | "
+                     f"{m['seconds']:,.0f} | {m['rows'] / m['seconds']:,.0f} |")  # fmt: skip
+    if len(report["memory"]) > 1:
+        small, big = report["memory"][0], report["memory"][-1]
+        lines += ["", f"Peak RSS grows {big['peak_rss_mb'] - small['peak_rss_mb']:+,.0f} MB from "
+                  f"{small['rows']:,} to {big['rows']:,} rows."]  # fmt: skip
+    lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
