@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
 BEST_WEIGHTS = "best.npz"
+FORMAT_1_BEST = "best.weights.h5"  # a run interrupted under format 1 may hold its best epoch here
 FORMAT_VERSION = 2
 
 
@@ -163,7 +164,7 @@ class CheckpointDir:
             "python_random": rng["python"],
         }
         atomic_write_text(self.directory / STATE_FILE, json.dumps(state, indent=1))
-        keep = {STATE_FILE, state["arrays"], BEST_WEIGHTS}
+        keep = {STATE_FILE, state["arrays"], BEST_WEIGHTS, FORMAT_1_BEST}
         for path in self.directory.iterdir():
             if path.name not in keep:
                 path.unlink()
@@ -210,6 +211,9 @@ class CheckpointDir:
 
     def restore_best(self, classifier_core: keras.Model) -> None:
         path = self.directory / BEST_WEIGHTS
+        if not path.is_file() and (self.directory / FORMAT_1_BEST).is_file():
+            classifier_core.load_weights(self.directory / FORMAT_1_BEST)
+            return
         with np.load(path) as arrays:
             _assign_weights(classifier_core, arrays, path)
 
