@@ -367,3 +367,40 @@ def test_a_full_disk_during_fit_is_one_line_and_the_run_resumes(tiny_preset, toy
     second = (tmp_path / "second.err").read_text()
     assert "second=0" in proc.stdout, second[-3000:]
     assert f"{done} of 4 epochs done" in second and "model.keras" in proc.stdout
+
+
+def test_a_format_1_checkpoint_still_restores(tmp_path):
+    """Checkpoints written before the `.npz` format (Keras' `.weights.h5` beside a `.state.npz`
+    of optimizer, seed and random states) restore into the model, best epoch included."""
+    from kerasft.checkpoint import FORMAT_1_BEST, CheckpointDir
+
+    def model(seed):
+        keras.utils.set_random_seed(seed)
+        inputs = keras.Input((4,))
+        hidden = keras.layers.Dropout(0.1, seed=seed)(keras.layers.Dense(8)(inputs))
+        return keras.Model(inputs, keras.layers.Dense(2)(hidden))
+
+    saved, fresh = model(1), model(2)
+    saved.save_weights(tmp_path / "epoch-0001-warmup.weights.h5")
+    saved.save_weights(tmp_path / FORMAT_1_BEST)
+    seeds = [v for v in saved.non_trainable_variables if v.name == "seed_generator_state"]
+    seeds = [keras.ops.convert_to_numpy(v) + 7 for v in seeds]
+    extra = {f"seed/{i}": s for i, s in enumerate(seeds)}
+    np.savez(tmp_path / "epoch-0001-warmup.state.npz", **extra, **{"rng/torch": np.zeros(0, "u1")})
+    state = {"format": 1, "stage": "warmup", "epochs_done": 1, "python_random": None,
+             "weights": "epoch-0001-warmup.weights.h5",
+             "extra": "epoch-0001-warmup.state.npz"}  # fmt: skip
+    store = CheckpointDir(tmp_path, {})
+    assert _max_diff(_numpy(saved.weights), _numpy(fresh.weights)) > 0
+    store.restore(state, fresh)
+    assert _max_diff(_numpy(saved.weights), _numpy(fresh.weights)) == 0
+    restored_seeds = [v for v in fresh.non_trainable_variables if v.name == "seed_generator_state"]
+    assert seeds and all((keras.ops.convert_to_numpy(v) == s).all()
+                         for v, s in zip(restored_seeds, seeds, strict=True))  # fmt: skip
+    other = model(3)
+    store.restore_best(other)  # no best.npz yet: the format-1 best epoch
+    assert _max_diff(_numpy(saved.weights), _numpy(other.weights)) == 0
+
+
+def _numpy(variables):
+    return [keras.ops.convert_to_numpy(v) for v in variables]
