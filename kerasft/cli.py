@@ -214,42 +214,46 @@ def build_parser() -> argparse.ArgumentParser:
         help="label every row of FILE (JSONL/JSON/CSV/TSV/.txt, optionally gzipped; - reads "
         "standard input, one text per line unless --input-format), streamed in chunks",
     )  # fmt: skip
-    predict.add_argument(
+    file_only = predict.add_argument_group("with --data")
+    file_only.add_argument(
         "--out", metavar="FILE",
         help="--data: write the predictions to FILE, complete or not at all (default: stdout)",
     )  # fmt: skip
-    predict.add_argument(
+    file_only.add_argument(
         "--output-format", choices=OUTPUT_FORMATS,
         help="--data: jsonl (default) or csv (default for a .csv --out): line, id, label and "
         "one probability per class",
     )  # fmt: skip
-    predict.add_argument(
+    file_only.add_argument(
         "--input-format", choices=INPUT_FORMATS,
         help="--data: the file's format (default: from its suffix; lines for stdin)",
     )  # fmt: skip
-    predict.add_argument("--text-column", help="--data: the text column (default: detected)")
-    predict.add_argument(
+    file_only.add_argument("--text-column", help="--data: the text column (default: detected)")
+    file_only.add_argument(
         "--id-column", help="--data: a column copied to each output row (default: `id`, if any)"
     )
-    predict.add_argument(
+    file_only.add_argument(
         "--score", action="store_true",
         help="--data: score the predictions against the file's label column (--label-column, "
         "default: detected); labels are otherwise ignored",
     )  # fmt: skip
-    predict.add_argument("--label-column", help="--data --score: the label column")
-    predict.add_argument("--encoding", default="utf-8", help="--data: the file's text encoding")
-    predict.add_argument(
+    file_only.add_argument("--label-column", help="--data --score: the label column")
+    file_only.add_argument("--encoding", default="utf-8", help="--data: the file's text encoding")
+    file_only.add_argument(
         "--no-header", action="store_true",
         help="--data CSV/TSV: the first row is data (default: detected)",
     )  # fmt: skip
-    predict.add_argument(
+    file_only.add_argument(
         "--skip-invalid", action="store_true", help="--data: drop rows without text"
     )
-    predict.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    predict.add_argument(
+    file_only.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    file_only.add_argument(
         "--quiet", action="store_true",
         help="--data: no progress on stderr (shown only when stderr is a terminal)",
     )  # fmt: skip
+    # for the check that these are not given with texts instead of --data
+    predict.set_defaults(file_flags=[(a.option_strings[-1], a.dest, a.default)
+                                     for a in file_only._group_actions])  # fmt: skip
     predict.add_argument(
         "--json", action="store_true",
         help="texts: a JSON list of {text, label, probability} instead of 'label<TAB>probability"
@@ -656,7 +660,7 @@ def cmd_predict(args) -> int:
         return _predict_file(args)
     if not args.texts:
         raise ValueError("Nothing to label: give texts, or --data FILE (- for standard input).")
-    given = [flag for flag, value in _FILE_FLAGS.items() if getattr(args, value[0]) != value[1]]
+    given = [flag for flag, dest, default in args.file_flags if getattr(args, dest) != default]
     if given:
         raise ValueError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to --data "
                          "FILE only, not to texts given as arguments.")  # fmt: skip
@@ -672,17 +676,6 @@ def cmd_predict(args) -> int:
         for row in rows:
             print(f"{row['label']}\t{row['probability']:.4f}\t{row['text']}")
     return 0
-
-
-# `kerasft predict` flags for --data only: {flag: (dest, default)}
-_FILE_FLAGS = {
-    "--out": ("out", None), "--output-format": ("output_format", None),
-    "--input-format": ("input_format", None), "--text-column": ("text_column", None),
-    "--id-column": ("id_column", None), "--score": ("score", False),
-    "--label-column": ("label_column", None), "--encoding": ("encoding", "utf-8"),
-    "--no-header": ("no_header", False), "--skip-invalid": ("skip_invalid", False),
-    "--overwrite": ("overwrite", False), "--quiet": ("quiet", False),
-}  # fmt: skip
 
 
 def _predictor(args):
