@@ -46,7 +46,14 @@ class FormatContract:
         int8: the INT8 modes, by name.
         onnx_graph: traced with ONNX-friendly ops (`keras_graph.onnx_friendly_ops`).
         calibration_batch: rows per calibration feed (1: texts one at a time, as served).
-        needs: the Python modules `write` needs, for a one-line error when one is missing.
+        needs: the Python modules `write` needs besides the graph source's, for a one-line
+            error when one is missing.
+        auto: the `--int8 auto` candidates, `(mode, settings)`: the modes it times on this
+            machine (with `settings` added to each of their recipes) and tries fastest first;
+            mode None is fp32, kept where no INT8 recipe is faster on this CPU.
+        graph_sources: the Keras backends the graph can be traced under (`"torch"`:
+            `kerasft.exporters.torch_graph`, `"tensorflow"`: `kerasft.exporters.keras_graph`),
+            the default first.
     """
 
     name: str
@@ -55,15 +62,31 @@ class FormatContract:
     onnx_graph: bool = False
     calibration_batch: int = 32
     needs: tuple[str, ...] = ()
+    auto: tuple[tuple[str, dict], ...] = ()
+    graph_sources: tuple[str, ...] = ("tensorflow",)
 
     @property
     def modes(self) -> tuple[str | None, ...]:
-        """Every `quantize` value the format takes, fp32 (None) first."""
-        return (None, *self.int8)
+        """Every `quantize` value the format takes, fp32 (None) first, `"auto"` last."""
+        return (None, *self.int8, *(("auto",) if self.auto else ()))
+
+    def needs_with(self, source: str) -> tuple[str, ...]:
+        """The Python modules an export traced under `source` needs."""
+        traced = ("tensorflow", "tf2onnx") if self.onnx_graph else ("tensorflow",)
+        return (*(("torch",) if source == "torch" else traced), *self.needs)
 
     def attempts(self, mode: str | None) -> tuple[tuple[str | None, dict], ...]:
-        """The recipes `mode` tries in order (fp32: one, unquantized)."""
+        """The recipes `mode` tries in order (fp32: one, unquantized; `"auto"`: every candidate's,
+        in the order given, before `--int8 auto` times them)."""
+        if mode == "auto":
+            return tuple((a, {**s, **over}) for m, over in self.auto for a, s in self.attempts(m))
         return ((None, {}),) if mode is None else self.int8[mode].attempts
+
+    def needs_of(self, mode: str | None) -> tuple[bool, bool]:
+        """Whether `mode`'s recipes need calibration texts, and labelled validation texts."""
+        modes = [m for m, _ in self.auto] if mode == "auto" else [mode]
+        configs = [self.int8[m] for m in modes if m]
+        return any(c.calibration for c in configs), any(c.validation for c in configs)
 
 
 def int8(mode: str, description: str, *attempts: tuple[str, dict], **needs) -> QuantizationConfig:

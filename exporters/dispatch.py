@@ -24,7 +24,11 @@ from kerasft.exporters.contract import FormatContract
 from kerasft.exporters.formats import MODULES, check_format
 from kerasft.exporters.onnx import DEFAULT_OPSET
 from kerasft.exporters.openvino import PRECISIONS
-from kerasft.exporters.verify import INT8_MAX_ACCURACY_DROP, INT8_MIN_AGREEMENT
+from kerasft.exporters.verify import (
+    AUTO_MIN_AGREEMENT,
+    INT8_MAX_ACCURACY_DROP,
+    INT8_MIN_AGREEMENT,
+)
 from kerasft.fileio import check_target_dir, publish_target
 from kerasft.machine import cpu_model, isa
 from kerasft.rundir import CONFIG_FILE, MODEL_FILE
@@ -32,6 +36,7 @@ from kerasft.versions import EXPORT, package_versions
 
 log = logging.getLogger("kerasft.export")
 
+AUTO = "auto"
 # Verification texts per split of the run (train, validation, test): every split is used, each
 # capped so that the cost stays bounded (the reference run: 6,000 + 5,342 + 5,342 texts).
 VERIFY_PER_SPLIT = 6000
@@ -129,20 +134,21 @@ def verification_set(
 
 
 def _keras_batches(classifier, texts: list[str], batch_size: int = 32, shape=(None, None)):
-    """KerasHub-tokenized feeds, each padded to its longest text (as the runtime pads).
+    """Feeds of the training token ids (`kerasft.batching.tokenize`, KerasHub's ids without
+    TensorFlow), each padded to its longest text (as the runtime pads).
 
     With a fixed `shape` (batch, sequence), feeds are padded to it instead: the sequence with
     padding tokens, a short batch by repeating its first row.
     """
-    import keras
+    from kerasft.batching import tokenize
 
     batch_size = shape[0] or batch_size
+    tokens = tokenize(classifier.preprocessor, texts)
     for i in range(0, len(texts), batch_size):
-        out = classifier.preprocessor(texts[i : i + batch_size])
-        mask = keras.ops.convert_to_numpy(out["padding_mask"]).astype("int32")
-        width = shape[1] or int(mask.sum(1).max())
-        ids = keras.ops.convert_to_numpy(out["token_ids"]).astype("int32")
-        feed = {"token_ids": ids[:, :width], "padding_mask": mask[:, :width]}
+        rows = np.arange(i, min(i + batch_size, len(texts)))
+        width = shape[1] or int(tokens.lengths[rows].max())
+        ids = tokens.padded(rows, width)
+        feed = {"token_ids": ids, "padding_mask": (ids != 0).astype("int32")}
         if shape[0] and len(ids) < shape[0]:
             rows = np.r_[np.arange(len(ids)), np.zeros(shape[0] - len(ids), dtype=int)]
             feed = {k: v[rows] for k, v in feed.items()}
@@ -169,17 +175,17 @@ def _reference(graph, classifier, texts):
     ids, logits = [], []
     width = classifier.preprocessor.sequence_length
     for feed in _keras_batches(classifier, texts):
-        logits.append(graph.serve(**feed)["logits"].numpy())
+        logits.append(np.asarray(graph.serve(**feed)["logits"]))
         ids.append(np.pad(feed["token_ids"], ((0, 0), (0, width - feed["token_ids"].shape[1]))))
     return np.concatenate(ids), np.concatenate(logits)
 
 
-def export_in_subprocess(source, out_dir, **options) -> Path:
-    """Re-runs `export(source, out_dir, **options)` in a TensorFlow-backend subprocess.
+def export_in_subprocess(source, out_dir, backend: str = "tensorflow", **options) -> Path:
+    """Re-runs `export(source, out_dir, **options)` in a subprocess under Keras `backend`.
 
-    Used when the current backend is not TensorFlow (the `.keras` file is backend-neutral), and
-    by the latency harness so that each export's memory is returned when it ends. Raises
-    `RuntimeError` with the subprocess's stderr.
+    Used when the current backend is not the one the format's graph is traced under (the
+    `.keras` file is backend-neutral), and by the latency harness so that each export's memory
+    is returned when it ends. Raises `RuntimeError` with the subprocess's stderr.
     """
     with tempfile.TemporaryDirectory() as tmp:
         if not isinstance(source, (str, os.PathLike)):
@@ -189,7 +195,7 @@ def export_in_subprocess(source, out_dir, **options) -> Path:
         if request.get("labels") is not None:
             request["labels"] = [str(v) for v in request["labels"]]
         (Path(tmp) / "request.json").write_text(json.dumps(request))
-        env = {**os.environ, "KERAS_BACKEND": "tensorflow"}
+        env = {**os.environ, "KERAS_BACKEND": backend}
         proc = subprocess.run(
             [sys.executable, "-m", "kerasft.exporters.dispatch", str(Path(tmp) / "request.json")],
             env=env,
@@ -197,9 +203,7 @@ def export_in_subprocess(source, out_dir, **options) -> Path:
             text=True,
         )
         if proc.returncode:
-            raise RuntimeError(
-                f"Export under the TensorFlow backend failed:\n{proc.stderr[-4000:]}"
-            )
+            raise RuntimeError(f"Export under the {backend} backend failed:\n{proc.stderr[-4000:]}")
     return Path(out_dir)
 
 
@@ -216,16 +220,18 @@ def export(
     calibration_texts: list[str] | None = None,
     opset: int | None = None,
     fixed_shape: tuple[int | None, int | None] | None = None,
-    min_agreement: float = INT8_MIN_AGREEMENT,
+    min_agreement: float | None = None,
     max_accuracy_drop: float = INT8_MAX_ACCURACY_DROP,
     precision: str = "f32",
     verify_per_split: int = VERIFY_PER_SPLIT,
     keep_fp32: int | None = None,
+    graph_source: str | None = None,
 ) -> Path:
     """Exports a fine-tuned classifier, verifies it with its own runtime, and publishes it.
 
-    The model is traced under the TensorFlow backend from its backend-neutral `.keras` file (in
-    a subprocess when the current backend is JAX or PyTorch). The artifact is verified through
+    The model is traced from its backend-neutral `.keras` file under the format's graph source:
+    PyTorch for ONNX and OpenVINO (no TensorFlow needed), TensorFlow for SavedModel and LiteRT
+    (in a subprocess when the current backend is another). The artifact is verified through
     `kerasft.exporters.runtime` on labelled texts of every split of the run against the Keras
     model (`kerasft.exporters.verify`): fp32 must reproduce the Keras logits; INT8 must pass the
     gate, else the format's next recipe is tried (`kerasft.exporters.formats`). The directory
@@ -236,7 +242,6 @@ def export(
             or a fitted `TwoStageFineTuner`.
         out_dir: the export directory to create.
         format: `"saved_model"`, `"onnx"`, `"openvino"` or `"litert"`.
-        quantize: None (fp32) or an INT8 mode of the format (`FORMATS[format].int8`).
         overwrite: replace an existing non-empty `out_dir`.
         texts: real texts to verify with (default: the run's splits, see above).
         labels: class names (or ids) of `texts`, for the accuracy-drop check; optional.
@@ -246,13 +251,19 @@ def export(
         opset: ONNX opset (default 17).
         fixed_shape: `(batch, sequence)` to fix either axis (None: dynamic); a fixed sequence
             also caps the tokens per text.
-        min_agreement: INT8 gate: least label agreement with the fp32 model.
+        quantize: None (fp32), an INT8 mode of the format (`FORMATS[format].int8`), or
+            `"auto"`: each candidate recipe timed on this machine, the fastest that passes the
+            gate kept (fp32 where no INT8 recipe is faster here).
+        min_agreement: INT8 gate: least label agreement with the fp32 model on held-out texts
+            (default `INT8_MIN_AGREEMENT`, 0.99; `AUTO_MIN_AGREEMENT`, 0.993, for `"auto"`).
         max_accuracy_drop: INT8 gate: largest accuracy drop on held-out labelled texts.
         precision: OpenVINO inference precision to verify with and record: `"f32"` (default)
             or `"bf16"` (then judged by the INT8 gate).
         verify_per_split: verification texts per split of the run.
         keep_fp32: ONNX dynamic INT8: keep exactly this many of the most sensitive nodes in
             fp32 (None: all quantized, more kept only if the gate needs it).
+        graph_source: the Keras backend to trace the graph under, one of the format's
+            `graph_sources` (None: its default; ONNX and OpenVINO also take `"tensorflow"`).
 
     Returns:
         `out_dir` as a `Path`.
@@ -268,7 +279,10 @@ def export(
         >>> export("runs/sarcasm", "exports/sarcasm-ov-int8", format="openvino", quantize="nncf")
     """
     contract = check_format(format, quantize)
-    _check_installed(contract)
+    if min_agreement is None:
+        min_agreement = AUTO_MIN_AGREEMENT if quantize == AUTO else INT8_MIN_AGREEMENT
+    graph_source = _check_graph_source(contract, graph_source)
+    _check_installed(contract, graph_source)
     _check_options(format, quantize, min_agreement, max_accuracy_drop, precision,
                    verify_per_split, keep_fp32)  # fmt: skip
     check_target_dir(out_dir, overwrite, "Export directory")
@@ -278,9 +292,10 @@ def export(
                "labels": labels, "splits": splits, "calibration_texts": calibration_texts,
                "opset": opset, "fixed_shape": fixed_shape, "min_agreement": min_agreement,
                "max_accuracy_drop": max_accuracy_drop, "precision": precision,
-               "verify_per_split": verify_per_split, "keep_fp32": keep_fp32}  # fmt: skip
-    if keras.backend.backend() != "tensorflow":
-        return export_in_subprocess(source, out_dir, **options)
+               "verify_per_split": verify_per_split, "keep_fp32": keep_fp32,
+               "graph_source": graph_source}  # fmt: skip
+    if keras.backend.backend() != graph_source:
+        return export_in_subprocess(source, out_dir, backend=graph_source, **options)
     with publish_target(out_dir, overwrite, "Export directory") as tmp:
         _export_here(source, tmp, contract, **options)
     return Path(out_dir)
@@ -290,15 +305,15 @@ def _export_here(
     source, tmp: Path, contract: FormatContract, *, quantize, texts, labels, splits,
     calibration_texts, verify_per_split, min_agreement, max_accuracy_drop, **write_options,
 ) -> None:  # fmt: skip
-    """`export` in this process (TensorFlow backend), into the work directory `tmp`: the Keras
-    reference, then write and verify, then the model card and the final manifest."""
+    """`export` in this process (under the graph source's backend), into the work directory
+    `tmp`: the Keras reference, then write and verify, then the model card and the manifest."""
     started = time.perf_counter()
     src = _load_source(source, copy=quantize == "keras")  # never quantize the caller's model
     vset = _verification_texts(src, texts, labels, splits, calibration_texts, verify_per_split)
     vset.label_ids = _label_ids(vset.labels, src.label_names)  # checked before any work
     gate = {"min_agreement": min_agreement, "max_accuracy_drop": max_accuracy_drop}
     write_options = {k: write_options[k] for k in ("fixed_shape", "opset", "precision",
-                                                     "keep_fp32")}  # fmt: skip
+                                                     "keep_fp32", "graph_source")}  # fmt: skip
     manifest, served, keras_ids = _write_verified(
         contract, quantize, src, vset, tmp, gate=gate, **write_options
     )
@@ -335,22 +350,26 @@ def _serving_length(classifier, tokens: int | None):
 
 def _write_verified(
     contract: FormatContract, quantize, src, vset, tmp: Path, *, fixed_shape, opset, precision,
-    keep_fp32, gate,
+    keep_fp32, graph_source, gate,
 ) -> tuple[dict, object, np.ndarray]:  # fmt: skip
     """Writes the format's recipes in order until one passes verification; returns its
     manifest, its loaded runtime and the Keras token ids of the verification texts.
 
+    With `quantize="auto"`, the first recipe of each of the format's `auto` modes is written and
+    timed first, and the modes are tried fastest first (`_rank_auto`).
+
     Raises:
         VerificationError: the last recipe failed too (the message lists the earlier ones).
     """
-    from kerasft.exporters.keras_graph import ServingGraph, onnx_friendly_ops
+    from kerasft.exporters.keras_graph import onnx_friendly_ops
     from kerasft.exporters.verify import VerificationError
 
+    graph_class = _graph_class(graph_source)
     clf = src.classifier
     shape = check_fixed_shape(fixed_shape, clf.backbone.max_sequence_length)
     onnx_ops = onnx_friendly_ops(clf) if contract.onnx_graph else contextlib.nullcontext()
-    with _serving_length(clf, shape[1]), onnx_ops:
-        graph = ServingGraph(clf)  # dynamic: the Keras reference for every text
+    with _serving_length(clf, shape[1]), onnx_ops, tempfile.TemporaryDirectory() as scratch:
+        graph = graph_class(clf)  # dynamic: the Keras reference for every text
         log.info("Keras reference logits for %d verification texts", len(vset.texts))
         reference = _reference(graph, clf, vset.texts)
         if quantize == "keras":
@@ -358,40 +377,121 @@ def _write_verified(
                 warnings.simplefilter("ignore")  # non-Dense layer: expected, not news
                 graph.model.quantize("int8")
         if quantize == "keras" or shape != (None, None):
-            graph = ServingGraph(clf, fixed_shape=shape)
+            graph = graph_class(clf, fixed_shape=shape)
         feeds = _quantization_feeds(contract, quantize, clf, vset, src.label_names, shape)
-        attempts = contract.attempts(quantize)
-        if keep_fp32 is not None:
-            attempts = ((quantize, {"keep_fp32": keep_fp32}),)
-        failed, sensitivity = [], {}
         write = {"opset": opset or DEFAULT_OPSET, "backbone": clf.backbone, "precision": precision,
-                 "max_accuracy_drop": gate["max_accuracy_drop"], "sensitivity": sensitivity,
+                 "max_accuracy_drop": gate["max_accuracy_drop"], "sensitivity": {},
                  **feeds}  # fmt: skip
-        for attempt, settings in attempts:
-            _clear(tmp)
-            label = " ".join([attempt or "fp32", *(f"{k}={v}" for k, v in settings.items())])
+
+        def write_attempt(mode, attempt, settings, out: Path) -> dict:
+            _clear(out)
+            label = _recipe_label(attempt, settings)
             log.info("writing %s %s", contract.name, label)
-            info = MODULES[contract.name].write(graph, tmp, quantize=attempt, **write, **settings)
-            manifest = _manifest(contract, quantize, attempt, info, src, clf, shape, tmp)
+            info = MODULES[contract.name].write(graph, out, quantize=attempt,
+                                                **{**write, **settings})  # fmt: skip
+            return _manifest(contract, mode, attempt, info, src, clf, shape, graph_source, out)
+
+        written, auto = {}, None
+        plan = [(quantize, attempt, settings) for attempt, settings in contract.attempts(quantize)]
+        if quantize == AUTO:
+            plan, written, auto = _rank_auto(contract, write_attempt, vset, Path(scratch))
+        elif keep_fp32 is not None:
+            plan = [(quantize, quantize, {"keep_fp32": keep_fp32})]
+        failed = []
+        for mode, attempt, settings in plan:
+            label = _recipe_label(attempt, settings)
+            if (mode, label) in written:  # written and timed by `_rank_auto`
+                _clear(tmp)
+                shutil.copytree(written[mode, label][0], tmp, dirs_exist_ok=True)
+                manifest = written[mode, label][1]
+            else:
+                manifest = write_attempt(mode, attempt, settings, tmp)
+            reduced = _reduced(mode, contract, settings.get("precision", precision))
+            batch_dependent = bool(mode) and contract.int8[mode].batch_dependent
             try:
-                reduced = _reduced(quantize, contract, precision)
-                batch_dependent = bool(quantize) and contract.int8[quantize].batch_dependent
                 manifest["verification"], served = _verify(
                     tmp, vset, reference, gate, reduced, batch_dependent
                 )
             except VerificationError as e:
-                if (attempt, settings) == attempts[-1] or e.report.get("tokenizer_mismatches"):
+                if (mode, attempt, settings) == plan[-1] or e.report.get("tokenizer_mismatches"):
                     if failed:
                         e.args = (f"{e.args[0]} Earlier recipes also failed: {failed}",)
                     if reduced and not e.report.get("tokenizer_mismatches"):
                         e.args = (e.args[0] + _other_recipes(contract, quantize),)
                     raise
-                failed.append({"recipe": label, "error": str(e)})
+                failed.append({"recipe": f"{mode} {label}", "error": str(e)})
                 log.info("%s missed the gate (%s); trying the next recipe", label, e)
                 continue
             manifest["verification"]["recipes_failed"] = failed
+            if auto is not None:
+                auto["chosen"] = {"mode": mode or "fp32", "recipe": label}
+                manifest["int8_auto"] = auto
             return manifest, served, reference[0]
     raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def _recipe_label(attempt, settings: dict) -> str:
+    return " ".join([attempt or "fp32", *(f"{k}={v}" for k, v in settings.items())])
+
+
+def _rank_auto(contract: FormatContract, write_attempt, vset, scratch: Path):
+    """`--int8 auto`: writes the first recipe of each candidate mode, times it on this machine
+    at every serving batch size, and orders the candidates fastest first.
+
+    Returns:
+        `(plan, written, report)`: every candidate's recipes as `(mode, attempt, settings)`,
+        fastest candidate first; the candidates already written (`{(mode, label): (dir,
+        manifest)}`); and what was measured, for the manifest.
+    """
+    from kerasft.exporters import runtime
+    from kerasft.exporters.verify import SERVING_BATCHES
+
+    timed, written = [], {}
+    for i, (mode, overrides) in enumerate(_auto_candidates(contract)):
+        chain = [(mode, a, {**s, **overrides}) for a, s in contract.attempts(mode)]
+        _, attempt, settings = chain[0]
+        out = scratch / str(i)
+        out.mkdir()
+        label = _recipe_label(attempt, settings)
+        written[mode, label] = (out, write_attempt(mode, attempt, settings, out))
+        served = runtime.load(out)
+        p50 = {size: _p50_ms(served, vset.texts, size) for size in SERVING_BATCHES}
+        timed.append((p50, chain, {"mode": mode or "fp32", "recipe": label, "p50_ms": p50}))
+    # fastest first: the product of the p50s at the serving batch sizes (each size counts alike)
+    timed.sort(key=lambda item: float(np.prod(list(item[0].values()))))
+    report = {
+        "candidates": [entry for _, _, entry in timed],
+        "order": "fastest first on this machine: product of p50 at batch sizes "
+        + ", ".join(map(str, SERVING_BATCHES)),
+        "cpu": cpu_model(),
+        "isa": isa(),
+    }
+    return [step for _, chain, _ in timed for step in chain], written, report
+
+
+def _auto_candidates(contract: FormatContract) -> list[tuple[str, dict]]:
+    """The format's `auto` candidates this CPU can run as meant (bf16 ones need bf16 hardware)."""
+    from kerasft.machine import computes_bf16
+
+    return [(mode, over) for mode, over in contract.auto
+            if over.get("precision") != "bf16" or computes_bf16()]  # fmt: skip
+
+
+def _p50_ms(served, texts: list[str], batch: int, seconds: float = 1.0) -> float:
+    """Median latency (ms) of `served.logits` on `batch` verification texts of median length."""
+    feed = served.encode(texts[: max(batch, 64)])
+    lengths = feed["padding_mask"].sum(axis=1)
+    rows = np.argsort(np.abs(lengths - np.median(lengths)), kind="stable")[:batch]
+    width = int(lengths[rows].max())
+    feed = {k: np.ascontiguousarray(v[rows, :width]) for k, v in feed.items()}
+    for _ in range(3):
+        served.logits(feed)
+    times, deadline = [], time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(times) < 5:
+        start = time.perf_counter()
+        served.logits(feed)
+        times.append(time.perf_counter() - start)
+    return round(float(np.median(times)) * 1e3, 3)
 
 
 def _other_recipes(contract: FormatContract, quantize) -> str:
@@ -409,22 +509,20 @@ def _reduced(quantize, contract: FormatContract, precision: str) -> bool:
 
 def _quantization_feeds(contract, quantize, clf, vset, label_names, shape) -> dict:
     """`calibration` (and `validation`, for accuracy control) feeds for the INT8 recipes."""
-    config = contract.int8.get(quantize) if quantize else None
+    calibration, validation = contract.needs_of(quantize)
     feeds = {"calibration": None, "validation": None}
-    if config is None:
-        return feeds
-    if config.calibration:
+    if calibration:
         feeds["calibration"] = list(
             _keras_batches(clf, vset.calibration, contract.calibration_batch, shape=shape)
         )
-    if config.validation and vset.splits is not None:
+    if validation and vset.splits is not None:
         val_texts, val_names = vset.subset("validation", ACCURACY_CONTROL_TEXTS)
         feeds["validation"] = (list(_keras_batches(clf, val_texts, 1, shape=shape)),
                                _label_ids(val_names, label_names))  # fmt: skip
     return feeds
 
 
-def _manifest(contract, quantize, attempt, info, src, clf, shape, tmp: Path) -> dict:
+def _manifest(contract, quantize, attempt, info, src, clf, shape, graph_source, tmp: Path) -> dict:
     """Writes the tokenizer assets and a manifest for what `write` just wrote."""
     from kerasft.exporters.tokenizer import write_tokenizer_assets
 
@@ -446,7 +544,8 @@ def _manifest(contract, quantize, attempt, info, src, clf, shape, tmp: Path) -> 
         "kept_fp32": info.get("kept_fp32"),
         "inference_precision": info.get("inference_precision"),
         "source_backend": src.backend,
-        "versions": package_versions(EXPORT),
+        "graph_source": graph_source,
+        "versions": package_versions(_traced_with(graph_source)),
     }
     return exportdir.write_manifest(tmp, manifest)
 
@@ -480,14 +579,50 @@ def _describe(tmp: Path, manifest: dict, served, vset, keras_ids, run_dir, start
     exportdir.write_manifest(tmp, manifest)
 
 
-def _check_installed(contract: FormatContract) -> None:
+def _traced_with(graph_source: str) -> tuple[str, ...]:
+    """The packages whose versions the manifest records: the export's, and the graph source's."""
+    other = ("tensorflow", "tf2onnx") if graph_source == "torch" else ("torch",)
+    return tuple(n for n in (*EXPORT, "torch") if n not in other)
+
+
+def _graph_class(graph_source: str):
+    """The serving-graph class that traces under `graph_source`."""
+    if graph_source == "torch":
+        from kerasft.exporters.torch_graph import TorchServingGraph
+
+        return TorchServingGraph
+    from kerasft.exporters.keras_graph import ServingGraph
+
+    return ServingGraph
+
+
+def _check_graph_source(contract: FormatContract, graph_source: str | None) -> str:
+    """The graph source to use: `graph_source`, or the format's default.
+
+    Raises:
+        ValueError: a source the format cannot be traced under.
+    """
+    if graph_source is None:
+        return contract.graph_sources[0]
+    if graph_source not in contract.graph_sources:
+        raise ValueError(
+            f"format {contract.name!r} is traced under {' or '.join(contract.graph_sources)}. "
+            f"Received: graph_source={graph_source!r}"
+        )
+    return graph_source
+
+
+def _check_installed(contract: FormatContract, graph_source: str) -> None:
     """Raises `RuntimeError` naming the extra to install when a module the format needs is
-    missing (TensorFlow, above all, in a JAX- or PyTorch-only environment)."""
-    missing = [name for name in contract.needs if not _installed(name)]
+    missing (TensorFlow, above all, for SavedModel and LiteRT in a JAX- or PyTorch-only
+    environment)."""
+    needs = contract.needs_with(graph_source)
+    missing = [name for name in needs if not _installed(name)]
     if missing:
+        extra = "export" if "tensorflow" in missing or "tf2onnx" in missing else "edge"
         raise RuntimeError(
-            f"format {contract.name!r} needs {', '.join(contract.needs)} to export (not "
-            f"installed: {', '.join(missing)}): pip install 'kerasft[export]'"
+            f"format {contract.name!r} needs {', '.join(needs)} to export (not "
+            f"installed: {', '.join(missing)}): pip install 'kerasft[{extra}]'"
         )
 
 
@@ -503,11 +638,12 @@ def _check_options(
 ) -> None:
     """Raises `ValueError` naming the first bad option, its value and what is allowed."""
     if keep_fp32 is not None and not (
-        (format, quantize) == ("onnx", "dynamic") and isinstance(keep_fp32, int) and keep_fp32 >= 0
-    ):
+        format == "onnx" and quantize in ("dynamic", "calibrated")
+        and isinstance(keep_fp32, int) and keep_fp32 >= 0
+    ):  # fmt: skip
         raise ValueError(
-            "keep_fp32 must be an int >= 0 and applies to format='onnx', quantize='dynamic' "
-            f"only. Received: keep_fp32={keep_fp32!r} with format={format!r}, "
+            "keep_fp32 must be an int >= 0 and applies to format='onnx' with quantize='dynamic' "
+            f"or 'calibrated' only. Received: keep_fp32={keep_fp32!r} with format={format!r}, "
             f"quantize={quantize!r}"
         )
 

@@ -22,7 +22,7 @@ FORMATS: dict[str, FormatContract] = {name: m.CONTRACT for name, m in MODULES.it
 SUPPORTED = {name: contract.modes for name, contract in FORMATS.items()}
 # Every (format, quantize) pair `export` supports, fp32 first within each format.
 VARIANTS = [(name, mode) for name, contract in FORMATS.items() for mode in contract.modes]
-INT8_MODES = tuple(dict.fromkeys(mode for c in FORMATS.values() for mode in c.int8))
+INT8_MODES = tuple(dict.fromkeys(mode for c in FORMATS.values() for mode in c.modes if mode))
 
 
 def check_format(format: str, quantize: str | None) -> FormatContract:
@@ -47,7 +47,9 @@ def int8_help() -> str:
     """`--int8` help: each mode with the formats that take it."""
     parts = []
     for mode in INT8_MODES:
-        uses = [f"{c.int8[mode].description} ({c.name})" for c in FORMATS.values()
-                if mode in c.int8]  # fmt: skip
+        uses = [f"{c.int8[mode].description} ({c.name})" if mode in c.int8 else c.name
+                for c in FORMATS.values() if mode in c.modes]  # fmt: skip
+        if mode == "auto":
+            uses = [f"the fastest recipe on this CPU that passes the gate ({', '.join(uses)})"]
         parts.append(f"{mode}: {' or '.join(uses)}")
     return "; ".join(parts)

@@ -1,10 +1,11 @@
-"""The one TensorFlow graph every format is exported from.
+"""The TensorFlow graph SavedModel and LiteRT are exported from (ONNX and OpenVINO on request).
 
 Whatever backend trained the model, its `.keras` file is backend-neutral: it is loaded here under
 the TensorFlow backend and traced once into a `tf.function` taking `token_ids` and
-`padding_mask` (int32, dynamic batch and sequence axes) and returning `logits`. SavedModel,
-ONNX (tf2onnx) and LiteRT are all written from that function, so every export of a run is the
-same model, numerically.
+`padding_mask` (int32, dynamic batch and sequence axes) and returning `logits`. SavedModel and
+LiteRT are written from that function, and ONNX through tf2onnx with `graph_source="tensorflow"`
+(by default ONNX and OpenVINO are traced under PyTorch: `kerasft.exporters.torch_graph`). Also
+here: `onnx_friendly_ops`, the GELU and LayerNorm forms both ONNX sources trace.
 """
 
 from __future__ import annotations
@@ -89,6 +90,8 @@ class ServingGraph:
     Raises:
         RuntimeError: if the Keras backend is not TensorFlow.
     """
+
+    source = "tensorflow"
 
     def __init__(self, classifier, fixed_shape: tuple[int | None, int | None] = (None, None)):
         import keras

@@ -11,7 +11,6 @@ CONTRACT = FormatContract(
     "litert",
     "LiteRT (TFLite) flatbuffer for mobile and embedded devices",
     int8={"dynamic": int8("dynamic", "dynamic-range")},
-    needs=("tensorflow",),
 )
 
 

@@ -187,8 +187,11 @@ def _verification_lines(check: dict) -> list[str]:
         + (f" ({', '.join(f'{k} {v}' for k, v in check['texts_per_split'].items())})"
            if check.get("texts_per_split") else "")
         + f"; tokenizer mismatches: {check['tokenizer_mismatches']}",
-        f"- label agreement {check['label_agreement']:.4%} ({check['disagreements']} differ); "
-        f"max |logit diff| {check['max_abs_logit_diff']:.3g}",
+        f"- label agreement {check['label_agreement']:.4%} ({check['disagreements']} differ)"
+        + (f" on {check['agreement_texts']} held-out texts, "
+           f"{check['label_agreement_all_splits']:.4%} on all"
+           if check.get("agreement_texts", check["texts"]) != check["texts"] else "")
+        + f"; max |logit diff| {check['max_abs_logit_diff']:.3g}",
     ]  # fmt: skip
     for size, served in check.get("per_batch_size", {}).items():
         drop = served.get("accuracy_drop")
@@ -199,10 +202,14 @@ def _verification_lines(check: dict) -> list[str]:
         )
     if "batch_independent" in check:
         lines.append(
-            "- the recipe takes no activation range over the batch: verified at one batch size"
+            "- the recipe takes no activation range over the batch"
             if check["batch_independent"]
             else "- the recipe takes activation ranges per call, over the whole batch, so a text's "
-            "output depends on its batch: verified at each serving batch size, the worst decides"
+            "output depends on its batch"
+        )
+        lines.append(
+            "- verified at each serving batch size, the worst decides; labels that change with "
+            f"the batch size: {check.get('labels_changed_by_batch_size', 'not measured')}"
         )
     acc = check.get("accuracy")
     if acc:

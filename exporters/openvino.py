@@ -1,10 +1,12 @@
-"""OpenVINO IR export (`model.xml` + `model.bin`), fp32 or NNCF post-training INT8.
+"""OpenVINO IR export (`model.xml` + `model.bin`), fp32 or post-training INT8 (NNCF, or QDQ).
 
 The IR is converted by `openvino.convert_model` from the same fused fp32 ONNX graph the ONNX
-export writes (`kerasft.exporters.onnx.write_fp32`): OpenVINO's ONNX front end reads
-onnxruntime's fused
-`Attention`, `BiasGelu` and `LayerNormalization` operators, so both formats start from one
-verified graph.
+export writes (`kerasft.exporters.onnx.write_fp32`, traced under PyTorch by default): OpenVINO's
+ONNX front end reads onnxruntime's fused `Attention`, `BiasGelu` and `LayerNormalization`
+operators, so both formats start from one verified graph.
+
+INT8 recipe `qdq`: the ONNX export's calibrated QDQ INT8 (onnxruntime's `quantize_static`),
+which OpenVINO reads as INT8 `FakeQuantize` operations.
 
 INT8 recipe `nncf`: `nncf.quantize` with `ModelType.TRANSFORMER` (NNCF's scheme for transformer
 encoders: the attention scores, softmax and LayerNorm stay in floating point), calibrated on
@@ -46,11 +48,22 @@ CONTRACT = FormatContract(
             ("nncf-accuracy-control", {}),
             calibration=True,
             validation=True,
-        )
+        ),
+        "qdq": int8("qdq", "onnxruntime's calibrated QDQ INT8, run by OpenVINO", calibration=True),
     },
+    # --int8 auto: NNCF INT8 and onnxruntime's QDQ INT8, fp32 where neither is faster on this
+    # CPU, and each in bf16 on CPUs that compute it (OpenVINO's own default there)
+    auto=(
+        ("nncf", {}),
+        ("qdq", {}),
+        (None, {}),
+        ("nncf", {"precision": "bf16"}),
+        (None, {"precision": "bf16"}),
+    ),
     onnx_graph=True,
     calibration_batch=1,  # NNCF calibrates on single texts, as the runtime serves them
-    needs=("tensorflow", "tf2onnx", "openvino", "nncf"),
+    needs=("onnx", "onnxruntime", "openvino", "nncf"),
+    graph_sources=("torch", "tensorflow"),
 )
 MODEL_FILE = "model.xml"
 
@@ -171,8 +184,8 @@ def write(
     Args:
         graph: the `kerasft.exporters.keras_graph.ServingGraph`.
         out_dir: the (temporary) export directory.
-        quantize: None, `"nncf"`, or `"nncf-accuracy-control"` (used by `export` when the
-            plain recipe misses the gate).
+        quantize: None, `"nncf"`, `"nncf-accuracy-control"` (used by `export` when the
+            plain recipe misses the gate) or `"qdq"`.
         opset: ONNX opset of the intermediate graph.
         backbone: the KerasHub backbone the graph was traced from (for the ONNX fusions).
         calibration: for INT8, input feeds of training texts.
@@ -191,11 +204,21 @@ def write(
     if precision not in PRECISIONS:
         raise ValueError(f"Unknown precision={precision!r}. Supported: {list(PRECISIONS)}")
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-        info = onnx_export.write_fp32(graph, Path(tmp), opset, backbone)
+        if quantize == "qdq":  # OpenVINO runs each Quantize/DequantizeLinear pair in INT8
+            info = onnx_export.write(graph, Path(tmp), "static", opset, backbone, calibration)
+        else:
+            info = onnx_export.write_fp32(graph, Path(tmp), opset, backbone)
         model = ov.convert_model(str(Path(tmp) / info["model_file"]))
-    info["fusions"]["ShapeOf (constant, folded)"] = fold_constant_shapes(model)
+        info["fusions"]["ShapeOf (constant, folded)"] = fold_constant_shapes(model)
+        # Saved and read back: NNCF 3.4 cannot build its graph of the IR converted in memory
+        # from the PyTorch-traced ONNX ("Could not find a node Gather_93 in NNCFGraph"); the
+        # same IR read from disk quantizes.
+        ov.save_model(model, str(Path(tmp) / MODEL_FILE), compress_to_fp16=False)
+        model = ov.Core().read_model(str(Path(tmp) / MODEL_FILE))
     recipe = None
-    if quantize == "nncf":
+    if quantize == "qdq":
+        recipe = "onnxruntime quantize_static (QDQ, per-channel QInt8), run by OpenVINO"
+    elif quantize == "nncf":
         model, recipe = quantize_nncf(model, calibration), "nncf.quantize (TRANSFORMER)"
     elif quantize == "nncf-accuracy-control":
         model = quantize_nncf_accuracy_control(model, calibration, validation, max_accuracy_drop)

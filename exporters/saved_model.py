@@ -10,7 +10,6 @@ CONTRACT = FormatContract(
     "saved_model",
     "TF SavedModel with a serving_default signature (TensorFlow serving)",
     int8={"keras": int8("keras", "Keras quantize('int8')")},
-    needs=("tensorflow",),
 )
 
 

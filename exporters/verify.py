@@ -1,11 +1,12 @@
 """The shared verification step: every export is run by its own runtime against the Keras model.
 
 fp32 exports must reproduce the Keras logits. Reduced-precision exports (INT8, or OpenVINO in
-bfloat16) are judged on what users care about, measured on labelled texts from every split of
-the run: label agreement with the fp32 Keras model and the accuracy drop on the held-out splits
-(validation and test), with a 95% confidence interval for the drop. Recipes whose output for a
-text depends on the rest of its batch (dynamic activation ranges) are verified at every serving
-batch size, batch 1 and the runtime's default batch (`SERVING_BATCHES`), and gated on the worst.
+bfloat16) are judged on what users get: label agreement with the fp32 Keras model and the
+accuracy drop, both on the held-out splits of the run (validation and test; the training texts
+are reported, never counted), with a 95% confidence interval for the drop, at every serving
+batch size (batch 1 and the runtime's default batch, `SERVING_BATCHES`), gated on the worst.
+The report also counts the texts whose label changes with the batch size (0 for recipes whose
+output for a text does not depend on the rest of its batch).
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ import numpy as np
 
 FP32_TOLERANCE = 1e-4
 INT8_MIN_AGREEMENT = 0.99
-INT8_MAX_ACCURACY_DROP = 0.01
+# `--int8 auto` is the INT8 users get without choosing: it is held to what
+# benchmarks/results/exports.md shows of it, 99.3% agreement at every serving batch size.
+AUTO_MIN_AGREEMENT = 0.993
+INT8_MAX_ACCURACY_DROP = 0.005
 HELD_OUT = ("validation", "test")
 # Batch 1 and the runtime's default batch (`ExportedClassifier.predict(batch_size=32)`), each
 # batch padded to its longest text, as users serve.
@@ -81,9 +85,10 @@ def verify(
 
     Checks, in order: the export's `tokenizer.json` gives the KerasHub preprocessor's token ids;
     then fp32 exports must match the Keras logits to `FP32_TOLERANCE` with identical labels.
-    Quantized exports must agree with the fp32 Keras labels on at least `min_agreement` of the
-    texts and, where labels are known, lose at most `max_accuracy_drop` accuracy on the held-out
-    texts (validation and test splits; all labelled texts when `splits` is None).
+    Quantized exports, served at every size of `SERVING_BATCHES`, must agree with the fp32 Keras
+    labels on at least `min_agreement` of the held-out texts and, where labels are known, lose at
+    most `max_accuracy_drop` accuracy on them (held out: the validation and test splits; every
+    text when `splits` is None).
 
     Args:
         runtime: an `kerasft.exporters.runtime.ExportedClassifier` opened on the new export.
@@ -96,9 +101,10 @@ def verify(
         min_agreement: the agreement gate for quantized exports.
         max_accuracy_drop: the accuracy-drop gate for quantized exports (0.01 = 1 point).
         batch_size: texts per runtime call.
-        batch_dependent: the export's output for a text depends on its batch: it is also run
-            at every other size of `SERVING_BATCHES`; the report's agreement and accuracy are
-            the worst over those sizes, and `per_batch_size` gives each.
+        batch_dependent: the export's output for a text depends on its batch (recorded in the
+            report as `batch_independent`). Quantized exports are run at every size of
+            `SERVING_BATCHES` either way; the report's agreement and accuracy are the worst over
+            those sizes, and `per_batch_size` gives each.
 
     Returns:
         The verification report (also written to the manifest).
@@ -109,11 +115,12 @@ def verify(
     token_mismatch = _token_mismatches(runtime.encode(texts)["token_ids"], keras_ids)
     reference = keras_logits.argmax(-1)
     sizes = [batch_size]
-    if quantized and batch_dependent:
+    if quantized:
         sizes += [b for b in SERVING_BATCHES if b != batch_size]
-    per_batch = {}
+    per_batch, served = {}, {}
     for size in sizes:
         logits = runtime.predict(texts, batch_size=size).logits
+        served[size] = logits.argmax(-1)
         per_batch[size] = _label_report(logits, keras_logits, reference, labels, splits)
     # the worst serving batch size decides (one size unless the recipe is batch-dependent)
     report = min(per_batch.values(), key=lambda r: r["label_agreement"]).copy()
@@ -121,25 +128,30 @@ def verify(
         worst = max(per_batch.values(), key=lambda r: r["accuracy"]["drop"])
         report.update({k: worst[k] for k in ("accuracy", "accuracy_per_split") if k in worst})
     report["max_abs_logit_diff"] = max(r["max_abs_logit_diff"] for r in per_batch.values())
-    max_diff, agreement = report["max_abs_logit_diff"], report["label_agreement"]
+    max_diff, agreement = report["max_abs_logit_diff"], report["label_agreement_all_splits"]
     report = {"texts": len(texts), "tokenizer_mismatches": token_mismatch, **report}
     if splits is not None:
         names, counts = np.unique(np.asarray(splits), return_counts=True)
         report["texts_per_split"] = {str(k): int(v) for k, v in zip(names, counts, strict=True)}
     if quantized:  # does the recipe take activation ranges over the whole batch?
         report["batch_independent"] = not batch_dependent
+        first = served[sizes[0]]
+        report["labels_changed_by_batch_size"] = int(
+            np.sum(np.any([first != other for other in served.values()], axis=0))
+        )
     if len(per_batch) > 1:
         report["per_batch_size"] = {
             str(size): {
                 "label_agreement": r["label_agreement"],
                 "disagreements": r["disagreements"],
+                "label_agreement_all_splits": r["label_agreement_all_splits"],
                 **({"accuracy_drop": r["accuracy"]["drop"]} if "accuracy" in r else {}),
             }
             for size, r in sorted(per_batch.items())
         }
     at_every_size = f" at batch sizes {sorted(per_batch)}" if len(per_batch) > 1 else ""
     report["criterion"] = (
-        f"label_agreement >= {min_agreement}"
+        f"label_agreement{' on held-out texts' if splits is not None else ''} >= {min_agreement}"
         + (f" and accuracy drop on held-out texts <= {max_accuracy_drop}" if "accuracy" in report
            else "")
         + at_every_size
@@ -167,12 +179,16 @@ def verify(
 
 
 def _label_report(logits, keras_logits, reference, labels, splits) -> dict:
-    """Logit difference, label agreement and (with labels) the accuracy drop of one serving."""
+    """Logit difference, label agreement (held-out texts; all texts too) and, with labels, the
+    accuracy drop of one serving."""
     ours = logits.argmax(-1)
+    held_out = np.isin(np.asarray(splits), HELD_OUT) if splits is not None else slice(None)
     report = {
         "max_abs_logit_diff": float(np.max(np.abs(logits - keras_logits))),
-        "label_agreement": float(np.mean(ours == reference)),
-        "disagreements": int(np.sum(ours != reference)),
+        "label_agreement": float(np.mean(ours[held_out] == reference[held_out])),
+        "disagreements": int(np.sum(ours[held_out] != reference[held_out])),
+        "label_agreement_all_splits": float(np.mean(ours == reference)),
+        "agreement_texts": int(np.size(ours[held_out])),
     }
     if labels is not None:
         report.update(_accuracy_report(np.asarray(labels), splits, reference, ours))
@@ -201,7 +217,8 @@ def _gate_problems(report: dict, min_agreement: float, max_accuracy_drop: float)
         worst = [size for size, r in per_batch.items() if r["label_agreement"] < min_agreement]
         where = f" served at batch size{'s' * (len(worst) > 1)} {', '.join(worst)}" if worst else ""
         problems.append(
-            f"agrees with the fp32 model on {agreement:.2%} of {report['texts']} texts "
+            f"agrees with the fp32 model on {agreement:.2%} of {report['agreement_texts']} "
+            f"held-out texts "
             f"({report['disagreements']} differ){where}; at least {min_agreement:.2%} is required"
         )
     acc = report.get("accuracy")

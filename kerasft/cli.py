@@ -118,7 +118,11 @@ def recipe_flags(recipe) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     from kerasft.data import DATA_ENV, REFERENCE_SEED
     from kerasft.exporters.formats import FORMATS, INT8_MODES, int8_help
-    from kerasft.exporters.verify import INT8_MAX_ACCURACY_DROP, INT8_MIN_AGREEMENT
+    from kerasft.exporters.verify import (
+        AUTO_MIN_AGREEMENT,
+        INT8_MAX_ACCURACY_DROP,
+        INT8_MIN_AGREEMENT,
+    )
     from kerasft.labelling import OUTPUT_FORMATS
     from kerasft.textstream import INPUT_FORMATS
 
@@ -178,18 +182,19 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", required=True, choices=list(FORMATS), help="artifact format")
     export.add_argument("--int8", choices=INT8_MODES, help=int8_help())
     export.add_argument(
-        "--min-agreement", type=float, default=INT8_MIN_AGREEMENT,
-        help=f"INT8 gate: least label agreement with fp32 (default {INT8_MIN_AGREEMENT})",
+        "--min-agreement", type=float,
+        help="INT8 gate: least label agreement with fp32 on held-out texts, at batch 1 and 32 "
+        f"(default {INT8_MIN_AGREEMENT}; {AUTO_MIN_AGREEMENT} with --int8 auto)",
     )  # fmt: skip
     export.add_argument(
         "--max-accuracy-drop", type=float, default=INT8_MAX_ACCURACY_DROP,
         help="INT8 gate: largest accuracy drop on held-out labelled texts, as a fraction "
-        f"(default {INT8_MAX_ACCURACY_DROP} = one point)",
+        f"(default {INT8_MAX_ACCURACY_DROP} = half a point)",
     )  # fmt: skip
     export.add_argument(
         "--keep-fp32", type=int, metavar="N",
-        help="onnx --int8 dynamic: keep the N most sensitive nodes in fp32 (measured); default: "
-        "all quantized, more kept only when the gate needs it",
+        help="onnx --int8 calibrated or dynamic: keep the N most sensitive nodes in fp32 "
+        "(measured); default: all quantized, more kept only when the gate needs it",
     )  # fmt: skip
     export.add_argument(
         "--precision", choices=("f32", "bf16"), default="f32",
@@ -640,15 +645,17 @@ def cmd_export(args) -> int:
         if acc
         else ""
     )
+    partial = check.get("agreement_texts", check["texts"]) != check["texts"]
+    held_out = " on held-out texts" if partial else ""
     per_batch = check.get("per_batch_size")
-    if per_batch:  # a batch-dependent recipe: each serving batch size, the worst decides
+    if per_batch:  # reduced precision: each serving batch size, the worst decides
         drop += "; by serving batch size: " + ", ".join(
             f"{size}: {r['label_agreement']:.2%}" for size, r in per_batch.items()
         )
     print(
         f"{args.format} {variant}: {manifest['size_bytes'] / 1e6:.1f} MB, "
         f"verified on {check['texts']} texts (max |logit diff| {check['max_abs_logit_diff']:.2g}, "
-        f"label agreement {check['label_agreement']:.2%}{drop}) -> {out}\n"
+        f"label agreement {check['label_agreement']:.2%}{held_out}{drop}) -> {out}\n"
         f"manifest sha256 {exportdir.manifest_sha256(out)} "
         "(pin it: runtime.load(dir, manifest_sha256=...))"
     )

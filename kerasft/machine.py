@@ -53,6 +53,12 @@ def cpu_flags() -> set[str]:
     return set((info.get("flags") or info.get("Features") or "").split())
 
 
+def computes_bf16(flags: set[str] | None = None) -> bool:
+    """Whether the CPU has native bfloat16 matrix instructions (AVX512_BF16 or AMX-BF16)."""
+    flags = cpu_flags() if flags is None else flags
+    return bool({"avx512_bf16", "amx_bf16"} & flags)
+
+
 def isa(flags: set[str] | None = None) -> list[str]:
     """The speed-relevant instruction sets in `flags` (default: this CPU's), `ISA_FLAGS` order."""
     flags = cpu_flags() if flags is None else flags

@@ -10,6 +10,8 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -72,10 +74,19 @@ def test_fit_save_load_predict_without_tensorflow(backend, tiny_preset):
     assert r["same"] and len(r["predict"]) == 4 and 0 <= r["evaluate"] <= 1
 
 
+def _blocking_site_dir() -> str:
+    """A directory whose `sitecustomize.py` blocks TensorFlow in every Python process started
+    with it on PYTHONPATH (the export subprocesses of `kerasft export` too)."""
+    path = Path(tempfile.mkdtemp(prefix="kerasft-notf-"))
+    (path / "sitecustomize.py").write_text(BLOCK_TF)
+    return str(path)
+
+
 def _cli(backend: str, *args: str, cwd=None) -> subprocess.CompletedProcess:
-    """`kerasft ARGS` in a subprocess whose imports of TensorFlow fail."""
+    """`kerasft ARGS` in a subprocess (and its subprocesses) whose imports of TensorFlow fail."""
     code = BLOCK_TF + "import sys\nfrom kerasft.cli import main\nsys.exit(main(sys.argv[1:]))"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "KERAS_BACKEND": backend}
+    path = os.pathsep.join([_blocking_site_dir(), str(ROOT)])
+    env = {**os.environ, "PYTHONPATH": path, "KERAS_BACKEND": backend}
     command = [sys.executable, "-c", code, "--backend", backend, *args]
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=cwd)
 
@@ -103,18 +114,45 @@ def test_cli_fit_predict_evaluate_without_tensorflow(backend, tiny_preset, toy_d
 
 
 def test_exports_that_need_tensorflow_refuse_in_one_line(tmp_path):
-    """Without TensorFlow an export that traces under it names the extra to install, before any
-    work (the run directory is not even read)."""
-    result = _cli("torch", "export", str(tmp_path), "--format", "onnx", "--out",
+    """Without TensorFlow a format traced under it (SavedModel, LiteRT) names the extra to
+    install, before any work (the run directory is not even read)."""
+    result = _cli("torch", "export", str(tmp_path), "--format", "saved_model", "--out",
                   str(tmp_path / "x"))  # fmt: skip
     assert result.returncode == 2
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith(
-        "kerasft export: error: format 'onnx' needs tensorflow, tf2onnx, onnxruntime to export "
+        "kerasft export: error: format 'saved_model' needs tensorflow to export "
         "(not installed: tensorflow"
     ), line
     assert line.endswith("): pip install 'kerasft[export]'"), line
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("backend", TF_FREE_BACKENDS)
+@pytest.mark.slow
+def test_onnx_and_openvino_export_without_tensorflow(backend, tiny_preset, toy_data, tmp_path):
+    """A run trained on JAX or PyTorch exports to ONNX and OpenVINO, fp32 and `--int8 auto`,
+    traced under PyTorch, and every export passes its verification (#30)."""
+    run = tmp_path / "run"
+    fit = _cli(backend, "fit", "--data", str(toy_data), "--preset", str(tiny_preset), "--out",
+               str(run), "--sequence-length", "32", "--batch-size", "16", "--warmup-epochs", "1",
+               "--finetune-epochs", "2", "--quiet")  # fmt: skip
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    for fmt in ("onnx", "openvino"):
+        for int8 in (None, "auto"):
+            out = tmp_path / f"{fmt}-{int8 or 'fp32'}"
+            flags = ["--int8", int8] if int8 else []
+            result = _cli(backend, "export", str(run), "--format", fmt, "--out", str(out), *flags)
+            assert result.returncode == 0, result.stderr[-3000:]
+            manifest = json.loads((out / "manifest.json").read_text())
+            assert manifest["verification"]["passed"] is True
+            assert manifest["graph_source"] == "torch" and manifest["source_backend"] == backend
+            assert "torch" in manifest["versions"] and "tensorflow" not in manifest["versions"]
+            if int8:
+                chosen = manifest["int8_auto"]["chosen"]["mode"]
+                assert chosen == (manifest["quantization"] or "fp32").removeprefix("int8-")
+            labels = _cli(backend, "predict", str(out), "a good day", "--json")
+            assert labels.returncode == 0, labels.stderr[-3000:]
 
 
 REF_IDS_CODE = """
