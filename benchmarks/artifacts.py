@@ -120,6 +120,8 @@ def prepare(run: Path, root: Path, role: str, widen: int, per_split: int, peers:
         "exports": {},
     }
     for fmt, quantize in VARIANTS:
+        if quantize == "auto":  # one of the format's other variants, chosen on the machine
+            continue
         name = export_name(fmt, quantize)
         log(f"{role}: export {name}")
         target = out / "exports" / name

@@ -14,9 +14,10 @@ from pathlib import Path
 BASELINE = "keras tensorflow fp32"
 OPTIMUM_INT8 = "optimum onnx int8"
 TARGET_CELLS = ("b1_s32", "b1_s128", "b32_s32", "b32_s128")
-NOISE_MARGIN = 1.03  # ratio of medians <= 1.00, 3% accepted for machine noise
+NOISE_MARGIN = 1.00  # issue 30: ratio of medians <= 1.00, no margin for machine noise
 KERAS_SPEEDUP = 3.0
-MAX_ACCURACY_DROP = 0.003  # issue 11: kerasft's fastest variant may lose at most 0.3 points
+# issue 30: kerasft's fastest variant may lose at most 0.15 points, at batch 1 and at batch 32
+MAX_ACCURACY_DROP = 0.0015
 
 
 def _p50(latency: dict, name: str, cell: str) -> float | None:
@@ -32,17 +33,23 @@ def best_onnx_int8(latency: dict, cells: list[str]) -> str | None:
     return min(candidates, key=candidates.get) if candidates else None
 
 
+def worst_accuracy(result: dict) -> float | None:
+    """A variant's test accuracy at its worse serving batch size (32, and 1 where measured)."""
+    values = [result.get(k) for k in ("accuracy", "accuracy_b1") if result.get(k) is not None]
+    return min(values) if values else None
+
+
 def fastest_vs_peers(report: dict) -> dict:
     """Per cell: kerasft's fastest variant (within `MAX_ACCURACY_DROP` of the fp32 reference's
-    test accuracy) against the fastest peer, as a ratio of medians."""
+    test accuracy at batch 32 and at batch 1) against the fastest peer, as a ratio of medians."""
     latency, acc = report["latency"], report.get("accuracy", {})
     results = acc.get("results", {})
     reference = results.get(acc.get("reference") or "", {}).get("accuracy")
     eligible = [
         n for n, row in latency.items()
         if row.get("family") in ("keras", "export") and reference is not None
-        and results.get(n, {}).get("accuracy") is not None
-        and reference - results[n]["accuracy"] <= MAX_ACCURACY_DROP + 1e-12
+        and worst_accuracy(results.get(n, {})) is not None
+        and reference - worst_accuracy(results[n]) <= MAX_ACCURACY_DROP + 1e-12
     ]  # fmt: skip
     peers = [n for n, row in latency.items() if row.get("family") == "peer"]
     out = {}
@@ -56,7 +63,7 @@ def fastest_vs_peers(report: dict) -> dict:
         ratio = _p50(latency, a, cell) / _p50(latency, b, cell)
         out[cell] = {
             "ours": a, "peer": b, "ratio": ratio, "met": ratio <= NOISE_MARGIN,
-            "accuracy_drop": reference - results[a]["accuracy"],
+            "accuracy_drop": reference - worst_accuracy(results[a]),
         }  # fmt: skip
     return out
 
@@ -131,10 +138,11 @@ def _targets(latency_all: dict, goals: dict) -> list[str]:
     if goals.get("fastest_vs_peers"):
         lines += [
             "kerasft's fastest variant within "
-            f"{MAX_ACCURACY_DROP * 100:.1f} points of the fp32 test accuracy against the fastest "
-            "peer, per cell:",
+            f"{MAX_ACCURACY_DROP * 100:.2f} points of the fp32 test accuracy (at batch 32 and, "
+            "for INT8, at batch 1: the worse decides) against the fastest peer, per cell:",
             "",
-            "| cell | kerasft's fastest | p50 ms | fastest peer | p50 ms | ratio | <= 1.03 |",
+            f"| cell | kerasft's fastest | p50 ms | fastest peer | p50 ms | ratio | "
+            f"<= {NOISE_MARGIN:.2f} |",
             "| --- | --- | ---: | --- | ---: | ---: | --- |",
         ]
         for cell, g in goals["fastest_vs_peers"].items():
@@ -148,7 +156,10 @@ def _targets(latency_all: dict, goals: dict) -> list[str]:
     if best:
         lines += [f"This project's fastest ONNX INT8 recipe: **{best}**.", ""]
         if goals["vs_optimum"]:
-            lines += ["| cell | ours / Optimum INT8 (p50) | <= 1.03 |", "| --- | ---: | --- |"]
+            lines += [
+                f"| cell | ours / Optimum INT8 (p50) | <= {NOISE_MARGIN:.2f} |",
+                "| --- | ---: | --- |",
+            ]
             for cell, g in goals["vs_optimum"].items():
                 lines.append(f"| {cell} | {g['ratio']:.3f} | {'yes' if g['met'] else 'NO'} |")
             lines.append("")
@@ -232,8 +243,9 @@ def _variants(report: dict) -> list[str]:
         f"Model file and peak resident memory of the worker are for the latency model "
         f"({report['latency_model']}); accuracy and agreement for the fine-tuned run's model.",
         "",
-        "| variant | model file MB | peak RSS MB | test accuracy | agreement with fp32 | runtime |",
-        "| --- | ---: | ---: | ---: | ---: | --- |",
+        "| variant | model file MB | peak RSS MB | test accuracy (batch 32) | at batch 1 "
+        "| agreement with fp32 | runtime |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     names = list(dict.fromkeys([*latency, *acc["results"]]))
     for name in names:
@@ -243,7 +255,8 @@ def _variants(report: dict) -> list[str]:
         runtime = json.dumps(row.get("runtime", {})) if not err else f"failed: {err[:120]}"
         lines.append(
             f"| {name} | {_fmt(size / 1e6 if size else None)} | {_fmt(row.get('peak_rss_mb'), 0)} "
-            f"| {_fmt(a.get('accuracy'), 4)} | {_fmt(a.get('agreement_with_fp32'), 4)} | "
+            f"| {_fmt(a.get('accuracy'), 4)} | {_fmt(a.get('accuracy_b1'), 4)} "
+            f"| {_fmt(a.get('agreement_with_fp32'), 4)} | "
             f"{runtime.replace('|', '/')} |"
         )
     lines.append("")

@@ -175,6 +175,21 @@ def _export_lines(manifest: dict) -> list[str]:
     ]
     if manifest.get("inference_precision"):
         lines.append(f"- OpenVINO inference precision: `{manifest['inference_precision']}`")
+    if manifest.get("graph_source"):
+        lines.append(f"- traced under the {manifest['graph_source']} backend")
+    auto = manifest.get("int8_auto")
+    if auto:
+        timed = "; ".join(
+            f"{c['recipe']} ({c['mode']}): "
+            + ", ".join(f"{ms:.2f} ms at batch {size}" for size, ms in c["p50_ms"].items())
+            for c in auto["candidates"]
+        )
+        lines += [
+            f"- `--int8 auto` chose **{auto['chosen']['recipe']}** ({auto['chosen']['mode']}): "
+            f"the fastest candidate on {auto['cpu']} ({', '.join(auto['isa'])}) that passed "
+            "verification",
+            f"- candidates, p50 of one call on this machine, {auto['order']}: {timed}",
+        ]
     return lines
 
 

@@ -130,6 +130,7 @@ def verify(
     report["max_abs_logit_diff"] = max(r["max_abs_logit_diff"] for r in per_batch.values())
     max_diff, agreement = report["max_abs_logit_diff"], report["label_agreement_all_splits"]
     report = {"texts": len(texts), "tokenizer_mismatches": token_mismatch, **report}
+    report["agreement_scope"] = "held-out texts" if splits is not None else "texts"
     if splits is not None:
         names, counts = np.unique(np.asarray(splits), return_counts=True)
         report["texts_per_split"] = {str(k): int(v) for k, v in zip(names, counts, strict=True)}
@@ -218,7 +219,7 @@ def _gate_problems(report: dict, min_agreement: float, max_accuracy_drop: float)
         where = f" served at batch size{'s' * (len(worst) > 1)} {', '.join(worst)}" if worst else ""
         problems.append(
             f"agrees with the fp32 model on {agreement:.2%} of {report['agreement_texts']} "
-            f"held-out texts "
+            f"{report.get('agreement_scope', 'texts')} "
             f"({report['disagreements']} differ){where}; at least {min_agreement:.2%} is required"
         )
     acc = report.get("accuracy")

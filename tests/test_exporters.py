@@ -309,3 +309,19 @@ def test_nncf_falls_back_to_accuracy_control_when_the_plain_recipe_misses(
     assert "agrees with the fp32 model on 0.00%" in failed[0]["error"]
     check = manifest["verification"]
     assert check["passed"] and check["label_agreement"] >= 0.99
+
+
+def test_int8_auto_times_bf16_candidates_only_where_the_cpu_computes_bf16(monkeypatch):
+    """OpenVINO's bf16 candidates of `--int8 auto` are timed only on CPUs with AVX512_BF16 or
+    AMX-BF16 (the machine probe mocked both ways); fp32 is always a candidate."""
+    from kerasft import machine
+    from kerasft.exporters.dispatch import _auto_candidates
+
+    ov = FORMATS["openvino"]
+    monkeypatch.setattr(machine, "cpu_flags", lambda: {"avx2", "fma"})
+    assert _auto_candidates(ov) == [("nncf", {}), ("qdq", {}), (None, {})]
+    monkeypatch.setattr(machine, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
+    assert ("nncf", {"precision": "bf16"}) in _auto_candidates(ov)
+    assert machine.computes_bf16({"amx_bf16"}) and not machine.computes_bf16({"avx512_vnni"})
+    assert _auto_candidates(FORMATS["onnx"]) == [("calibrated", {}), ("static", {}), (None, {})]
+    assert check_format("onnx", "auto") and "auto" not in FORMATS["saved_model"].modes

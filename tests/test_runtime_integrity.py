@@ -156,15 +156,19 @@ def test_gate_judges_agreement_and_held_out_accuracy():
     labels = np.array([0, 1] * (n // 2))
     keras = np.eye(2)[labels]  # fp32 is always right
     export_logits = keras.copy()
-    export_logits[[1, 3, 5]] = np.eye(2)[[0, 0, 0]]  # 3 flips, all on held-out texts
+    export_logits[[1, 3]] = np.eye(2)[[0, 0]]  # 2 flips on held-out texts
+    export_logits[range(201, 221, 2)] = np.eye(2)[[0] * 10]  # 10 on training texts: not counted
     splits = ["validation"] * 100 + ["test"] * 100 + ["train"] * 200
     r = verify(_FakeRuntime(ids, export_logits), ["t"] * n, ids, keras, True, labels, splits,
                max_accuracy_drop=0.02)  # fmt: skip
-    assert r["passed"] and r["label_agreement"] == 397 / 400
-    assert r["accuracy"]["texts"] == 200 and r["accuracy"]["drop"] == pytest.approx(0.015)
-    with pytest.raises(VerificationError, match=r"loses 1.50 accuracy points on 200 held-out"):
+    assert r["passed"] and r["label_agreement"] == 198 / 200 and r["agreement_texts"] == 200
+    assert r["label_agreement_all_splits"] == 388 / 400
+    assert r["accuracy"]["texts"] == 200 and r["accuracy"]["drop"] == pytest.approx(0.01)
+    assert set(r["per_batch_size"]) == {"1", "32"} and r["labels_changed_by_batch_size"] == 0
+    # the default gate allows half a point
+    with pytest.raises(VerificationError, match=r"loses 1.00 accuracy points on 200 held-out"):
         verify(_FakeRuntime(ids, export_logits), ["t"] * n, ids, keras, True, labels, splits)
-    with pytest.raises(VerificationError, match=r"agrees with the fp32 model on 99.25% of 400"):
+    with pytest.raises(VerificationError, match=r"on 99.00% of 200 held-out texts \(2 differ\)"):
         verify(_FakeRuntime(ids, export_logits), ["t"] * n, ids, keras, True, labels, splits,
                min_agreement=0.995, max_accuracy_drop=0.02)  # fmt: skip
 
@@ -198,9 +202,12 @@ def test_a_batch_dependent_recipe_is_gated_at_its_worst_serving_batch_size():
         "batch size 32; at least 99.00% is required"
     )
     assert refused.value.report["per_batch_size"] == {
-        "1": {"label_agreement": 1.0, "disagreements": 0, "accuracy_drop": 0.0},
-        "32": {"label_agreement": 0.9875, "disagreements": 5, "accuracy_drop": 0.0125},
-    }
+        "1": {"label_agreement": 1.0, "disagreements": 0, "label_agreement_all_splits": 1.0,
+              "accuracy_drop": 0.0},
+        "32": {"label_agreement": 0.9875, "disagreements": 5,
+               "label_agreement_all_splits": 0.9875, "accuracy_drop": 0.0125},
+    }  # fmt: skip
+    assert refused.value.report["labels_changed_by_batch_size"] == 5
     assert sorted(set(runtime.sizes)) == [1, 32]
     # the same export passes when only batch 1 disagrees a little: the worst size decides
     at_1 = keras.copy()
