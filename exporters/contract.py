@@ -24,8 +24,9 @@ class QuantizationConfig:
         calibration: the recipes calibrate (or measure node sensitivity) on training texts.
         validation: the recipes need labelled validation feeds (accuracy control).
         batch_dependent: a text's output depends on the other texts of its batch (activation
-            ranges taken per call), so the gate verifies at every serving batch size
-            (`kerasft.exporters.verify.SERVING_BATCHES`) and keeps the worst.
+            ranges taken per call); `--int8 auto` never picks such a mode.
+        untimed: recipes `--int8 auto` does not write just to time them (too costly: NNCF's
+            accuracy control runs a validation loop), tried after every timed one.
     """
 
     mode: str
@@ -34,6 +35,7 @@ class QuantizationConfig:
     calibration: bool = False
     validation: bool = False
     batch_dependent: bool = False
+    untimed: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

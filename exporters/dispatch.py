@@ -435,28 +435,32 @@ def _recipe_label(attempt, settings: dict) -> str:
 
 
 def _rank_auto(contract: FormatContract, write_attempt, vset, scratch: Path):
-    """`--int8 auto`: writes the first recipe of each candidate mode, times it on this machine
-    at every serving batch size, and orders the candidates fastest first.
+    """`--int8 auto`: writes every recipe of each candidate mode (the fallbacks too: fp32
+    nodes cost time), times each on this machine at every serving batch size, and orders them
+    fastest first; the modes' `untimed` recipes follow, in their modes' order.
 
     Returns:
-        `(plan, written, report)`: every candidate's recipes as `(mode, attempt, settings)`,
-        fastest candidate first; the candidates already written (`{(mode, label): (dir,
-        manifest)}`); and what was measured, for the manifest.
+        `(plan, written, report)`: the recipes as `(mode, attempt, settings)`, fastest first;
+        those already written (`{(mode, label): (dir, manifest)}`); and what was measured, for
+        the manifest.
     """
     from kerasft.exporters import runtime
     from kerasft.exporters.verify import SERVING_BATCHES
 
-    timed, written = [], {}
-    for i, (mode, overrides) in enumerate(_auto_candidates(contract)):
-        chain = [(mode, a, {**s, **overrides}) for a, s in contract.attempts(mode)]
-        _, attempt, settings = chain[0]
-        out = scratch / str(i)
-        out.mkdir()
-        label = _recipe_label(attempt, settings)
-        written[mode, label] = (out, write_attempt(mode, attempt, settings, out))
-        served = runtime.load(out)
-        p50 = {size: _p50_ms(served, vset.texts, size) for size in SERVING_BATCHES}
-        timed.append((p50, chain, {"mode": mode or "fp32", "recipe": label, "p50_ms": p50}))
+    timed, untimed, written = [], [], {}
+    for mode, overrides in _auto_candidates(contract):
+        for attempt, settings in contract.attempts(mode):
+            step = (mode, attempt, {**settings, **overrides})
+            if mode and attempt in contract.int8[mode].untimed:
+                untimed.append(step)
+                continue
+            label = _recipe_label(attempt, step[2])
+            out = scratch / str(len(written))
+            out.mkdir()
+            written[mode, label] = (out, write_attempt(mode, attempt, step[2], out))
+            served = runtime.load(out)
+            p50 = {size: _p50_ms(served, vset.texts, size) for size in SERVING_BATCHES}
+            timed.append((p50, step, {"mode": mode or "fp32", "recipe": label, "p50_ms": p50}))
     # fastest first: the product of the p50s at the serving batch sizes (each size counts alike)
     timed.sort(key=lambda item: float(np.prod(list(item[0].values()))))
     report = {
@@ -466,7 +470,7 @@ def _rank_auto(contract: FormatContract, write_attempt, vset, scratch: Path):
         "cpu": cpu_model(),
         "isa": isa(),
     }
-    return [step for _, chain, _ in timed for step in chain], written, report
+    return [step for _, step, _ in timed] + untimed, written, report
 
 
 def _auto_candidates(contract: FormatContract) -> list[tuple[str, dict]]:

@@ -48,6 +48,7 @@ CONTRACT = FormatContract(
             ("nncf-accuracy-control", {}),
             calibration=True,
             validation=True,
+            untimed=("nncf-accuracy-control",),
         ),
         "qdq": int8("qdq", "onnxruntime's calibrated QDQ INT8, run by OpenVINO", calibration=True),
     },

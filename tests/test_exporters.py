@@ -80,8 +80,10 @@ def test_export_matrix(backend, format, quantize, toy_runs, tmp_path):
         ops = _session_ops(out / manifest["model_file"], tmp_path / "session.onnx")
         assert ops["SkipLayerNormalization"] == 0  # slower on CPU, kept out (residual_add_to_sum)
         assert ops["Reshape"] == 0  # no reshapes around the Dense layers
+        assert ops["QAttention"] + ops["Attention"] == 2
         integer = manifest["quantization"] in ("int8-dynamic", "int8-calibrated")
-        assert ops["QAttention" if integer else "Attention"] == 2
+        kept = {k["node"] for k in manifest.get("kept_fp32") or []}
+        assert ops["QAttention"] == (2 - sum("attention" in n for n in kept) if integer else 0)
         if manifest["quantization"] == "int8-calibrated":  # constant ranges, integer kernels
             assert ops["DynamicQuantizeLinear"] == 0 and ops["MatMulIntegerToFloat"] >= 4
     if format == "openvino":
