@@ -3,13 +3,14 @@
     python -m kerasft.benchmarks.graph_source --run RUN --out graph_source.md
 
 Exports `RUN` through both graph sources (`export(..., graph_source=...)`: `torch.onnx` or
-tf2onnx, then the same kerasft and onnxruntime passes) as ONNX fp32, ONNX `--int8 calibrated`
-and OpenVINO fp32, each verified as usual. Then, in one process, for each pair: the operators of
-the graph onnxruntime (or OpenVINO) runs, the largest logit difference between the two sources on
-the verification texts, and the latency of both, interleaved (12 rounds, random order, 0.5 s per
-variant and cell; token ids in, batch 1 and 32 x 32 and 128 tokens, 2 threads). The source whose
-graphs are faster (or, within noise, the one that needs no TensorFlow) is the format's default
-(`FormatContract.graph_sources`).
+tf2onnx, then the same kerasft and onnxruntime passes) as ONNX fp32 and ONNX `--int8 calibrated`
+(`--keep-fp32 0`), each verified as usual (on `--verify-per-split` texts of each split). OpenVINO
+converts that same fused fp32 ONNX graph, so it follows ONNX fp32. Then, in one process, for each
+pair: the operators of the graph onnxruntime runs, the largest logit difference between the two
+sources on the test split, and the latency of both, interleaved (`--rounds` rounds, random
+order, 0.5 s per variant and cell; token ids in, batch 1 and 32 x 32 and 128 tokens). The source
+whose graphs are faster (or, within noise, the one that needs no TensorFlow) is the format's
+default (`FormatContract.graph_sources`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-VARIANTS = (("onnx", None), ("onnx", "calibrated"), ("openvino", None))
+VARIANTS = (("onnx", None), ("onnx", "calibrated"))
 SOURCES = ("torch", "tensorflow")
 CELLS = ((1, 32), (32, 32), (1, 128), (32, 128))
 
@@ -38,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, type=Path, help="markdown report (JSON beside)")
     parser.add_argument("--exports", type=Path, help="where to write the exports (default: temp)")
     parser.add_argument("--rounds", type=int, default=12, help="interleaved timing rounds")
+    parser.add_argument(
+        "--verify-per-split", type=int, default=1000, help="verification texts per split"
+    )
     return parser
 
 
@@ -51,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {**provenance(command, source_commit(), (*EXPORT, "torch")), "run": str(args.run)}
     with tempfile.TemporaryDirectory() as tmp:
         root = args.exports or Path(tmp)
-        exports = _export_all(args.run, root)
+        exports = _export_all(args.run, root, args.verify_per_split)
         from kerasft.rundir import run_splits
 
         texts = run_splits(args.run)[2].texts[:2000]  # held-out: the test split
@@ -60,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _export_all(run: Path, root: Path) -> dict:
+def _export_all(run: Path, root: Path, verify_per_split: int) -> dict:
     from kerasft.exporters.dispatch import export
 
     exports = {}
@@ -69,7 +73,9 @@ def _export_all(run: Path, root: Path) -> dict:
             out = root / f"{fmt}-{quantize or 'fp32'}-{source}"
             started = time.perf_counter()
             if not (out / "manifest.json").is_file():
-                export(run, out, format=fmt, quantize=quantize, graph_source=source)
+                keep = {"keep_fp32": 0} if quantize else {}
+                export(run, out, format=fmt, quantize=quantize, graph_source=source,
+                       verify_per_split=verify_per_split, **keep)  # fmt: skip
             print(f"exported {out.name} ({time.perf_counter() - started:.0f} s)", flush=True)
             exports[fmt, quantize, source] = out
     return exports
@@ -139,6 +145,7 @@ def _compare(exports: dict, rounds: int, texts: list[str]) -> list[dict]:
                 "runtime_ops": _ops(served[k]),
                 "label_agreement": m["verification"]["label_agreement"],
                 "size_bytes": m["size_bytes"],
+                "threads": "runtime default",
             } for source, k, m in zip(SOURCES, pair, manifests, strict=True)},
         })  # fmt: skip
     return rows
