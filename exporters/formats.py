@@ -22,7 +22,10 @@ FORMATS: dict[str, FormatContract] = {name: m.CONTRACT for name, m in MODULES.it
 SUPPORTED = {name: contract.modes for name, contract in FORMATS.items()}
 # Every (format, quantize) pair `export` supports, fp32 first within each format.
 VARIANTS = [(name, mode) for name, contract in FORMATS.items() for mode in contract.modes]
-INT8_MODES = tuple(dict.fromkeys(mode for c in FORMATS.values() for mode in c.modes if mode))
+INT8_MODES = tuple(
+    dict.fromkeys([*(mode for c in FORMATS.values() for mode in c.int8),
+                   *(("auto",) if any(c.auto for c in FORMATS.values()) else ())])
+)  # fmt: skip
 
 
 def check_format(format: str, quantize: str | None) -> FormatContract:
