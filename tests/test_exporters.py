@@ -89,7 +89,8 @@ def test_export_matrix(backend, format, quantize, toy_runs, tmp_path):
     if format == "openvino":
         assert manifest["model_file"] == "model.xml" and "model.bin" in manifest["files"]
         assert manifest["inference_precision"] == "f32"
-        assert manifest["fusions"]["ShapeOf (constant, folded)"] == 1  # no 2nd embedding copy
+        if manifest["quantization"] != "int8-qdq":  # QDQ: the table is INT8, no constant shape
+            assert manifest["fusions"]["ShapeOf (constant, folded)"] == 1  # no 2nd fp32 copy
         if quantize == "nncf":  # NNCF's plain recipe passes here; accuracy control: fallback
             assert manifest["quantization_recipe"].startswith("nncf.quantize (")
     verify_checksums(out)
