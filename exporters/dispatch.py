@@ -185,7 +185,12 @@ def export_in_subprocess(source, out_dir, backend: str = "tensorflow", **options
 
     Used when the current backend is not the one the format's graph is traced under (the
     `.keras` file is backend-neutral), and by the latency harness so that each export's memory
-    is returned when it ends. Raises `RuntimeError` with the subprocess's stderr.
+    is returned when it ends.
+
+    Raises:
+        The subprocess's own error where it is one `export` documents (`ValueError`,
+        `FileExistsError`, `LockError`, `DataChangedError`, `VerificationError` with its
+        report), else `RuntimeError` with the subprocess's stderr.
     """
     with tempfile.TemporaryDirectory() as tmp:
         if not isinstance(source, (str, os.PathLike)):
@@ -195,16 +200,56 @@ def export_in_subprocess(source, out_dir, backend: str = "tensorflow", **options
         if request.get("labels") is not None:
             request["labels"] = [str(v) for v in request["labels"]]
         (Path(tmp) / "request.json").write_text(json.dumps(request))
+        error_file = Path(tmp) / "error.json"
         env = {**os.environ, "KERAS_BACKEND": backend}
         proc = subprocess.run(
-            [sys.executable, "-m", "kerasft.exporters.dispatch", str(Path(tmp) / "request.json")],
+            [sys.executable, "-m", "kerasft.exporters.dispatch", str(Path(tmp) / "request.json"),
+             str(error_file)],
             env=env,
             capture_output=True,
             text=True,
-        )
+        )  # fmt: skip
         if proc.returncode:
+            if error_file.is_file():
+                raise _subprocess_error(json.loads(error_file.read_text())) from None
             raise RuntimeError(f"Export under the {backend} backend failed:\n{proc.stderr[-4000:]}")
     return Path(out_dir)
+
+
+def _passed_on_errors() -> dict[str, type[Exception]]:
+    """The errors `export` documents, by name: raised again as themselves by the parent of an
+    export subprocess."""
+    from kerasft.exporters.verify import VerificationError
+    from kerasft.fileio import LockError
+    from kerasft.rundir import DataChangedError
+
+    kinds = (ValueError, FileExistsError, LockError, DataChangedError, DataError)
+    return {kind.__name__: kind for kind in (*kinds, VerificationError)}
+
+
+def _subprocess_error(error: dict) -> Exception:
+    """The exception an export subprocess wrote to its error file (`_run_request`)."""
+    from kerasft.exporters.verify import VerificationError
+
+    kind = _passed_on_errors()[error["type"]]
+    if kind is VerificationError:
+        return VerificationError(error["message"], error["report"])
+    return kind(error["message"])
+
+
+def _run_request(request_file: str, error_file: str) -> None:
+    """The subprocess of `export_in_subprocess`: `export` as requested; a documented error is
+    written to `error_file` (type, message, report) for the parent to raise again."""
+    request = json.loads(Path(request_file).read_text())
+    if request.get("fixed_shape") is not None:  # a tuple again (JSON gave a list)
+        request["fixed_shape"] = tuple(request["fixed_shape"])
+    try:
+        export(request.pop("source"), request.pop("out_dir"), **request)
+    except tuple(_passed_on_errors().values()) as e:
+        error = {"type": type(e).__name__, "message": str(e),
+                 "report": getattr(e, "report", None)}  # fmt: skip
+        Path(error_file).write_text(json.dumps(error, default=str))
+        raise
 
 
 def export(
@@ -419,7 +464,7 @@ def _write_verified(
                     if reduced and not e.report.get("tokenizer_mismatches"):
                         e.args = (e.args[0] + _other_recipes(contract, quantize),)
                     raise
-                failed.append({"recipe": f"{mode} {label}", "error": str(e)})
+                failed.append({"mode": mode or "fp32", "recipe": label, "error": str(e)})
                 log.info("%s missed the gate (%s); trying the next recipe", label, e)
                 continue
             manifest["verification"]["recipes_failed"] = failed
@@ -714,6 +759,5 @@ def _latency_b1(served, texts: list[str], keras_ids: np.ndarray, calls: int = 50
     }
 
 
-if __name__ == "__main__":  # the TensorFlow-backend subprocess of `export_in_subprocess`
-    request = json.loads(Path(sys.argv[1]).read_text())
-    export(request.pop("source"), request.pop("out_dir"), **request)
+if __name__ == "__main__":  # the subprocess of `export_in_subprocess`
+    _run_request(sys.argv[1], sys.argv[2])

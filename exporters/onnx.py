@@ -241,9 +241,11 @@ def _blocks_by_weights(graph, backbone) -> dict:
     """Any producer (`torch.onnx` names nodes `/m/Einsum_5`): `{layer: (block input,
     output-projection bias add node)}`, found by the Keras weights the graph holds.
 
-    The query projection is the node that reads the constant equal to the layer's query kernel;
-    its data input, looked up through `Cast`s, is the block input. The output is the `Add` that
-    reads the constant equal to the output projection's bias.
+    The query and output projections are the nodes that read the constants equal to the layer's
+    query and output kernels (trained or random: one per layer; biases are not used to find
+    nodes, since equal ones, e.g. all zero, may be one shared constant). The query's data
+    input, looked up through `Cast`s, is the block input; the output is the `Add` that follows
+    the output projection, through `Cast`s. Where any of this is ambiguous, `{}` (no fusion).
     """
     from onnx import numpy_helper
 
@@ -260,17 +262,26 @@ def _blocks_by_weights(graph, backbone) -> dict:
         nodes = [r for n in names for r in readers.get(n, []) if r.op_type in op_types]
         return nodes[0] if len(nodes) == 1 else None
 
+    def add_after(node):
+        while node is not None and node.op_type != "Add":
+            following = readers.get(node.output[0], [])
+            ok = len(following) == 1 and following[0].op_type in ("Cast", "Add")
+            node = following[0] if ok else None
+        return node
+
     blocks = {}
     for i, layer in enumerate(backbone.transformer_layers):
         att = layer._self_attention_layer
         query = reader_of(att.query_dense.kernel, ("Einsum", "MatMul"))
-        out_add = reader_of(att.output_dense.bias, ("Add",))
+        out_add = add_after(reader_of(att.output_dense.kernel, ("Einsum", "MatMul")))
         if query is None or out_add is None:
             return {}
         x = query.input[0]
         while x in producers and producers[x].op_type == "Cast":
             x = producers[x].input[0]
         blocks[i] = (x, out_add)
+    if len({id(add) for _, add in blocks.values()}) < len(blocks):
+        return {}
     return blocks
 
 

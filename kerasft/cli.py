@@ -105,6 +105,8 @@ def recipe_flags(recipe) -> list[str]:
             continue
         if isinstance(value, bool):  # only `--no-...` booleans are flags
             flags.append(flag)
+        elif value is None:  # off, where the default is on (`--mixed-precision none`)
+            flags += [flag, "none"]
         elif isinstance(value, dict):
             flags += [flag, ",".join(f"{k}={v}" for k, v in value.items())]
         elif isinstance(value, list):
@@ -311,9 +313,12 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "export":
-        # Exports are traced under TensorFlow from the backend-neutral .keras file, whatever
-        # backend trained the model (the manifest records that one).
-        os.environ["KERAS_BACKEND"] = "tensorflow"
+        # Exports are traced from the backend-neutral .keras file under the format's graph
+        # source (PyTorch for ONNX and OpenVINO, TensorFlow for SavedModel and LiteRT), whatever
+        # backend trained the model (the manifest records that one): no second process.
+        from kerasft.exporters.formats import FORMATS
+
+        os.environ["KERAS_BACKEND"] = FORMATS[args.format].graph_sources[0]
     elif args.command == "fit" and args.resume and (saved := _saved_fit_args(args.resume)):
         os.environ["KERAS_BACKEND"] = saved["backend"]  # the interrupted run's backend
     elif args.backend:

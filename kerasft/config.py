@@ -18,6 +18,10 @@ from kerasft.presets import DEFAULT_PRESET, SEQUENCE_LENGTHS
 
 SELECT_BEST = ("accuracy", "f1", "loss")
 MIXED_PRECISION = ("bfloat16", "float16")
+# `mixed_precision="auto"` (the default): bfloat16 where the CPU computes it natively
+# (`kerasft.machine.computes_bf16`), else float32; resolved when `fit` starts
+# (`kerasft.precision.resolve_mixed_precision`) and recorded resolved in config.json.
+AUTO_PRECISION = "auto"
 FINETUNE_METHODS = ("full", "lora")
 SCHEDULES = ("constant", "linear")
 STAGES = ("warmup", "finetune")
@@ -53,6 +57,21 @@ def option(
     metadata = {"help": help, "check": check, "parse": parse, "flag": flag, "choices": choices,
                 "metavar": metavar, "nargs": nargs}  # fmt: skip
     return dataclasses.field(default=default, metadata=metadata)
+
+
+def parse_mixed_precision(text: str) -> str | None:
+    """`--mixed-precision` text: `"none"` -> None (float32); `"auto"`, `"bfloat16"`,
+    `"float16"` as they are.
+
+    Raises:
+        ValueError: any other text.
+    """
+    if text == "none":
+        return None
+    if text in (AUTO_PRECISION, *MIXED_PRECISION):
+        return text
+    allowed = ", ".join((AUTO_PRECISION, "none", *MIXED_PRECISION))
+    raise ValueError(f"--mixed-precision must be one of {allowed}. Received: {text!r}")
 
 
 def parse_class_weight(text: str) -> str | dict[str, float]:
@@ -150,7 +169,9 @@ class RecipeConfig:
             their gradients averaged (Keras' optimizer option); 1 (default): every batch.
         mixed_precision: `"bfloat16"` or `"float16"`: train with a Keras mixed dtype policy
             (float32 variables; float16 adds loss scaling). The fitted model is returned and
-            saved in float32. None (default): float32 throughout.
+            saved in float32. None: float32 throughout. `"auto"` (default): `"bfloat16"` on a
+            CPU with native bfloat16 matrix instructions (AVX512_BF16 or AMX-BF16), else None;
+            `fit` replaces it with the value it resolved to (what config.json records).
         class_weight: `"balanced"` (weights `n / (k * count)`, as scikit-learn computes them)
             or a mapping `{label: weight}` by label name; classes not named weigh 1. Scales
             the training loss per row in both stages. None (default): every row weighs 1.
@@ -278,10 +299,16 @@ class RecipeConfig:
         metavar="N",
     )
     mixed_precision: str | None = option(
-        None,
-        "train under Keras' mixed_bfloat16 / mixed_float16 policy (saved in float32)",
-        check=(lambda v: v in (None, *MIXED_PRECISION), f"one of {list(MIXED_PRECISION)} or None"),
-        choices=MIXED_PRECISION,
+        AUTO_PRECISION,
+        "train under Keras' mixed_bfloat16 / mixed_float16 policy (saved in float32); none: "
+        "float32; auto (default): bfloat16 where the CPU computes it (AVX512_BF16, AMX), else "
+        "float32",
+        check=(
+            lambda v: v in (None, AUTO_PRECISION, *MIXED_PRECISION),
+            f"one of {[AUTO_PRECISION, *MIXED_PRECISION]} or None",
+        ),
+        parse=parse_mixed_precision,
+        metavar="|".join((AUTO_PRECISION, "none", *MIXED_PRECISION)),
     )
     class_weight: str | dict[str, float] | None = option(
         None,

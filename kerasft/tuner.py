@@ -8,6 +8,7 @@ its label names and `RecipeConfig`; `save_run` writes a run directory (`kerasft.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -18,7 +19,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from kerasft import distribute, lora, recipe, rundir
+from kerasft import distribute, lora, machine, recipe, rundir
 from kerasft.checkpoint import CheckpointDir, run_fingerprint
 from kerasft.config import RecipeConfig
 from kerasft.data import (
@@ -31,7 +32,12 @@ from kerasft.data import (
 )
 from kerasft.fileio import atomic_write_file, atomic_write_text
 from kerasft.metrics import classification_metrics
-from kerasft.precision import check_mixed_precision, policy_name, to_float32
+from kerasft.precision import (
+    check_mixed_precision,
+    policy_name,
+    resolve_mixed_precision,
+    to_float32,
+)
 from kerasft.stages import StageLoop, padding_scale
 
 log = logging.getLogger(__name__)
@@ -183,6 +189,11 @@ class TwoStageFineTuner:
             >>> tuner = TwoStageFineTuner(select_best="f1", early_stopping_patience=2)
             >>> tuner.fit(train, validation_data=val, checkpoint_dir="ckpt")  # again: resumes
         """
+        precision = resolve_mixed_precision(self.recipe.mixed_precision)
+        if precision != self.recipe.mixed_precision:  # "auto": what this CPU computes fastest
+            log.info("mixed_precision=auto -> %s on this CPU (%s)", precision or "float32",
+                     ", ".join(machine.isa()) or "ISA unknown")  # fmt: skip
+            self.recipe = dataclasses.replace(self.recipe, mixed_precision=precision)
         r = self.recipe
         texts, labels, val_texts, val_labels = self._fit_inputs(x, y, validation_data)
         self._class_weights = class_weight_ids(r.class_weight, labels, self.label_names)

@@ -118,3 +118,14 @@ def test_bad_flag_values_name_the_flag(capsys):
 def test_one_weight_decay_value_is_both_stages():
     assert cli.recipe_from_args(parse_fit("--weight-decay", "0.1")).weight_decay == 0.1
     assert cli.recipe_from_args(parse_fit("--weight-decay", "0", "0.1")).weight_decay == [0, 0.1]
+
+
+def test_mixed_precision_none_opts_out_of_the_auto_default(capsys):
+    assert parse_fit().mixed_precision == "auto"
+    off = RecipeConfig(mixed_precision=None)
+    assert cli.recipe_flags(off) == ["--mixed-precision", "none"]
+    assert cli.recipe_from_args(parse_fit(*cli.recipe_flags(off))) == off
+    with pytest.raises(SystemExit):
+        parse_fit("--mixed-precision", "fp8")
+    error = capsys.readouterr().err
+    assert "must be one of auto, none, bfloat16, float16. Received: 'fp8'" in error

@@ -18,7 +18,7 @@ from kerasft.tuner import TwoStageFineTuner
         ("warmup_ratio", 1.0, "a float in [0, 1)"),
         ("max_grad_norm", 0, "a float > 0 or None"),
         ("gradient_accumulation_steps", 0, "an int >= 1"),
-        ("mixed_precision", "fp16", "one of ['bfloat16', 'float16'] or None"),
+        ("mixed_precision", "fp16", "one of ['auto', 'bfloat16', 'float16'] or None"),
         ("class_weight", "equal", "'balanced', a non-empty {label: weight > 0} mapping"),
         ("class_weight", {"1": -2.0}, "'balanced', a non-empty {label: weight > 0} mapping"),
     ],
@@ -34,11 +34,36 @@ def test_defaults_keep_the_reference_recipe():
     config = RecipeConfig()
     assert config.weight_decay == 0.0 and config.warmup_ratio == 0.0
     assert config.max_grad_norm is None and config.gradient_accumulation_steps == 1
-    assert config.mixed_precision is None and config.class_weight is None
+    assert config.mixed_precision == "auto" and config.class_weight is None  # bf16 where native
     # the default stage-2 schedule is still Keras' PolynomialDecay to 0, no warm-up
     schedule = recipe.stage_schedule(1e-4, 100, linear_decay=True)
     assert isinstance(schedule, keras.optimizers.schedules.PolynomialDecay)
     assert recipe.stage_schedule(1e-3, 100, linear_decay=False) == 1e-3
+
+
+def test_bf16_is_the_default_only_where_the_cpu_computes_it(monkeypatch, tiny_preset):
+    """`mixed_precision="auto"` (#32): a CPU without AVX512_BF16 / AMX-BF16 (the machine probe
+    mocked) trains in float32, one with it in bfloat16; `fit` records the resolved value (what
+    config.json holds), and an explicit choice is never overridden."""
+    from conftest import toy_texts
+    from kerasft import machine
+    from kerasft.precision import resolve_mixed_precision
+
+    monkeypatch.setattr(machine, "cpu_flags", lambda: {"avx2", "fma", "avx512f", "avx512_vnni"})
+    assert resolve_mixed_precision("auto") is None
+    assert resolve_mixed_precision("bfloat16") == "bfloat16"
+    monkeypatch.setattr(machine, "cpu_flags", lambda: {"avx2", "avx512f", "amx_bf16"})
+    assert resolve_mixed_precision("auto") == "bfloat16"
+    assert resolve_mixed_precision(None) is None and resolve_mixed_precision("float16") == "float16"
+    texts, labels = toy_texts(64, seed=1)
+    for flags, expected in (({"avx2", "fma"}, None), ({"avx2", "avx512_bf16"}, "bfloat16")):
+        monkeypatch.setattr(machine, "cpu_flags", lambda flags=flags: flags)
+        tuner = TwoStageFineTuner(str(tiny_preset), sequence_length=16, warmup_epochs=0,
+                                  finetune_epochs=1, batch_size=32, verbose=0)  # fmt: skip
+        tuner.fit(texts, labels)
+        assert tuner.recipe.mixed_precision == expected
+        assert tuner.get_config()["mixed_precision"] == expected  # config.json's recipe
+        assert tuner.model.dtype_policy.name == "float32"  # returned and saved in float32
 
 
 def test_per_stage_weight_decay_and_round_trip():

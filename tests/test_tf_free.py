@@ -72,11 +72,9 @@ def test_fit_save_load_predict_without_tensorflow(backend, tiny_preset):
     assert r["same"] and len(r["predict"]) == 4 and 0 <= r["evaluate"] <= 1
 
 
-def _cli(backend: str, *args: str, cwd=None, block: bool = True) -> subprocess.CompletedProcess:
-    """`kerasft ARGS` in a subprocess whose imports of TensorFlow fail (an export it starts under
-    another backend runs unblocked here; CI's second environment has no TensorFlow at all)."""
-    code = "import sys\nfrom kerasft.cli import main\nsys.exit(main(sys.argv[1:]))"
-    code = BLOCK_TF + code if block else code
+def _cli(backend: str, *args: str, cwd=None) -> subprocess.CompletedProcess:
+    """`kerasft ARGS` in a subprocess whose imports of TensorFlow fail."""
+    code = BLOCK_TF + "import sys\nfrom kerasft.cli import main\nsys.exit(main(sys.argv[1:]))"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "KERAS_BACKEND": backend}
     command = [sys.executable, "-c", code, "--backend", backend, *args]
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=cwd)
@@ -133,11 +131,7 @@ def test_onnx_and_openvino_export_without_tensorflow(backend, tiny_preset, toy_d
         for int8 in (None, "auto"):
             out = tmp_path / f"{fmt}-{int8 or 'fp32'}"
             flags = ["--int8", int8] if int8 else []
-            # Not blocked by `sys.modules` here: with TensorFlow installed, an import on the
-            # export path trips over the blocked module (keras._tf_keras); CI's second
-            # environment, which has no TensorFlow at all, is the proof.
-            result = _cli(backend, "export", str(run), "--format", fmt, "--out", str(out), *flags,
-                          block=False)  # fmt: skip
+            result = _cli(backend, "export", str(run), "--format", fmt, "--out", str(out), *flags)
             assert result.returncode == 0, result.stderr[-3000:]
             manifest = json.loads((out / "manifest.json").read_text())
             assert manifest["verification"]["passed"] is True
