@@ -17,6 +17,13 @@ round, while the other processes wait idle:
   batch 32, learning rate 1e-4, linear schedule, `DataCollatorWithPadding` (random batches
   padded to their longest text), the same initial weights converted to a transformers
   DistilBERT (`kerasft.benchmarks.models.to_transformers`). Its first steps are warm-up too.
+  `trainer:bf16` is the same with `bf16=True` (torch autocast to bfloat16), the best a Trainer
+  user gets on a CPU that computes bfloat16.
+
+An engine's precision: kerasft's engines train in the recipe's default (`mixed_precision=
+"auto"`: bfloat16 on CPUs with AVX512_BF16 or AMX-BF16, else float32), Trainer in float32 (its
+default); `NAME:fp32` or `NAME:bf16` chooses (`torch:fp32`, `trainer:bf16`). Ratios are to
+`trainer` (its defaults) and, where it ran, to `trainer:bf16`.
 
 A step is timed from the end of the previous step to the end of this one (the loss is read
 back, which synchronises), so it includes the host-side batching of the step. Reported per
@@ -42,6 +49,8 @@ from pathlib import Path
 import numpy as np
 
 ENGINES = ("torch", "jax", "tensorflow", "trainer")
+PRECISIONS = {"fp32": None, "bf16": "bfloat16"}  # an engine's `:PRECISION` -> mixed_precision
+DEFAULT_ENGINES = ("torch", "jax", "tensorflow", "trainer", "trainer:bf16")
 BATCH_SIZE = 32
 LEARNING_RATE = 1e-4
 SEED = 30
@@ -98,20 +107,26 @@ def _encoder_parameters(backbone) -> int:
     return int(sum(np.prod(w.shape) for layer in layers for w in layer.weights))
 
 
-def _kerasft_worker(spec: dict, bucket_width: int | None) -> None:
+def _kerasft_worker(spec: dict, bucket_width: int | None, precision: str | None) -> None:
     import keras
 
     from kerasft import recipe
     from kerasft.batching import BUCKET_WIDTH
     from kerasft.benchmarks.worker import set_threads
+    from kerasft.config import RecipeConfig
+    from kerasft.precision import policy_name, resolve_mixed_precision
     from kerasft.presets import load_classifier
 
     set_threads(spec["threads"])
     bucket_width = bucket_width or BUCKET_WIDTH
+    mixed = resolve_mixed_precision(
+        RecipeConfig().mixed_precision if precision is None else PRECISIONS[precision]
+    )  # the recipe's default, or the engine's `:PRECISION`
     data = json.loads(Path(spec["data"]).read_text())
     keras.utils.set_random_seed(SEED)
     started = time.perf_counter()
-    classifier = load_classifier(spec["preset"], len(data["label_names"]), spec["sequence_length"])
+    classifier = load_classifier(spec["preset"], len(data["label_names"]), spec["sequence_length"],
+                                 policy_name(mixed))  # fmt: skip
     recipe.initialize_head(classifier, SEED)
     train = recipe.encode(
         classifier, data["texts"], np.asarray(data["labels"]), batch_size=BATCH_SIZE,
@@ -135,10 +150,12 @@ def _kerasft_worker(spec: dict, bucket_width: int | None) -> None:
     common = int(np.argmax(lengths == np.bincount(lengths).argmax()))  # a batch of the usual length
     breakdown = _breakdown(model, train, batches[common])
     rounds = _Rounds(spec["steps"], [(BATCH_SIZE, int(n)) for n in lengths[1 + WARMUP_STEPS :]])
+    notes = [f"bucket width {bucket_width}"] if bucket_width != BUCKET_WIDTH else []
+    notes.append("bf16" if mixed == "bfloat16" else mixed or "fp32")
     _reply({
         "breakdown": breakdown,
-        "engine": f"kerasft {keras.backend.backend()}"
-        + ("" if bucket_width == BUCKET_WIDTH else f" (bucket width {bucket_width})"),
+        "engine": f"kerasft {keras.backend.backend()} ({', '.join(notes)})",
+        "precision": mixed or "float32",
         "load_seconds": load_seconds,
         "compile_seconds": compile_seconds,
         "jit_compile": str(model.jit_compile),
@@ -245,7 +262,7 @@ def _breakdown(model, train, rows) -> dict:
     return out
 
 
-def _trainer_worker(spec: dict) -> None:
+def _trainer_worker(spec: dict, precision: str | None) -> None:
     import torch
     from transformers import (
         AutoTokenizer,
@@ -276,7 +293,8 @@ def _trainer_worker(spec: dict) -> None:
         shapes.append(tuple(int(n) for n in batch["input_ids"].shape))
         return batch
 
-    args = _trainer_arguments(spec, WARMUP_STEPS + spec["rounds"] * spec["steps"] + 1)
+    bf16 = precision == "bf16"
+    args = _trainer_arguments(spec, WARMUP_STEPS + spec["rounds"] * spec["steps"] + 1, bf16)
     rounds = _Rounds(spec["steps"], shapes)
     load_seconds = time.perf_counter() - started
 
@@ -292,7 +310,8 @@ def _trainer_worker(spec: dict) -> None:
     )
     config = model.config
     _reply({
-        "engine": "Hugging Face Trainer",
+        "engine": "Hugging Face Trainer" + (" (bf16=True)" if bf16 else " (defaults, fp32)"),
+        "precision": "bfloat16 (autocast)" if bf16 else "float32",
         "load_seconds": load_seconds,
         "compile_seconds": 0.0,
         "jit_compile": "False (eager)",
@@ -312,8 +331,9 @@ def _trainer_worker(spec: dict) -> None:
     trainer.train()
 
 
-def _trainer_arguments(spec: dict, need: int):
-    """Trainer's defaults (fused AdamW, linear schedule) at kerasft's batch, rate and seed."""
+def _trainer_arguments(spec: dict, need: int, bf16: bool = False):
+    """Trainer's defaults (fused AdamW, linear schedule) at kerasft's batch, rate and seed;
+    `bf16`: its `bf16=True` (torch autocast to bfloat16 on the CPU)."""
     from transformers import TrainingArguments
 
     return TrainingArguments(
@@ -330,6 +350,7 @@ def _trainer_arguments(spec: dict, need: int):
         seed=SEED,
         dataloader_num_workers=0,
         disable_tqdm=True,
+        bf16=bf16,
     )
 
 
@@ -385,23 +406,31 @@ def worker(engine: str, spec: dict) -> None:
     _PROTOCOL = os.fdopen(os.dup(1), "w")  # libraries that print (Trainer does) go to stderr
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    if engine == "trainer":
-        _trainer_worker(spec)
+    name, width, precision = _parse_engine(engine)
+    if name == "trainer":
+        _trainer_worker(spec, precision)
     else:
-        _kerasft_worker(spec, _parse_engine(engine)[1])
+        _kerasft_worker(spec, width, precision)
     import resource
 
     _reply({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
 
 
-def _parse_engine(name: str) -> tuple[str, int | None]:
-    """`"torch"` -> `("torch", None)` (the default bucket width); `"torch@1"` -> `("torch", 1)`."""
-    backend, _, width = name.partition("@")
+def _parse_engine(name: str) -> tuple[str, int | None, str | None]:
+    """`NAME[@WIDTH][:PRECISION]` -> `(name, bucket width or None, precision or None)`:
+    `"torch"` -> `("torch", None, None)` (the defaults); `"torch@1:fp32"` -> `("torch", 1,
+    "fp32")`; `"trainer:bf16"` -> `("trainer", None, "bf16")`.
+
+    Raises:
+        ValueError: an unknown engine or precision, a bad width, or a width for Trainer.
+    """
+    head, _, precision = name.partition(":")
+    backend, _, width = head.partition("@")
     if backend not in ENGINES or (width and (not width.isdigit() or int(width) < 1)):
         raise ValueError(name)
-    if width and backend == "trainer":
+    if (width and backend == "trainer") or (precision and precision not in PRECISIONS):
         raise ValueError(name)
-    return backend, int(width) if width else None
+    return backend, int(width) if width else None, precision or None
 
 
 # --- the parent ----------------------------------------------------------------------------------
@@ -410,9 +439,10 @@ def _parse_engine(name: str) -> tuple[str, int | None]:
 class _Engine:
     def __init__(self, engine: str, spec: dict, log_dir: Path):
         env = dict(os.environ)
-        env["KERAS_BACKEND"] = "torch" if engine == "trainer" else _parse_engine(engine)[0]
+        backend = _parse_engine(engine)[0]
+        env["KERAS_BACKEND"] = "torch" if backend == "trainer" else backend
         env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        if engine == "trainer":  # transformers' TensorFlow side needs tf-keras, not Keras 3
+        if backend == "trainer":  # transformers' TensorFlow side needs tf-keras, not Keras 3
             env["USE_TF"] = "0"
         self.name = engine
         self.log = open(log_dir / f"{engine}.log", "w")  # noqa: SIM115
@@ -480,10 +510,11 @@ def measure(args, progress=print) -> dict:
         name: _engine_result(setup[name], steps[name], shapes[name], stats[name], peak)
         for name in names
     }
-    if "trainer" in results:
-        base = results["trainer"]["samples_per_second"]
-        for result in results.values():
-            result["vs_trainer"] = result["samples_per_second"] / base
+    for key, base_name in (("vs_trainer", "trainer"), ("vs_trainer_bf16", "trainer:bf16")):
+        if base_name in results:
+            base = results[base_name]["samples_per_second"]
+            for result in results.values():
+                result[key] = result["samples_per_second"] / base
     return {
         "command": args.command,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -605,17 +636,23 @@ def render(report: dict) -> str:
         "3 x forward, 2 per encoder parameter and token plus attention's 4 x length x hidden), "
         "over the median step.",
         "",
-        "| engine | ms/step p50 (p10-p90) | samples/s | vs Trainer | tokens/row (padded) | "
-        "GFLOP/s | share of peak | stage-1 feature pass rows/s | optimizer | compile s |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
+        "| engine | ms/step p50 (p10-p90) | samples/s | vs Trainer | vs Trainer bf16 | "
+        "tokens/row (padded) | GFLOP/s | share of peak | stage-1 feature pass rows/s | "
+        "optimizer | compile s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
     ]
+
+    def ratio(r, key):
+        return f"{r[key]:.2f}x" if key in r else "-"
+
     for r in sorted(report["results"].values(), key=lambda r: -r["samples_per_second"]):
         share = "" if r["share_of_peak"] is None else f"{r['share_of_peak']:.0%}"
         feature = r["feature_rows_per_second"]
         lines.append(
             f"| {r['engine']} | {r['ms_per_step_p50']:.0f} ({r['ms_per_step_p10']:.0f}-"
             f"{r['ms_per_step_p90']:.0f}) | {r['samples_per_second']:.1f} | "
-            f"{r.get('vs_trainer', float('nan')):.2f}x | {r['padded_tokens_per_row']:.1f} | "
+            f"{ratio(r, 'vs_trainer')} | {ratio(r, 'vs_trainer_bf16')} | "
+            f"{r['padded_tokens_per_row']:.1f} | "
             f"{r['gflops']:.0f} | {share} | {'-' if feature is None else f'{feature:.0f}'} | "
             f"{r['optimizer']} | {r['compile_seconds']:.0f} |"
         )
@@ -668,9 +705,11 @@ def build_parser(prog: str = "python -m kerasft.benchmarks.train_speed") -> argp
         "--sequence-length", type=int, default=128, help="maximum tokens per text (default 128)"
     )
     parser.add_argument(
-        "--engines", default=",".join(ENGINES),
-        help=f"comma-separated, from {','.join(ENGINES)} (default: all); BACKEND@W runs kerasft "
-        "with bucket width W instead of the default 8 (e.g. torch@1)",
+        "--engines", default=",".join(DEFAULT_ENGINES),
+        help=f"comma-separated, from {','.join(ENGINES)}, each NAME[@W][:fp32|bf16] (default "
+        f"{','.join(DEFAULT_ENGINES)}); BACKEND@W runs kerasft with bucket width W instead of the "
+        "default 8 (e.g. torch@1); :fp32 or :bf16 sets the precision (default: kerasft's recipe "
+        "default, Trainer's fp32)",
     )  # fmt: skip
     parser.add_argument("--rounds", type=int, default=6, help="rounds (default 6)")
     parser.add_argument("--steps", type=int, default=25, help="timed steps per round (default 25)")
@@ -712,7 +751,7 @@ def main(argv: list[str] | None = None) -> int:
     if bad or not args.engines:
         parser.error(
             f"unknown engines {bad}. Choose from {list(ENGINES)}; a kerasft backend may name a "
-            "bucket width, e.g. torch@1."
+            "bucket width, e.g. torch@1, and any engine a precision, e.g. trainer:bf16."
         )
     for name, value, low in (("rounds", args.rounds, 1), ("steps", args.steps, 2),
                              ("threads", args.threads, 1)):  # fmt: skip

@@ -88,8 +88,10 @@ def measure(args, progress=print) -> dict:
                 raise RuntimeError(f"{shlex.join(command)} failed ({code}):\n{tail}")
             metrics = json.loads((out / "metrics.json").read_text())
             history = json.loads((out / "history.json").read_text())
+            recipe = json.loads((out / "config.json").read_text())["recipe"]
             runs.append({"command": shlex.join(command).replace(str(root), "RUNS"), **result,
-                         "variant": variant, "metrics": metrics, "history": history})  # fmt: skip
+                         "variant": variant, "metrics": metrics, "history": history,
+                         "precision": recipe["mixed_precision"] or "float32"})  # fmt: skip
             test = metrics["test"]
             progress(f"  {metrics['backend']}: test accuracy {test['accuracy']:.4f}, "
                      f"{result['wall_seconds']:.0f} s wall")  # fmt: skip
@@ -106,12 +108,15 @@ def render(report: dict) -> str:
         "Each run alone, one after another. Wall: the whole command (loading, tokenizing, both "
         "stages, scoring, saving) in its own process; stage seconds and samples/s from the run's "
         "`metrics.json` (stage 1 includes the frozen backbone's pass over the training and "
-        "validation rows; both include per-epoch validation and checkpoints).",
+        "validation rows; both include per-epoch validation and checkpoints). Precision: what "
+        "the run trained in, from its `config.json` (the default `auto` is bfloat16 on CPUs "
+        "with AVX512_BF16 or AMX-BF16).",
         "",
-        "| backend | options | rows train/val/test | test accuracy | test F1 | validation accuracy "
-        "| warm-up s | fine-tune s | fine-tune samples/s | wall s | peak RSS GB | trainable "
-        "params (stage 2) | adapter MB |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| backend | options | precision | rows train/val/test | test accuracy | test F1 | "
+        "validation accuracy | warm-up s | fine-tune s | fine-tune samples/s | wall s | peak RSS "
+        "GB | trainable params (stage 2) | adapter MB |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+        "| ---: |",
     ]
     for run in report["runs"]:
         metrics, seconds = run["metrics"], run["metrics"]["seconds"]
@@ -121,7 +126,8 @@ def render(report: dict) -> str:
         trainable = metrics.get("parameters", {}).get("trainable")
         adapter = metrics.get("adapter_bytes")
         lines.append(
-            f"| {metrics['backend']} | {options} | {rows.get('train')}/{rows.get('validation')}/"
+            f"| {metrics['backend']} | {options} | {run.get('precision', 'float32')} | "
+            f"{rows.get('train')}/{rows.get('validation')}/"
             f"{rows.get('test')} | {metrics['test']['accuracy']:.4f} | {metrics['test']['f1']:.4f} "
             f"| {metrics['validation']['accuracy']:.4f} | {seconds.get('warmup', 0):.0f} | "
             f"{seconds.get('finetune', 0):.0f} | {'-' if speed is None else f'{speed:.1f}'} | "

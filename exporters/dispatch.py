@@ -189,8 +189,8 @@ def export_in_subprocess(source, out_dir, backend: str = "tensorflow", **options
 
     Raises:
         The subprocess's own error where it is one `export` documents (`ValueError`,
-        `FileExistsError`, `LockError`, `DataChangedError`, `VerificationError` with its
-        report), else `RuntimeError` with the subprocess's stderr.
+        `FileExistsError`, `FileNotFoundError`, `LockError`, `DataChangedError`,
+        `VerificationError` with its report), else `RuntimeError` with the subprocess's stderr.
     """
     with tempfile.TemporaryDirectory() as tmp:
         if not isinstance(source, (str, os.PathLike)):
@@ -223,7 +223,8 @@ def _passed_on_errors() -> dict[str, type[Exception]]:
     from kerasft.fileio import LockError
     from kerasft.rundir import DataChangedError
 
-    kinds = (ValueError, FileExistsError, LockError, DataChangedError, DataError)
+    kinds = (ValueError, FileExistsError, FileNotFoundError, LockError, DataChangedError,
+             DataError)  # fmt: skip
     return {kind.__name__: kind for kind in (*kinds, VerificationError)}
 
 
@@ -316,6 +317,7 @@ def export(
     Raises:
         ValueError: unknown format, unsupported quantization or bad option (before any work).
         FileExistsError: `out_dir` is not empty, and `overwrite` is False.
+        FileNotFoundError: no model at `source`.
         kerasft.fileio.LockError: another process is writing `out_dir`.
         kerasft.rundir.DataChangedError: the run's data file changed since the fit.
         kerasft.exporters.verify.VerificationError: the artifact disagrees with the Keras model.

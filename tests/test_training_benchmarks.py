@@ -22,18 +22,23 @@ def test_train_speed_times_kerasft_and_trainer_side_by_side(tiny_preset, toy_dat
     out = tmp_path / "speed.md"
     proc = _run(
         "kerasft.benchmarks.train_speed", "--data", toy_data, "--preset", tiny_preset,
-        "--engines", "torch,trainer", "--rounds", "2", "--steps", "3", "--sequence-length", 32,
-        "--out", out,
+        "--engines", "torch,trainer,trainer:bf16", "--rounds", "2", "--steps", "3",
+        "--sequence-length", 32, "--out", out,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(out.with_suffix(".json").read_text())
     results = report["results"]
-    assert set(results) == {"torch", "trainer"}
+    assert set(results) == {"torch", "trainer", "trainer:bf16"}
     for r in results.values():
         assert r["timed_steps"] == 6 and len(r["samples_per_second_rounds"]) == 2, r
         assert r["samples_per_second"] > 0 and 0 < r["ms_per_step_p10"] <= r["ms_per_step_p90"]
         assert r["padded_tokens_per_row"] > 2 and r["gflops"] > 0
     assert results["trainer"]["vs_trainer"] == 1.0
+    assert results["trainer:bf16"]["vs_trainer_bf16"] == 1.0
+    # Trainer twice (#32): at its defaults (fp32) and with bf16=True; kerasft in its default
+    assert results["trainer"]["precision"] == "float32"
+    assert results["trainer:bf16"]["precision"] == "bfloat16 (autocast)"
+    assert results["torch"]["precision"] in ("float32", "bfloat16")  # this CPU's auto choice
     assert results["torch"]["optimizer"] == "FusedAdam"
     assert results["torch"]["feature_rows_per_second"] > 0
     breakdown = results["torch"]["breakdown"]
@@ -53,6 +58,7 @@ def test_train_speed_times_kerasft_and_trainer_side_by_side(tiny_preset, toy_dat
     "argv, message",
     [
         (["--engines", "torch,mxnet"], "unknown engines ['mxnet']"),
+        (["--engines", "trainer:fp8,torch@1:bf16"], "unknown engines ['trainer:fp8']"),
         (["--rounds", "0"], "--rounds must be >= 1. Received: 0"),
         (["--data", "/nonexistent.jsonl"], "no such file '/nonexistent.jsonl'"),
     ],
@@ -79,6 +85,7 @@ def test_training_runs_reports_the_fit_it_ran(tiny_preset, toy_data, tmp_path):
     assert full["metrics"] == metrics and metrics["backend"] == "torch"
     assert full["wall_seconds"] > metrics["seconds"]["finetune"] > 0
     assert full["peak_rss_mb"] > 100
+    assert full["precision"] in ("float32", "bfloat16")  # the `auto` default, as config.json says
     text = out.read_text()
     assert f"{metrics['test']['accuracy']:.4f}" in text and "--backend torch fit" in text
     # one run per --variant, its options in its command and its row

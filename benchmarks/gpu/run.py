@@ -78,8 +78,8 @@ def fit_step(args) -> dict:
     command = [sys.executable, "-m", "kerasft.cli", "--backend", args.backend, "fit",
                "--data", args.data, "--preset", args.preset, "--out", str(out), "--quiet",
                "--overwrite", *shlex.split(args.fit_args)]  # fmt: skip
-    if args.precision != "float32":
-        command += ["--mixed-precision", args.precision]
+    # explicit either way: the default (`auto`) is bfloat16 on CPUs that compute it
+    command += ["--mixed-precision", "none" if args.precision == "float32" else args.precision]
     started = time.perf_counter()
     proc = subprocess.run(command, stdout=sys.stderr, stderr=sys.stderr)
     if proc.returncode:
