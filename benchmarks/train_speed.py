@@ -50,13 +50,21 @@ import numpy as np
 
 ENGINES = ("torch", "jax", "tensorflow", "trainer")
 PRECISIONS = {"fp32": None, "bf16": "bfloat16"}  # an engine's `:PRECISION` -> mixed_precision
-DEFAULT_ENGINES = ("torch", "jax", "tensorflow", "trainer", "trainer:bf16")
 BATCH_SIZE = 32
 LEARNING_RATE = 1e-4
 SEED = 30
 WARMUP_STEPS = 3  # untimed steps after compilation (allocator and thread-pool warm-up)
 FEATURE_ROWS = 4096  # rows of the timed stage-1 feature pass (--quick: 1,024)
 DEFAULT_OUT = Path("benchmarks/results/train_speed.md")
+
+
+def default_engines() -> list[str]:
+    """kerasft on every backend and Trainer at its defaults; Trainer with `bf16=True` too where
+    the CPU computes bfloat16 (`kerasft.machine.computes_bf16`): elsewhere bfloat16 is emulated,
+    far slower than float32, and not what a Trainer user would pick."""
+    from kerasft.machine import computes_bf16
+
+    return ["torch", "jax", "tensorflow", "trainer"] + (["trainer:bf16"] if computes_bf16() else [])
 
 
 # --- workers (one engine per process) ----------------------------------------------------------
@@ -634,7 +642,15 @@ def render(report: dict) -> str:
         "own (loss read back), host-side batching included. samples/s: median over rounds; "
         "ratios: of those medians. FLOP/s: matrix FLOPs a step computes (padding included: "
         "3 x forward, 2 per encoder parameter and token plus attention's 4 x length x hidden), "
-        "over the median step.",
+        "over the median step (bfloat16 engines too, against the float32 peak). Precision: "
+        "kerasft's engines in the recipe's default unless named (`auto`: bfloat16 where the CPU "
+        "has AVX512_BF16 or AMX-BF16), Trainer at its defaults (float32) and, where the CPU "
+        "computes bfloat16, with `bf16=True`"
+        + (
+            "."
+            if "trainer:bf16" in report["results"]
+            else " (not run here: without native bfloat16 it is emulated and slower than float32)."
+        ),
         "",
         "| engine | ms/step p50 (p10-p90) | samples/s | vs Trainer | vs Trainer bf16 | "
         "tokens/row (padded) | GFLOP/s | share of peak | stage-1 feature pass rows/s | "
@@ -705,11 +721,11 @@ def build_parser(prog: str = "python -m kerasft.benchmarks.train_speed") -> argp
         "--sequence-length", type=int, default=128, help="maximum tokens per text (default 128)"
     )
     parser.add_argument(
-        "--engines", default=",".join(DEFAULT_ENGINES),
-        help=f"comma-separated, from {','.join(ENGINES)}, each NAME[@W][:fp32|bf16] (default "
-        f"{','.join(DEFAULT_ENGINES)}); BACKEND@W runs kerasft with bucket width W instead of the "
-        "default 8 (e.g. torch@1); :fp32 or :bf16 sets the precision (default: kerasft's recipe "
-        "default, Trainer's fp32)",
+        "--engines",
+        help=f"comma-separated, from {','.join(ENGINES)}, each NAME[@W][:fp32|bf16] (default: "
+        "torch,jax,tensorflow,trainer, and trainer:bf16 on CPUs with AVX512_BF16 or AMX-BF16); "
+        "BACKEND@W runs kerasft with bucket width W instead of the default 8 (e.g. torch@1); "
+        ":fp32 or :bf16 sets the precision (default: kerasft's recipe default, Trainer's fp32)",
     )  # fmt: skip
     parser.add_argument("--rounds", type=int, default=6, help="rounds (default 6)")
     parser.add_argument("--steps", type=int, default=25, help="timed steps per round (default 25)")
@@ -741,7 +757,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.rounds, args.steps, args.limit = 3, 6, args.limit or 3200
     args.feature_rows = 1024 if args.quick else FEATURE_ROWS
-    args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    engines = args.engines if args.engines is not None else ",".join(default_engines())
+    args.engines = [e.strip() for e in engines.split(",") if e.strip()]
     bad = []
     for engine in args.engines:
         try:
