@@ -3,9 +3,10 @@
 Heavy libraries load inside the subcommands; `--backend` (or `KERAS_BACKEND`) is applied before
 Keras is imported. The default backend is PyTorch: on the machine these were measured on (a 2-core
 AMD EPYC with AVX-512, VNNI and BF16), it runs a whole short `kerasft fit` fastest
-(benchmarks/results/backends_limit4000.md: 59 s against 82-83 s) and its stage-2 steps are level
-with TensorFlow's, ahead of JAX's and Trainer's (benchmarks/results/train_speed.md). `python -m
-kerasft.benchmarks.train_speed --quick` measures another machine.
+(benchmarks/results/backends_limit4000.md: 59 s against 82-83 s), its stage-2 steps were level
+with TensorFlow's there, and on an AVX2-only EPYC they are the fastest of all, ahead of Trainer's
+(benchmarks/results/train_speed.md). `python -m kerasft.benchmarks.train_speed --quick` measures
+another machine.
 """
 
 from __future__ import annotations
