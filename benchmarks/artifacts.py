@@ -79,7 +79,7 @@ def _peer_export(target: Path, make, listing: str) -> dict:
 def prepare(run: Path, root: Path, role: str, widen: int, per_split: int, peers: bool, log):
     """Builds the role's artifacts under `root / role` and returns the index written there."""
     from kerasft.exporters.dispatch import export_in_subprocess, verification_set
-    from kerasft.exporters.formats import VARIANTS
+    from kerasft.exporters.formats import FORMATS, VARIANTS
     from kerasft.tuner import TwoStageFineTuner
 
     out = root / role
@@ -126,10 +126,12 @@ def prepare(run: Path, root: Path, role: str, widen: int, per_split: int, peers:
         log(f"{role}: export {name}")
         target = out / "exports" / name
         if not is_export(target):  # exports publish atomically
-            # Own process each: base-shaped static INT8 needs ~17 GB alone and was killed at
-            # 24 GB after other exports in the same process.
+            # Own process each, under the format's graph source (else that process would start
+            # another): base-shaped static INT8 needs ~17 GB alone and was killed at 24 GB after
+            # other exports in the same process.
             export_in_subprocess(
-                model_file, target, format=fmt, quantize=quantize, overwrite=True,
+                model_file, target, backend=FORMATS[fmt].graph_sources[0], format=fmt,
+                quantize=quantize, overwrite=True,
                 texts=vset.texts, labels=list(vset.labels), splits=vset.splits,
                 calibration_texts=calibration.get(quantize),
             )  # fmt: skip
