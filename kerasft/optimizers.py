@@ -5,8 +5,8 @@ on a CPU run one element-wise kernel per variable and per operation: about ten p
 every weight, moment and gradient per step. For this model (22.7M weights, 11.7M of them the
 word embeddings, whose gradient is dense) a fine-tuning step of 32 x 16 tokens took 0.49 s on a
 2-core CPU, about half of it in the update (torch.profiler); fused, 0.34 s, and the update is 3%
-of the step (the breakdown in `benchmarks/results/train_speed.md`: 3% at commit 1fa92fd on
-an AVX-512 CPU, 6% in the AVX2 run after it). `FusedAdam` hands the same
+of the step (the breakdown in `benchmarks/results/train_speed.md` at commit 1fa92fd, on an
+AVX-512 CPU; 6% in the AVX2 run after it). `FusedAdam` hands the same
 update to PyTorch's own fused kernel (`torch._fused_adam_`, what `torch.optim.Adam(fused=True)`
 runs): one pass per tensor. Everything else is Keras' optimizer: learning-rate schedules, weight
 decay (AdamW, applied by Keras before the update), gradient clipping and accumulation, loss
