@@ -64,7 +64,7 @@ def default_engines() -> list[str]:
     far slower than float32, and not what a Trainer user would pick."""
     from kerasft.machine import computes_bf16
 
-    return ["torch", "jax", "tensorflow", "trainer"] + (["trainer:bf16"] if computes_bf16() else [])
+    return [*ENGINES, *(["trainer:bf16"] if computes_bf16() else [])]
 
 
 # --- workers (one engine per process) ----------------------------------------------------------
@@ -159,7 +159,7 @@ def _kerasft_worker(spec: dict, bucket_width: int | None, precision: str | None)
     breakdown = _breakdown(model, train, batches[common])
     rounds = _Rounds(spec["steps"], [(BATCH_SIZE, int(n)) for n in lengths[1 + WARMUP_STEPS :]])
     notes = [f"bucket width {bucket_width}"] if bucket_width != BUCKET_WIDTH else []
-    notes.append("bf16" if mixed == "bfloat16" else mixed or "fp32")
+    notes.append("bf16" if mixed else "fp32")
     _reply({
         "breakdown": breakdown,
         "engine": f"kerasft {keras.backend.backend()} ({', '.join(notes)})",
