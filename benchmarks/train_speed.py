@@ -119,9 +119,8 @@ def _kerasft_worker(spec: dict, bucket_width: int | None, precision: str | None)
     import keras
 
     from kerasft import recipe
-    from kerasft.batching import BUCKET_WIDTH
     from kerasft.benchmarks.worker import set_threads
-    from kerasft.config import RecipeConfig
+    from kerasft.config import BUCKET_WIDTH, RecipeConfig
     from kerasft.precision import policy_name, resolve_mixed_precision
     from kerasft.presets import load_classifier
 

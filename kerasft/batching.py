@@ -23,19 +23,13 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 
+from kerasft.config import BUCKET_WIDTH
 from kerasft.wordpiece import rust_tokenizer, token_ids
 
 log = logging.getLogger(__name__)
 
 PROGRESS_FROM = 8192  # texts: smaller inputs tokenize in a few seconds, without a progress bar
 UNLIMITED = 1 << 20  # tokens: no truncation (counting what `sequence_length` cut)
-
-# A batch is padded to a multiple of this. XLA (JAX, TensorFlow) compiles every distinct batch
-# shape, and 8 keeps those to about 6 on the reference data for ~3.5 padding tokens per row.
-# Width 1 (rows grouped by exact length, no padding) trains PyTorch 12-13% faster, but changes
-# which texts share a batch; it is not the default (benchmarks/results/train_speed.md at commit
-# 1fa92fd, AVX-512 CPU: `torch@1`; #32 asks for it to be decided over 3 seeds).
-BUCKET_WIDTH = 8
 
 
 @dataclass

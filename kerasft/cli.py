@@ -43,9 +43,10 @@ def _add_recipe_flags(parser: argparse.ArgumentParser) -> None:
 
     for field in dataclasses.fields(RecipeConfig):
         meta, flag = field.metadata, flag_name(field)
-        if flag.startswith("--no-"):  # a boolean whose default is True
+        if isinstance(field.default, bool):  # `--no-X` turns off, any other flag turns on
+            action = "store_false" if field.default else "store_true"
             parser.add_argument(
-                flag, dest=field.name, action="store_false", default=True, help=meta["help"]
+                flag, dest=field.name, action=action, default=field.default, help=meta["help"]
             )
             continue
         parse = meta["parse"]
@@ -104,7 +105,7 @@ def recipe_flags(recipe) -> list[str]:
         value, flag = getattr(recipe, field.name), flag_name(field)
         if value == field.default:
             continue
-        if isinstance(value, bool):  # only `--no-...` booleans are flags
+        if isinstance(value, bool):  # booleans are flags without a value
             flags.append(flag)
         elif value is None:  # off, where the default is on (`--mixed-precision none`)
             flags += [flag, "none"]

@@ -25,6 +25,12 @@ AUTO_PRECISION = "auto"
 FINETUNE_METHODS = ("full", "lora")
 SCHEDULES = ("constant", "linear")
 STAGES = ("warmup", "finetune")
+# `bucket_width`'s default: a batch is padded to a multiple of this many tokens. XLA (JAX,
+# TensorFlow) compiles every distinct batch shape, and 8 keeps those to about 6 on the reference
+# data for ~3.5 padding tokens per row. Width 1 (rows grouped by exact length, no padding) trains
+# PyTorch faster but changes which texts share a batch (#32: decided over 3 seeds,
+# benchmarks/results/bucket_width.md).
+BUCKET_WIDTH = 8
 
 
 def option(
@@ -47,8 +53,9 @@ def option(
         check: `(predicate, allowed)`: a value is valid when `predicate(value)` is true;
             `allowed` says what is, in the error message.
         parse: turns the flag's text into a value (None: a string, or `choices`).
-        flag: the flag, if not `--` + the field name with dashes; a flag starting `--no-`
-            stores False in a boolean field whose default is True.
+        flag: the flag, if not `--` + the field name with dashes. A boolean field is a flag
+            without a value: one starting `--no-` stores False where the default is True,
+            any other stores True where the default is False.
         choices: the allowed strings.
         metavar: the flag's placeholder in `--help`.
         nargs: argparse's `nargs` (`"+"`: one value or more; one value is given to the field
@@ -182,6 +189,12 @@ class RecipeConfig:
             `lora_rank` (scale 1, KerasHub's default).
         lora_targets: backbone layer names to adapt; None (default) is KerasHub's choice, the
             attention `query` and `value` projections.
+        freeze_word_embeddings: in stage 2, keep the backbone's word-embedding table (11.7 M
+            of the offline preset's 22.7 M weights) as pretrained and train the rest: no
+            gradient or optimizer update for the table. False (default) trains it.
+        bucket_width: training and validation batches are padded to a multiple of this many
+            tokens (`kerasft.config.BUCKET_WIDTH`, default 8); 1 groups texts of equal length
+            and pads nothing. It decides which texts share a batch, so it changes the run.
 
     Raises:
         ValueError: on construction, for any out-of-range value (the message names it).
@@ -353,6 +366,20 @@ class RecipeConfig:
         ),
         parse=parse_names,
         metavar="A,B",
+    )
+
+    freeze_word_embeddings: bool = option(
+        False,
+        "stage 2 leaves the word-embedding table as pretrained (trains every other weight)",
+        check=(lambda v: isinstance(v, bool), "True or False"),
+    )
+    bucket_width: int = option(
+        BUCKET_WIDTH,
+        f"pad each batch's texts to a multiple of N tokens; 1: group texts of equal length, no "
+        f"padding (default {BUCKET_WIDTH})",
+        check=(lambda v: _is_int(v, 1, 512), "an int in [1, 512]"),
+        parse=int,
+        metavar="N",
     )
 
     label_smoothing: float = option(

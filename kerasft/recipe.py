@@ -244,7 +244,7 @@ def encode(
         replicas: data-parallel devices each batch is split across (see `BucketedBatches`).
         shard: `(process index, process count)` in a multi-process run, else None.
         bucket_width: batches are padded to a multiple of this many tokens (see
-            `kerasft.batching.BUCKET_WIDTH`).
+            `kerasft.config.BUCKET_WIDTH`).
 
     Returns:
         A `BucketedBatches` dataset usable by `fit`, `evaluate` and `predict` on every backend.

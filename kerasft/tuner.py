@@ -214,8 +214,8 @@ class TwoStageFineTuner:
             )
             recipe.initialize_head(self.model, r.seed)
             log.info("tokenizing %d training texts", len(texts))
-            encode = {"batch_size": r.batch_size, "verbose": self.verbose,
-                      "replicas": replicas, "shard": shard}  # fmt: skip
+            encode = {"batch_size": r.batch_size, "verbose": self.verbose, "replicas": replicas,
+                      "shard": shard, "bucket_width": r.bucket_width}  # fmt: skip
             train = recipe.encode(self.model, texts, labels, shuffle=True, seed=r.seed, **encode)
             val = None
             if val_texts is not None:

@@ -36,6 +36,8 @@ EXAMPLES = {
     "lora_alpha": 16.0,
     "lora_targets": ["query", "key"],
     "label_smoothing": 0.1,
+    "freeze_word_embeddings": True,
+    "bucket_width": 1,
 }
 FIELDS = dataclasses.fields(RecipeConfig)
 

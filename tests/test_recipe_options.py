@@ -21,6 +21,7 @@ from kerasft.tuner import TwoStageFineTuner
         ("mixed_precision", "fp16", "one of ['auto', 'bfloat16', 'float16'] or None"),
         ("class_weight", "equal", "'balanced', a non-empty {label: weight > 0} mapping"),
         ("class_weight", {"1": -2.0}, "'balanced', a non-empty {label: weight > 0} mapping"),
+        ("bucket_width", 0, "an int in [1, 512]"),
     ],
 )
 def test_bad_option_values_are_named(name, value, allowed):
@@ -64,6 +65,46 @@ def test_bf16_is_the_default_only_where_the_cpu_computes_it(monkeypatch, tiny_pr
         assert tuner.recipe.mixed_precision == expected
         assert tuner.get_config()["mixed_precision"] == expected  # config.json's recipe
         assert tuner.model.dtype_policy.name == "float32"  # returned and saved in float32
+
+
+def test_bucket_width_reaches_the_training_and_validation_batches(monkeypatch, tiny_preset):
+    from conftest import toy_texts
+
+    seen = []
+
+    def encode(*args, **kwargs):
+        seen.append(kwargs.get("bucket_width"))
+        return real_encode(*args, **kwargs)
+
+    real_encode = recipe.encode
+    monkeypatch.setattr(recipe, "encode", encode)
+    texts, labels = toy_texts(64, seed=1)
+    tuner = TwoStageFineTuner(str(tiny_preset), sequence_length=16, warmup_epochs=0,
+                              finetune_epochs=1, bucket_width=1, verbose=0)  # fmt: skip
+    tuner.fit(texts[:48], labels[:48], validation_data=(texts[48:], labels[48:]))
+    assert seen == [1, 1]
+    assert TwoStageFineTuner.from_config(tuner.get_config()).recipe.bucket_width == 1
+
+
+def test_frozen_word_embeddings_stay_pretrained_in_stage_2(tiny_preset):
+    from conftest import toy_texts
+    from kerasft.presets import load_classifier
+
+    def numpy(variable):
+        return keras.ops.convert_to_numpy(variable)
+
+    texts, labels = toy_texts(64, seed=1)
+    options = {"sequence_length": 16, "warmup_epochs": 0, "finetune_epochs": 1, "verbose": 0}
+    frozen = TwoStageFineTuner(str(tiny_preset), freeze_word_embeddings=True, **options)
+    frozen.fit(texts, labels)
+    start = load_classifier(str(tiny_preset)).backbone
+    trained = frozen.model.backbone
+    np.testing.assert_array_equal(numpy(trained.token_embedding.embeddings),
+                                  numpy(start.token_embedding.embeddings))  # fmt: skip
+    positions = [b.embeddings.position_embedding.position_embeddings for b in (trained, start)]
+    assert not np.array_equal(*map(numpy, positions))  # the other weights trained
+    assert trained.token_embedding.trainable  # trainable again after the stage, as saved
+    assert frozen.get_config()["freeze_word_embeddings"] is True
 
 
 def test_per_stage_weight_decay_and_round_trip():
