@@ -9,8 +9,9 @@ parent alternates the engines over `--rounds` rounds of `--steps` steps, the ord
 round, while the other processes wait idle:
 
 - `kerasft <backend>`: the recipe's stage 2 exactly as `TwoStageFineTuner` runs it
-  (`kerasft.recipe.prepare_stage`: the preprocessor-free classifier, Adam at 1e-4 with linear
-  decay, length-bucketed batches of 32) inside one `model.fit`. Compilation is excluded: a
+  (`kerasft.recipe.prepare_stage` with the recipe's stage-2 options: the preprocessor-free
+  classifier, Adam at 1e-4 with linear decay, length-bucketed batches of 32) inside one
+  `model.fit`. Compilation is excluded: a
   warm-up `fit` first runs one batch of every batch shape the timed steps use (the timed steps
   are full batches: the one short batch per epoch is left out).
 - `trainer`: Hugging Face `Trainer` (transformers + torch) with its defaults for the same job:
@@ -20,10 +21,12 @@ round, while the other processes wait idle:
   `trainer:bf16` is the same with `bf16=True` (torch autocast to bfloat16), the best a Trainer
   user gets on a CPU that computes bfloat16.
 
-An engine's precision: kerasft's engines train in the recipe's default (`mixed_precision=
-"auto"`: bfloat16 on CPUs with AVX512_BF16 or AMX-BF16, else float32), Trainer in float32 (its
-default); `NAME:fp32` or `NAME:bf16` chooses (`torch:fp32`, `trainer:bf16`). Ratios are to
-`trainer` (its defaults) and, where it ran, to `trainer:bf16`.
+A kerasft engine trains as the recipe's defaults say (`RecipeConfig().stage_options`: the
+precision, `mixed_precision="auto"`, is bfloat16 on CPUs with AVX512_BF16 or AMX-BF16, else
+float32; the bucket width; whether the word embeddings train) but for what its name overrides:
+`torch@1` a bucket width, `torch:fp32` / `torch:bf16` the precision, `torch+frozen` /
+`torch-frozen` the word embeddings. Trainer trains in float32 (its default) unless
+`trainer:bf16`. Ratios are to `trainer` (its defaults) and, where it ran, to `trainer:bf16`.
 
 A step is timed from the end of the previous step to the end of this one (the loss is read
 back, which synchronises), so it includes the host-side batching of the step. Reported per
@@ -115,20 +118,20 @@ def _encoder_parameters(backbone) -> int:
     return int(sum(np.prod(w.shape) for layer in layers for w in layer.weights))
 
 
-def _kerasft_worker(spec: dict, bucket_width: int | None, precision: str | None) -> None:
+def _kerasft_worker(spec: dict, overrides: dict) -> None:
     import keras
 
     from kerasft import recipe
     from kerasft.benchmarks.worker import set_threads
-    from kerasft.config import BUCKET_WIDTH, RecipeConfig
+    from kerasft.config import RecipeConfig
     from kerasft.precision import policy_name, resolve_mixed_precision
     from kerasft.presets import load_classifier
 
     set_threads(spec["threads"])
-    bucket_width = bucket_width or BUCKET_WIDTH
-    mixed = resolve_mixed_precision(
-        RecipeConfig().mixed_precision if precision is None else PRECISIONS[precision]
-    )  # the recipe's default, or the engine's `:PRECISION`
+    # The recipe's stage 2 with its defaults, but for what the engine's name overrides.
+    config = RecipeConfig(batch_size=BATCH_SIZE, finetune_learning_rate=LEARNING_RATE,
+                          finetune_schedule="linear", seed=SEED, **overrides)  # fmt: skip
+    mixed = resolve_mixed_precision(config.mixed_precision)
     data = json.loads(Path(spec["data"]).read_text())
     keras.utils.set_random_seed(SEED)
     started = time.perf_counter()
@@ -137,11 +140,11 @@ def _kerasft_worker(spec: dict, bucket_width: int | None, precision: str | None)
     recipe.initialize_head(classifier, SEED)
     train = recipe.encode(
         classifier, data["texts"], np.asarray(data["labels"]), batch_size=BATCH_SIZE,
-        shuffle=True, seed=SEED, bucket_width=bucket_width,
+        shuffle=True, seed=SEED, bucket_width=config.bucket_width,
     )  # fmt: skip
     model, _, _ = recipe.prepare_stage(
-        classifier, train, epochs=1, learning_rate=LEARNING_RATE, train_base=True,
-        linear_decay=True, verbose=0,
+        classifier, train, epochs=1, train_base=True, verbose=0,
+        **config.stage_options("finetune"),
     )  # fmt: skip
     batches, lengths, first = _timed_batches(
         train, WARMUP_STEPS + spec["rounds"] * spec["steps"] + 1
@@ -157,8 +160,8 @@ def _kerasft_worker(spec: dict, bucket_width: int | None, precision: str | None)
     common = int(np.argmax(lengths == np.bincount(lengths).argmax()))  # a batch of the usual length
     breakdown = _breakdown(model, train, batches[common])
     rounds = _Rounds(spec["steps"], [(BATCH_SIZE, int(n)) for n in lengths[1 + WARMUP_STEPS :]])
-    notes = [f"bucket width {bucket_width}"] if bucket_width != BUCKET_WIDTH else []
-    notes.append("bf16" if mixed else "fp32")
+    notes = ["bf16" if mixed else "fp32", f"bucket width {config.bucket_width}"]
+    notes += ["word embeddings frozen"] if config.freeze_word_embeddings else []
     _reply({
         "breakdown": breakdown,
         "engine": f"kerasft {keras.backend.backend()} ({', '.join(notes)})",
@@ -266,10 +269,39 @@ def _breakdown(model, train, rows) -> dict:
                 shares[kind] += e.self_cpu_time_total / total
         shares["everything else"] = 1.0 - sum(shares.values())
         out["torch_profile"] = shares
+        out["onednn_matmul"] = _onednn_matmul_kernels(lambda: model.train_on_batch(x, y))
     return out
 
 
-def _trainer_worker(spec: dict, precision: str | None) -> None:
+def _onednn_matmul_kernels(step) -> dict[str, int]:
+    """`{oneDNN implementation: calls}` of the matrix products one PyTorch `step()` ran through
+    oneDNN (its verbose log, which the library writes to file descriptor 1): e.g.
+    `brg_matmul:avx512_core_bf16` shows the bfloat16 kernels really run. Products computed
+    elsewhere (float32 goes to MKL/OpenBLAS GEMM) are not listed."""
+    import torch
+
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with tempfile.TemporaryFile(mode="w+") as log:
+        os.dup2(log.fileno(), 1)
+        try:
+            with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+                step()
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+        log.seek(0)
+        kernels: dict[str, int] = {}
+        for line in log:  # onednn_verbose,v1,primitive,exec,cpu,matmul,IMPLEMENTATION,...
+            fields = line.split(",")
+            at = fields.index("exec") if "exec" in fields[:4] else -1
+            if at >= 0 and fields[at + 1 : at + 3] == ["cpu", "matmul"]:
+                kernels[fields[at + 3]] = kernels.get(fields[at + 3], 0) + 1
+    return kernels
+
+
+def _trainer_worker(spec: dict, bf16: bool) -> None:
     import torch
     from transformers import (
         AutoTokenizer,
@@ -300,7 +332,6 @@ def _trainer_worker(spec: dict, precision: str | None) -> None:
         shapes.append(tuple(int(n) for n in batch["input_ids"].shape))
         return batch
 
-    bf16 = precision == "bf16"
     args = _trainer_arguments(spec, WARMUP_STEPS + spec["rounds"] * spec["steps"] + 1, bf16)
     rounds = _Rounds(spec["steps"], shapes)
     load_seconds = time.perf_counter() - started
@@ -413,31 +444,45 @@ def worker(engine: str, spec: dict) -> None:
     _PROTOCOL = os.fdopen(os.dup(1), "w")  # libraries that print (Trainer does) go to stderr
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    name, width, precision = _parse_engine(engine)
+    name, overrides = _parse_engine(engine)
     if name == "trainer":
-        _trainer_worker(spec, precision)
+        _trainer_worker(spec, overrides.get("mixed_precision") == "bfloat16")
     else:
-        _kerasft_worker(spec, width, precision)
+        _kerasft_worker(spec, overrides)
     import resource
 
     _reply({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
 
 
-def _parse_engine(name: str) -> tuple[str, int | None, str | None]:
-    """`NAME[@WIDTH][:PRECISION]` -> `(name, bucket width or None, precision or None)`:
-    `"torch"` -> `("torch", None, None)` (the defaults); `"torch@1:fp32"` -> `("torch", 1,
-    "fp32")`; `"trainer:bf16"` -> `("trainer", None, "bf16")`.
+def _parse_engine(name: str) -> tuple[str, dict]:
+    """`NAME[@WIDTH][:PRECISION][+frozen|-frozen]` -> `(name, recipe overrides)`.
+
+    `"torch"` -> `("torch", {})` (the recipe's defaults); `"torch@1:fp32"` -> `("torch",
+    {"bucket_width": 1, "mixed_precision": None})`; `"torch+frozen"` -> `("torch",
+    {"freeze_word_embeddings": True})`; `"trainer:bf16"` -> `("trainer", {"mixed_precision":
+    "bfloat16"})`.
 
     Raises:
-        ValueError: an unknown engine or precision, a bad width, or a width for Trainer.
+        ValueError: an unknown engine, precision or suffix, a bad width, or a width or a
+            suffix for Trainer.
     """
-    head, _, precision = name.partition(":")
+    head, sign, frozen = name.partition("+") if "+" in name else name.partition("-")
+    head, _, precision = head.partition(":")
     backend, _, width = head.partition("@")
     if backend not in ENGINES or (width and (not width.isdigit() or int(width) < 1)):
         raise ValueError(name)
-    if (width and backend == "trainer") or (precision and precision not in PRECISIONS):
+    if (precision and precision not in PRECISIONS) or (sign and frozen != "frozen"):
         raise ValueError(name)
-    return backend, int(width) if width else None, precision or None
+    if backend == "trainer" and (width or sign):
+        raise ValueError(name)
+    overrides = {}
+    if width:
+        overrides["bucket_width"] = int(width)
+    if precision:
+        overrides["mixed_precision"] = PRECISIONS[precision]
+    if sign:
+        overrides["freeze_word_embeddings"] = sign == "+"
+    return backend, overrides
 
 
 # --- the parent ----------------------------------------------------------------------------------
@@ -679,19 +724,25 @@ def render(report: dict) -> str:
             "compilation (mean of 5 calls): host-side batching, the forward pass alone "
             "(inference, `predict_on_batch`), the whole training step (`train_on_batch`: "
             "forward with dropout, backward, optimizer); on PyTorch also the step's profile "
-            "(self CPU time by kind of op, `torch.profiler`, 3 steps).",
+            "(self CPU time by kind of op, `torch.profiler`, 3 steps) and the matrix products "
+            "one step ran through oneDNN, by kernel (its verbose log; float32 products go to "
+            "another GEMM library and are not listed).",
             "",
             "| engine | batch | batching ms | forward ms | step ms | backward + optimizer ms | "
-            "profile (torch) |",
-            "| --- | --- | ---: | ---: | ---: | ---: | --- |",
+            "profile (torch) | oneDNN matmul kernels (torch) |",
+            "| --- | --- | ---: | ---: | ---: | ---: | --- | --- |",
         ]
         for r in broken:
             b = r["breakdown"]
             profile = ", ".join(f"{k} {v:.0%}" for k, v in b.get("torch_profile", {}).items())
+            kernels = b.get("onednn_matmul")
+            kernels = "-" if kernels is None else (
+                ", ".join(f"`{k}` x{n}" for k, n in sorted(kernels.items())) or "none"
+            )  # fmt: skip
             lines.append(
                 f"| {r['engine']} | {b['shape'][0]} x {b['shape'][1]} | {b['batching_ms']:.2f} | "
                 f"{b['forward_ms']:.0f} | {b['step_ms']:.0f} | "
-                f"{b['step_ms'] - b['forward_ms']:.0f} | {profile or '-'} |"
+                f"{b['step_ms'] - b['forward_ms']:.0f} | {profile or '-'} | {kernels} |"
             )
     lines += [
         "",
@@ -721,10 +772,12 @@ def build_parser(prog: str = "python -m kerasft.benchmarks.train_speed") -> argp
     )
     parser.add_argument(
         "--engines",
-        help=f"comma-separated, from {','.join(ENGINES)}, each NAME[@W][:fp32|bf16] (default: "
-        "torch,jax,tensorflow,trainer, and trainer:bf16 on CPUs with AVX512_BF16 or AMX-BF16); "
-        "BACKEND@W runs kerasft with bucket width W instead of the default 8 (e.g. torch@1); "
-        ":fp32 or :bf16 sets the precision (default: kerasft's recipe default, Trainer's fp32)",
+        help=f"comma-separated, from {','.join(ENGINES)}, each "
+        "NAME[@W][:fp32|bf16][+frozen|-frozen] (default: torch,jax,tensorflow,trainer, and "
+        "trainer:bf16 on CPUs with AVX512_BF16 or AMX-BF16); a kerasft engine is the recipe's "
+        "stage 2 with its defaults but for: @W, the bucket width (e.g. torch@1); +frozen / "
+        "-frozen, word embeddings frozen or trained; :fp32 or :bf16, the precision (Trainer: "
+        "fp32 unless :bf16)",
     )  # fmt: skip
     parser.add_argument("--rounds", type=int, default=6, help="rounds (default 6)")
     parser.add_argument("--steps", type=int, default=25, help="timed steps per round (default 25)")
@@ -767,7 +820,8 @@ def main(argv: list[str] | None = None) -> int:
     if bad or not args.engines:
         parser.error(
             f"unknown engines {bad}. Choose from {list(ENGINES)}; a kerasft backend may name a "
-            "bucket width, e.g. torch@1, and any engine a precision, e.g. trainer:bf16."
+            "bucket width and +frozen/-frozen word embeddings, e.g. torch@1+frozen, and any "
+            "engine a precision, e.g. trainer:bf16."
         )
     for name, value, low in (("rounds", args.rounds, 1), ("steps", args.steps, 2),
                              ("threads", args.threads, 1)):  # fmt: skip

@@ -135,6 +135,7 @@ def render(report: dict) -> str:
             f"{'-' if trainable is None else f'{trainable:,}'} | "
             f"{'-' if adapter is None else f'{adapter / 1e6:.2f}'} |"
         )
+    lines += _seed_summary(report["runs"])
     lines += ["", "Commands:", ""]
     lines += [f"- `{run['command']}`" for run in report["runs"]]
     lines += ["", "Validation accuracy per epoch (stage 1, then stage 2):", ""]
@@ -144,6 +145,47 @@ def render(report: dict) -> str:
         lines.append(f"- {run['metrics']['backend']}{options}: {values}")
     lines.append("")
     return "\n".join(lines)
+
+
+def _without_seed(variant: str) -> str:
+    """`variant` with its `--seed N` left out: the options that runs over seeds share."""
+    words, kept = shlex.split(variant), []
+    while words:
+        word = words.pop(0)
+        if word == "--seed" and words:
+            words.pop(0)
+        elif not word.startswith("--seed="):
+            kept.append(word)
+    return shlex.join(kept)
+
+
+def _seed_summary(runs: list[dict]) -> list[str]:
+    """Markdown lines: per backend and options, the test accuracy over the runs' seeds (none
+    when no two runs differ only in `--seed`)."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for run in runs:
+        key = (run["metrics"]["backend"], _without_seed(run.get("variant", "")))
+        groups.setdefault(key, []).append(run)
+    if all(len(group) < 2 for group in groups.values()):
+        return []
+    lines = [
+        "",
+        "Over seeds (runs that differ only in `--seed`; the split stays `--split-seed`'s):",
+        "",
+        "| backend | options | runs | test accuracy mean | min | max | fine-tune samples/s mean "
+        "| wall s mean |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for (backend, options), group in groups.items():
+        accuracy = [run["metrics"]["test"]["accuracy"] for run in group]
+        speed = [run["metrics"].get("samples_per_second", {}).get("finetune", 0) for run in group]
+        wall = [run["wall_seconds"] for run in group]
+        lines.append(
+            f"| {backend} | {f'`{options}`' if options else '(none)'} | {len(group)} | "
+            f"{sum(accuracy) / len(group):.4f} | {min(accuracy):.4f} | {max(accuracy):.4f} | "
+            f"{sum(speed) / len(group):.1f} | {sum(wall) / len(group):.0f} |"
+        )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

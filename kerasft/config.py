@@ -427,10 +427,10 @@ class RecipeConfig:
         return float(self.weight_decay)
 
     def stage_options(self, stage: str) -> dict:
-        """The optimizer and schedule options of `stage` (`"warmup"` or `"finetune"`), as
-        `kerasft.recipe.prepare_stage` takes them: the one place that maps the recipe's
-        per-stage values (`<stage>_learning_rate`, `weight_decay`, the stage-2 schedule) to a
-        stage."""
+        """The optimizer, schedule and frozen-weight options of `stage` (`"warmup"` or
+        `"finetune"`), as `kerasft.recipe.prepare_stage` takes them: the one place that maps
+        the recipe's per-stage values (`<stage>_learning_rate`, `weight_decay`, the stage-2
+        schedule, `freeze_word_embeddings`) to a stage."""
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {list(STAGES)}. Received: stage={stage!r}")
         finetune = stage == "finetune"
@@ -443,6 +443,7 @@ class RecipeConfig:
             "gradient_accumulation_steps": self.gradient_accumulation_steps,
             "loss_scale": self.mixed_precision == "float16",
             "label_smoothing": self.label_smoothing,
+            "freeze_word_embeddings": finetune and self.freeze_word_embeddings,
         }
 
     def to_dict(self) -> dict:

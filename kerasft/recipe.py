@@ -408,6 +408,7 @@ def prepare_stage(
     cache_features: bool = True,
     linear_decay: bool = False,
     warmup_ratio: float = 0.0,
+    freeze_word_embeddings: bool = False,
     verbose: int | str = "auto",
     **optimizer_options,
 ) -> tuple[keras.Model, keras.utils.PyDataset, keras.utils.PyDataset | None]:
@@ -427,6 +428,8 @@ def prepare_stage(
             raise ValueError("train_base='lora' needs adapters: call kerasft.lora.enable_lora.")
     else:
         classifier.backbone.trainable = train_base
+        if train_base and freeze_word_embeddings:  # the rest of the backbone trains
+            classifier.backbone.token_embedding.trainable = False
     learning_rate = stage_schedule(learning_rate, epochs * len(train), linear_decay, warmup_ratio)
     # Data parallel: evaluation batches carry zero-weight padding rows (see `BucketedBatches`).
     optimizer_options.setdefault("weighted_metrics", train.replicas > 1)
@@ -456,6 +459,7 @@ def train_stage(
     cache_features: bool = True,
     linear_decay: bool = False,
     warmup_ratio: float = 0.0,
+    freeze_word_embeddings: bool = False,
     class_weight: dict[int, float] | None = None,
     verbose: int | str = "auto",
     **optimizer_options,
@@ -481,6 +485,8 @@ def train_stage(
         linear_decay: decay the learning rate linearly to 0 over the stage's steps (the usual
             BERT fine-tuning schedule) instead of keeping it constant.
         warmup_ratio: fraction of the stage's steps spent rising linearly from 0 first.
+        freeze_word_embeddings: with `train_base=True`, keep the backbone's word-embedding
+            table as it is (no gradient, no optimizer update) and train every other weight.
         class_weight: `{class id: weight}` scaling the training loss per row (Keras' own).
         verbose: Keras verbosity.
         **optimizer_options: `weight_decay`, `max_grad_norm`, `gradient_accumulation_steps`,
@@ -503,6 +509,7 @@ def train_stage(
         cache_features=cache_features,
         linear_decay=linear_decay,
         warmup_ratio=warmup_ratio,
+        freeze_word_embeddings=freeze_word_embeddings,
         verbose=verbose,
         **optimizer_options,
     )

@@ -142,8 +142,6 @@ class StageLoop:
             train_base = "lora"
         else:
             classifier.backbone.trainable = train_base
-            if train_base and r.freeze_word_embeddings:
-                classifier.backbone.token_embedding.trainable = False
         # Stage seconds include preparing it (stage 1: the backbone's pass over the data).
         base_seconds, start = run.seconds.get(stage, 0.0), time.perf_counter()
         model, fit_x, fit_val = recipe.prepare_stage(

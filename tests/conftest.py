@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -80,22 +81,51 @@ print("{{}}")
 """
 
 
+def shared_dir(tmp_path_factory, name: str, build) -> Path:
+    """A directory that `build(directory)` fills once per test run, shared by every worker.
+
+    Under pytest-xdist (README's test command runs two workers) each worker has its own
+    session, so a session fixture would build its data once per worker: the first worker to ask
+    builds it here, under a file lock, and the others wait for it and reuse it. Alone, pytest
+    builds it in the session's own temporary directory.
+    """
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        directory = tmp_path_factory.mktemp(name)
+        build(directory)
+        return directory
+    from filelock import FileLock
+
+    directory = tmp_path_factory.getbasetemp().parent / name  # the run's, not the worker's
+    with FileLock(f"{directory}.lock"):
+        if not (directory / ".built").is_file():
+            shutil.rmtree(directory, ignore_errors=True)  # a failed attempt's leftovers
+            directory.mkdir()
+            build(directory)
+            (directory / ".built").write_text("")
+    return directory
+
+
+def _build_tiny_preset(backend: str, dropout: float):
+    def build(directory: Path) -> None:
+        code = TINY_PRESET_CODE.format(
+            tests=str(ROOT / "tests"), out=str(directory / "preset"), dropout=dropout
+        )
+        run_backend(backend, code)
+
+    return build
+
+
 @pytest.fixture(scope="session")
 def tiny_preset(tmp_path_factory) -> Path:
     """A KerasHub preset directory of a seeded 2-layer, hidden-32 DistilBERT, 27-word vocabulary."""
-    out = tmp_path_factory.mktemp("tiny") / "preset"
-    code = TINY_PRESET_CODE.format(tests=str(ROOT / "tests"), out=str(out), dropout=0.1)
-    run_backend("tensorflow" if HAS_TENSORFLOW else "jax", code)
-    return out
+    build = _build_tiny_preset("tensorflow" if HAS_TENSORFLOW else "jax", 0.1)
+    return shared_dir(tmp_path_factory, "tiny", build) / "preset"
 
 
 @pytest.fixture(scope="session")
 def tiny_preset_no_dropout(tmp_path_factory) -> Path:
     """`tiny_preset` with the backbone's dropout off (runs that must match step for step)."""
-    out = tmp_path_factory.mktemp("tiny0") / "preset"
-    code = TINY_PRESET_CODE.format(tests=str(ROOT / "tests"), out=str(out), dropout=0.0)
-    run_backend("tensorflow", code)
-    return out
+    return shared_dir(tmp_path_factory, "tiny0", _build_tiny_preset("tensorflow", 0.0)) / "preset"
 
 
 @pytest.fixture(scope="session")
@@ -110,15 +140,16 @@ def sarcasm_file() -> Path:
 
 @pytest.fixture(scope="session")
 def toy_data(tmp_path_factory):
-    texts, labels = toy_texts(400, seed=5)
-    path = tmp_path_factory.mktemp("toy") / "toy.jsonl"
-    path.write_text(
-        "".join(
-            json.dumps({"text": t, "label": ["neg", "pos"][y]}) + "\n"
-            for t, y in zip(texts, labels, strict=True)
+    def build(directory: Path) -> None:
+        texts, labels = toy_texts(400, seed=5)
+        (directory / "toy.jsonl").write_text(
+            "".join(
+                json.dumps({"text": t, "label": ["neg", "pos"][y]}) + "\n"
+                for t, y in zip(texts, labels, strict=True)
+            )
         )
-    )
-    return path
+
+    return shared_dir(tmp_path_factory, "toy", build) / "toy.jsonl"
 
 
 CLI_ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -142,8 +173,15 @@ def fit_run(backend, preset, data, out, **kwargs):
 
 @pytest.fixture(scope="session")
 def toy_runs(tiny_preset, toy_data, tmp_path_factory):
-    root = tmp_path_factory.mktemp("runs")
-    return {b: fit_run(b, tiny_preset, toy_data, root / b) for b in BACKENDS}
+    """A finished toy run per backend, shared by the whole test run (read them, never change
+    them)."""
+
+    def build(directory: Path) -> None:
+        for backend in BACKENDS:
+            fit_run(backend, tiny_preset, toy_data, directory / backend)
+
+    root = shared_dir(tmp_path_factory, "runs", build)
+    return {b: root / b for b in BACKENDS}
 
 
 @pytest.fixture(scope="session")

@@ -22,13 +22,14 @@ def test_train_speed_times_kerasft_and_trainer_side_by_side(tiny_preset, toy_dat
     out = tmp_path / "speed.md"
     proc = _run(
         "kerasft.benchmarks.train_speed", "--data", toy_data, "--preset", tiny_preset,
-        "--engines", "torch,trainer,trainer:bf16", "--rounds", "2", "--steps", "3",
+        "--engines", "torch,trainer,trainer:bf16,torch@1+frozen", "--rounds", "2", "--steps", "3",
         "--sequence-length", 32, "--out", out,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(out.with_suffix(".json").read_text())
     results = report["results"]
-    assert set(results) == {"torch", "trainer", "trainer:bf16"}
+    assert set(results) == {"torch", "trainer", "trainer:bf16", "torch@1+frozen"}
+    assert results["torch@1+frozen"]["engine"].endswith("bucket width 1, word embeddings frozen)")
     for r in results.values():
         assert r["timed_steps"] == 6 and len(r["samples_per_second_rounds"]) == 2, r
         assert r["samples_per_second"] > 0 and 0 < r["ms_per_step_p10"] <= r["ms_per_step_p90"]
@@ -46,6 +47,9 @@ def test_train_speed_times_kerasft_and_trainer_side_by_side(tiny_preset, toy_dat
     profile = breakdown["torch_profile"]
     assert profile["matmul"] > 0 and profile["optimizer"] > 0
     assert sum(profile.values()) == pytest.approx(1.0)
+    kernels = breakdown["onednn_matmul"]  # bfloat16 products run oneDNN's bf16 kernels
+    if results["torch"]["precision"] == "bfloat16":
+        assert any("bf16" in name for name in kernels), kernels
     # torch cuts each batch to its longest text; Trainer pads random batches to theirs.
     assert results["torch"]["padded_tokens_per_row"] < results["trainer"]["padded_tokens_per_row"]
     text = out.read_text()
@@ -54,11 +58,26 @@ def test_train_speed_times_kerasft_and_trainer_side_by_side(tiny_preset, toy_dat
         assert needle in text, needle
 
 
+def test_an_engine_name_is_the_recipe_it_overrides():
+    from kerasft.benchmarks.train_speed import _parse_engine
+
+    assert _parse_engine("torch") == ("torch", {})
+    assert _parse_engine("torch@1:fp32-frozen") == (
+        "torch", {"bucket_width": 1, "mixed_precision": None, "freeze_word_embeddings": False}
+    )  # fmt: skip
+    assert _parse_engine("jax+frozen") == ("jax", {"freeze_word_embeddings": True})
+    assert _parse_engine("trainer:bf16") == ("trainer", {"mixed_precision": "bfloat16"})
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
         (["--engines", "torch,mxnet"], "unknown engines ['mxnet']"),
         (["--engines", "trainer:fp8,torch@1:bf16"], "unknown engines ['trainer:fp8']"),
+        (
+            ["--engines", "trainer+frozen,torch+ice,jax-frozen"],
+            "unknown engines ['trainer+frozen', 'torch+ice']",
+        ),
         (["--rounds", "0"], "--rounds must be >= 1. Received: 0"),
         (["--data", "/nonexistent.jsonl"], "no such file '/nonexistent.jsonl'"),
     ],
@@ -93,3 +112,22 @@ def test_training_runs_reports_the_fit_it_ran(tiny_preset, toy_data, tmp_path):
     assert "--finetune-method" not in full["command"]
     assert lora["metrics"]["adapter_bytes"] > 0 and "adapter_bytes" not in metrics
     assert "| `--finetune-method lora --lora-rank 2` |" in text and "| (none) |" in text
+
+
+def test_runs_over_seeds_are_summarized_per_backend_and_options():
+    from kerasft.benchmarks.training_runs import _seed_summary
+
+    def run(backend, variant, accuracy):
+        metrics = {"backend": backend, "test": {"accuracy": accuracy},
+                   "samples_per_second": {"finetune": 100.0}}  # fmt: skip
+        return {"metrics": metrics, "variant": variant, "wall_seconds": 300.0}
+
+    runs = [run("torch", "", 0.92), run("torch", "--seed 31", 0.93),
+            run("torch", "--bucket-width 1 --seed=32", 0.91),
+            run("torch", "--bucket-width 1", 0.90), run("jax", "--seed 31", 0.88)]  # fmt: skip
+    rows = [line for line in _seed_summary(runs) if line.startswith("| torch")]
+    assert rows == [
+        "| torch | (none) | 2 | 0.9250 | 0.9200 | 0.9300 | 100.0 | 300 |",
+        "| torch | `--bucket-width 1` | 2 | 0.9050 | 0.9000 | 0.9100 | 100.0 | 300 |",
+    ]
+    assert _seed_summary(runs[:1] + runs[-1:]) == []  # no two runs differ only in the seed
