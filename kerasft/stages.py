@@ -116,7 +116,8 @@ class StageLoop:
                 for stage in STAGES
             },  # fmt: skip
             selected_epoch=self._select(run),
-            parameters=lora.parameter_counts(self.core()),
+            # as stage 2 trained them (its frozen weights), or as they are when it did not run here
+            parameters=run.parameters or lora.parameter_counts(self.core()),
         )
 
     def enable_lora(self) -> None:
@@ -150,6 +151,8 @@ class StageLoop:
             # Multi-process: no feature cache (gathering predictions needs every process).
             cache_features=r.cache_features and train.shard is None,
         )  # fmt: skip
+        if stage == "finetune":
+            run.parameters = lora.parameter_counts(model)
         done = run.epochs(stage)
         if done:  # resuming inside this stage
             fit_x.set_epoch(run.state["data_epoch"])
@@ -238,6 +241,7 @@ class RunState:
         self.optimizer: dict = {}
         self.best_weights: list | None = None
         self.rng: dict | None = None
+        self.parameters: dict[str, int] | None = None  # counted as stage 2 starts
 
     def epochs(self, stage: str) -> int:
         number = STAGES.index(stage) + 1
