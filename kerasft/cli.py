@@ -1,12 +1,11 @@
 """The `kerasft` command line: `fit`, `export`, `predict`, `evaluate`, `bench`.
 
 Heavy libraries load inside the subcommands; `--backend` (or `KERAS_BACKEND`) is applied before
-Keras is imported. The default backend is PyTorch: on the machine these were measured on (a 2-core
-AMD EPYC with AVX-512, VNNI and BF16), it runs a whole short `kerasft fit` fastest
-(benchmarks/results/backends_limit4000.md: 59 s against 82-83 s), its stage-2 steps were level
-with TensorFlow's there, and on an AVX2-only EPYC they are the fastest of all, ahead of Trainer's
-(benchmarks/results/train_speed.md). `python -m kerasft.benchmarks.train_speed --quick` measures
-another machine.
+Keras is imported. The default backend is PyTorch: on the machines these were measured on (2-core
+AMD EPYCs) it runs a whole short `kerasft fit` fastest (benchmarks/results/backends_limit4000.md:
+62 s against 88-127 s, with AVX512_BF16) and its stage-2 steps are the fastest of the three, ahead
+of Hugging Face Trainer's (benchmarks/results/train_speed.md, with AVX512_BF16 and with AVX2
+only). `python -m kerasft.benchmarks.train_speed --quick` measures another machine.
 """
 
 from __future__ import annotations

@@ -245,9 +245,11 @@ def test_user_callbacks_see_the_whole_classifier(tiny_preset, tmp_path):
         model = keras.saving.load_model(tmp_path / f"epoch{epoch}.keras")
         assert model.predict(["a good day", "a bad day"], verbose=0).shape == (2, 2)
     final = keras.saving.load_model(tmp_path / "epoch2.keras")
-    np.testing.assert_allclose(
-        final.predict(texts[:4], verbose=0), tuner.model.predict(texts[:4], verbose=0), atol=1e-6
-    )
+    # the same weights (float32 variables); under the `auto` default on a bf16 CPU the callback's
+    # classifier computes in bfloat16, the returned model in float32, so compare the weights
+    for saved, returned in zip(final.weights, tuner.model.weights, strict=True):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(saved),
+                                      keras.ops.convert_to_numpy(returned))  # fmt: skip
 
 
 def test_checkpoint_of_another_run_is_refused(tiny_preset, tmp_path):

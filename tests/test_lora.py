@@ -26,7 +26,8 @@ texts, labels = toy_texts(128, seed=9)
 snap = Snapshot()
 tuner = TwoStageFineTuner({preset!r}, sequence_length=32, warmup_epochs=1, finetune_epochs=3,
                           finetune_learning_rate=3e-3, batch_size=16, seed=2, verbose=0,
-                          finetune_method="lora", lora_rank=4, callbacks=[snap])
+                          finetune_method="lora", lora_rank=4, callbacks=[snap],
+                          mixed_precision=None)  # merged vs adapter at 1e-5: float32 compute
 tuner.fit(texts, labels)
 lora_model = tuner.adapter_model
 after = {{v.path: keras.ops.convert_to_numpy(v) for v in lora_model.weights}}
