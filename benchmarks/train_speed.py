@@ -174,6 +174,7 @@ def _kerasft_worker(spec: dict, overrides: dict) -> None:
         "encoder_parameters": _encoder_parameters(classifier.backbone),
         "layers": classifier.backbone.num_layers,
         "hidden": classifier.backbone.hidden_dim,
+        "last_layer_at_cls": recipe.last_layer_at_cls(classifier.backbone),
         "feature_rows_per_second": feature_rows / feature_seconds,
         "padded_tokens_per_row": float(np.mean(lengths)),
     })  # fmt: skip
@@ -640,11 +641,18 @@ def _engine_result(info: dict, per_round: list, shapes: list, stats: dict, peak)
     lengths = np.array([s[1] for s in shapes], dtype=float)
     # Matrix FLOPs of a training step (forward + backward = 3x forward): 2 per parameter
     # and token in the encoder layers, plus attention's two products (4 L d per token).
+    layers, hidden = info["layers"], info["hidden"]
+    per_layer = info["encoder_parameters"] / layers
+    if info.get("last_layer_at_cls"):  # every token's keys and values, the rest at [CLS] only
+        layers -= 1
+        kv = 2 * hidden**2
+        last = lengths * 2 * kv + 2 * (per_layer - kv) + 4 * lengths * hidden
+    else:
+        last = 0.0
     flops = (
         3
         * rows_per_step
-        * lengths
-        * (2 * info["encoder_parameters"] + 4 * info["layers"] * lengths * info["hidden"])
+        * (lengths * (2 * per_layer * layers + 4 * layers * lengths * hidden) + last)
     )
     round_rates = [BATCH_SIZE * len(s) / float(np.sum(s)) for s in per_round]
     gflops = float(np.sum(flops) / np.sum(flat) / 1e9)
@@ -685,7 +693,8 @@ def render(report: dict) -> str:
         f"{s['warmup_steps']} more warm-up steps. A step runs from the previous step's end to its "
         "own (loss read back), host-side batching included. samples/s: median over rounds; "
         "ratios: of those medians. FLOP/s: matrix FLOPs a step computes (padding included: "
-        "3 x forward, 2 per encoder parameter and token plus attention's 4 x length x hidden), "
+        "3 x forward, 2 per encoder parameter and token plus attention's 4 x length x hidden; "
+        "kerasft's last layer at [CLS] only but for its keys and values), "
         "over the median step (bfloat16 engines too, against the float32 peak). Precision: "
         "kerasft's engines in the recipe's default unless named (`auto`: bfloat16 where the CPU "
         "has AVX512_BF16 or AMX-BF16), Trainer at its defaults (float32) and, where the CPU "

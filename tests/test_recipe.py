@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from conftest import toy_texts
+from conftest import BACKENDS, run_backend, toy_texts
 from kerasft import recipe
 
 
@@ -20,6 +20,38 @@ def test_stage_learning_rate_schedule(tiny_preset, linear_decay, final_lr):
     assert int(optimizer.iterations) == 2 * len(train)
     assert float(optimizer.learning_rate) == pytest.approx(final_lr, abs=1e-9)
     assert clf.backbone.trainable
+
+
+CLS_ONLY_CODE = """
+import json, keras, numpy as np
+from kerasft import recipe
+clf = recipe.load_pretrained_classifier({preset!r}, num_classes=2, sequence_length=16)
+rng = np.random.default_rng(0)
+vocab = clf.backbone.vocabulary_size
+ids = rng.integers(5, vocab, (8, 12)).astype("int32"); ids[:, 0] = 2
+mask = np.ones((8, 12), "int32")
+for row, n in enumerate(rng.integers(3, 13, 8)):
+    ids[row, n:] = 0; mask[row, n:] = 0
+x = {{"token_ids": ids, "padding_mask": mask}}
+full = keras.Model(clf.input, clf.output)
+core = recipe.core_model(clf)
+last = clf.backbone.transformer_layers[-1]
+logits = [keras.ops.convert_to_numpy(m(x, training=False)) for m in (full, core)]
+print(json.dumps({{
+    "diff": float(np.abs(logits[0] - logits[1]).max()),
+    "same_weights": sorted(map(id, full.trainable_weights))
+    == sorted(map(id, core.trainable_weights)),
+    "last_ffn_in_view": any(w is last._feedforward_output_dense.kernel for w in core.weights),
+}}))
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_core_view_computes_the_last_layer_at_cls_only(backend, tiny_preset):
+    """The training/prediction view runs the last encoder layer at [CLS] alone: the classifier's
+    own weights (every one of them trains), its logits to float rounding."""
+    r = run_backend(backend, CLS_ONLY_CODE.format(preset=str(tiny_preset)))
+    assert r["diff"] < 1e-5 and r["same_weights"] and r["last_ffn_in_view"]
 
 
 def test_frozen_stage_leaves_backbone_weights_unchanged(tiny_preset):
