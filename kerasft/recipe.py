@@ -270,9 +270,11 @@ def core_model(classifier) -> keras.Model:
     view computes the last encoder layer at `[CLS]` alone (see `cls_features`): the same logits,
     to float rounding, for less work.
     """
-    inputs = classifier.backbone.input
-    return keras.Model(inputs, _head(classifier, cls_features(classifier.backbone, inputs)),
-                       name="core")  # fmt: skip
+    backbone = classifier.backbone
+    if not last_layer_at_cls(backbone):  # another layout: the classifier's own graph
+        return keras.Model(classifier.input, classifier.output, name="core")
+    logits = _head(classifier, cls_features(backbone, backbone.input))
+    return keras.Model(backbone.input, logits, name="core")
 
 
 def cls_features(backbone, inputs: dict):
