@@ -178,8 +178,10 @@ class StageLoop:
         run.finish_stage(stage, train.epoch)
         if self.store is not None:
             self.store.save(run.to_state(stage), self.core(), model.optimizer)
-        if train_base != "lora":
+        if train_base != "lora":  # trainable again, as saved (the word table by name: on
+            # TensorFlow the recursive flag did not reach it through the [CLS]-only view)
             classifier.backbone.trainable = True
+            classifier.backbone.token_embedding.trainable = True
 
     def _select(self, run: RunState) -> dict:
         """Restores the best stage-2 epoch when `select_best` asks for it; returns the choice."""
