@@ -78,7 +78,7 @@ def _peer_export(target: Path, make, listing: str) -> dict:
 
 def prepare(run: Path, root: Path, role: str, widen: int, per_split: int, peers: bool, log):
     """Builds the role's artifacts under `root / role` and returns the index written there."""
-    from kerasft.exporters.dispatch import export_in_subprocess, verification_set
+    from kerasft.exporters.dispatch import exports_in_subprocess, verification_set
     from kerasft.exporters.formats import FORMATS, VARIANTS
     from kerasft.tuner import TwoStageFineTuner
 
@@ -119,23 +119,28 @@ def prepare(run: Path, root: Path, role: str, widen: int, per_split: int, peers:
         "label_names": tuner.label_names,
         "exports": {},
     }
+    jobs: dict[str, list] = {}  # by graph source
     for fmt, quantize in VARIANTS:
         if quantize == "auto":  # one of the format's other variants, chosen on the machine
             continue
         name = export_name(fmt, quantize)
-        log(f"{role}: export {name}")
         target = out / "exports" / name
         if not is_export(target):  # exports publish atomically
-            # Own process each, under the format's graph source (else that process would start
-            # another): base-shaped static INT8 needs ~17 GB alone and was killed at 24 GB after
-            # other exports in the same process.
-            export_in_subprocess(
-                model_file, target, backend=FORMATS[fmt].graph_sources[0], format=fmt,
-                quantize=quantize, overwrite=True,
-                texts=vset.texts, labels=list(vset.labels), splits=vset.splits,
+            options = dict(
+                format=fmt, quantize=quantize, overwrite=True, texts=vset.texts,
+                labels=list(vset.labels), splits=vset.splits,
                 calibration_texts=calibration.get(quantize),
             )  # fmt: skip
+            jobs.setdefault(FORMATS[fmt].graph_sources[0], []).append((target, options))
         index["exports"][name] = str(target)
+    # Under each format's graph source (else each export would start another process): the
+    # run's own model, one process per graph source; the base shape, one per export, whose
+    # memory returns when it ends (static INT8 needs ~17 GB alone and was killed at 24 GB
+    # after other exports in the same process).
+    for backend, pending in jobs.items():
+        for group in [pending] if role == "run" else [[job] for job in pending]:
+            log(f"{role}: export {', '.join(Path(target).name for target, _ in group)}")
+            exports_in_subprocess(model_file, group, backend=backend)
     if peers and has_peers():
         index.update(_peer_exports(out, role, tuner, vset.calibration, log))
     (out / "index.json").write_text(json.dumps(index, indent=2))

@@ -192,14 +192,30 @@ def export_in_subprocess(source, out_dir, backend: str = "tensorflow", **options
         `FileExistsError`, `FileNotFoundError`, `LockError`, `DataChangedError`,
         `VerificationError` with its report), else `RuntimeError` with the subprocess's stderr.
     """
+    exports_in_subprocess(source, [(out_dir, options)], backend)
+    return Path(out_dir)
+
+
+def exports_in_subprocess(source, jobs: list[tuple], backend: str = "tensorflow") -> None:
+    """`export(source, out_dir, **options)` for each `(out_dir, options)` of `jobs`, in order,
+    in one subprocess under Keras `backend`: the libraries load once for all of them.
+
+    Raises:
+        As `export_in_subprocess`, for the first export that fails (the later ones do not run;
+        those before it are complete).
+    """
     with tempfile.TemporaryDirectory() as tmp:
         if not isinstance(source, (str, os.PathLike)):
             source.save(Path(tmp) / MODEL_FILE)
             source = tmp
-        request = {"source": str(source), "out_dir": str(out_dir), **options}
-        if request.get("labels") is not None:
-            request["labels"] = [str(v) for v in request["labels"]]
-        (Path(tmp) / "request.json").write_text(json.dumps(request))
+        requests = []
+        for out_dir, options in jobs:
+            request = {"out_dir": str(out_dir), **options}
+            if request.get("labels") is not None:
+                request["labels"] = [str(v) for v in request["labels"]]
+            requests.append(request)
+        (Path(tmp) / "request.json").write_text(json.dumps({"source": str(source),
+                                                            "jobs": requests}))  # fmt: skip
         error_file = Path(tmp) / "error.json"
         env = {**os.environ, "KERAS_BACKEND": backend}
         proc = subprocess.run(
@@ -213,7 +229,6 @@ def export_in_subprocess(source, out_dir, backend: str = "tensorflow", **options
             if error_file.is_file():
                 raise _subprocess_error(json.loads(error_file.read_text())) from None
             raise RuntimeError(f"Export under the {backend} backend failed:\n{proc.stderr[-4000:]}")
-    return Path(out_dir)
 
 
 def _passed_on_errors() -> dict[str, type[Exception]]:
@@ -239,18 +254,20 @@ def _subprocess_error(error: dict) -> Exception:
 
 
 def _run_request(request_file: str, error_file: str) -> None:
-    """The subprocess of `export_in_subprocess`: `export` as requested; a documented error is
-    written to `error_file` (type, message, report) for the parent to raise again."""
+    """The subprocess of `exports_in_subprocess`: `export` as requested, job by job; a
+    documented error is written to `error_file` (type, message, report) for the parent to raise
+    again."""
     request = json.loads(Path(request_file).read_text())
-    if request.get("fixed_shape") is not None:  # a tuple again (JSON gave a list)
-        request["fixed_shape"] = tuple(request["fixed_shape"])
-    try:
-        export(request.pop("source"), request.pop("out_dir"), **request)
-    except tuple(_passed_on_errors().values()) as e:
-        error = {"type": type(e).__name__, "message": str(e),
-                 "report": getattr(e, "report", None)}  # fmt: skip
-        Path(error_file).write_text(json.dumps(error, default=str))
-        raise
+    for job in request["jobs"]:
+        if job.get("fixed_shape") is not None:  # a tuple again (JSON gave a list)
+            job["fixed_shape"] = tuple(job["fixed_shape"])
+        try:
+            export(request["source"], job.pop("out_dir"), **job)
+        except tuple(_passed_on_errors().values()) as e:
+            error = {"type": type(e).__name__, "message": str(e),
+                     "report": getattr(e, "report", None)}  # fmt: skip
+            Path(error_file).write_text(json.dumps(error, default=str))
+            raise
 
 
 def export(
