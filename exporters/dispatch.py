@@ -778,5 +778,5 @@ def _latency_b1(served, texts: list[str], keras_ids: np.ndarray, calls: int = 50
     }
 
 
-if __name__ == "__main__":  # the subprocess of `export_in_subprocess`
+if __name__ == "__main__":  # the subprocess of `exports_in_subprocess`
     _run_request(sys.argv[1], sys.argv[2])
