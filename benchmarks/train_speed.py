@@ -225,12 +225,16 @@ def _feature_pass(classifier, train, feature_rows: int) -> tuple[int, float]:
     return len(rows), time.perf_counter() - started
 
 
-def _mean_ms(fn, repeats: int) -> float:
-    fn()  # untimed: a first call may allocate or compile
-    started = time.perf_counter()
+def _median_ms(fn, repeats: int) -> float:
+    """Median milliseconds of `repeats` calls after an untimed first (a first call may allocate
+    or compile); the median, so that one call slowed by other load does not set the figure."""
+    fn()
+    times = []
     for _ in range(repeats):
+        started = time.perf_counter()
         fn()
-    return (time.perf_counter() - started) / repeats * 1e3
+        times.append(time.perf_counter() - started)
+    return float(np.median(times)) * 1e3
 
 
 # torch ops by what they do, for the step's profile (self CPU time).
@@ -250,9 +254,9 @@ def _breakdown(model, train, rows) -> dict:
     x, y = train.batch(rows)
     out = {
         "shape": list(x["token_ids"].shape),
-        "batching_ms": _mean_ms(lambda: train.batch(rows), 20),
-        "forward_ms": _mean_ms(lambda: model.predict_on_batch(x), 5),
-        "step_ms": _mean_ms(lambda: model.train_on_batch(x, y), 5),
+        "batching_ms": _median_ms(lambda: train.batch(rows), 20),
+        "forward_ms": _median_ms(lambda: model.predict_on_batch(x), 5),
+        "step_ms": _median_ms(lambda: model.train_on_batch(x, y), 5),
     }
     if keras.backend.backend() == "torch":
         from torch.profiler import ProfilerActivity, profile
@@ -730,7 +734,7 @@ def render(report: dict) -> str:
         lines += [
             "",
             "Where a kerasft step's time goes, on one batch of the most common timed length after "
-            "compilation (mean of 5 calls): host-side batching, the forward pass alone "
+            "compilation (median of 5 calls; batching: of 20): host-side batching, the forward pass alone "
             "(inference, `predict_on_batch`), the whole training step (`train_on_batch`: "
             "forward with dropout, backward, optimizer); on PyTorch also the step's profile "
             "(self CPU time by kind of op, `torch.profiler`, 3 steps) and the matrix products "

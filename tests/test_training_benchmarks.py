@@ -43,7 +43,9 @@ def test_train_speed_times_kerasft_and_trainer_side_by_side(tiny_preset, toy_dat
     assert results["torch"]["optimizer"] == "FusedAdam"
     assert results["torch"]["feature_rows_per_second"] > 0
     breakdown = results["torch"]["breakdown"]
-    assert breakdown["step_ms"] > breakdown["forward_ms"] > 0 and breakdown["batching_ms"] > 0
+    # each part timed; not compared with each other: a timed test in a parallel suite flakes (CI
+    # read forward 109 ms > step 59 ms on the tiny model while the other worker ran)
+    assert min(breakdown[k] for k in ("step_ms", "forward_ms", "batching_ms")) > 0, breakdown
     profile = breakdown["torch_profile"]
     assert profile["matmul"] > 0 and profile["optimizer"] > 0
     assert sum(profile.values()) == pytest.approx(1.0)
