@@ -733,13 +733,13 @@ def render(report: dict) -> str:
     if broken:
         lines += [
             "",
-            "Where a kerasft step's time goes, on one batch of the most common timed length after "
-            "compilation (median of 5 calls; batching: of 20): host-side batching, the forward pass alone "
-            "(inference, `predict_on_batch`), the whole training step (`train_on_batch`: "
-            "forward with dropout, backward, optimizer); on PyTorch also the step's profile "
-            "(self CPU time by kind of op, `torch.profiler`, 3 steps) and the matrix products "
-            "one step ran through oneDNN, by kernel (its verbose log; float32 products go to "
-            "another GEMM library and are not listed).",
+            "Where a kerasft step's time goes, on one batch of the most common timed length after"
+            " compilation (median of 5 calls; batching: of 20): host-side batching, the forward "
+            "pass alone (inference, `predict_on_batch`), the whole training step "
+            "(`train_on_batch`: forward with dropout, backward, optimizer); on PyTorch also the "
+            "step's profile (self CPU time by kind of op, `torch.profiler`, 3 steps) and the "
+            "matrix products one step ran through oneDNN, by kernel (its verbose log; float32 "
+            "products go to another GEMM library and are not listed).",
             "",
             "| engine | batch | batching ms | forward ms | step ms | backward + optimizer ms | "
             "profile (torch) | oneDNN matmul kernels (torch) |",

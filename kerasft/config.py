@@ -196,6 +196,8 @@ class RecipeConfig:
         bucket_width: training and validation batches are padded to a multiple of this many
             tokens (`kerasft.config.BUCKET_WIDTH`, default 8); 1 groups texts of equal length
             and pads nothing. It decides which texts share a batch, so it changes the run.
+            (Unshuffled passes on PyTorch always cut a batch to its longest text:
+            `kerasft.batching.unshuffled_bucket_width`.)
 
     Raises:
         ValueError: on construction, for any out-of-range value (the message names it).

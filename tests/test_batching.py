@@ -138,3 +138,21 @@ def test_bucket_width_one_cuts_each_batch_to_its_longest_text():
     padded = sum(len(b) * int(ds.bucket_len[b].max()) for b in ds.batches)
     eight = make()[0]
     assert padded < sum(len(b) * int(eight.bucket_len[b].max()) for b in eight.batches)
+
+
+def test_unshuffled_passes_on_torch_cut_each_batch_to_its_longest_text(monkeypatch):
+    """Sorted rows make the same batches at any width; eager PyTorch skips their padding, the
+    compiled backends keep the bucket widths (their shapes). Training batches stay as they are."""
+    import keras
+
+    def batches(backend, shuffle):
+        monkeypatch.setattr(keras.backend, "backend", lambda: backend)
+        ds = make(shuffle=shuffle)[0]
+        return ds, [ds[i][0]["token_ids"].shape[1] for i in range(len(ds))]
+
+    torch, torch_widths = batches("torch", shuffle=False)
+    jax, jax_widths = batches("jax", shuffle=False)
+    assert [b.tolist() for b in torch.batches] == [b.tolist() for b in jax.batches]
+    assert torch_widths == [int(torch.lengths[b].max()) for b in torch.batches]
+    assert all(w % 8 == 0 for w in jax_widths) and sum(torch_widths) < sum(jax_widths)
+    assert all(w % 8 == 0 for w in batches("torch", shuffle=True)[1])
