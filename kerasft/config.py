@@ -30,7 +30,10 @@ STAGES = ("warmup", "finetune")
 # data for ~3.5 padding tokens per row. Width 1 (texts grouped by exact length, no padding) was
 # decided against over 3 seeds of the reference run on PyTorch in bfloat16 (#32,
 # benchmarks/results/speed_options.md): test accuracy 0.9222 mean against 0.9247 (-0.25 points;
-# the bar was 0.1), for a fine-tune stage 3.6% shorter.
+# the bar was 0.1), for a fine-tune stage 3.6% shorter. Width 4 held accuracy in float32 on an
+# AVX2 CPU (0.9250 against 0.9252, 3 seeds each, reference_run.md) and made steps 1.05x faster
+# side by side, but its runs were no shorter there (431 against 432 s mean) and XLA would
+# compile 10 shapes instead of 6: not taken yet.
 BUCKET_WIDTH = 8
 
 
