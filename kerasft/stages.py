@@ -178,8 +178,9 @@ class StageLoop:
         run.finish_stage(stage, train.epoch)
         if self.store is not None:
             self.store.save(run.to_state(stage), self.core(), model.optimizer)
-        if train_base != "lora":  # trainable again, as saved (the word table by name: on
-            # TensorFlow the recursive flag did not reach it through the [CLS]-only view)
+        if train_base != "lora":  # trainable again, as saved. The word table by name: on
+            # TensorFlow, Keras' `KerasAutoTrackable.__setattr__` skips `x.trainable = True` when
+            # `x.trainable is True` already, so the backbone's recursive setter never reaches it.
             classifier.backbone.trainable = True
             classifier.backbone.token_embedding.trainable = True
 
