@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shlex
 import subprocess
 import sys
@@ -87,16 +88,25 @@ class _Rounds:
         now = time.perf_counter()
         if self.last is not None:
             self.times.append(now - self.last)
+        else:
+            self.faults = _minor_faults()
         self.last = now
         if len(self.times) == self.steps:
             first = self.done_steps
             shapes = self.shapes[first : first + self.steps]
-            _reply({"seconds": self.times, "shapes": shapes})
+            faults = _minor_faults() - self.faults
+            _reply({"seconds": self.times, "shapes": shapes, "minor_faults": faults})
             self.done_steps += self.steps
             self.times = []
             command = _read()
             self.stop = command["op"] != "round"
+            self.faults = _minor_faults()
             self.last = time.perf_counter()  # the wait for the parent is not a step
+
+
+def _minor_faults() -> int:
+    """The process's minor page faults so far (pages the kernel mapped in, zeroed if fresh)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 _PROTOCOL = sys.stdout  # the parent's pipe; a worker sends everything else to stderr
@@ -620,6 +630,7 @@ def _run_engines(args, spec: dict, work: Path, progress):
                      f"{setup[name]['compile_seconds']:.0f} s compiling)")  # fmt: skip
         steps = {name: [] for name in engines}
         shapes = {name: [] for name in engines}
+        faults = dict.fromkeys(engines, 0)
         names = list(engines)
         for r in range(args.rounds):
             order = names[r % len(names) :] + names[: r % len(names)]
@@ -627,11 +638,13 @@ def _run_engines(args, spec: dict, work: Path, progress):
                 engines[name].send("round")
                 reply = engines[name].read()
                 steps[name].append(reply["seconds"])
+                faults[name] += reply["minor_faults"]
                 shapes[name] += [tuple(s) for s in reply["shapes"]]
             progress(f"round {r + 1}/{args.rounds}: " + ", ".join(
                 f"{n} {np.median(steps[n][-1]) * 1e3:.0f} ms/step" for n in order
             ))  # fmt: skip
-        stats = {name: engines.pop(name).close() for name in names}
+        stats = {name: {**engines.pop(name).close(), "minor_faults": faults[name]}
+                 for name in names}  # fmt: skip
     finally:
         for engine in engines.values():
             engine.process.kill()
@@ -672,6 +685,7 @@ def _engine_result(info: dict, per_round: list, shapes: list, stats: dict, peak)
         "gflops": gflops,
         "share_of_peak": None if peak is None else gflops / peak,
         "peak_rss_mb": stats["peak_rss_mb"],
+        "page_faults_per_step": stats["minor_faults"] / len(flat),
     }
 
 
@@ -696,6 +710,8 @@ def render(report: dict) -> str:
         f"loading, compilation (kerasft: a warm-up `fit` over every timed batch shape) and "
         f"{s['warmup_steps']} more warm-up steps. A step runs from the previous step's end to its "
         "own (loss read back), host-side batching included. samples/s: median over rounds; "
+        "page faults/step: the engine process's minor page faults over the timed steps, per "
+        "step (memory the kernel mapped in; kerasft keeps freed blocks, `kerasft.allocator`); "
         "ratios: of those medians. FLOP/s: matrix FLOPs a step computes (padding included: "
         "3 x forward, 2 per encoder parameter and token plus attention's 4 x length x hidden; "
         "kerasft's last layer at [CLS] only but for its keys and values), "
@@ -711,8 +727,8 @@ def render(report: dict) -> str:
         "",
         "| engine | ms/step p50 (p10-p90) | samples/s | vs Trainer | vs Trainer bf16 | "
         "tokens/row (padded) | GFLOP/s | share of peak | stage-1 feature pass rows/s | "
-        "optimizer | compile s |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
+        "optimizer | page faults/step | compile s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
     ]
 
     def ratio(r, key):
@@ -727,7 +743,7 @@ def render(report: dict) -> str:
             f"{ratio(r, 'vs_trainer')} | {ratio(r, 'vs_trainer_bf16')} | "
             f"{r['padded_tokens_per_row']:.1f} | "
             f"{r['gflops']:.0f} | {share} | {'-' if feature is None else f'{feature:.0f}'} | "
-            f"{r['optimizer']} | {r['compile_seconds']:.0f} |"
+            f"{r['optimizer']} | {r['page_faults_per_step']:,.0f} | {r['compile_seconds']:.0f} |"
         )
     broken = [r for r in report["results"].values() if r.get("breakdown")]
     if broken:

@@ -19,6 +19,7 @@ import math
 import keras
 import numpy as np
 
+from kerasft.allocator import keep_freed_memory
 from kerasft.batching import BUCKET_WIDTH, BucketedBatches, one_hot, tokenize
 from kerasft.lora import adapted_layers
 from kerasft.optimizers import adam
@@ -475,7 +476,8 @@ def prepare_stage(
 ) -> tuple[keras.Model, keras.utils.PyDataset, keras.utils.PyDataset | None]:
     """Freezes or unfreezes the backbone and returns what `fit` needs for one stage.
 
-    See `train_stage` for the arguments. `epochs` sizes the learning-rate schedule.
+    See `train_stage` for the arguments. `epochs` sizes the learning-rate schedule. On PyTorch
+    it also keeps freed memory in the process for reuse (`kerasft.allocator`).
 
     Returns:
         `(model, fit_x, fit_validation)`: the compiled model that trains (the head alone on
@@ -491,6 +493,8 @@ def prepare_stage(
         classifier.backbone.trainable = train_base
         if train_base and freeze_word_embeddings:  # the rest of the backbone trains
             classifier.backbone.token_embedding.trainable = False
+    if keras.backend.backend() == "torch":  # every step frees and reallocates large buffers
+        keep_freed_memory()
     learning_rate = stage_schedule(learning_rate, epochs * len(train), linear_decay, warmup_ratio)
     # Data parallel: evaluation batches carry zero-weight padding rows (see `BucketedBatches`).
     optimizer_options.setdefault("weighted_metrics", train.replicas > 1)

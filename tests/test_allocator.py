@@ -1,0 +1,77 @@
+"""kerasft.allocator: freed blocks are reused instead of faulted in again; the user's own
+allocator settings win; PyTorch stages apply it."""
+
+import platform
+
+import pytest
+
+from conftest import run_backend
+from kerasft import allocator
+
+GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+# A step's pattern: the same 48 MB buffer allocated, written and freed, over and over (PyTorch
+# tensors: NumPy asks for transparent huge pages, which hides most faults).
+FAULTS = """
+import json, os, resource, torch
+from kerasft import allocator
+applied = allocator.keep_freed_memory() if os.environ.get("KEEP") else False
+
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+for step in range(30):  # glibc's heap settles within about 10 (memalign's slack)
+    if step == 20:
+        start = faults()
+    buffer = torch.ones(12_000_000)  # like a step's word-table gradient
+    del buffer
+print(json.dumps({"applied": applied, "faults_per_step": (faults() - start) / 10}))
+"""
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc's malloc only")
+def test_freed_blocks_are_reused_instead_of_faulted_in_every_step():
+    before = run_backend("torch", FAULTS, timeout=120)
+    after = run_backend("torch", FAULTS, timeout=120, env={"KEEP": "1"})
+    if before["faults_per_step"] < 5_000:  # e.g. transparent huge pages for every mapping
+        pytest.skip(f"this kernel maps 48 MB in {before['faults_per_step']:.0f} faults anyway")
+    assert after["applied"] is True
+    assert after["faults_per_step"] < 100, (before, after)
+
+
+@pytest.mark.parametrize(
+    "environ, chosen",
+    [
+        ({"MALLOC_MMAP_THRESHOLD_": "65536"}, "MALLOC_MMAP_THRESHOLD_"),
+        ({"MALLOC_TRIM_THRESHOLD_": "0"}, "MALLOC_TRIM_THRESHOLD_"),
+        ({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=65536"}, "GLIBC_TUNABLES"),
+        ({"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"}, "LD_PRELOAD"),
+        ({"GLIBC_TUNABLES": "glibc.cpu.hwcaps=-AVX512F", "LD_PRELOAD": "libfoo.so"}, None),
+    ],
+)
+def test_settings_the_environment_chose_are_kept(monkeypatch, environ, chosen):
+    assert allocator._chosen_elsewhere(environ) == chosen
+    if chosen is not None:
+        monkeypatch.setattr(allocator, "_applied", None)
+        assert allocator.keep_freed_memory(environ) is False
+
+
+STAGE = """
+import json, keras, numpy as np
+from kerasft import allocator, recipe
+from kerasft.presets import load_classifier
+calls = []
+allocator.keep_freed_memory = lambda: calls.append(1) or True
+recipe.keep_freed_memory = allocator.keep_freed_memory
+clf = load_classifier({preset!r}, 2, 16, None)
+train = recipe.encode(clf, ["good day", "bad day"] * 16, np.array([1, 0] * 16), batch_size=8,
+                      shuffle=True, seed=0)
+recipe.prepare_stage(clf, train, epochs=1, learning_rate=1e-3, train_base=True, verbose=0)
+print(json.dumps({{"calls": len(calls)}}))
+"""
+
+
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_stages_keep_freed_memory_on_pytorch_only(backend, tiny_preset):
+    out = run_backend(backend, STAGE.format(preset=str(tiny_preset)), timeout=300)
+    assert out["calls"] == (1 if backend == "torch" else 0)
