@@ -132,6 +132,7 @@ def _kerasft_worker(spec: dict, overrides: dict) -> None:
     import keras
 
     from kerasft import recipe
+    from kerasft.batching import default_bucket_width
     from kerasft.benchmarks.worker import set_threads
     from kerasft.config import RecipeConfig
     from kerasft.precision import policy_name, resolve_mixed_precision
@@ -142,6 +143,7 @@ def _kerasft_worker(spec: dict, overrides: dict) -> None:
     config = RecipeConfig(batch_size=BATCH_SIZE, finetune_learning_rate=LEARNING_RATE,
                           finetune_schedule="linear", seed=SEED, **overrides)  # fmt: skip
     mixed = resolve_mixed_precision(config.mixed_precision)
+    width = default_bucket_width() if config.bucket_width is None else config.bucket_width
     data = json.loads(Path(spec["data"]).read_text())
     keras.utils.set_random_seed(SEED)
     started = time.perf_counter()
@@ -150,7 +152,7 @@ def _kerasft_worker(spec: dict, overrides: dict) -> None:
     recipe.initialize_head(classifier, SEED)
     train = recipe.encode(
         classifier, data["texts"], np.asarray(data["labels"]), batch_size=BATCH_SIZE,
-        shuffle=True, seed=SEED, bucket_width=config.bucket_width,
+        shuffle=True, seed=SEED, bucket_width=width,
     )  # fmt: skip
     model, _, _ = recipe.prepare_stage(
         classifier, train, epochs=1, train_base=True, verbose=0,
@@ -170,7 +172,7 @@ def _kerasft_worker(spec: dict, overrides: dict) -> None:
     common = int(np.argmax(lengths == np.bincount(lengths).argmax()))  # a batch of the usual length
     breakdown = _breakdown(model, train, batches[common])
     rounds = _Rounds(spec["steps"], [(BATCH_SIZE, int(n)) for n in lengths[1 + WARMUP_STEPS :]])
-    notes = ["bf16" if mixed else "fp32", f"bucket width {config.bucket_width}"]
+    notes = ["bf16" if mixed else "fp32", f"bucket width {width}"]
     notes += ["word embeddings frozen"] if config.freeze_word_embeddings else []
     _reply({
         "breakdown": breakdown,

@@ -25,16 +25,19 @@ AUTO_PRECISION = "auto"
 FINETUNE_METHODS = ("full", "lora")
 SCHEDULES = ("constant", "linear")
 STAGES = ("warmup", "finetune")
-# `bucket_width`'s default: a batch is padded to a multiple of this many tokens. XLA (JAX,
-# TensorFlow) compiles every distinct batch shape, and 8 keeps those to about 6 on the reference
-# data for ~3.5 padding tokens per row. Width 1 (texts grouped by exact length, no padding) was
-# decided against over 3 seeds of the reference run on PyTorch in bfloat16 (#32,
-# benchmarks/results/speed_options.md): test accuracy 0.9222 mean against 0.9247 (-0.25 points;
-# the bar was 0.1), for a fine-tune stage 3.6% shorter. Width 4 held accuracy in float32 on an
-# AVX2 CPU (0.9250 against 0.9252, 3 seeds each, reference_run.md) and made steps 1.05x faster
-# side by side, but its runs were no shorter there (431 against 432 s mean) and XLA would
-# compile 10 shapes instead of 6: not taken yet.
+# `bucket_width`'s default (None: resolved when `fit` starts, by
+# `kerasft.batching.default_bucket_width`, and recorded resolved in config.json): a batch is
+# padded to a multiple of this many tokens. XLA (JAX, TensorFlow) compiles every distinct batch
+# shape, and 8 keeps those to about 6 on the reference data for ~3.5 padding tokens per row:
+# `BUCKET_WIDTH`. Eager PyTorch compiles nothing and takes 4 (`BUCKET_WIDTHS`): it held accuracy
+# over 3 seeds of the reference run in float32 on an AVX2 CPU (0.9250 against 0.9252,
+# reference_run.md at commit a1e883e) and its steps are faster side by side (train_speed.md).
+# Width 1 (texts grouped by exact length, no padding) was decided against over 3 seeds of the
+# reference run on PyTorch in bfloat16 (#32, benchmarks/results/speed_options.md): test
+# accuracy 0.9222 mean against 0.9247 (-0.25 points; the bar was 0.1), for a fine-tune stage
+# 3.6% shorter.
 BUCKET_WIDTH = 8
+BUCKET_WIDTHS = {"torch": 4}  # backends whose default is not `BUCKET_WIDTH`
 
 
 def option(
@@ -197,8 +200,10 @@ class RecipeConfig:
             of the offline preset's 22.7 M weights) as pretrained and train the rest: no
             gradient or optimizer update for the table. False (default) trains it.
         bucket_width: training and validation batches are padded to a multiple of this many
-            tokens (`kerasft.config.BUCKET_WIDTH`, default 8); 1 groups texts of equal length
-            and pads nothing. It decides which texts share a batch, so it changes the run.
+            tokens; 1 groups texts of equal length and pads nothing. It decides which texts
+            share a batch, so it changes the run. None (default): 4 on PyTorch, 8 on JAX and
+            TensorFlow, which compile every batch shape (`kerasft.config.BUCKET_WIDTHS`); `fit`
+            replaces it with the value it resolved to (what config.json records).
             (Unshuffled passes on PyTorch always cut a batch to its longest text:
             `kerasft.batching.unshuffled_bucket_width`.)
 
@@ -379,11 +384,12 @@ class RecipeConfig:
         "stage 2 leaves the word-embedding table as pretrained (trains every other weight)",
         check=(lambda v: isinstance(v, bool), "True or False"),
     )
-    bucket_width: int = option(
-        BUCKET_WIDTH,
-        f"pad each batch's texts to a multiple of N tokens; 1: group texts of equal length, no "
-        f"padding (default {BUCKET_WIDTH})",
-        check=(lambda v: _is_int(v, 1, 512), "an int in [1, 512]"),
+    bucket_width: int | None = option(
+        None,
+        "pad each batch's texts to a multiple of N tokens; 1: group texts of equal length, no "
+        f"padding (default {BUCKET_WIDTHS['torch']} on PyTorch, {BUCKET_WIDTH} on JAX and "
+        "TensorFlow)",
+        check=(lambda v: v is None or _is_int(v, 1, 512), "an int in [1, 512] or None"),
         parse=int,
         metavar="N",
     )

@@ -20,7 +20,7 @@ import keras
 import numpy as np
 
 from kerasft.allocator import keep_freed_memory
-from kerasft.batching import BUCKET_WIDTH, BucketedBatches, one_hot, tokenize
+from kerasft.batching import BucketedBatches, one_hot, tokenize
 from kerasft.lora import adapted_layers
 from kerasft.optimizers import adam
 from kerasft.presets import load_classifier
@@ -229,7 +229,7 @@ def encode(
     verbose: int | str = 0,
     replicas: int = 1,
     shard: tuple[int, int] | None = None,
-    bucket_width: int = BUCKET_WIDTH,
+    bucket_width: int | None = None,
 ) -> BucketedBatches:
     """Tokenizes `texts` once with the classifier's preprocessor into length-bucketed batches.
 
@@ -244,8 +244,8 @@ def encode(
         verbose: progress bar while tokenizing large inputs (Keras verbosity).
         replicas: data-parallel devices each batch is split across (see `BucketedBatches`).
         shard: `(process index, process count)` in a multi-process run, else None.
-        bucket_width: batches are padded to a multiple of this many tokens (see
-            `kerasft.config.BUCKET_WIDTH`).
+        bucket_width: batches are padded to a multiple of this many tokens; None: the
+            backend's default (`kerasft.batching.default_bucket_width`).
 
     Returns:
         A `BucketedBatches` dataset usable by `fit`, `evaluate` and `predict` on every backend.

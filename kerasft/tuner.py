@@ -20,6 +20,7 @@ import keras
 import numpy as np
 
 from kerasft import distribute, lora, machine, recipe, rundir
+from kerasft.batching import default_bucket_width
 from kerasft.checkpoint import CheckpointDir, run_fingerprint
 from kerasft.config import RecipeConfig
 from kerasft.data import (
@@ -194,6 +195,8 @@ class TwoStageFineTuner:
             log.info("mixed_precision=auto -> %s on this CPU (%s)", precision or "float32",
                      ", ".join(machine.isa()) or "ISA unknown")  # fmt: skip
             self.recipe = dataclasses.replace(self.recipe, mixed_precision=precision)
+        if self.recipe.bucket_width is None:  # the backend's default, recorded resolved
+            self.recipe = dataclasses.replace(self.recipe, bucket_width=default_bucket_width())
         r = self.recipe
         texts, labels, val_texts, val_labels = self._fit_inputs(x, y, validation_data)
         self._class_weights = class_weight_ids(r.class_weight, labels, self.label_names)

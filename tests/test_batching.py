@@ -155,4 +155,18 @@ def test_unshuffled_passes_on_torch_cut_each_batch_to_its_longest_text(monkeypat
     assert [b.tolist() for b in torch.batches] == [b.tolist() for b in jax.batches]
     assert torch_widths == [int(torch.lengths[b].max()) for b in torch.batches]
     assert all(w % 8 == 0 for w in jax_widths) and sum(torch_widths) < sum(jax_widths)
-    assert all(w % 8 == 0 for w in batches("torch", shuffle=True)[1])
+    assert all(w % 4 == 0 for w in batches("torch", shuffle=True)[1])  # torch's default width
+
+
+def test_the_default_bucket_width_is_4_on_pytorch_and_8_on_the_compiled_backends(monkeypatch):
+    import keras
+
+    from kerasft.batching import default_bucket_width
+
+    widths = {}
+    for backend in ("torch", "jax", "tensorflow"):
+        monkeypatch.setattr(keras.backend, "backend", lambda b=backend: b)
+        widths[backend] = sorted({int(n) for n in make(shuffle=True)[0].bucket_len})
+        assert default_bucket_width() == (4 if backend == "torch" else 8)
+    assert all(n % 4 == 0 for n in widths["torch"]) and any(n % 8 for n in widths["torch"])
+    assert widths["jax"] == widths["tensorflow"] and all(n % 8 == 0 for n in widths["jax"])
