@@ -135,6 +135,7 @@ def _kerasft_worker(spec: dict, overrides: dict) -> None:
     from kerasft.batching import default_bucket_width
     from kerasft.benchmarks.worker import set_threads
     from kerasft.config import RecipeConfig
+    from kerasft.dropout import rand_masks
     from kerasft.precision import policy_name, resolve_mixed_precision
     from kerasft.presets import load_classifier
 
@@ -158,50 +159,53 @@ def _kerasft_worker(spec: dict, overrides: dict) -> None:
         classifier, train, epochs=1, train_base=True, verbose=0,
         **config.stage_options("finetune"),
     )  # fmt: skip
-    batches, lengths, first = _timed_batches(
-        train, WARMUP_STEPS + spec["rounds"] * spec["steps"] + 1
-    )
-    timed = _Batches(train, batches)
-    warm = _Batches(train, [batches[i] for i in sorted(first.values())])
-    load_seconds = time.perf_counter() - started
-    started = time.perf_counter()
-    model.fit(warm, epochs=1, verbose=0, shuffle=False)  # compiles every timed shape
-    compile_seconds = time.perf_counter() - started
+    with rand_masks(model) as dropout_layers:  # as the recipe's `fit` trains
+        batches, lengths, first = _timed_batches(
+            train, WARMUP_STEPS + spec["rounds"] * spec["steps"] + 1
+        )
+        timed = _Batches(train, batches)
+        warm = _Batches(train, [batches[i] for i in sorted(first.values())])
+        load_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        model.fit(warm, epochs=1, verbose=0, shuffle=False)  # compiles every timed shape
+        compile_seconds = time.perf_counter() - started
 
-    feature_rows, feature_seconds = _feature_pass(classifier, train, spec["feature_rows"])
-    common = int(np.argmax(lengths == np.bincount(lengths).argmax()))  # a batch of the usual length
-    breakdown = _breakdown(model, train, batches[common])
-    rounds = _Rounds(spec["steps"], [(BATCH_SIZE, int(n)) for n in lengths[1 + WARMUP_STEPS :]])
-    notes = ["bf16" if mixed else "fp32", f"bucket width {width}"]
-    notes += ["word embeddings frozen"] if config.freeze_word_embeddings else []
-    _reply({
-        "breakdown": breakdown,
-        "engine": f"kerasft {keras.backend.backend()} ({', '.join(notes)})",
-        "precision": mixed or "float32",
-        "load_seconds": load_seconds,
-        "compile_seconds": compile_seconds,
-        "jit_compile": str(model.jit_compile),
-        "optimizer": type(model.optimizer).__name__,
-        "shapes": len(first),
-        "encoder_parameters": _encoder_parameters(classifier.backbone),
-        "layers": classifier.backbone.num_layers,
-        "hidden": classifier.backbone.hidden_dim,
-        "last_layer_at_cls": recipe.last_layer_at_cls(classifier.backbone),
-        "feature_rows_per_second": feature_rows / feature_seconds,
-        "padded_tokens_per_row": float(np.mean(lengths)),
-    })  # fmt: skip
-    if _read()["op"] != "round":
-        return
+        feature_rows, feature_seconds = _feature_pass(classifier, train, spec["feature_rows"])
+        usual = np.bincount(lengths).argmax()
+        common = int(np.argmax(lengths == usual))  # a batch of the usual length
+        breakdown = _breakdown(model, train, batches[common])
+        rounds = _Rounds(spec["steps"], [(BATCH_SIZE, int(n)) for n in lengths[1 + WARMUP_STEPS :]])
+        notes = ["bf16" if mixed else "fp32", f"bucket width {width}"]
+        notes += ["word embeddings frozen"] if config.freeze_word_embeddings else []
+        notes += ["dropout masks from torch.rand"] if dropout_layers else []
+        _reply({
+            "breakdown": breakdown,
+            "engine": f"kerasft {keras.backend.backend()} ({', '.join(notes)})",
+            "precision": mixed or "float32",
+            "load_seconds": load_seconds,
+            "compile_seconds": compile_seconds,
+            "jit_compile": str(model.jit_compile),
+            "optimizer": type(model.optimizer).__name__,
+            "shapes": len(first),
+            "encoder_parameters": _encoder_parameters(classifier.backbone),
+            "layers": classifier.backbone.num_layers,
+            "hidden": classifier.backbone.hidden_dim,
+            "last_layer_at_cls": recipe.last_layer_at_cls(classifier.backbone),
+            "feature_rows_per_second": feature_rows / feature_seconds,
+            "padded_tokens_per_row": float(np.mean(lengths)),
+        })  # fmt: skip
+        if _read()["op"] != "round":
+            return
 
-    class Timer(keras.callbacks.Callback):
-        def on_train_batch_end(self, batch, logs=None):
-            float(keras.ops.convert_to_numpy(logs["loss"]))  # waits for the step
-            if batch >= WARMUP_STEPS:
-                rounds.step_done()
-                if rounds.stop:
-                    self.model.stop_training = True
+        class Timer(keras.callbacks.Callback):
+            def on_train_batch_end(self, batch, logs=None):
+                float(keras.ops.convert_to_numpy(logs["loss"]))  # waits for the step
+                if batch >= WARMUP_STEPS:
+                    rounds.step_done()
+                    if rounds.stop:
+                        self.model.stop_training = True
 
-    model.fit(timed, epochs=1, verbose=0, shuffle=False, callbacks=[Timer()])
+        model.fit(timed, epochs=1, verbose=0, shuffle=False, callbacks=[Timer()])
 
 
 def _timed_batches(train, need: int) -> tuple[list, np.ndarray, dict]:
@@ -253,7 +257,7 @@ def _median_ms(fn, repeats: int) -> float:
 _TORCH_KINDS = {
     "matmul": ("aten::mm", "aten::bmm", "aten::addmm", "aten::matmul"),
     "optimizer": ("aten::_fused_adam_", "aten::_foreach_"),
-    "dropout RNG": ("aten::bernoulli_",),
+    "dropout RNG": ("aten::bernoulli_", "aten::uniform_"),
     "embedding gradient": ("aten::embedding_dense_backward", "aten::index_add_",
                            "aten::fill_", "aten::zero_"),
 }  # fmt: skip

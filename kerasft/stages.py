@@ -23,6 +23,7 @@ import keras
 from kerasft import lora, recipe
 from kerasft.checkpoint import CheckpointDir, restore_optimizer, set_global_rng_state
 from kerasft.config import STAGES, RecipeConfig
+from kerasft.dropout import rand_masks
 
 log = logging.getLogger("kerasft.tuner")
 
@@ -164,16 +165,17 @@ class StageLoop:
         tracker = _EpochEnd(self, stage, run, fit_x, train, first + epochs, run.rng)
         tracker.val_loss_scale, tracker.start = padding_scale(fit_val), start
         run.rng = None
-        model.fit(
-            fit_x,
-            validation_data=fit_val,
-            epochs=first + epochs,
-            initial_epoch=first + done,
-            callbacks=[tracker] + [_OnClassifier(cb, classifier) for cb in self.callbacks],
-            class_weight=self.class_weight,
-            verbose=self.verbose,
-            shuffle=False,  # `fit_x` reshuffles itself from the seed and its epoch number
-        )
+        with rand_masks(model):
+            model.fit(
+                fit_x,
+                validation_data=fit_val,
+                epochs=first + epochs,
+                initial_epoch=first + done,
+                callbacks=[tracker] + [_OnClassifier(cb, classifier) for cb in self.callbacks],
+                class_weight=self.class_weight,
+                verbose=self.verbose,
+                shuffle=False,  # `fit_x` reshuffles itself from the seed and its epoch number
+            )
         run.seconds[stage] = base_seconds + time.perf_counter() - start
         run.finish_stage(stage, train.epoch)
         if self.store is not None:
