@@ -5,7 +5,8 @@ Keras' PyTorch backend drops activations with `torch.nn.functional.dropout` (an 
 CPU that PyTorch does not see as Intel's, `bernoulli_` draws one double-precision sample per
 element in a single serial loop; MKL's parallel generator is used on Intel CPUs only
 (pytorch/pytorch#138199). On the 2-core AMD EPYC that was 8% of a fine-tuning step of the
-reference model (`benchmarks/results/train_speed.md`). Float uniforms from `torch.rand`,
+reference model (`benchmarks/results/train_speed.md` at commit 07ad20c; 4% with these masks,
+in the file's current run). Float uniforms from `torch.rand`,
 compared with the rate, give the same distribution from the same global generator (seeded by
 `keras.utils.set_random_seed`, saved in checkpoints) at about 0.6x the cost: forward and
 backward of a 32 x 16 x 384 activation, 0.99 ms against 1.64 ms there.

@@ -25,7 +25,7 @@ class Snapshot(keras.callbacks.Callback):
 texts, labels = toy_texts(128, seed=9)
 snap = Snapshot()
 tuner = TwoStageFineTuner({preset!r}, sequence_length=32, warmup_epochs=1, finetune_epochs=3,
-                          finetune_learning_rate=3e-3, batch_size=16, seed=2, verbose=0,
+                          finetune_learning_rate=1e-2, batch_size=16, seed=2, verbose=0,
                           finetune_method="lora", lora_rank=4, callbacks=[snap],
                           mixed_precision=None)  # merged vs adapter at 1e-5: float32 compute
 tuner.fit(texts, labels)

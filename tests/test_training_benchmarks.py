@@ -29,7 +29,7 @@ def test_train_speed_times_kerasft_and_trainer_side_by_side(tiny_preset, toy_dat
     report = json.loads(out.with_suffix(".json").read_text())
     results = report["results"]
     assert set(results) == {"torch", "trainer", "trainer:bf16", "torch@1+frozen"}
-    assert results["torch@1+frozen"]["engine"].endswith("bucket width 1, word embeddings frozen)")
+    assert "bucket width 1, word embeddings frozen" in results["torch@1+frozen"]["engine"]
     for r in results.values():
         assert r["timed_steps"] == 6 and len(r["samples_per_second_rounds"]) == 2, r
         assert r["samples_per_second"] > 0 and 0 < r["ms_per_step_p10"] <= r["ms_per_step_p90"]
