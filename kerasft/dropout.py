@@ -27,6 +27,8 @@ import keras
 
 from kerasft import machine
 
+_NONE = object()  # a layer without a `call` of its own
+
 
 def applies() -> bool:
     """Whether `rand_masks` changes anything here: the PyTorch backend on a non-Intel CPU."""
@@ -87,5 +89,3 @@ def rand_masks(model: keras.Model) -> Iterator[int]:
             else:
                 layer.__dict__["call"] = call
 
-
-_NONE = object()
