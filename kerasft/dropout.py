@@ -88,4 +88,3 @@ def rand_masks(model: keras.Model) -> Iterator[int]:
                 del layer.__dict__["call"]
             else:
                 layer.__dict__["call"] = call
-
