@@ -155,6 +155,8 @@ def test_quick_bench_runs_every_variant(toy_runs, tmp_path):
     out, artifacts = tmp_path / "report", tmp_path / "artifacts"
     cmd = [sys.executable, "-m", "kerasft.cli", "bench", "--run", str(toy_runs["tensorflow"])]
     cmd += ["--out", str(out), "--quick", "--artifacts", str(artifacts), "--device", "cpu"]
+    # every variant and step, not a measurement: the shortest timing blocks (3 rounds still)
+    cmd += ["--round-seconds", "0.02", "--settle-seconds", "0"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]

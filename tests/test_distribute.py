@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import CLI_ENV, ROOT, run_backend
+from conftest import CLI_ENV, ROOT, TOY_BUCKETS, run_backend
 from kerasft.distribute import DataParallelPlan
 
 TWO_CPUS = {"KERASFT_CPU_DEVICES": "2"}
@@ -94,7 +94,7 @@ def _fit_args(backend, preset, data, out, *extra):
     round differently, beyond these tests' 1e-4."""
     args = [sys.executable, "-m", "kerasft.cli", "--backend", backend, "fit", "--data", str(data)]
     args += ["--out", str(out), "--preset", str(preset), "--sequence-length", "32", "--quiet"]
-    args += ["--mixed-precision", "none"]
+    args += ["--mixed-precision", "none", *TOY_BUCKETS]
     return args + ["--batch-size", "16", "--warmup-epochs", "1", "--finetune-epochs", "1", *extra]
 
 

@@ -32,6 +32,23 @@ MATRIX = [(fmt, None, backend) for fmt in FORMATS for backend in BACKENDS] + [
 ]
 
 
+def _assert_batch_independent(out, check: dict, run) -> None:
+    """ONNX calibrated and static and OpenVINO NNCF INT8 calibrate their ranges once: a text's
+    logits are the same served alone and inside a padded batch, and verification (at batch 1
+    and 32, the worst deciding) says so."""
+    from kerasft.rundir import run_splits
+
+    assert check["label_agreement"] == min(
+        r["label_agreement"] for r in check["per_batch_size"].values()
+    )
+    assert check["batch_independent"] is True and check["labels_changed_by_batch_size"] == 0
+    texts = run_splits(run)[2].texts[:40]
+    served = load(out)
+    alone = np.concatenate([served.predict([t]).logits for t in texts])
+    batched = served.predict(texts, batch_size=len(texts)).logits
+    np.testing.assert_allclose(alone, batched, atol=1e-4)
+
+
 def test_format_checked_up_front(tmp_path):
     with pytest.raises(ValueError, match=r"Unrecognized format='tflite'. Supported formats are"):
         check_format("tflite", None)
@@ -62,6 +79,10 @@ def test_export_matrix(format, quantize, backend, toy_runs, tmp_path):
     else:  # judged on the held-out texts, at batch 1 and 32
         assert check["agreement_texts"] == 160 and set(check["per_batch_size"]) == {"1", "32"}
         assert check["label_agreement"] >= 0.99 and check["accuracy"]["drop"] <= 0.005
+    if quantize in ("calibrated", "static", "nncf"):  # ranges calibrated once, at export
+        _assert_batch_independent(out, check, run)
+    if (format, quantize) == ("onnx", "dynamic"):  # ranges from each call's own batch
+        assert check["batch_independent"] is False
     if quantize == "auto":  # every candidate timed here, the fastest that passed kept
         auto = manifest["int8_auto"]
         assert auto["chosen"]["mode"] == (manifest["quantization"] or "fp32").removeprefix("int8-")
@@ -159,34 +180,6 @@ def test_export_twice_refuses_then_overwrites(toy_runs, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e"]
 
 
-@pytest.mark.slow
-def test_static_int8_recipes_answer_the_same_alone_and_in_a_batch(toy_runs, tmp_path):
-    """ONNX calibrated and static and OpenVINO NNCF INT8 calibrate their ranges once: a text's
-    logits are the same served alone and inside a padded batch. Every INT8 export is verified at
-    batch 1 and 32, the worst deciding."""
-    from kerasft.rundir import run_splits
-
-    texts = run_splits(toy_runs["tensorflow"])[2].texts[:40]
-    for fmt, quantize in (("onnx", "calibrated"), ("onnx", "static"), ("openvino", "nncf"),
-                          ("onnx", "dynamic")):  # fmt: skip
-        out = export(toy_runs["tensorflow"], tmp_path / f"{fmt}-{quantize}", format=fmt,
-                     quantize=quantize)  # fmt: skip
-        check = json.loads((out / "manifest.json").read_text())["verification"]
-        assert set(check["per_batch_size"]) == {"1", "32"}
-        assert check["label_agreement"] == min(
-            r["label_agreement"] for r in check["per_batch_size"].values()
-        )
-        if quantize == "dynamic":
-            assert check["batch_independent"] is False
-        else:
-            assert check["batch_independent"] is True
-            assert check["labels_changed_by_batch_size"] == 0
-            served = load(out)
-            alone = np.concatenate([served.predict([t]).logits for t in texts])
-            batched = served.predict(texts, batch_size=len(texts)).logits
-            np.testing.assert_allclose(alone, batched, atol=1e-4)
-
-
 # `kerasft export` with its verification step replaced by SIGKILL: the process dies after the
 # new artifact is written (in its temporary directory) and before it would be published.
 KILLED_BEFORE_PUBLISH = """
@@ -230,7 +223,7 @@ from kerasft import TwoStageFineTuner
 
 texts, labels = toy_texts(96, seed=2)
 tuner = TwoStageFineTuner({preset!r}, sequence_length=32, warmup_epochs=1, finetune_epochs=1,
-                          batch_size=16, verbose=0)
+                          batch_size=16, bucket_width=16, verbose=0)  # one shape to compile
 tuner.fit(texts, labels)
 before = tuner.predict_proba(texts[:8])
 out = export(tuner, {out!r}, format={fmt!r}, quantize={quantize!r}, texts=texts[:40])

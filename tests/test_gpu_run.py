@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import CLI_ENV, ROOT
+from conftest import CLI_ENV, ROOT, TOY_BUCKETS
 
 
 @pytest.mark.slow
@@ -15,7 +15,8 @@ def test_gpu_run_quick_on_cpu(tiny_preset, toy_data, tmp_path):
     out = tmp_path / "gpu.md"
     command = [sys.executable, "-m", "kerasft.benchmarks.gpu.run", "--device", "cpu", "--quick",
                "--data", str(toy_data), "--preset", str(tiny_preset), "--work", str(tmp_path / "w"),
-               "--fit-args", "--sequence-length 32 --batch-size 16", "--out", str(out)]  # fmt: skip
+               "--fit-args", " ".join(["--sequence-length 32 --batch-size 16", *TOY_BUCKETS]),
+               "--out", str(out)]  # fmt: skip
     proc = subprocess.run(command, capture_output=True, text=True, env=CLI_ENV, cwd=ROOT,
                           timeout=900)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]

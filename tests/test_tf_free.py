@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_backend
+from conftest import ROOT, TOY_BUCKETS, run_backend, shared_dir
 
 pytestmark = pytest.mark.tf_free
 
@@ -80,15 +80,28 @@ def _cli(backend: str, *args: str, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=cwd)
 
 
+@pytest.fixture(scope="session")
+def tf_free_runs(tiny_preset, toy_data, tmp_path_factory) -> dict:
+    """`kerasft fit` of the toy data on each backend without TensorFlow: the runs that the CLI
+    and export tests serve, trained once per test run."""
+
+    def build(directory):
+        for backend in TF_FREE_BACKENDS:
+            fit = _cli(backend, "fit", "--data", str(toy_data), "--preset", str(tiny_preset),
+                       "--out", str(directory / backend), "--sequence-length", "32",
+                       "--batch-size", "16", "--warmup-epochs", "1", "--finetune-epochs", "2",
+                       "--quiet", *TOY_BUCKETS)  # fmt: skip
+            assert fit.returncode == 0 and "test accuracy" in fit.stdout, fit.stderr[-3000:]
+
+    root = shared_dir(tmp_path_factory, "tf-free-runs", build)
+    return {backend: root / backend for backend in TF_FREE_BACKENDS}
+
+
 @pytest.mark.parametrize("backend", TF_FREE_BACKENDS)
 @pytest.mark.slow
-def test_cli_fit_predict_evaluate_without_tensorflow(backend, tiny_preset, toy_data, tmp_path):
-    run = tmp_path / "run"
-    fit = _cli(backend, "fit", "--data", str(toy_data), "--preset", str(tiny_preset), "--out",
-               str(run), "--sequence-length", "32", "--batch-size", "16", "--warmup-epochs", "1",
-               "--finetune-epochs", "1", "--quiet")  # fmt: skip
-    assert fit.returncode == 0, fit.stderr[-3000:]
-    assert "test accuracy" in fit.stdout
+def test_cli_fit_predict_evaluate_without_tensorflow(backend, tf_free_runs, toy_data, tmp_path):
+    run = tf_free_runs[backend]
+    assert json.loads((run / "metrics.json").read_text())["backend"] == backend
     predict = _cli(backend, "predict", str(run), "a good day", "--json")
     assert predict.returncode == 0, predict.stderr[-3000:]
     assert json.loads(predict.stdout)[0]["label"] in ("neg", "pos")
@@ -119,29 +132,28 @@ def test_exports_that_need_tensorflow_refuse_in_one_line(tmp_path):
 
 @pytest.mark.parametrize("backend", TF_FREE_BACKENDS)
 @pytest.mark.slow
-def test_onnx_and_openvino_export_without_tensorflow(backend, tiny_preset, toy_data, tmp_path):
+def test_onnx_and_openvino_export_without_tensorflow(backend, tf_free_runs, tmp_path):
     """A run trained on JAX or PyTorch exports to ONNX and OpenVINO, fp32 and `--int8 auto`,
-    traced under PyTorch, and every export passes its verification (#30)."""
-    run = tmp_path / "run"
-    fit = _cli(backend, "fit", "--data", str(toy_data), "--preset", str(tiny_preset), "--out",
-               str(run), "--sequence-length", "32", "--batch-size", "16", "--warmup-epochs", "1",
-               "--finetune-epochs", "2", "--quiet")  # fmt: skip
-    assert fit.returncode == 0, fit.stderr[-3000:]
-    for fmt in ("onnx", "openvino"):
-        for int8 in (None, "auto"):
-            out = tmp_path / f"{fmt}-{int8 or 'fp32'}"
-            flags = ["--int8", int8] if int8 else []
-            result = _cli(backend, "export", str(run), "--format", fmt, "--out", str(out), *flags)
-            assert result.returncode == 0, result.stderr[-3000:]
-            manifest = json.loads((out / "manifest.json").read_text())
-            assert manifest["verification"]["passed"] is True
-            assert manifest["graph_source"] == "torch" and manifest["source_backend"] == backend
-            assert "torch" in manifest["versions"] and "tensorflow" not in manifest["versions"]
-            if int8:
-                chosen = manifest["int8_auto"]["chosen"]["mode"]
-                assert chosen == (manifest["quantization"] or "fp32").removeprefix("int8-")
-            labels = _cli(backend, "predict", str(out), "a good day", "--json")
-            assert labels.returncode == 0, labels.stderr[-3000:]
+    traced under PyTorch, and every export passes its verification (#30). Each backend's run
+    takes two of the four, crosswise: the `.keras` file is backend-neutral and every one of them
+    traces under PyTorch, so the training backend changes only the weights."""
+    run = tf_free_runs[backend]
+    pairs = {"jax": (("onnx", None), ("openvino", "auto")),
+             "torch": (("onnx", "auto"), ("openvino", None))}  # fmt: skip
+    for fmt, int8 in pairs[backend]:
+        out = tmp_path / f"{fmt}-{int8 or 'fp32'}"
+        flags = ["--int8", int8] if int8 else []
+        result = _cli(backend, "export", str(run), "--format", fmt, "--out", str(out), *flags)
+        assert result.returncode == 0, result.stderr[-3000:]
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["verification"]["passed"] is True
+        assert manifest["graph_source"] == "torch" and manifest["source_backend"] == backend
+        assert "torch" in manifest["versions"] and "tensorflow" not in manifest["versions"]
+        if int8:
+            chosen = manifest["int8_auto"]["chosen"]["mode"]
+            assert chosen == (manifest["quantization"] or "fp32").removeprefix("int8-")
+        labels = _cli(backend, "predict", str(out), "a good day", "--json")
+        assert labels.returncode == 0, labels.stderr[-3000:]
 
 
 REF_IDS_CODE = """

@@ -17,6 +17,7 @@ names = np.array(["neg", "pos"])
 tuner = TwoStageFineTuner(
     {preset!r}, sequence_length=32, warmup_epochs=2, warmup_learning_rate=1e-2,
     finetune_epochs=8, finetune_learning_rate=3e-3, batch_size=16, seed=3, verbose=0,
+    bucket_width=16,  # toy texts are 6-16 tokens: one batch shape to compile
 )
 history = tuner.fit(texts, names[labels], validation_data=(val_texts, names[val_labels]))
 proba = tuner.predict_proba(val_texts)
