@@ -13,9 +13,10 @@ thresholds keeps freed blocks in the heap, where the next step reuses them.
 Only the PyTorch backend gets it. JAX and TensorFlow allocate through their own runtimes: the
 same thresholds set from the environment left their page faults per step as they were (58,309
 -> 58,335 on JAX, 204,114 -> 207,197 on TensorFlow) and their steps no faster
-(`benchmarks/results/allocator_jax_tf_default.md` against `..._malloc_env.md`). Settings already chosen for the process are kept: `GLIBC_TUNABLES` with a
-malloc tunable, glibc's `MALLOC_MMAP_THRESHOLD_` / `MALLOC_TRIM_THRESHOLD_`, or jemalloc or
-tcmalloc in `LD_PRELOAD`. Elsewhere than glibc (macOS, musl) nothing changes.
+(`benchmarks/results/allocator_jax_tf_default.md` against `..._malloc_env.md`).
+Settings already chosen for the process are kept: `GLIBC_TUNABLES` with a malloc tunable,
+glibc's `MALLOC_MMAP_THRESHOLD_` / `MALLOC_TRIM_THRESHOLD_`, or jemalloc or tcmalloc in
+`LD_PRELOAD`. Elsewhere than glibc (macOS, musl) nothing changes.
 """
 
 from __future__ import annotations
