@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT, TOY_BUCKETS, run_backend, shared_dir
+from conftest import ROOT, fit_args, run_backend, shared_dir
 
 pytestmark = pytest.mark.tf_free
 
@@ -87,10 +87,9 @@ def tf_free_runs(tiny_preset, toy_data, tmp_path_factory) -> dict:
 
     def build(directory):
         for backend in TF_FREE_BACKENDS:
-            fit = _cli(backend, "fit", "--data", str(toy_data), "--preset", str(tiny_preset),
-                       "--out", str(directory / backend), "--sequence-length", "32",
-                       "--batch-size", "16", "--warmup-epochs", "1", "--finetune-epochs", "2",
-                       "--quiet", *TOY_BUCKETS)  # fmt: skip
+            # the toy recipe at 1 + 2 epochs, without `python -m kerasft.cli --backend B`
+            args = fit_args(backend, tiny_preset, toy_data, directory / backend, 1, 2)[5:]
+            fit = _cli(backend, *args)
             assert fit.returncode == 0 and "test accuracy" in fit.stdout, fit.stderr[-3000:]
 
     root = shared_dir(tmp_path_factory, "tf-free-runs", build)
