@@ -82,16 +82,29 @@ def seed_states(model: keras.Model) -> list:
     return [v for v in model.non_trainable_variables if v.name == "seed_generator_state"]
 
 
-def run_fingerprint(recipe: dict, label_names: list[str], texts, labels) -> dict:
-    """What identifies a run: its recipe, classes, training rows (hashed) and backend."""
+def rows_sha256(texts, labels) -> str:
+    """SHA-256 of rows of texts and class ids, in order."""
     digest = hashlib.sha256()
     for text in texts:
         digest.update(text.encode("utf-8") + b"\0")
     digest.update(np.asarray(labels, dtype="int64").tobytes())
+    return digest.hexdigest()
+
+
+def weights_sha256(model) -> str:
+    """SHA-256 of a model's weights (values and order)."""
+    digest = hashlib.sha256()
+    for variable in model.weights:
+        digest.update(np.ascontiguousarray(keras.ops.convert_to_numpy(variable)).tobytes())
+    return digest.hexdigest()
+
+
+def run_fingerprint(recipe: dict, label_names: list[str], texts, labels) -> dict:
+    """What identifies a run: its recipe, classes, training rows (hashed) and backend."""
     return {
         "recipe": recipe,
         "label_names": label_names,
-        "train_sha256": digest.hexdigest(),
+        "train_sha256": rows_sha256(texts, labels),
         "backend": keras.backend.backend(),
     }
 

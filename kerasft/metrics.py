@@ -36,3 +36,35 @@ def classification_metrics(y_true, y_pred, num_classes: int) -> dict:
         ).tolist(),
         "rows": int(len(y_true)),
     }
+
+
+def confusion_metrics(confusion) -> dict:
+    """`classification_metrics` of the predictions that a confusion matrix counts.
+
+    Every score depends on the counts alone, so they are computed exactly as
+    `classification_metrics` computes them, on one `(true, predicted)` pair per counted row.
+
+    Args:
+        confusion: `(K, K)` non-negative counts, rows = true class, columns = predicted class.
+
+    Returns:
+        The `classification_metrics` dict.
+
+    Raises:
+        ValueError: if `confusion` is not a square matrix of non-negative integers.
+    """
+    counts = np.asarray(confusion)
+    if (
+        counts.ndim != 2
+        or counts.shape[0] != counts.shape[1]
+        or (counts < 0).any()
+        or (counts != np.rint(counts)).any()
+    ):
+        raise ValueError(
+            f"confusion must be a square matrix of non-negative counts. Received: {counts!r}"
+        )
+    counts = counts.astype("int64")
+    k = counts.shape[0]
+    true = np.repeat(np.arange(k), counts.sum(axis=1))
+    predicted = np.concatenate([np.repeat(np.arange(k), row) for row in counts])
+    return classification_metrics(true, predicted, k)

@@ -219,6 +219,20 @@ class F1Score(keras.metrics.Metric):
         return {**super().get_config(), "num_classes": self.num_classes}
 
 
+def validation_confusion(model: keras.Model) -> np.ndarray | None:
+    """The confusion matrix (int64, rows = true class) in `model`'s compiled `F1Score`.
+
+    Read at the end of a `fit` epoch that validated, it is the validation pass's: Keras resets
+    the compiled metrics before `evaluate` and calls `on_epoch_end` after it. None when the
+    model has no `F1Score` (not compiled by `compile_classifier`).
+    """
+    for metric in model.metrics:
+        for inner in [metric, *getattr(metric, "metrics", [])]:
+            if isinstance(inner, F1Score):
+                return np.rint(keras.ops.convert_to_numpy(inner.confusion)).astype("int64")
+    return None
+
+
 def encode(
     classifier,
     texts: list[str],

@@ -19,6 +19,7 @@ import logging
 import time
 
 import keras
+import numpy as np
 
 from kerasft import lora, recipe
 from kerasft.checkpoint import CheckpointDir, restore_optimizer, set_global_rng_state
@@ -38,6 +39,9 @@ class TrainingResult:
         samples_per_second: training rows per second of each stage.
         selected_epoch: which epoch the final weights come from, and why.
         parameters: trainable and total parameters as stage 2 trained them.
+        validation_confusion: the confusion matrix of the selected epoch's validation pass, as
+            `fit` scored it, or None (no validation, a stage-1 epoch, or one from before a
+            resume).
     """
 
     history: keras.callbacks.History
@@ -45,6 +49,7 @@ class TrainingResult:
     samples_per_second: dict[str, float]
     selected_epoch: dict
     parameters: dict[str, int]
+    validation_confusion: np.ndarray | None = None
 
 
 class StageLoop:
@@ -105,6 +110,7 @@ class StageLoop:
         for stage in STAGES:
             self._run_stage(stage, train, validation, run)
         seconds = dict(run.seconds)
+        selected = self._select(run)
         if self.store is not None:  # part of the stage seconds above, reported apart
             seconds["checkpoints"] = self.store.seconds
         return TrainingResult(
@@ -116,9 +122,10 @@ class StageLoop:
                 else 0.0
                 for stage in STAGES
             },  # fmt: skip
-            selected_epoch=self._select(run),
+            selected_epoch=selected,
             # as stage 2 trained them (its frozen weights), or as they are when it did not run here
             parameters=run.parameters or lora.parameter_counts(self.core()),
+            validation_confusion=run.val_confusion.get(selected["epoch"]),
         )
 
     def enable_lora(self) -> None:
@@ -247,6 +254,7 @@ class RunState:
         self.best_weights: list | None = None
         self.rng: dict | None = None
         self.parameters: dict[str, int] | None = None  # counted as stage 2 starts
+        self.val_confusion: dict[int, np.ndarray] = {}  # stage-2 epoch (1-based) -> matrix
 
     def epochs(self, stage: str) -> int:
         number = STAGES.index(stage) + 1
@@ -320,6 +328,10 @@ class _EpochEnd(keras.callbacks.Callback):
             logs["val_loss"] = float(logs["val_loss"]) * self.val_loss_scale
         logs = {k: float(v) for k, v in (logs or {}).items()}
         self.run.logs.append({**logs, "stage": STAGES.index(self.stage) + 1})
+        if self.stage == "finetune" and "val_loss" in logs:  # Keras' metrics hold validation's
+            confusion = recipe.validation_confusion(self.model)
+            if confusion is not None:
+                self.run.val_confusion[len(self.run.logs)] = confusion
         if self.stage == "finetune" and self.run.monitor is not None:
             self._track(logs)
         self.run.seconds[self.stage] = self.base_seconds + time.perf_counter() - self.start

@@ -21,7 +21,7 @@ import numpy as np
 
 from kerasft import distribute, lora, machine, recipe, rundir
 from kerasft.batching import default_bucket_width
-from kerasft.checkpoint import CheckpointDir, run_fingerprint
+from kerasft.checkpoint import CheckpointDir, rows_sha256, run_fingerprint, weights_sha256
 from kerasft.config import RecipeConfig
 from kerasft.data import (
     TextDataset,
@@ -32,7 +32,7 @@ from kerasft.data import (
     training_classes,
 )
 from kerasft.fileio import atomic_write_file, atomic_write_text
-from kerasft.metrics import classification_metrics
+from kerasft.metrics import classification_metrics, confusion_metrics
 from kerasft.precision import (
     check_mixed_precision,
     policy_name,
@@ -121,6 +121,9 @@ class TwoStageFineTuner:
         self.selected_epoch: dict | None = None
         self.parameters: dict[str, int] = {}
         self.adapter_model = None  # with finetune_method="lora": the classifier with adapters
+        # (validation rows' hash, weights' hash, confusion matrix): `fit`'s scoring of the
+        # selected epoch, which `score` returns for the same rows and weights (`_keep`)
+        self._validated: tuple[str, str, np.ndarray] | None = None
 
     def __getattr__(self, name):
         recipe = self.__dict__.get("recipe")
@@ -229,7 +232,7 @@ class TwoStageFineTuner:
                              class_weight=self._class_weights, verbose=self.verbose)  # fmt: skip
             self.adapter_model = None
             result = loop.run(train, val, state)
-        self._keep(result, plan)
+        self._keep(result, plan, None if val is None else rows_sha256(val_texts, val_labels))
         return self.history
 
     def _fit_inputs(self, x, y, validation_data) -> tuple:
@@ -250,17 +253,26 @@ class TwoStageFineTuner:
             )
         return texts, labels, None, None
 
-    def _keep(self, result, plan) -> None:
+    def _keep(self, result, plan, validation_sha256: str | None) -> None:
         """Keeps what the stage loop reports and the model to save and export: float32, with
-        LoRA adapters merged into the kernels (the adapted model stays `adapter_model`)."""
+        LoRA adapters merged into the kernels (the adapted model stays `adapter_model`).
+
+        When that model is the one whose validation pass `fit` last scored (float32 all along,
+        no adapters, one device), it keeps that pass's confusion matrix for `score`.
+        """
         if lora.adapted_layers(self.model):
             self.adapter_model = self.model
         # In a multi-process run, a copy local to this process: predictions need no other one.
         local = plan is not None and plan.process_count > 1
         self._plan = None if local else plan
         self.data_parallel = None if plan is None else plan.describe()
+        trained = self.model
         with distribute.maybe_scope(self._plan):
             self.model = to_float32(self.model, copy=local)
+        confusion = result.validation_confusion
+        self._validated = None
+        if plan is None and self.model is trained and validation_sha256 and confusion is not None:
+            self._validated = (validation_sha256, weights_sha256(self.model), confusion)
         self.history, self.stage_seconds = result.history, result.seconds
         self.stage_samples_per_second = result.samples_per_second
         self.selected_epoch, self.parameters = result.selected_epoch, result.parameters
@@ -298,13 +310,28 @@ class TwoStageFineTuner:
     def _encode(self, texts, labels=None):
         """Unshuffled batches for inference, even across the devices predictions run on."""
         replicas = self._plan.replicas if self._plan is not None else 1
-        size = self.recipe.batch_size
-        return recipe.encode(self._fitted(), texts, labels, batch_size=size, replicas=replicas)
+        r = self.recipe  # batched as `fit` batched its validation rows
+        return recipe.encode(self._fitted(), texts, labels, batch_size=r.batch_size,
+                             replicas=replicas, bucket_width=r.bucket_width)  # fmt: skip
 
     def score(self, x, y=None) -> dict:
         """Returns accuracy, precision, recall, F1 and the confusion matrix on `x`, `y` (labels
-        as in `fit`, matched to `label_names` by name; `kerasft.metrics`)."""
+        as in `fit`, matched to `label_names` by name; `kerasft.metrics`).
+
+        Scoring `fit`'s own `validation_data` with the weights it selected reuses the confusion
+        matrix of that epoch's validation pass instead of predicting again, where it is the
+        same computation: float32 training, no LoRA, one device, weights unchanged since (all
+        checked by hash). Elsewhere it predicts.
+
+        Example:
+            >>> tuner.score(test_texts, test_labels)["f1"]
+        """
         texts, labels, _ = texts_and_labels(x, y, self._fitted_labels())
+        if self._validated is not None and self._validated[0] == rows_sha256(texts, labels):
+            _, weights, confusion = self._validated
+            if weights == weights_sha256(self._fitted()):  # the rows and weights `fit` scored
+                log.info("(the scores of fit's validation pass: the same rows and weights)")
+                return confusion_metrics(confusion)
         predicted = np.argmax(self.predict_proba(texts), axis=-1)
         return classification_metrics(labels, predicted, self.num_classes)
 

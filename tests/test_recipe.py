@@ -89,3 +89,22 @@ def test_label_smoothing_reaches_the_loss():
         compile_classifier(model, 1e-3, label_smoothing=smoothing)
         losses[smoothing] = model.evaluate(x, y, verbose=0, return_dict=True)["loss"]
     assert losses[0.0] < 1e-6 < 1.0 < losses[0.2]
+
+
+@pytest.mark.parametrize("num_classes", [2, 3])
+def test_scores_from_a_confusion_matrix_equal_scores_from_predictions(num_classes):
+    from kerasft.metrics import classification_metrics, confusion_metrics
+
+    rng = np.random.default_rng(num_classes)
+    true = rng.integers(0, num_classes, 500)
+    predicted = np.where(rng.random(500) < 0.7, true, rng.integers(0, num_classes, 500))
+    direct = classification_metrics(true, predicted, num_classes)
+    assert confusion_metrics(direct["confusion_matrix"]) == direct
+
+
+@pytest.mark.parametrize("bad", [[[1, 2]], [[1, -1], [0, 2]], [[1.5, 0], [0, 1]]])
+def test_confusion_metrics_names_a_bad_matrix(bad):
+    from kerasft.metrics import confusion_metrics
+
+    with pytest.raises(ValueError, match="square matrix of non-negative counts"):
+        confusion_metrics(bad)

@@ -10,6 +10,7 @@ import numpy as np
 sys.path.insert(0, {tests!r})
 from conftest import toy_texts
 from kerasft import TwoStageFineTuner
+from kerasft.metrics import classification_metrics
 
 texts, labels = toy_texts(256, seed=0)
 val_texts, val_labels = toy_texts(64, seed=1)
@@ -25,6 +26,14 @@ pred = tuner.predict(val_texts)
 path = os.path.join({tmp!r}, "model.keras")
 tuner.save(path)
 loaded = TwoStageFineTuner.load(path)
+# `score` of fit's validation rows reuses its last validation pass: equal to predicting again
+reused = tuner._validated is not None
+scored = tuner.score(val_texts, names[val_labels])
+predicted = classification_metrics(np.array(val_labels), proba.argmax(-1), 2)
+evaluated = tuner.evaluate(val_texts, names[val_labels])
+bias = tuner.model.output_dense.bias
+bias.assign(np.array([1e4, -1e4], "float32"))  # other weights: every row predicted "neg"
+changed = tuner.score(val_texts, names[val_labels])["confusion_matrix"]
 onehot = np.eye(2)[labels]
 again = TwoStageFineTuner({preset!r}, sequence_length=32, warmup_epochs=1, finetune_epochs=0,
                           batch_size=16, verbose=0)
@@ -35,12 +44,15 @@ print(json.dumps({{
     "proba_shape": list(proba.shape),
     "proba_sums": np.round(proba.sum(1), 5).tolist(),
     "val_accuracy": float((pred == names[val_labels]).mean()),  # labels, as given to fit
-    "evaluate": tuner.evaluate(val_texts, names[val_labels]),
+    "evaluate": evaluated,
     "loaded_same": bool(np.allclose(loaded.predict_proba(val_texts), proba, atol=1e-5)),
     "loaded_labels": loaded.label_names,
     "trainable": tuner.model.backbone.trainable,
     "onehot_stages": again_history.history["stage"],
     "seconds": tuner.stage_seconds,
+    "reused": reused,
+    "scored_as_predicted": scored == predicted,
+    "changed": changed,
 }}))
 """
 
@@ -62,6 +74,8 @@ def test_two_stage_fit_predict_save_load(backend, tiny_preset, tmp_path):
     assert r["trainable"] is True
     assert r["onehot_stages"] == [1]
     assert set(r["seconds"]) == {"warmup", "finetune"}
+    assert r["reused"] and r["scored_as_predicted"], r
+    assert r["changed"] == [[32, 0], [32, 0]], r["changed"]  # not the kept scores
 
 
 HEAD_CODE = """
