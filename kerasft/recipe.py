@@ -20,7 +20,7 @@ import keras
 import numpy as np
 
 from kerasft.allocator import keep_freed_memory
-from kerasft.batching import BucketedBatches, one_hot, tokenize
+from kerasft.batching import BucketedBatches, inference_batch_size, one_hot, tokenize
 from kerasft.dropout import rand_masks
 from kerasft.lora import adapted_layers
 from kerasft.optimizers import adam
@@ -453,7 +453,7 @@ def extract_features(classifier, data: BucketedBatches, verbose: int | str = "au
     extractor, _ = _head_parts(classifier)
     unshuffled = BucketedBatches(
         data.token_ids,
-        batch_size=max(64, data.batch_size),
+        batch_size=inference_batch_size(data.batch_size),
         shuffle=False,
         replicas=data.replicas,  # (one process: a multi-process run caches no features)
     )

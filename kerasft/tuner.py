@@ -20,7 +20,7 @@ import keras
 import numpy as np
 
 from kerasft import distribute, lora, machine, recipe, rundir
-from kerasft.batching import default_bucket_width
+from kerasft.batching import default_bucket_width, inference_batch_size
 from kerasft.checkpoint import CheckpointDir, rows_sha256, run_fingerprint, weights_sha256
 from kerasft.config import RecipeConfig
 from kerasft.data import (
@@ -225,6 +225,7 @@ class TwoStageFineTuner:
             train = recipe.encode(self.model, texts, labels, shuffle=True, seed=r.seed, **encode)
             val = None
             if val_texts is not None:
+                encode["batch_size"] = inference_batch_size(r.batch_size)
                 val = recipe.encode(self.model, val_texts, val_labels, **encode)
             if plan is not None:
                 distribute.log_remainders(train, val, r)
@@ -311,8 +312,9 @@ class TwoStageFineTuner:
         """Unshuffled batches for inference, even across the devices predictions run on."""
         replicas = self._plan.replicas if self._plan is not None else 1
         r = self.recipe  # batched as `fit` batched its validation rows
-        return recipe.encode(self._fitted(), texts, labels, batch_size=r.batch_size,
-                             replicas=replicas, bucket_width=r.bucket_width)  # fmt: skip
+        return recipe.encode(self._fitted(), texts, labels, replicas=replicas,
+                             batch_size=inference_batch_size(r.batch_size),
+                             bucket_width=r.bucket_width)  # fmt: skip
 
     def score(self, x, y=None) -> dict:
         """Returns accuracy, precision, recall, F1 and the confusion matrix on `x`, `y` (labels
