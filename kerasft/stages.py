@@ -22,7 +22,12 @@ import keras
 import numpy as np
 
 from kerasft import lora, recipe
-from kerasft.checkpoint import CheckpointDir, restore_optimizer, set_global_rng_state
+from kerasft.checkpoint import (
+    CheckpointDir,
+    restore_optimizer,
+    set_global_rng_state,
+    weights_sha256,
+)
 from kerasft.config import STAGES, RecipeConfig
 from kerasft.dropout import rand_masks
 
@@ -39,9 +44,9 @@ class TrainingResult:
         samples_per_second: training rows per second of each stage.
         selected_epoch: which epoch the final weights come from, and why.
         parameters: trainable and total parameters as stage 2 trained them.
-        validation_confusion: the confusion matrix of the selected epoch's validation pass, as
-            `fit` scored it, or None (no validation, a stage-1 epoch, or one from before a
-            resume).
+        validated: `(confusion matrix, weights' SHA-256)` of the selected epoch's validation
+            pass as `fit` scored it, or None (no validation, a stage-1 epoch, or one from
+            before a resume).
     """
 
     history: keras.callbacks.History
@@ -49,7 +54,7 @@ class TrainingResult:
     samples_per_second: dict[str, float]
     selected_epoch: dict
     parameters: dict[str, int]
-    validation_confusion: np.ndarray | None = None
+    validated: tuple[np.ndarray, str] | None = None
 
 
 class StageLoop:
@@ -125,7 +130,7 @@ class StageLoop:
             selected_epoch=selected,
             # as stage 2 trained them (its frozen weights), or as they are when it did not run here
             parameters=run.parameters or lora.parameter_counts(self.core()),
-            validation_confusion=run.val_confusion.get(selected["epoch"]),
+            validated=run.validated.get(selected["epoch"]),
         )
 
     def enable_lora(self) -> None:
@@ -254,7 +259,8 @@ class RunState:
         self.best_weights: list | None = None
         self.rng: dict | None = None
         self.parameters: dict[str, int] | None = None  # counted as stage 2 starts
-        self.val_confusion: dict[int, np.ndarray] = {}  # stage-2 epoch (1-based) -> matrix
+        # stage-2 epoch (1-based) -> (validation confusion matrix, SHA-256 of the weights it scored)
+        self.validated: dict[int, tuple[np.ndarray, str]] = {}
 
     def epochs(self, stage: str) -> int:
         number = STAGES.index(stage) + 1
@@ -330,8 +336,9 @@ class _EpochEnd(keras.callbacks.Callback):
         self.run.logs.append({**logs, "stage": STAGES.index(self.stage) + 1})
         if self.stage == "finetune" and "val_loss" in logs:  # Keras' metrics hold validation's
             confusion = recipe.validation_confusion(self.model)
-            if confusion is not None:
-                self.run.val_confusion[len(self.run.logs)] = confusion
+            if confusion is not None:  # with the weights it scored, before any callback's change
+                weights = weights_sha256(self.loop.classifier)
+                self.run.validated[len(self.run.logs)] = (confusion, weights)
         if self.stage == "finetune" and self.run.monitor is not None:
             self._track(logs)
         self.run.seconds[self.stage] = self.base_seconds + time.perf_counter() - self.start

@@ -121,8 +121,8 @@ class TwoStageFineTuner:
         self.selected_epoch: dict | None = None
         self.parameters: dict[str, int] = {}
         self.adapter_model = None  # with finetune_method="lora": the classifier with adapters
-        # (validation rows' hash, weights' hash, confusion matrix): `fit`'s scoring of the
-        # selected epoch, which `score` returns for the same rows and weights (`_keep`)
+        # (validation rows' hash, scored weights' hash, confusion matrix): `fit`'s validation of
+        # the selected epoch, which `score` returns for the same rows and weights (`_keep`)
         self._validated: tuple[str, str, np.ndarray] | None = None
 
     def __getattr__(self, name):
@@ -270,10 +270,10 @@ class TwoStageFineTuner:
         trained = self.model
         with distribute.maybe_scope(self._plan):
             self.model = to_float32(self.model, copy=local)
-        confusion = result.validation_confusion
         self._validated = None
-        if plan is None and self.model is trained and validation_sha256 and confusion is not None:
-            self._validated = (validation_sha256, weights_sha256(self.model), confusion)
+        if plan is None and self.model is trained and validation_sha256 and result.validated:
+            confusion, weights = result.validated
+            self._validated = (validation_sha256, weights, confusion)
         self.history, self.stage_seconds = result.history, result.seconds
         self.stage_samples_per_second = result.samples_per_second
         self.selected_epoch, self.parameters = result.selected_epoch, result.parameters
@@ -331,7 +331,7 @@ class TwoStageFineTuner:
         texts, labels, _ = texts_and_labels(x, y, self._fitted_labels())
         if self._validated is not None and self._validated[0] == rows_sha256(texts, labels):
             _, weights, confusion = self._validated
-            if weights == weights_sha256(self._fitted()):  # the rows and weights `fit` scored
+            if weights == weights_sha256(self._fitted()):  # the weights it scored, unchanged
                 log.info("(the scores of fit's validation pass: the same rows and weights)")
                 return confusion_metrics(confusion)
         predicted = np.argmax(self.predict_proba(texts), axis=-1)

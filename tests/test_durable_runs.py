@@ -252,6 +252,28 @@ def test_user_callbacks_see_the_whole_classifier(tiny_preset, tmp_path):
                                       keras.ops.convert_to_numpy(returned))  # fmt: skip
 
 
+class _ChangeHeadAtTrainEnd(keras.callbacks.Callback):
+    """Changes the weights after the last validation (as restoring a best epoch would)."""
+
+    def on_train_end(self, logs=None):
+        if self.model.output_dense.bias.shape == (2,):
+            self.model.output_dense.bias.assign(np.array([1e4, -1e4], "float32"))
+
+
+@pytest.mark.slow
+def test_validation_scores_are_reused_only_for_the_weights_that_were_scored(tiny_preset):
+    texts, labels = toy_texts(96, seed=4)
+    val = (texts[64:], labels[64:])
+    kw = dict(sequence_length=32, batch_size=16, warmup_epochs=0, finetune_epochs=1, verbose=0)
+    tuner = TwoStageFineTuner(tiny_preset, callbacks=[_ChangeHeadAtTrainEnd()], **kw)
+    tuner.fit(texts[:64], labels[:64], validation_data=val)
+    all_negative = [[16, 0], [16, 0]]
+    if tuner._validated is not None:  # fit's pass scored other weights, with other answers
+        assert tuner._validated[2].tolist() != all_negative
+    # the head now answers "0" for every row: `score` predicts, it does not return fit's pass
+    assert tuner.score(*val)["confusion_matrix"] == all_negative
+
+
 def test_checkpoint_of_another_run_is_refused(tiny_preset, tmp_path):
     texts, labels = toy_texts(64, seed=1)
     kw = dict(sequence_length=32, batch_size=16, warmup_epochs=1, finetune_epochs=0, verbose=0)
