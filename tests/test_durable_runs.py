@@ -257,7 +257,7 @@ class _ChangeHeadAtTrainEnd(keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         if self.model.output_dense.bias.shape == (2,):
-            self.model.output_dense.bias.assign(np.array([1e4, -1e4], "float32"))
+            self.model.output_dense.bias.assign(np.array([-1e4, 1e4], "float32"))
 
 
 @pytest.mark.slow
@@ -267,11 +267,11 @@ def test_validation_scores_are_reused_only_for_the_weights_that_were_scored(tiny
     kw = dict(sequence_length=32, batch_size=16, warmup_epochs=0, finetune_epochs=1, verbose=0)
     tuner = TwoStageFineTuner(tiny_preset, callbacks=[_ChangeHeadAtTrainEnd()], **kw)
     tuner.fit(texts[:64], labels[:64], validation_data=val)
-    all_negative = [[16, 0], [16, 0]]
+    all_positive = [[0, 16], [0, 16]]
     if tuner._validated is not None:  # fit's pass scored other weights, with other answers
-        assert tuner._validated[2].tolist() != all_negative
-    # the head now answers "0" for every row: `score` predicts, it does not return fit's pass
-    assert tuner.score(*val)["confusion_matrix"] == all_negative
+        assert tuner._validated[2].tolist() != all_positive
+    # the head now answers "1" for every row: `score` predicts, it does not return fit's pass
+    assert tuner.score(*val)["confusion_matrix"] == all_positive
 
 
 def test_checkpoint_of_another_run_is_refused(tiny_preset, tmp_path):
