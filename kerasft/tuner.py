@@ -322,8 +322,8 @@ class TwoStageFineTuner:
 
         Scoring `fit`'s own `validation_data` with the weights it selected reuses the confusion
         matrix of that epoch's validation pass instead of predicting again, where it is the
-        same computation: float32 training, no LoRA, one device, weights unchanged since (all
-        checked by hash). Elsewhere it predicts.
+        same computation: float32 training, no LoRA, one device, weights unchanged since (the
+        rows and weights compared by hash). Elsewhere it predicts.
 
         Example:
             >>> tuner.score(test_texts, test_labels)["f1"]
