@@ -25,13 +25,16 @@ A kerasft engine trains as the recipe's defaults say (`RecipeConfig().stage_opti
 precision, `mixed_precision="auto"`, is bfloat16 on CPUs with AVX512_BF16 or AMX-BF16, else
 float32; the bucket width; whether the word embeddings train) but for what its name overrides:
 `torch@1` a bucket width, `torch:fp32` / `torch:bf16` the precision, `torch+frozen` /
-`torch-frozen` the word embeddings. Trainer trains in float32 (its default) unless
-`trainer:bf16`. Ratios are to `trainer` (its defaults) and, where it ran, to `trainer:bf16`.
+`torch-frozen` the word embeddings; `torch+padded` computes each batch with its padding,
+as kerasft did before it packed a batch's real tokens (`kerasft.encoder`). Trainer trains in
+float32 (its default) unless `trainer:bf16`. Ratios are to `trainer` (its defaults) and,
+where it ran, to `trainer:bf16`.
 
 A step is timed from the end of the previous step to the end of this one (the loss is read
 back, which synchronises), so it includes the host-side batching of the step. Reported per
 engine: median ms/step and its spread (p10-p90), samples/s (median over rounds), the ratio to
-Trainer, the tokens each step computes (padding included), the FLOP/s that makes, as a share of
+Trainer, the tokens per row (padded, and those the dense layers compute: kerasft on PyTorch
+packs the real ones), the FLOP/s that makes, as a share of
 the CPU's nominal peak (`kerasft.machine.peak_fp32_gflops`), and, for kerasft, stage 1's
 cached feature pass (frozen backbone, inference) in rows/s. `--quick` (about 2 minutes of
 timing) is for choosing a backend on another machine.
@@ -42,6 +45,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import shlex
 import subprocess
@@ -78,7 +82,8 @@ class _Rounds:
     """Times steps; after every `steps` of them reports to the parent and waits for its word."""
 
     def __init__(self, steps: int, shapes: list[tuple[int, int]]):
-        self.steps, self.shapes = steps, shapes  # shapes[i]: (rows, padded length) of step i
+        # shapes[i]: (rows, padded length[, tokens per row computed]) of step i
+        self.steps, self.shapes = steps, shapes
         self.done_steps = 0
         self.times: list[float] = []
         self.last = None
@@ -136,11 +141,13 @@ def _kerasft_worker(spec: dict, overrides: dict) -> None:
     from kerasft.benchmarks.worker import set_threads
     from kerasft.config import RecipeConfig
     from kerasft.dropout import rand_masks
+    from kerasft.encoder import ClsEncoder
     from kerasft.precision import policy_name, resolve_mixed_precision
     from kerasft.presets import load_classifier
 
     set_threads(spec["threads"])
     # The recipe's stage 2 with its defaults, but for what the engine's name overrides.
+    padded = overrides.pop("padded", False)  # not the recipe's: see `_parse_engine`
     config = RecipeConfig(batch_size=BATCH_SIZE, finetune_learning_rate=LEARNING_RATE,
                           finetune_schedule="linear", seed=SEED, **overrides)  # fmt: skip
     mixed = resolve_mixed_precision(config.mixed_precision)
@@ -159,6 +166,9 @@ def _kerasft_worker(spec: dict, overrides: dict) -> None:
         classifier, train, epochs=1, train_base=True, verbose=0,
         **config.stage_options("finetune"),
     )  # fmt: skip
+    for view in model._flatten_layers():
+        if isinstance(view, ClsEncoder):
+            view.skip_padding = not padded
     with rand_masks(model) as dropout_layers:  # as the recipe's `fit` trains
         batches, lengths, first = _timed_batches(
             train, WARMUP_STEPS + spec["rounds"] * spec["steps"] + 1
@@ -174,9 +184,13 @@ def _kerasft_worker(spec: dict, overrides: dict) -> None:
         usual = np.bincount(lengths).argmax()
         common = int(np.argmax(lengths == usual))  # a batch of the usual length
         breakdown = _breakdown(model, train, batches[common])
-        rounds = _Rounds(spec["steps"], [(BATCH_SIZE, int(n)) for n in lengths[1 + WARMUP_STEPS :]])
+        # (rows, padded length, tokens per row the dense layers compute) of each timed step
+        computed = [_computed_tokens(model, train, b) for b in batches]
+        timed_shapes = zip(lengths[1 + WARMUP_STEPS :], computed[1 + WARMUP_STEPS :], strict=True)
+        rounds = _Rounds(spec["steps"], [(BATCH_SIZE, int(n), c) for n, c in timed_shapes])
         notes = ["bf16" if mixed else "fp32", f"bucket width {width}"]
         notes += ["word embeddings frozen"] if config.freeze_word_embeddings else []
+        notes += ["padding computed"] if padded else []
         notes += ["dropout masks from torch.rand"] if dropout_layers else []
         _reply({
             "breakdown": breakdown,
@@ -226,6 +240,18 @@ def _timed_batches(train, need: int) -> tuple[list, np.ndarray, dict]:
     for i, n in enumerate(lengths):
         first.setdefault(n, i)
     return batches, lengths, first
+
+
+def _computed_tokens(model, train, rows) -> float:
+    """Tokens per row the encoder's dense layers compute for batch `rows`: its real tokens
+    where the view packs them (`kerasft.encoder`, PyTorch), else its padded length."""
+    from kerasft.encoder import ClsEncoder
+
+    view = next((x for x in model._flatten_layers() if isinstance(x, ClsEncoder)), None)
+    length = float(train.bucket_len[rows].max())
+    if view is None or not view.packs():
+        return length
+    return float(np.mean(np.minimum(np.maximum(train.lengths[rows], 1), length)))
 
 
 def _feature_pass(classifier, train, feature_rows: int) -> tuple[int, float]:
@@ -476,33 +502,44 @@ def worker(engine: str, spec: dict) -> None:
 
 
 def _parse_engine(name: str) -> tuple[str, dict]:
-    """`NAME[@WIDTH][:PRECISION][+frozen|-frozen]` -> `(name, recipe overrides)`.
+    """`NAME[@WIDTH][:PRECISION][+frozen|-frozen][+padded]` -> `(name, overrides)`.
 
-    `"torch"` -> `("torch", {})` (the recipe's defaults); `"torch@1:fp32"` -> `("torch",
-    {"bucket_width": 1, "mixed_precision": None})`; `"torch+frozen"` -> `("torch",
-    {"freeze_word_embeddings": True})`; `"trainer:bf16"` -> `("trainer", {"mixed_precision":
-    "bfloat16"})`.
+    The overrides are the recipe's (`RecipeConfig` fields) but for `"padded": True`, which runs
+    kerasft's view without packing a batch's real tokens (`kerasft.encoder`; it computes the
+    padding, as before packing): for measuring what packing saves. `"torch"` -> `("torch", {})`
+    (the recipe's defaults); `"torch@1:fp32"` -> `("torch", {"bucket_width": 1,
+    "mixed_precision": None})`; `"torch+frozen"` -> `("torch", {"freeze_word_embeddings":
+    True})`; `"trainer:bf16"` -> `("trainer", {"mixed_precision": "bfloat16"})`.
 
     Raises:
-        ValueError: an unknown engine, precision or suffix, a bad width, or a width or a
-            suffix for Trainer.
+        ValueError: an unknown engine, precision or suffix, a bad width, a repeated suffix, or
+            a width or a suffix for Trainer.
     """
-    head, sign, frozen = name.partition("+") if "+" in name else name.partition("-")
-    head, _, precision = head.partition(":")
-    backend, _, width = head.partition("@")
-    if backend not in ENGINES or (width and (not width.isdigit() or int(width) < 1)):
+    match = re.fullmatch(r"([a-z]+)(?:@(\d+))?(?::(\w+))?((?:[+-][a-z]+)*)", name)
+    if match is None:
         raise ValueError(name)
-    if (precision and precision not in PRECISIONS) or (sign and frozen != "frozen"):
+    backend, width, precision, tail = match.groups()
+    suffixes = re.findall(r"[+-][a-z]+", tail)
+    if backend not in ENGINES or (width and int(width) < 1):
         raise ValueError(name)
-    if backend == "trainer" and (width or sign):
+    if (precision and precision not in PRECISIONS) or len(set(suffixes)) != len(suffixes):
+        raise ValueError(name)
+    if any(x not in ("+frozen", "-frozen", "+padded") for x in suffixes) or (
+        "+frozen" in suffixes and "-frozen" in suffixes
+    ):
+        raise ValueError(name)
+    if backend == "trainer" and (width or suffixes):
         raise ValueError(name)
     overrides = {}
     if width:
         overrides["bucket_width"] = int(width)
     if precision:
         overrides["mixed_precision"] = PRECISIONS[precision]
-    if sign:
-        overrides["freeze_word_embeddings"] = sign == "+"
+    for suffix in suffixes:
+        if suffix.endswith("frozen"):
+            overrides["freeze_word_embeddings"] = suffix == "+frozen"
+        else:
+            overrides["padded"] = True
     return backend, overrides
 
 
@@ -662,20 +699,23 @@ def _engine_result(info: dict, per_round: list, shapes: list, stats: dict, peak)
     flat = np.concatenate(per_round)
     rows_per_step = np.array([s[0] for s in shapes], dtype=float)
     lengths = np.array([s[1] for s in shapes], dtype=float)
+    # tokens per row through the dense layers: packed (real) ones, else the padded length
+    tokens = np.array([s[2] if len(s) > 2 else s[1] for s in shapes], dtype=float)
     # Matrix FLOPs of a training step (forward + backward = 3x forward): 2 per parameter
-    # and token in the encoder layers, plus attention's two products (4 L d per token).
+    # and token in the encoder layers, plus attention's two products (4 L d per token, over
+    # the padded length).
     layers, hidden = info["layers"], info["hidden"]
     per_layer = info["encoder_parameters"] / layers
     if info.get("last_layer_at_cls"):  # every token's keys and values, the rest at [CLS] only
         layers -= 1
         kv = 2 * hidden**2
-        last = lengths * 2 * kv + 2 * (per_layer - kv) + 4 * lengths * hidden
+        last = tokens * 2 * kv + 2 * (per_layer - kv) + 4 * lengths * hidden
     else:
         last = 0.0
     flops = (
         3
         * rows_per_step
-        * (lengths * (2 * per_layer * layers + 4 * layers * lengths * hidden) + last)
+        * (tokens * 2 * per_layer * layers + 4 * layers * lengths**2 * hidden + last)
     )
     round_rates = [BATCH_SIZE * len(s) / float(np.sum(s)) for s in per_round]
     gflops = float(np.sum(flops) / np.sum(flat) / 1e9)
@@ -688,6 +728,7 @@ def _engine_result(info: dict, per_round: list, shapes: list, stats: dict, peak)
         "samples_per_second_rounds": round_rates,
         "timed_steps": len(flat),
         "padded_tokens_per_row": float(np.mean(lengths)),
+        "computed_tokens_per_row": float(np.mean(tokens)),
         "gflops": gflops,
         "share_of_peak": None if peak is None else gflops / peak,
         "peak_rss_mb": stats["peak_rss_mb"],
@@ -718,9 +759,11 @@ def render(report: dict) -> str:
         "own (loss read back), host-side batching included. samples/s: median over rounds; "
         "page faults/step: the engine process's minor page faults over the timed steps, per "
         "step (memory the kernel mapped in; kerasft keeps freed blocks, `kerasft.allocator`); "
-        "ratios: of those medians. FLOP/s: matrix FLOPs a step computes (padding included: "
-        "3 x forward, 2 per encoder parameter and token plus attention's 4 x length x hidden; "
-        "kerasft's last layer at [CLS] only but for its keys and values), "
+        "ratios: of those medians. FLOP/s: matrix FLOPs a step computes (3 x forward: 2 per "
+        "encoder parameter and computed token, padding included where it is computed, plus "
+        "attention's 4 x padded length x hidden per token; kerasft's last layer at [CLS] only "
+        "but for its keys and values; kerasft on PyTorch packs a batch's real tokens, "
+        "`kerasft.encoder`), "
         "over the median step (bfloat16 engines too, against the float32 peak). Precision: "
         "kerasft's engines in the recipe's default unless named (`auto`: bfloat16 where the CPU "
         "has AVX512_BF16 or AMX-BF16), Trainer at its defaults (float32) and, where the CPU "
@@ -732,7 +775,7 @@ def render(report: dict) -> str:
         ),
         "",
         "| engine | ms/step p50 (p10-p90) | samples/s | vs Trainer | vs Trainer bf16 | "
-        "tokens/row (padded) | GFLOP/s | share of peak | stage-1 feature pass rows/s | "
+        "tokens/row padded (computed) | GFLOP/s | share of peak | stage-1 feature pass rows/s | "
         "optimizer | page faults/step | compile s |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
     ]
@@ -747,7 +790,8 @@ def render(report: dict) -> str:
             f"| {r['engine']} | {r['ms_per_step_p50']:.0f} ({r['ms_per_step_p10']:.0f}-"
             f"{r['ms_per_step_p90']:.0f}) | {r['samples_per_second']:.1f} | "
             f"{ratio(r, 'vs_trainer')} | {ratio(r, 'vs_trainer_bf16')} | "
-            f"{r['padded_tokens_per_row']:.1f} | "
+            f"{r['padded_tokens_per_row']:.1f} "
+            f"({r.get('computed_tokens_per_row', r['padded_tokens_per_row']):.1f}) | "
             f"{r['gflops']:.0f} | {share} | {'-' if feature is None else f'{feature:.0f}'} | "
             f"{r['optimizer']} | {r['page_faults_per_step']:,.0f} | {r['compile_seconds']:.0f} |"
         )
@@ -808,11 +852,12 @@ def build_parser(prog: str = "python -m kerasft.benchmarks.train_speed") -> argp
     parser.add_argument(
         "--engines",
         help=f"comma-separated, from {','.join(ENGINES)}, each "
-        "NAME[@W][:fp32|bf16][+frozen|-frozen] (default: torch,jax,tensorflow,trainer, and "
-        "trainer:bf16 on CPUs with AVX512_BF16 or AMX-BF16); a kerasft engine is the recipe's "
-        "stage 2 with its defaults but for: @W, the bucket width (e.g. torch@1); +frozen / "
-        "-frozen, word embeddings frozen or trained; :fp32 or :bf16, the precision (Trainer: "
-        "fp32 unless :bf16)",
+        "NAME[@W][:fp32|bf16][+frozen|-frozen][+padded] (default: torch,jax,tensorflow,"
+        "trainer, and trainer:bf16 on CPUs with AVX512_BF16 or AMX-BF16); a kerasft engine is "
+        "the recipe's stage 2 with its defaults but for: @W, the bucket width (e.g. torch@1); "
+        "+frozen / -frozen, word embeddings frozen or trained; :fp32 or :bf16, the precision "
+        "(Trainer: fp32 unless :bf16); +padded, batches computed with their padding (PyTorch "
+        "packs the real tokens otherwise)",
     )  # fmt: skip
     parser.add_argument("--rounds", type=int, default=6, help="rounds (default 6)")
     parser.add_argument("--steps", type=int, default=25, help="timed steps per round (default 25)")

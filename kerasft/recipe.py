@@ -22,6 +22,7 @@ import numpy as np
 from kerasft.allocator import keep_freed_memory
 from kerasft.batching import BucketedBatches, inference_batch_size, one_hot, tokenize
 from kerasft.dropout import rand_masks
+from kerasft.encoder import cls_features, last_layer_at_cls
 from kerasft.lora import adapted_layers
 from kerasft.optimizers import adam
 from kerasft.presets import load_classifier
@@ -283,64 +284,14 @@ def core_model(classifier) -> keras.Model:
 
     KerasHub's `Task.fit` re-applies the preprocessor to its input; training this plain functional
     view on pre-tokenized batches avoids that while updating the classifier's own variables. The
-    view computes the last encoder layer at `[CLS]` alone (see `cls_features`): the same logits,
-    to float rounding, for less work.
+    view computes only what `[CLS]` needs (`kerasft.encoder`): the same logits, to float
+    rounding, for less work.
     """
     backbone = classifier.backbone
     if not last_layer_at_cls(backbone):  # another layout: the classifier's own graph
         return keras.Model(classifier.input, classifier.output, name="core")
     logits = _head(classifier, cls_features(backbone, backbone.input))
     return keras.Model(backbone.input, logits, name="core")
-
-
-def cls_features(backbone, inputs: dict):
-    """The backbone's `[CLS]` output, with its last encoder layer computed at `[CLS]` alone.
-
-    The classifier reads one position of the last layer. That layer's keys and values need every
-    token, but its query, attention output, feed-forward block and layer norms only the `[CLS]`
-    row, so about 5/6 of its matmuls (a seventh of the encoder's, forward and backward) are
-    skipped. The same layers and weights run (KerasHub's `TransformerEncoder.call`, post-norm, at
-    one query position). Backbones of another layout return their whole output's `[CLS]` row.
-
-    Args:
-        backbone: the classifier's KerasHub backbone.
-        inputs: `{"token_ids", "padding_mask"}` symbolic inputs.
-
-    Returns:
-        The `[CLS]` features, shape `(batch, hidden_dim)`.
-    """
-    index = backbone.cls_token_index
-    if not last_layer_at_cls(backbone):
-        return backbone(inputs)[:, index, :]
-    layers = backbone.transformer_layers
-    x = backbone.embeddings(inputs["token_ids"])
-    x = backbone.embeddings_dropout(backbone.embeddings_layer_norm(x))
-    for layer in layers[:-1]:
-        x = layer(x, padding_mask=inputs["padding_mask"])
-    last = layers[-1]
-    # KerasHub's padding mask for attention: (batch, 1 query, keys)
-    mask = keras.ops.expand_dims(keras.ops.cast(inputs["padding_mask"], "int32"), axis=1)
-    residual = x[:, index : index + 1, :]
-    y = last._self_attention_layer(query=residual, value=x, attention_mask=mask)
-    y = last._self_attention_layer_norm(last._self_attention_dropout(y) + residual)
-    residual = y
-    y = last._feedforward_output_dense(last._feedforward_intermediate_dense(y))
-    y = last._feedforward_layer_norm(last._feedforward_dropout(y) + residual)
-    return y[:, 0, :]
-
-
-def last_layer_at_cls(backbone) -> bool:
-    """Whether `cls_features` runs the backbone's last layer at `[CLS]` alone: a DistilBERT
-    backbone of post-norm KerasHub `TransformerEncoder` layers."""
-    import keras_hub
-
-    layers = getattr(backbone, "transformer_layers", None)
-    return (
-        isinstance(backbone, keras_hub.models.DistilBertBackbone)
-        and bool(layers)
-        and all(isinstance(x, keras_hub.layers.TransformerEncoder) for x in layers)
-        and not layers[-1].normalize_first
-    )
 
 
 def _head(classifier, features):

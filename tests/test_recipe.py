@@ -43,7 +43,9 @@ print(json.dumps({{
     == sorted(map(id, core.trainable_weights)),
     # the last layer's feed-forward is called by the view itself (at [CLS]), not inside the
     # backbone's own graph, as in the classifier's
-    "ffn_in_view": any(x is last._feedforward_intermediate_dense for x in core.layers),
+    "ffn_in_view": any(
+        x is last._feedforward_intermediate_dense for x in core._flatten_layers()
+    ) and not any(x is last for x in core._flatten_layers()),
     "ffn_in_full": any(x is last._feedforward_intermediate_dense for x in full.layers),
 }}))
 """
@@ -56,6 +58,56 @@ def test_core_view_computes_the_last_layer_at_cls_only(backend, tiny_preset):
     r = run_backend(backend, CLS_ONLY_CODE.format(preset=str(tiny_preset)))
     assert r["diff"] < 1e-5 and r["same_weights"]
     assert r["ffn_in_view"] and not r["ffn_in_full"]
+
+
+PACKED_CODE = """
+import json, keras, numpy as np
+from kerasft import encoder, recipe
+clf = recipe.load_pretrained_classifier({preset!r}, num_classes=2, sequence_length=16)
+recipe.initialize_head(clf, 0)
+packed_calls = []
+packed = encoder.ClsEncoder._packed
+encoder.ClsEncoder._packed = lambda *a, **k: packed_calls.append(1) or packed(*a, **k)
+rng = np.random.default_rng(1)
+ids = rng.integers(5, clf.backbone.vocabulary_size, (8, 12)).astype("int32"); ids[:, 0] = 2
+mask = np.ones((8, 12), "int32")
+for row, n in enumerate(rng.integers(3, 12, 8)):
+    ids[row, n:] = 0; mask[row, n:] = 0
+x = {{"token_ids": ids, "padding_mask": mask}}
+core = recipe.core_model(clf)
+view = next(x for x in core._flatten_layers() if isinstance(x, encoder.ClsEncoder))
+out = {{"paths": [v.path for v in core.weights]}}
+for skip in (True, False):
+    view.skip_padding = skip
+    out[str(skip)] = keras.ops.convert_to_numpy(core(x, training=False)).tolist()
+    if keras.backend.backend() == "torch":
+        import torch
+        loss = core({{k: torch.as_tensor(v) for k, v in x.items()}}, training=False).square().sum()
+        grads = torch.autograd.grad(loss, [v.value for v in core.trainable_weights])
+        out["grads" + str(skip)] = [g.numpy().tolist() for g in grads]
+        view.skip_padding = skip  # a training pass (dropout on packed tokens) runs too
+        out["train_shape" + str(skip)] = list(core(x, training=True).shape)
+out["packed_calls"] = len(packed_calls)
+out["variables"] = len({{id(v) for v in clf.weights}})
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_packed_tokens_give_the_padded_batch_logits_and_gradients(backend, tiny_preset):
+    """On PyTorch the view packs a padded batch's real tokens (`kerasft.encoder`): the same
+    logits and gradients as the padded batch, to float rounding; JAX and TensorFlow run the
+    padded batch. The view holds the classifier's variables, each once."""
+    r = run_backend(backend, PACKED_CODE.format(preset=str(tiny_preset)))
+    assert np.allclose(r["True"], r["False"], atol=1e-6)
+    assert len(r["paths"]) == len(set(r["paths"])) == r["variables"]
+    if backend == "torch":
+        assert r["packed_calls"] == 3  # inference, gradient and training passes; not unpacked
+        for packed, padded in zip(r["gradsTrue"], r["gradsFalse"], strict=True):
+            assert np.allclose(packed, padded, rtol=1e-4, atol=1e-7)
+        assert r["train_shapeTrue"] == r["train_shapeFalse"] == [8, 2]
+    else:
+        assert r["packed_calls"] == 0
 
 
 def test_frozen_stage_leaves_backbone_weights_unchanged(tiny_preset):

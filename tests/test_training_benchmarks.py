@@ -54,6 +54,11 @@ def test_train_speed_times_kerasft_and_trainer_side_by_side(tiny_preset, toy_dat
         assert any("bf16" in name for name in kernels), kernels
     # torch cuts each batch to its longest text; Trainer pads random batches to theirs.
     assert results["torch"]["padded_tokens_per_row"] < results["trainer"]["padded_tokens_per_row"]
+    # and packs the real tokens of a bucket (`kerasft.encoder`); Trainer computes its padding
+    torch = results["torch"]
+    assert torch["computed_tokens_per_row"] < torch["padded_tokens_per_row"]
+    trainer = results["trainer"]
+    assert trainer["computed_tokens_per_row"] == trainer["padded_tokens_per_row"]
     text = out.read_text()
     for needle in ("kerasft torch", "Hugging Face Trainer", report["machine"]["cpu"], "ISA:",
                    "train_speed --data"):  # fmt: skip
@@ -69,6 +74,12 @@ def test_an_engine_name_is_the_recipe_it_overrides():
     )  # fmt: skip
     assert _parse_engine("jax+frozen") == ("jax", {"freeze_word_embeddings": True})
     assert _parse_engine("trainer:bf16") == ("trainer", {"mixed_precision": "bfloat16"})
+    assert _parse_engine("torch+padded-frozen") == (
+        "torch", {"padded": True, "freeze_word_embeddings": False}
+    )  # fmt: skip
+    for bad in ("torch+padded+padded", "torch+frozen-frozen", "torch-padded", "trainer+padded"):
+        with pytest.raises(ValueError, match="padded|frozen"):
+            _parse_engine(bad)
 
 
 @pytest.mark.parametrize(
