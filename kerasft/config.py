@@ -388,7 +388,7 @@ class RecipeConfig:
         None,
         "pad each batch's texts to a multiple of N tokens; 1: group texts of equal length, no "
         f"padding (default {BUCKET_WIDTHS['torch']} on PyTorch, {BUCKET_WIDTH} on JAX and "
-        "TensorFlow)",
+        "TensorFlow; on PyTorch the padding is skipped outside attention)",
         check=(lambda v: v is None or _is_int(v, 1, 512), "an int in [1, 512] or None"),
         parse=int,
         metavar="N",
