@@ -11,7 +11,7 @@ what that position needs and nothing else, with the backbone's own layers and va
   padding one. On PyTorch (eager: a batch's own shapes cost nothing to compile) the real tokens
   of a batch are packed into one row, `(1, tokens, hidden)`, for all of that, and laid out
   `(batch, length, ...)` again only for the attention scores. At the recipe's bucket width 4
-  that is 16.0 -> 14.6 tokens per row on the reference data. JAX and TensorFlow compile every
+  that is 16.0 -> 14.5 tokens per row on the reference data. JAX and TensorFlow compile every
   shape, so there the padded batch runs as it is (its bucket bounds the shapes they see).
 
 Both give the backbone's `[CLS]` output to float rounding (`tests/test_recipe.py`); only the
@@ -68,6 +68,10 @@ class ClsEncoder(keras.layers.Layer):
 
     Raises:
         ValueError: for a backbone of another layout.
+
+    Example:
+        >>> backbone = classifier.backbone
+        >>> core = keras.Model(backbone.input, ClsEncoder(backbone)(backbone.input))
     """
 
     def __init__(self, backbone, skip_padding: bool = True, **kwargs):
