@@ -26,8 +26,10 @@ pred = tuner.predict(val_texts)
 path = os.path.join({tmp!r}, "model.keras")
 tuner.save(path)
 loaded = TwoStageFineTuner.load(path)
-# `score` of fit's validation rows reuses its last validation pass: equal to predicting again
+# `score` of fit's validation rows reuses its last validation pass where fit trained in float32
+# (the default trains in bfloat16 on CPUs that compute it): equal to predicting again
 reused = tuner._validated is not None
+float32 = tuner.recipe.mixed_precision is None  # `fit` resolved "auto"
 scored = tuner.score(val_texts, names[val_labels])
 predicted = classification_metrics(np.array(val_labels), proba.argmax(-1), 2)
 evaluated = tuner.evaluate(val_texts, names[val_labels])
@@ -51,6 +53,7 @@ print(json.dumps({{
     "onehot_stages": again_history.history["stage"],
     "seconds": tuner.stage_seconds,
     "reused": reused,
+    "float32": float32,
     "scored_as_predicted": scored == predicted,
     "changed": changed,
 }}))
@@ -74,7 +77,7 @@ def test_two_stage_fit_predict_save_load(backend, tiny_preset, tmp_path):
     assert r["trainable"] is True
     assert r["onehot_stages"] == [1]
     assert set(r["seconds"]) == {"warmup", "finetune"}
-    assert r["reused"] and r["scored_as_predicted"], r
+    assert r["reused"] == r["float32"] and r["scored_as_predicted"], r
     assert r["changed"] == [[32, 0], [32, 0]], r["changed"]  # not the kept scores
 
 
