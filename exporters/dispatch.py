@@ -425,14 +425,19 @@ def _write_verified(
     Raises:
         VerificationError: the last recipe failed too (the message lists the earlier ones).
     """
-    from kerasft.exporters.keras_graph import onnx_friendly_ops
+    from kerasft.exporters.keras_graph import fused_attention, onnx_friendly_ops
     from kerasft.exporters.verify import VerificationError
 
     graph_class = _graph_class(graph_source)
     clf = src.classifier
     shape = check_fixed_shape(fixed_shape, clf.backbone.max_sequence_length)
     onnx_ops = onnx_friendly_ops(clf) if contract.onnx_graph else contextlib.nullcontext()
-    with _serving_length(clf, shape[1]), onnx_ops, tempfile.TemporaryDirectory() as scratch:
+    with (
+        _serving_length(clf, shape[1]),
+        fused_attention(clf),
+        onnx_ops,
+        tempfile.TemporaryDirectory() as scratch,
+    ):
         graph = graph_class(clf)  # dynamic: the Keras reference for every text
         log.info("Keras reference logits for %d verification texts", len(vset.texts))
         reference = _reference(graph, clf, vset.texts)

@@ -5,7 +5,8 @@ the TensorFlow backend and traced once into a `tf.function` taking `token_ids` a
 `padding_mask` (int32, dynamic batch and sequence axes) and returning `logits`. SavedModel and
 LiteRT are written from that function, and ONNX through tf2onnx with `graph_source="tensorflow"`
 (by default ONNX and OpenVINO are traced under PyTorch: `kerasft.exporters.torch_graph`). Also
-here: `onnx_friendly_ops`, the GELU and LayerNorm forms both ONNX sources trace.
+here: `onnx_friendly_ops`, the GELU and LayerNorm forms both ONNX sources trace, and
+`fused_attention`, which every format's serving graph is traced under.
 """
 
 from __future__ import annotations
@@ -37,6 +38,37 @@ def _explicit_layer_norm(layer):
         return centered / ops.sqrt(variance + layer.epsilon) * layer.gamma + layer.beta
 
     return call
+
+
+@contextlib.contextmanager
+def fused_attention(classifier):
+    """Temporarily traces each attention layer through `keras.ops.dot_product_attention`.
+
+    Keras' `MultiHeadAttention._compute_attention` (keras/src/layers/attention/
+    multi_head_attention.py, `use_dot_product_attention`) takes `ops.dot_product_attention`
+    only when the layer's attention dropout is 0; DistilBERT's is 0.1, so even a graph traced
+    with `training=False` would hold einsum + masked softmax. Dropout is the identity at
+    inference, so with it set to 0 the logits are the same function, and the traced graph
+    holds the backend's fused attention (on PyTorch `scaled_dot_product_attention`, which
+    OpenVINO turns into one `ScaledDotProductAttention` per layer). Keras has no public setter
+    (`MultiHeadAttention.dropout` is a read-only property), so the private `_dropout` is set
+    here and restored on exit: the trained model and its `.keras` file are untouched.
+    """
+    import keras
+
+    layers = [
+        layer
+        for layer in classifier.backbone._flatten_layers()
+        if isinstance(layer, keras.layers.MultiHeadAttention)
+    ]
+    saved = [layer._dropout for layer in layers]
+    try:
+        for layer in layers:
+            layer._dropout = 0.0
+        yield classifier
+    finally:
+        for layer, rate in zip(layers, saved, strict=True):
+            layer._dropout = rate
 
 
 @contextlib.contextmanager

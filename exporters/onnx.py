@@ -449,9 +449,63 @@ class _Calibration:
         return next(self._it, None)
 
 
-def write_fp32(graph, out_dir: Path, opset: int = DEFAULT_OPSET, backbone=None) -> dict:
-    """Writes the fused fp32 `model.onnx`: the graph source's ONNX (`torch.onnx` or tf2onnx),
-    kerasft's graph passes, then onnxruntime's fusions.
+ATTENTION = ("onnxruntime", "traced")
+
+
+def lower_einsum(model) -> int:
+    """Rewrites each attention projection's `Einsum` with a constant kernel as `MatMul` + `Reshape`.
+
+    Keras' `EinsumDense` projections reach ONNX as `Einsum("abc,cde->abde", x, W)` (query, key,
+    value: hidden -> heads x head size) and `Einsum("abcd,cde->abe", x, W)` (output: heads x
+    head size -> hidden). Here they become `MatMul(x, W as (c, d*e))` then `Reshape` to
+    `(0, 0, d, e)`, and `Reshape` of x to `(0, 0, c*d)` then `MatMul(W as (c*d, e))` (a 0 in an
+    ONNX `Reshape` copies that axis, so batch and sequence stay dynamic): the same arithmetic,
+    in the plain form engines quantize and fuse. OpenVINO kept the einsums as `Einsum` ops,
+    which ran 1.3x slower than MatMuls (`benchmarks/results/graph_source.md`). Einsums of other
+    equations, or without a constant kernel, are left alone.
+
+    Returns:
+        The number of `Einsum` nodes rewritten.
+    """
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    nodes, rewritten = [], 0
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        equation = attrs.get("equation", b"")
+        equation = equation.decode() if isinstance(equation, bytes) else equation
+        kernel = node.input[1] if node.op_type == "Einsum" and len(node.input) == 2 else None
+        if kernel not in inits or equation not in ("abc,cde->abde", "abcd,cde->abe"):
+            nodes.append(node)
+            continue
+        w = numpy_helper.to_array(inits[kernel])
+        x, out, p = node.input[0], node.output[0], f"kerasft_einsum_{rewritten}"
+        if equation == "abc,cde->abde":  # project, then split the heads
+            weight, shape = w.reshape(w.shape[0], -1), [0, 0, *w.shape[1:]]
+            steps = [("MatMul", [x, f"{p}_weight"], f"{p}_product"),
+                     ("Reshape", [f"{p}_product", f"{p}_shape"], out)]  # fmt: skip
+        else:  # merge the heads, then project
+            weight = w.reshape(-1, w.shape[-1])
+            shape = [0, 0, weight.shape[0]]
+            steps = [("Reshape", [x, f"{p}_shape"], f"{p}_merged"),
+                     ("MatMul", [f"{p}_merged", f"{p}_weight"], out)]  # fmt: skip
+        graph.initializer.extend([
+            numpy_helper.from_array(np.ascontiguousarray(weight), f"{p}_weight"),
+            numpy_helper.from_array(np.array(shape, dtype="int64"), f"{p}_shape"),
+        ])  # fmt: skip
+        nodes += [helper.make_node(op, i, [o], name=f"{p}_{op}") for op, i, o in steps]
+        rewritten += 1
+    _replace_nodes(graph, nodes)
+    return rewritten
+
+
+def write_fp32(
+    graph, out_dir: Path, opset: int = DEFAULT_OPSET, backbone=None, attention: str = "onnxruntime"
+) -> dict:
+    """Writes the fp32 `model.onnx`: the graph source's ONNX (`torch.onnx` or tf2onnx), then
+    kerasft's graph passes, then (for onnxruntime) its fusions.
 
     Also the starting point of the OpenVINO export, which reads this file.
 
@@ -462,12 +516,25 @@ def write_fp32(graph, out_dir: Path, opset: int = DEFAULT_OPSET, backbone=None) 
         opset: ONNX opset.
         backbone: the KerasHub backbone the graph was traced from (attention weights, heads and
             hidden size for the fusions).
+        attention: `"onnxruntime"`: each attention block becomes onnxruntime's fused
+            `com.microsoft.Attention` (`fuse_attention`), then onnxruntime's optimizer fuses
+            LayerNorm and GELU: the ONNX export. `"traced"`: attention stays as traced (from
+            `scaled_dot_product_attention` under `keras_graph.fused_attention`) with its
+            projections as MatMuls (`lower_einsum`), and no onnxruntime fusion: the graph
+            OpenVINO reads, whose front end fuses each block into its own
+            `ScaledDotProductAttention` (and breaks onnxruntime's `Attention` back into MatMuls
+            and a Softmax).
 
     Returns:
         `{"model_file": "model.onnx", "opset", "fusions"}`.
+
+    Raises:
+        ValueError: for an unknown `attention`.
     """
     import onnx
 
+    if attention not in ATTENTION:
+        raise ValueError(f"Unknown attention={attention!r}. Supported: {list(ATTENTION)}")
     raw = out_dir / "raw.onnx"
     if graph.source == "torch":
         graph.write_onnx(raw, opset)
@@ -479,13 +546,19 @@ def write_fp32(graph, out_dir: Path, opset: int = DEFAULT_OPSET, backbone=None) 
             graph.serve, input_signature=graph.serve.input_signature, opset=opset
         )
     global_average_pool_to_reduce_mean(proto)
-    attention = fuse_attention(proto, backbone)
+    fp32 = out_dir / "model.onnx"
+    if attention == "traced":
+        fusions = {"MatMul (Einsum lowered)": lower_einsum(proto)}
+        fusions["MatMul (Tensordot folded)"] = fold_tensordot(proto)
+        onnx.save(proto, str(fp32))
+        raw.unlink(missing_ok=True)
+        return {"model_file": fp32.name, "opset": opset, "fusions": fusions}
+    attention_blocks = fuse_attention(proto, backbone)
     folded = fold_tensordot(proto)
     onnx.save(proto, str(raw))
-    fp32 = out_dir / "model.onnx"
     model_type = "bert" if graph.source == "torch" else "bert_tf"
     fusions = _optimize(raw, fp32, backbone.num_heads, backbone.hidden_dim, model_type)
-    fusions["Attention"] = attention
+    fusions["Attention"] = attention_blocks
     fusions["MatMul (Tensordot folded)"] = folded
     raw.unlink()
     return {"model_file": fp32.name, "opset": opset, "fusions": fusions}
@@ -553,6 +626,7 @@ def write(
     calibration=None,
     keep_fp32: int = 0,
     sensitivity: dict | None = None,
+    attention: str = "onnxruntime",
     **_,
 ) -> dict:
     """Writes `model.onnx` (fp32, fused) and, when asked, `model.int8.onnx`.
@@ -569,6 +643,9 @@ def write(
         keep_fp32: with `"dynamic"`, keep this many nodes in fp32, the ones whose quantization
             alone moves the logits most on `calibration` (`node_sensitivity`).
         sensitivity: a dict that keeps the measured ranking between calls (same graph).
+        attention: how attention is written (`write_fp32`); with `"traced"` (the graph OpenVINO
+            reads), static INT8 quantizes only the MatMuls and Gathers of constant weights, so
+            the attention block stays whole for OpenVINO to fuse.
 
     Returns:
         `{"model_file", "opset", "fusions", "quantization_recipe"}` (+ `"kept_fp32"`, the
@@ -576,7 +653,7 @@ def write(
     """
     import onnx
 
-    info = write_fp32(graph, out_dir, opset, backbone)
+    info = write_fp32(graph, out_dir, opset, backbone, attention)
     fp32 = out_dir / info["model_file"]
     if quantize is None:
         return info
@@ -594,8 +671,11 @@ def write(
     # Fused ops (com.microsoft domain) leave some tensors untyped for ONNX shape inference.
     extra = {"DefaultTensorType": onnx.TensorProto.FLOAT}
     recipe = "dynamic" if quantize == "calibrated" else quantize
+    only = None
+    if attention == "traced":  # the weights' MatMuls only: not the attention's own products
+        only = quantizable_nodes(onnx.load(str(fp32), load_external_data=False))
     with quantizer_logs_to_debug():
-        _quantize(fp32, int8, recipe, calibration, extra, exclude=[n for n, _ in keep])
+        _quantize(fp32, int8, recipe, calibration, extra, exclude=[n for n, _ in keep], only=only)
     if quantize == "calibrated":
         info["calibrated_inputs"] = calibrate_activation_ranges(fp32, int8, calibration)
     fp32.unlink()
@@ -759,5 +839,6 @@ def _quantize(
             activation_type=QuantType.QInt8,
             weight_type=QuantType.QInt8,
             op_types_to_quantize=["MatMul", "Gather"],
+            nodes_to_quantize=only,
             extra_options=extra,
         )

@@ -1,9 +1,13 @@
 """OpenVINO IR export (`model.xml` + `model.bin`), fp32 or post-training INT8 (NNCF, or QDQ).
 
-The IR is converted by `openvino.convert_model` from the same fused fp32 ONNX graph the ONNX
-export writes (`kerasft.exporters.onnx.write_fp32`, traced under PyTorch by default): OpenVINO's
-ONNX front end reads onnxruntime's fused `Attention`, `BiasGelu` and `LayerNormalization`
-operators, so both formats start from one verified graph.
+The IR is converted by `openvino.convert_model` from the ONNX graph the ONNX export starts from
+(`kerasft.exporters.onnx.write_fp32`, traced under PyTorch by default), taken before
+onnxruntime's fusions (`attention="traced"`): attention traced from
+`scaled_dot_product_attention` (`kerasft.exporters.keras_graph.fused_attention`) with its
+projections as MatMuls. OpenVINO's front end fuses each attention block into one
+`ScaledDotProductAttention`, each LayerNorm into `MVN` and each GELU into `Gelu`; onnxruntime's
+fused `Attention` operator, which the ONNX export holds, it would break back into MatMuls and a
+Softmax.
 
 INT8 recipe `qdq`: the ONNX export's calibrated QDQ INT8 (onnxruntime's `quantize_static`),
 which OpenVINO reads as INT8 `FakeQuantize` operations.
@@ -206,10 +210,15 @@ def write(
         raise ValueError(f"Unknown precision={precision!r}. Supported: {list(PRECISIONS)}")
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         if quantize == "qdq":  # OpenVINO runs each Quantize/DequantizeLinear pair in INT8
-            info = onnx_export.write(graph, Path(tmp), "static", opset, backbone, calibration)
+            info = onnx_export.write(
+                graph, Path(tmp), "static", opset, backbone, calibration, attention="traced"
+            )
         else:
-            info = onnx_export.write_fp32(graph, Path(tmp), opset, backbone)
+            info = onnx_export.write_fp32(graph, Path(tmp), opset, backbone, attention="traced")
         model = ov.convert_model(str(Path(tmp) / info["model_file"]))
+        info["fusions"]["ScaledDotProductAttention"] = sum(
+            op.get_type_name() == "ScaledDotProductAttention" for op in model.get_ordered_ops()
+        )
         info["fusions"]["ShapeOf (constant, folded)"] = fold_constant_shapes(model)
         # Saved and read back: NNCF 3.4 cannot build its graph of the IR converted in memory
         # from the PyTorch-traced ONNX ("Could not find a node Gather_93 in NNCFGraph"); the

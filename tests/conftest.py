@@ -64,6 +64,16 @@ def run_backend(backend: str, code: str, timeout: int = 600, env: dict | None = 
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def ir_ops(model_xml) -> dict:
+    """Operator counts of an OpenVINO IR (`model.xml`)."""
+    import collections
+
+    import openvino as ov
+
+    model = ov.Core().read_model(str(model_xml))
+    return collections.Counter(op.get_type_name() for op in model.get_ordered_ops())
+
+
 TINY_PRESET_CODE = """
 import sys, keras, keras_hub
 sys.path.insert(0, {tests!r})

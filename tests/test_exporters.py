@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import BACKENDS, ROOT
+from conftest import BACKENDS, ROOT, ir_ops
 from kerasft.exporters.dispatch import export
 from kerasft.exporters.formats import FORMATS, check_format
 from kerasft.exporters.runtime import load, verify_checksums
@@ -122,6 +122,9 @@ def test_export_matrix(format, quantize, backend, toy_runs, tmp_path):
             assert manifest["fusions"]["ShapeOf (constant, folded)"] == 1  # no 2nd fp32 copy
         if quantize == "nncf":  # NNCF's plain recipe passes here; accuracy control: fallback
             assert manifest["quantization_recipe"].startswith("nncf.quantize (")
+        ops = ir_ops(out / "model.xml")  # OpenVINO's fused attention kernel, one per layer
+        assert ops["ScaledDotProductAttention"] == 2 and ops["Softmax"] == 0
+        assert ops["Einsum"] == 0  # projections as MatMuls
     verify_checksums(out)
     result = load(out).predict(["the day was so good and great", "an awful sad grim movie"])
     assert result.labels == ["pos", "neg"]

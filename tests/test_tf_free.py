@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT, fit_args, run_backend, shared_dir
+from conftest import ROOT, fit_args, ir_ops, run_backend, shared_dir
 
 pytestmark = pytest.mark.tf_free
 
@@ -151,6 +151,11 @@ def test_onnx_and_openvino_export_without_tensorflow(backend, tf_free_runs, tmp_
         if int8:
             chosen = manifest["int8_auto"]["chosen"]["mode"]
             assert chosen == (manifest["quantization"] or "fp32").removeprefix("int8-")
+        if fmt == "openvino":  # one fused attention kernel per layer, fp32 and INT8 alike
+            ops = ir_ops(out / "model.xml")
+            assert ops["ScaledDotProductAttention"] == 2 and ops["Softmax"] == 0
+        else:  # onnxruntime's fused Attention (QAttention once quantized), one per layer
+            assert manifest["fusions"]["Attention"] == 2
         labels = _cli(backend, "predict", str(out), "a good day", "--json")
         assert labels.returncode == 0, labels.stderr[-3000:]
 
