@@ -22,8 +22,9 @@ round, while the other processes wait idle:
   user gets on a CPU that computes bfloat16.
 
 A kerasft engine trains as the recipe's defaults say (`RecipeConfig().stage_options`: the
-precision, `mixed_precision="auto"`, is bfloat16 on CPUs with AVX512_BF16 or AMX-BF16, else
-float32; the bucket width; whether the word embeddings train) but for what its name overrides:
+precision, `mixed_precision="auto"`, is bfloat16 where `kerasft.precision.AUTO_BF16` says the
+backend trains faster in it on this CPU class, else float32; the bucket width; whether the word
+embeddings train) but for what its name overrides:
 `torch@1` a bucket width, `torch:fp32` / `torch:bf16` the precision, `torch+frozen` /
 `torch-frozen` the word embeddings; `torch+padded` computes each batch with its padding,
 as kerasft did before it packed a batch's real tokens (`kerasft.encoder`). Trainer trains in
@@ -765,9 +766,10 @@ def render(report: dict) -> str:
         "but for its keys and values; kerasft on PyTorch packs a batch's real tokens, "
         "`kerasft.encoder`), "
         "over the median step (bfloat16 engines too, against the float32 peak). Precision: "
-        "kerasft's engines in the recipe's default unless named (`auto`: bfloat16 where the CPU "
-        "has AVX512_BF16 or AMX-BF16), Trainer at its defaults (float32) and, where the CPU "
-        "computes bfloat16, with `bf16=True`"
+        "kerasft's engines in the recipe's default unless named (`auto`: bfloat16 where the "
+        "backend measured faster in it on this CPU class, `kerasft.precision.AUTO_BF16`), "
+        "Trainer at its defaults (float32) and, where the CPU computes bfloat16, with "
+        "`bf16=True`"
         + (
             "."
             if "trainer:bf16" in report["results"]

@@ -109,8 +109,8 @@ def render(report: dict) -> str:
         "stages, scoring, saving) in its own process; stage seconds and samples/s from the run's "
         "`metrics.json` (stage 1 includes the frozen backbone's pass over the training and "
         "validation rows; both include per-epoch validation and checkpoints). Precision: what "
-        "the run trained in, from its `config.json` (the default `auto` is bfloat16 on CPUs "
-        "with AVX512_BF16 or AMX-BF16).",
+        "the run trained in, from its `config.json` (the default `auto`: bfloat16 where the "
+        "backend measured faster in it on this CPU class, `kerasft.precision.AUTO_BF16`).",
         "",
         "| backend | options | precision | rows train/val/test | test accuracy | test F1 | "
         "validation accuracy | warm-up s | fine-tune s | fine-tune samples/s | wall s | peak RSS "

@@ -18,8 +18,8 @@ from kerasft.presets import DEFAULT_PRESET, SEQUENCE_LENGTHS
 
 SELECT_BEST = ("accuracy", "f1", "loss")
 MIXED_PRECISION = ("bfloat16", "float16")
-# `mixed_precision="auto"` (the default): bfloat16 where the CPU computes it natively
-# (`kerasft.machine.computes_bf16`), else float32; resolved when `fit` starts
+# `mixed_precision="auto"` (the default): bfloat16 where the backend trains faster in it on this
+# CPU class (`kerasft.precision.AUTO_BF16`, measured), else float32; resolved when `fit` starts
 # (`kerasft.precision.resolve_mixed_precision`) and recorded resolved in config.json.
 AUTO_PRECISION = "auto"
 FINETUNE_METHODS = ("full", "lora")
@@ -183,9 +183,10 @@ class RecipeConfig:
             their gradients averaged (Keras' optimizer option); 1 (default): every batch.
         mixed_precision: `"bfloat16"` or `"float16"`: train with a Keras mixed dtype policy
             (float32 variables; float16 adds loss scaling). The fitted model is returned and
-            saved in float32. None: float32 throughout. `"auto"` (default): `"bfloat16"` on a
-            CPU with native bfloat16 matrix instructions (AVX512_BF16 or AMX-BF16), else None;
-            `fit` replaces it with the value it resolved to (what config.json records).
+            saved in float32. None: float32 throughout. `"auto"` (default): `"bfloat16"` where
+            the backend trains faster in it on this CPU class (`kerasft.precision.AUTO_BF16`:
+            PyTorch and TensorFlow on CPUs with AVX512_BF16 or AMX-BF16; JAX never), else
+            None; `fit` replaces it with the value it resolved to (what config.json records).
         class_weight: `"balanced"` (weights `n / (k * count)`, as scikit-learn computes them)
             or a mapping `{label: weight}` by label name; classes not named weigh 1. Scales
             the training loss per row in both stages. None (default): every row weighs 1.

@@ -14,22 +14,53 @@ from kerasft import machine
 from kerasft.config import AUTO_PRECISION, MIXED_PRECISION
 from kerasft.lora import adapted_layers
 
+# `mixed_precision="auto"` per backend and CPU class, as measured side by side
+# (`benchmarks/results/train_speed*.md`): the CPU classes on which bfloat16 trains faster than
+# float32 on that backend, with no loss of accuracy. "avx512_bf16": AVX512_BF16 without AMX
+# (AMD Zen 4 and Zen 5); "amx_bf16": Intel's AMX-BF16 tiles (Sapphire Rapids and newer). A CPU
+# with neither emulates bfloat16 and always trains in float32. On Zen 5, XLA's CPU backend
+# trained JAX at 0.92x of float32 in bfloat16 (TensorFlow 1.16x, PyTorch 1.93x).
+AUTO_BF16 = {
+    "torch": ("avx512_bf16", "amx_bf16"),
+    "tensorflow": ("avx512_bf16", "amx_bf16"),
+    "jax": (),
+}
 
-def resolve_mixed_precision(mixed_precision: str | None) -> str | None:
-    """The precision `fit` trains in: `"auto"` is `"bfloat16"` on a CPU that computes it
-    natively (`kerasft.machine.computes_bf16`: AVX512_BF16 or AMX-BF16), else None (float32);
-    any other value is itself.
 
-    On such CPUs oneDNN, which PyTorch, TensorFlow and XLA all call, runs bfloat16 matrix
-    products at about twice the float32 rate; elsewhere bfloat16 is emulated and slower.
+def bf16_class(flags: set[str] | None = None) -> str | None:
+    """This CPU's bfloat16 class for `AUTO_BF16`: `"amx_bf16"`, `"avx512_bf16"`, or None where
+    it has no native bfloat16 matrix instructions."""
+    flags = machine.cpu_flags() if flags is None else flags
+    if not machine.computes_bf16(flags):
+        return None
+    return "amx_bf16" if "amx_bf16" in flags else "avx512_bf16"
+
+
+def resolve_mixed_precision(mixed_precision: str | None, backend: str | None = None) -> str | None:
+    """The precision `fit` trains in: `"auto"` is `"bfloat16"` where `AUTO_BF16` says this
+    backend trains faster in it on this CPU class (`bf16_class`), else None (float32); any
+    other value is itself.
+
+    On CPUs with AVX512_BF16 or AMX-BF16, oneDNN runs bfloat16 matrix products at about twice
+    the float32 rate, and PyTorch and TensorFlow call it; JAX's XLA CPU backend gained nothing
+    from it when measured, so JAX keeps float32. Elsewhere bfloat16 is emulated and slower.
+
+    Args:
+        mixed_precision: `"auto"`, `"bfloat16"`, `"float16"` or None.
+        backend: the Keras backend (default: the current one).
+
+    Returns:
+        `"bfloat16"`, `"float16"` or None (float32).
 
     Example:
-        >>> resolve_mixed_precision("auto")  # on an AVX2-only CPU
+        >>> resolve_mixed_precision("auto", "jax")  # on any CPU, as measured
         None
     """
     if mixed_precision != AUTO_PRECISION:
         return mixed_precision
-    return "bfloat16" if machine.computes_bf16() else None
+    cpu_class = bf16_class()
+    backend = backend or keras.backend.backend()
+    return "bfloat16" if cpu_class in AUTO_BF16.get(backend, ()) else None
 
 
 def policy_name(mixed_precision: str | None) -> str | None:

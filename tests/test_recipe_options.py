@@ -54,7 +54,7 @@ def test_bf16_is_the_default_only_where_the_cpu_computes_it(monkeypatch, tiny_pr
     assert resolve_mixed_precision("auto") is None
     assert resolve_mixed_precision("bfloat16") == "bfloat16"
     monkeypatch.setattr(machine, "cpu_flags", lambda: {"avx2", "avx512f", "amx_bf16"})
-    assert resolve_mixed_precision("auto") == "bfloat16"
+    assert resolve_mixed_precision("auto", keras.backend.backend()) == "bfloat16"
     assert resolve_mixed_precision(None) is None and resolve_mixed_precision("float16") == "float16"
     texts, labels = toy_texts(64, seed=1)
     for flags, expected in (({"avx2", "fma"}, None), ({"avx2", "avx512_bf16"}, "bfloat16")):
@@ -65,6 +65,34 @@ def test_bf16_is_the_default_only_where_the_cpu_computes_it(monkeypatch, tiny_pr
         assert tuner.recipe.mixed_precision == expected
         assert tuner.get_config()["mixed_precision"] == expected  # config.json's recipe
         assert tuner.model.dtype_policy.name == "float32"  # returned and saved in float32
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        ({"avx2", "fma"}, {"torch": None, "tensorflow": None, "jax": None}),
+        ({"avx2", "avx512f", "avx512_vnni"}, {"torch": None, "tensorflow": None, "jax": None}),
+        # Zen 4 / Zen 5: XLA's CPU backend trained slower in bfloat16, so JAX keeps float32
+        ({"avx512f", "avx512_bf16"}, {"torch": "bfloat16", "tensorflow": "bfloat16", "jax": None}),
+        # Sapphire Rapids and newer (AMX-BF16, which also has AVX512_BF16)
+        (
+            {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"},
+            {"torch": "bfloat16", "tensorflow": "bfloat16", "jax": None},
+        ),
+    ],
+)
+def test_auto_precision_resolves_per_backend_as_measured(monkeypatch, flags, expected):
+    """`auto` is chosen per backend and CPU class from the committed table (`AUTO_BF16`), with
+    the CPU probe mocked: a backend never gets bfloat16 where it measured slower in it."""
+    from kerasft import machine
+    from kerasft.precision import AUTO_BF16, resolve_mixed_precision
+
+    monkeypatch.setattr(machine, "cpu_flags", lambda: flags)
+    assert set(AUTO_BF16) == {"torch", "tensorflow", "jax"}
+    for backend, precision in expected.items():
+        assert resolve_mixed_precision("auto", backend) == precision, backend
+        assert resolve_mixed_precision("bfloat16", backend) == "bfloat16"  # explicit: kept
+        assert resolve_mixed_precision(None, backend) is None
 
 
 def test_bucket_width_reaches_the_training_and_validation_batches(monkeypatch, tiny_preset):
