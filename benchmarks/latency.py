@@ -109,10 +109,14 @@ def variants(index: dict, threads: int, device: str) -> tuple[list[Variant], lis
             continue
         quant = manifest["quantization"]
         label = f"{fmt.replace('_', '')} {quant or 'fp32'}"
+        spec = {**base, "kind": fmt, "path": str(model_path)}
         size = _size(model_path)
         if fmt == "openvino":
             size += _size(model_path.with_suffix(".bin"))
-        out.append(Variant(label, "export", {**base, "kind": fmt, "path": str(model_path)},
+            # served at the precision it was verified with, as kerasft's runtime loads it
+            spec["precision"] = manifest.get("inference_precision") or "f32"
+            label += "" if spec["precision"] == "f32" else f" {spec['precision']}"
+        out.append(Variant(label, "export", spec,
                            size_bytes=size, quantized=bool(quant),
                            onnx_int8=fmt == "onnx" and bool(quant)))  # fmt: skip
     if "transformers" in index:
@@ -126,10 +130,13 @@ def variants(index: dict, threads: int, device: str) -> tuple[list[Variant], lis
                                {**base, "kind": "onnx", "path": path}, size_bytes=_size(path),
                                quantized=precision == "int8"))  # fmt: skip
         if "optimum_intel" in index:
-            for precision in ("fp32", "int8"):
+            # INT8 at f32 and at the plugin's default precision (bf16 where the CPU computes
+            # it), as a user who sets no hint would run it
+            for precision, hint in (("fp32", "f32"), ("int8", "f32"), ("int8", "default")):
                 path = index["optimum_intel"][precision]
-                out.append(Variant(f"optimum-intel openvino {precision}", "peer",
-                                   {**base, "kind": "openvino", "path": path},
+                suffix = " (plugin default precision)" if hint == "default" else ""
+                out.append(Variant(f"optimum-intel openvino {precision}{suffix}", "peer",
+                                   {**base, "kind": "openvino", "path": path, "precision": hint},
                                    size_bytes=_size(path) + _size(Path(path).with_suffix(".bin")),
                                    quantized=precision == "int8"))  # fmt: skip
         else:

@@ -99,14 +99,13 @@ def _onnx(spec):
 
 
 def _openvino(spec):
-    """An OpenVINO IR on the CPU plugin: f32 (or the spec's precision), latency hint, threads."""
+    """An OpenVINO IR on the CPU plugin: f32 (or the spec's precision; `"default"`: the plugin's
+    own, bf16 on CPUs that compute it), latency hint, threads."""
     import openvino as ov
 
-    config = {
-        "INFERENCE_NUM_THREADS": spec["threads"],
-        "PERFORMANCE_HINT": "LATENCY",
-        "INFERENCE_PRECISION_HINT": spec.get("precision", "f32"),
-    }
+    config = {"INFERENCE_NUM_THREADS": spec["threads"], "PERFORMANCE_HINT": "LATENCY"}
+    if spec.get("precision", "f32") != "default":
+        config["INFERENCE_PRECISION_HINT"] = spec.get("precision", "f32")
     compiled = ov.Core().compile_model(spec["path"], "CPU", config)
     request = compiled.create_infer_request()
     # kerasft's IR takes int32 token_ids/padding_mask, optimum-intel's int64

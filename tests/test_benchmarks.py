@@ -168,6 +168,7 @@ def test_quick_bench_runs_every_variant(toy_runs, tmp_path):
         "savedmodel int8-keras", "litert fp32",
         "litert int8-dynamic", "transformers torch-eager fp32", "optimum onnx fp32",
         "optimum onnx int8", "optimum-intel openvino fp32", "optimum-intel openvino int8",
+        "optimum-intel openvino int8 (plugin default precision)",
     }  # fmt: skip
     assert set(report["latency"]) == expected
     for name, row in report["latency"].items():
