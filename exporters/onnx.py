@@ -626,7 +626,6 @@ def write(
     calibration=None,
     keep_fp32: int = 0,
     sensitivity: dict | None = None,
-    attention: str = "onnxruntime",
     **_,
 ) -> dict:
     """Writes `model.onnx` (fp32, fused) and, when asked, `model.int8.onnx`.
@@ -643,9 +642,6 @@ def write(
         keep_fp32: with `"dynamic"`, keep this many nodes in fp32, the ones whose quantization
             alone moves the logits most on `calibration` (`node_sensitivity`).
         sensitivity: a dict that keeps the measured ranking between calls (same graph).
-        attention: how attention is written (`write_fp32`); with `"traced"` (the graph OpenVINO
-            reads), static INT8 quantizes only the MatMuls and Gathers of constant weights, so
-            the attention block stays whole for OpenVINO to fuse.
 
     Returns:
         `{"model_file", "opset", "fusions", "quantization_recipe"}` (+ `"kept_fp32"`, the
@@ -653,7 +649,7 @@ def write(
     """
     import onnx
 
-    info = write_fp32(graph, out_dir, opset, backbone, attention)
+    info = write_fp32(graph, out_dir, opset, backbone)
     fp32 = out_dir / info["model_file"]
     if quantize is None:
         return info
@@ -671,11 +667,8 @@ def write(
     # Fused ops (com.microsoft domain) leave some tensors untyped for ONNX shape inference.
     extra = {"DefaultTensorType": onnx.TensorProto.FLOAT}
     recipe = "dynamic" if quantize == "calibrated" else quantize
-    only = None
-    if attention == "traced":  # the weights' MatMuls only: not the attention's own products
-        only = quantizable_nodes(onnx.load(str(fp32), load_external_data=False))
     with quantizer_logs_to_debug():
-        _quantize(fp32, int8, recipe, calibration, extra, exclude=[n for n, _ in keep], only=only)
+        _quantize(fp32, int8, recipe, calibration, extra, exclude=[n for n, _ in keep])
     if quantize == "calibrated":
         info["calibrated_inputs"] = calibrate_activation_ranges(fp32, int8, calibration)
     fp32.unlink()
@@ -839,6 +832,5 @@ def _quantize(
             activation_type=QuantType.QInt8,
             weight_type=QuantType.QInt8,
             op_types_to_quantize=["MatMul", "Gather"],
-            nodes_to_quantize=only,
             extra_options=extra,
         )

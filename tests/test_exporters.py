@@ -123,8 +123,9 @@ def test_export_matrix(format, quantize, backend, toy_runs, tmp_path):
         if quantize == "nncf":  # NNCF's plain recipe passes here; accuracy control: fallback
             assert manifest["quantization_recipe"].startswith("nncf.quantize (")
         ops = ir_ops(out / "model.xml")  # OpenVINO's fused attention kernel, one per layer
-        assert ops["ScaledDotProductAttention"] == 2 and ops["Softmax"] == 0
-        assert ops["Einsum"] == 0  # projections as MatMuls
+        fused = manifest["quantization"] != "int8-qdq"  # qdq: onnxruntime's fused graph
+        assert ops["ScaledDotProductAttention"] == (2 if fused else 0)
+        assert ops["Softmax"] == (0 if fused else 2) and ops["Einsum"] == 0
     verify_checksums(out)
     result = load(out).predict(["the day was so good and great", "an awful sad grim movie"])
     assert result.labels == ["pos", "neg"]
@@ -326,7 +327,7 @@ def test_int8_auto_times_bf16_candidates_only_where_the_cpu_computes_bf16(monkey
 
     ov = FORMATS["openvino"]
     monkeypatch.setattr(machine, "cpu_flags", lambda: {"avx2", "fma"})
-    assert _auto_candidates(ov) == [("nncf", {}), ("qdq", {}), (None, {})]
+    assert _auto_candidates(ov) == [("nncf", {}), (None, {})]  # all with fused attention
     monkeypatch.setattr(machine, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
     assert ("nncf", {"precision": "bf16"}) in _auto_candidates(ov)
     assert machine.computes_bf16({"amx_bf16"}) and not machine.computes_bf16({"avx512_vnni"})
