@@ -10,6 +10,14 @@ them: `onnx-dynamic`, `openvino-nncf`, ...). Each measurement runs in its own pr
   test split, after a warm-up on 256 texts; the run directory (Keras) too.
 - **Threads**: one loaded export, its `predict` called from 1, 2 and 4 threads at once, each
   thread on its own share of the test split; rows/s of the whole.
+- **Peers** (`--peers`): the pipelines a Hugging Face user writes for the same job,
+  `transformers.pipeline("text-classification", model=..., batch_size=32)` over optimum-intel's
+  `OVModelForSequenceClassification` and over Optimum's `ORTModelForSequenceClassification`, each
+  on its INT8 model as `kerasft bench` builds it (`--peers ARTIFACTS/run`: that role's
+  `index.json`), with default settings; rows/s of the test split, tokenization included, and
+  test accuracy. The summary compares kerasft's fastest export within 0.15 points of the run's
+  own test accuracy with the fastest peer, through `runtime.load(...).predict` (1 thread) and
+  through `kerasft predict --data`.
 - **Memory**: peak RSS of the `kerasft predict --data` process on generated files of
   `--memory-rows` rows (the test split's texts, cycled), through `--memory-export` (default: the
   run's `onnx-dynamic`). What grows with the file is the streaming path (reader, chunk, writer),
@@ -48,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--memory-export", type=Path,
         help="the export that labels those files (default: EXPORTS/onnx-dynamic)",
     )  # fmt: skip
+    parser.add_argument(
+        "--peers", type=Path,
+        help="a `kerasft bench` artifact directory of the run (ARTIFACTS/run): time the peers' "
+        "pipelines too",
+    )  # fmt: skip
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # one measurement, JSON out
     return parser
 
@@ -71,19 +84,31 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "test.jsonl"
         data.write_text("".join(json.dumps({"text": t}) + "\n" for t in test.texts))
+        labels = Path(tmp) / "labels.json"
+        labels.write_text(json.dumps([str(x) for x in test.labels]))
         rows = [_measure(str(args.run), data, tmp, None)]
-        rows += [_measure(str(p), data, tmp, threads) for p in exports]
+        rows += [_measure(str(p), data, tmp, threads, labels) for p in exports]
+        peers = [_measure_peer(job, data, labels) for job in _peer_jobs(args.peers)]
         export = args.memory_export or args.exports / "onnx-dynamic"
         memory = [_memory(export, test.texts, int(n), tmp) for n in args.memory_rows.split(",")]
     command = "python -m kerasft.benchmarks.labelling " + shlex.join(argv)
+    reference = json.loads((args.run / "metrics.json").read_text())["test"]["accuracy"]
     report = {**provenance(command, source, EXPORT), "run": str(args.run),
-              "test_rows": len(test), "rows": rows, "memory": memory}  # fmt: skip
+              "test_rows": len(test), "rows": rows, "memory": memory, "peers": peers,
+              "reference_accuracy": reference}  # fmt: skip
+    report["summary"] = summary(report)
     write_results(args.out, report, render(report))
     return 0
 
 
-def _measure(model: str, data: Path, tmp: str, threads: list[int] | None) -> dict:
-    job = {"model": model, "data": str(data), "out": f"{tmp}/labels.jsonl", "threads": threads}
+def _measure(model: str, data: Path, tmp: str, threads: list[int] | None, labels=None) -> dict:
+    job = {"model": model, "data": str(data), "out": f"{tmp}/labels.jsonl", "threads": threads,
+           "labels": str(labels) if labels else None}  # fmt: skip
+    return _run_worker(job)
+
+
+def _run_worker(job: dict) -> dict:
+    model = job["model"]
     env = {**os.environ, "KERAS_BACKEND": os.environ.get("KERAS_BACKEND", "torch")}
     cmd = [sys.executable, "-m", "kerasft.benchmarks.labelling", "--run", "-", "--exports", "-",
            "--out", "-", "--worker", json.dumps(job)]  # fmt: skip
@@ -91,14 +116,94 @@ def _measure(model: str, data: Path, tmp: str, threads: list[int] | None) -> dic
     if proc.returncode:
         raise RuntimeError(f"{model}: {proc.stderr[-3000:]}")
     row = json.loads(proc.stdout.strip().splitlines()[-1])
-    print(f"{row['name']}: {row['file_rows_per_second']:.0f} rows/s"
+    rate = row.get("file_rows_per_second") or row["pipeline_rows_per_second"]
+    print(f"{row['name']}: {rate:.0f} rows/s"
           + "".join(f", {t} threads {r:.0f}" for t, r in row.get("threads", {}).items()),
           flush=True)  # fmt: skip
     return row
 
 
+def _peer_jobs(artifacts: Path | None) -> list[dict]:
+    """The peers' pipeline jobs for a `kerasft bench` artifact directory (none without one)."""
+    if artifacts is None:
+        return []
+    index = json.loads((artifacts / "index.json").read_text())
+    jobs = []
+    for key, kind in (("optimum_intel", "openvino"), ("optimum", "onnxruntime")):
+        if key in index:
+            path = Path(index[key]["int8"])
+            jobs.append({"peer": kind, "model": str(path.parent), "file": path.name,
+                         "tokenizer": index["transformers"]})  # fmt: skip
+    return jobs
+
+
+def _measure_peer(job: dict, data: Path, labels: Path) -> dict:
+    return _run_worker({**job, "data": str(data), "labels": str(labels)})
+
+
+def _peer_work(job: dict) -> dict:
+    """One process: `transformers.pipeline` over the peer's INT8 model, as users write it."""
+    from transformers import AutoTokenizer, pipeline
+
+    if job["peer"] == "openvino":
+        from optimum.intel import OVModelForSequenceClassification as Model
+
+        name = "pipeline() over optimum-intel OVModelForSequenceClassification (INT8)"
+    else:
+        from optimum.onnxruntime import ORTModelForSequenceClassification as Model
+
+        name = "pipeline() over Optimum ORTModelForSequenceClassification (INT8)"
+    model = Model.from_pretrained(job["model"], file_name=job["file"])
+    tokenizer = AutoTokenizer.from_pretrained(job["tokenizer"])
+    classify = pipeline("text-classification", model=model, tokenizer=tokenizer, batch_size=32)
+    texts = [json.loads(line)["text"] for line in Path(job["data"]).read_text().splitlines()]
+    classify(texts[:256])  # warm-up
+    start = time.perf_counter()
+    answers = classify(texts)
+    seconds = time.perf_counter() - start
+    predicted = [model.config.label2id[a["label"]] for a in answers]
+    return {"name": name, "model": job["model"], "rows": len(texts),
+            "pipeline_rows_per_second": len(texts) / seconds,
+            "accuracy": _accuracy(predicted, job["labels"], None)}  # fmt: skip
+
+
+def _accuracy(predicted: list, labels_file: str, names: list[str] | None) -> float:
+    """Test accuracy of class ids (or, with `names`, of labels) against the labels file."""
+    truth = json.loads(Path(labels_file).read_text())
+    if names is not None:
+        predicted = [names.index(p) for p in predicted]
+    ids = [int(t) if t.isdigit() else names.index(t) for t in truth]
+    return sum(int(p == t) for p, t in zip(predicted, ids, strict=True)) / len(ids)
+
+
+def summary(report: dict) -> dict | None:
+    """kerasft's fastest export within 0.15 points of the run's test accuracy against the
+    fastest peer pipeline: rows/s through the runtime (1 thread) and through the file CLI."""
+    from kerasft.benchmarks.report import MAX_ACCURACY_DROP
+
+    accurate = [
+        r
+        for r in report["rows"]
+        if r.get("accuracy") is not None
+        and report["reference_accuracy"] - r["accuracy"] <= MAX_ACCURACY_DROP + 1e-12
+    ]
+    if not accurate or not report["peers"]:
+        return None
+    peer = max(report["peers"], key=lambda r: r["pipeline_rows_per_second"])
+    out = {"peer": peer["name"], "peer_rows_per_second": peer["pipeline_rows_per_second"]}
+    for key, rate in (("runtime", lambda r: r["threads"]["1"]),
+                      ("file", lambda r: r["file_rows_per_second"])):  # fmt: skip
+        best = max(accurate, key=rate)
+        out[key] = {"export": best["name"], "rows_per_second": rate(best),
+                    "ratio": rate(best) / peer["pipeline_rows_per_second"]}  # fmt: skip
+    return out
+
+
 def _work(job: dict) -> dict:
-    """One process: the CLI's file labelling on `job["data"]`, then predict from threads."""
+    """One process: the CLI's file labelling on `job["data"]`, then predict from threads (or,
+    for a peer, its pipeline)."""
+    if job.get("peer"):
+        return _peer_work(job)
     from kerasft.labelling import CHUNK_ROWS, label_file
     from kerasft.textstream import read_texts
 
@@ -127,6 +232,8 @@ def _work(job: dict) -> dict:
            "file_rows_per_second": summary["rows_per_second"]}  # fmt: skip
     if job["threads"]:
         row["threads"] = {str(n): _threaded(served, texts, n) for n in job["threads"]}
+    if job.get("labels"):
+        row["accuracy"] = _accuracy(served.predict(texts).labels, job["labels"], names)
     return row
 
 
@@ -178,6 +285,29 @@ def _memory(export: Path, texts: list[str], rows: int, tmp: str) -> dict:
     return result
 
 
+def _peer_lines(report: dict) -> list[str]:
+    """The peers' pipelines and the summary against them (none when not measured)."""
+    if not report.get("peers"):
+        return []
+    lines = ["", "**Peers**: `transformers.pipeline(\"text-classification\", model=..., "
+             "batch_size=32)` over each peer's INT8 model with its defaults, the test split in "
+             "one call, tokenization included, after a warm-up on 256 texts.", "",
+             "| peer pipeline | test accuracy | rows/s |", "| --- | ---: | ---: |"]  # fmt: skip
+    for r in report["peers"]:
+        lines.append(f"| {r['name']} | {r['accuracy']:.4f} | "
+                     f"{r['pipeline_rows_per_second']:,.0f} |")  # fmt: skip
+    s = report.get("summary")
+    if s:
+        lines += ["", f"kerasft's fastest export within 0.15 points of the run's test accuracy "
+                  f"({report['reference_accuracy']:.4f}) against the fastest peer, {s['peer']} "
+                  f"({s['peer_rows_per_second']:,.0f} rows/s): through `runtime.load(...)"
+                  f".predict`, {s['runtime']['export']} {s['runtime']['rows_per_second']:,.0f} "
+                  f"rows/s (**{s['runtime']['ratio']:.2f}x**); through `kerasft predict --data`, "
+                  f"{s['file']['export']} {s['file']['rows_per_second']:,.0f} rows/s "
+                  f"(**{s['file']['ratio']:.2f}x**)."]  # fmt: skip
+    return lines
+
+
 def render(report: dict) -> str:
     from kerasft.benchmarks.report import cpu_line, header
 
@@ -194,13 +324,18 @@ def render(report: dict) -> str:
     ]
     counts = sorted({t for r in report["rows"] for t in r.get("threads", {})}, key=int)
     lines += [
-        "| model | file rows/s | " + " | ".join(f"{t} thread(s) rows/s" for t in counts) + " |",
-        "| --- | ---: | " + " | ".join("---:" for _ in counts) + " |",
+        "| model | test accuracy | file rows/s | "
+        + " | ".join(f"{t} thread(s) rows/s" for t in counts)
+        + " |",
+        "| --- | ---: | ---: | " + " | ".join("---:" for _ in counts) + " |",
     ]
+    reference = report.get("reference_accuracy")
     for r in report["rows"]:
         cells = [f"{r['threads'][t]:,.0f}" if t in r.get("threads", {}) else "-" for t in counts]
-        lines.append(f"| {r['name']} | {r['file_rows_per_second']:,.0f} | " + " | ".join(cells)
-                     + " |")  # fmt: skip
+        accuracy = r.get("accuracy", reference if "threads" not in r else None)
+        lines.append(f"| {r['name']} | {'-' if accuracy is None else f'{accuracy:.4f}'} | "
+                     f"{r['file_rows_per_second']:,.0f} | " + " | ".join(cells) + " |")  # fmt: skip
+    lines += _peer_lines(report)
     lines += [
         "",
         "**Memory**: peak RSS of the `kerasft predict --data` process (the export's runtime, "

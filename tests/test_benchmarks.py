@@ -248,3 +248,41 @@ def test_export_accuracy_names_bad_options(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit):
         export_accuracy.main(base + argv)
     assert message in capsys.readouterr().err
+
+
+def test_labelling_summary_takes_the_fastest_accurate_export_against_the_fastest_peer(tmp_path):
+    """labelling.md's verdict: an export that loses more than 0.15 points of the run's test
+    accuracy is never the one compared, however fast; the fastest peer pipeline is."""
+    from kerasft.benchmarks.labelling import _peer_jobs, summary
+
+    def row(name, accuracy, runtime, file):
+        return {"name": name, "accuracy": accuracy, "threads": {"1": runtime},
+                "file_rows_per_second": file}  # fmt: skip
+
+    report = {
+        "reference_accuracy": 0.9250,
+        "rows": [
+            {"name": "run directory (Keras, torch)", "file_rows_per_second": 100.0},
+            row("onnx int8-dynamic", 0.9200, 900.0, 950.0),  # fast, but -0.5 points
+            row("openvino int8-nncf", 0.9240, 600.0, 500.0),
+            row("onnx fp32", 0.9250, 400.0, 520.0),
+        ],
+        "peers": [
+            {"name": "ov pipeline", "pipeline_rows_per_second": 300.0, "accuracy": 0.92},
+            {"name": "ort pipeline", "pipeline_rows_per_second": 200.0, "accuracy": 0.92},
+        ],
+    }
+    s = summary(report)
+    assert s["peer"] == "ov pipeline" and s["peer_rows_per_second"] == 300.0
+    assert s["runtime"]["export"] == "openvino int8-nncf" and s["runtime"]["ratio"] == 2.0
+    assert s["file"]["export"] == "onnx fp32" and s["file"]["ratio"] == 520.0 / 300.0
+    assert summary({**report, "peers": []}) is None
+    assert _peer_jobs(None) == []
+    index = {"transformers": "/hf", "optimum": {"int8": "/o/int8/model_quantized.onnx"},
+             "optimum_intel": {"int8": "/oi/int8/openvino_model.xml"}}  # fmt: skip
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    jobs = _peer_jobs(tmp_path)
+    assert [(j["peer"], j["model"], j["file"]) for j in jobs] == [
+        ("openvino", "/oi/int8", "openvino_model.xml"),
+        ("onnxruntime", "/o/int8", "model_quantized.onnx"),
+    ]
