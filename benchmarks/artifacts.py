@@ -131,7 +131,7 @@ def prepare(run: Path, root: Path, role: str, widen: int, per_split: int, peers:
                 labels=list(vset.labels), splits=vset.splits,
                 calibration_texts=calibration.get(quantize),
             )  # fmt: skip
-            jobs.setdefault(FORMATS[fmt].graph_sources[0], []).append((target, options))
+            jobs.setdefault(FORMATS[fmt].default_source, []).append((target, options))
         index["exports"][name] = str(target)
     # Under each format's graph source (else each export would start another process): the
     # run's own model, one process per graph source; the base shape, one per export, whose

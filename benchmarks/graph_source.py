@@ -66,13 +66,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _export_all(run: Path, root: Path, verify_per_split: int) -> dict:
     from kerasft.exporters.dispatch import export
+    from kerasft.exporters.exportdir import is_export
 
     exports = {}
     for fmt, quantize in VARIANTS:
         for source in SOURCES:
             out = root / f"{fmt}-{quantize or 'fp32'}-{source}"
             started = time.perf_counter()
-            if not (out / "manifest.json").is_file():
+            if not is_export(out):
                 keep = {"keep_fp32": 0} if quantize else {}
                 export(run, out, format=fmt, quantize=quantize, graph_source=source,
                        verify_per_split=verify_per_split, **keep)  # fmt: skip
@@ -104,9 +105,9 @@ def _ops(served) -> dict:
 
 
 def _compare(exports: dict, rounds: int, texts: list[str]) -> list[dict]:
-    import json
 
     from kerasft.exporters import runtime
+    from kerasft.exporters.exportdir import read_manifest
 
     rng = np.random.default_rng(0)
     served = {key: runtime.load(path) for key, path in exports.items()}
@@ -130,7 +131,7 @@ def _compare(exports: dict, rounds: int, texts: list[str]) -> list[dict]:
     rows = []
     for fmt, quantize in VARIANTS:
         pair = [(fmt, quantize, source) for source in SOURCES]
-        manifests = [json.loads((exports[k] / "manifest.json").read_text()) for k in pair]
+        manifests = [read_manifest(exports[k]) for k in pair]
         logits = [served[k].predict(texts).logits for k in pair]
         labels = [x.argmax(-1) for x in logits]
         rows.append({

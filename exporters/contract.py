@@ -72,6 +72,11 @@ class FormatContract:
         """Every `quantize` value the format takes, fp32 (None) first, `"auto"` last."""
         return (None, *self.int8, *(("auto",) if self.auto else ()))
 
+    @property
+    def default_source(self) -> str:
+        """The Keras backend the format's graph is traced under unless asked otherwise."""
+        return self.graph_sources[0]
+
     def needs_with(self, source: str) -> tuple[str, ...]:
         """The Python modules an export traced under `source` needs."""
         traced = ("tensorflow", "tf2onnx") if self.onnx_graph else ("tensorflow",)

@@ -676,7 +676,7 @@ def _check_graph_source(contract: FormatContract, graph_source: str | None) -> s
         ValueError: a source the format cannot be traced under.
     """
     if graph_source is None:
-        return contract.graph_sources[0]
+        return contract.default_source
     if graph_source not in contract.graph_sources:
         raise ValueError(
             f"format {contract.name!r} is traced under {' or '.join(contract.graph_sources)}. "

@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         # backend trained the model (the manifest records that one): no second process.
         from kerasft.exporters.formats import FORMATS
 
-        os.environ["KERAS_BACKEND"] = FORMATS[args.format].graph_sources[0]
+        os.environ["KERAS_BACKEND"] = FORMATS[args.format].default_source
     elif args.command == "fit" and args.resume and (saved := _saved_fit_args(args.resume)):
         os.environ["KERAS_BACKEND"] = saved["backend"]  # the interrupted run's backend
     elif args.backend:

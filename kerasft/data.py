@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 DATA_ENV = "KERASFT_DATA"
 TEXT_COLUMNS = ("text", "sentence", "headline", "review", "content", "document", "title")
 LABEL_COLUMNS = ("label", "labels", "is_sarcastic", "target", "class", "category", "sentiment")
-_FORMATS = {
+FILE_FORMATS = {
     ".jsonl": "jsonl",
     ".ndjson": "jsonl",
     ".json": "json",
@@ -94,7 +94,7 @@ def _open_text(path: Path, encoding: str = "utf-8"):
     return path.open(encoding=encoding, newline="")
 
 
-def _decode_error(path: Path, encoding: str, error: UnicodeDecodeError) -> DataError:
+def decode_error(path: Path, encoding: str, error: UnicodeDecodeError) -> DataError:
     """Where a file stops being `encoding`: its line and byte, read again from the raw bytes."""
     raw = gzip.open(path).read() if path.suffix.lower() == ".gz" else path.read_bytes()
     try:
@@ -133,10 +133,10 @@ def _format_of(path: Path) -> str | None:
     suffixes = [s.lower() for s in path.suffixes]
     if suffixes and suffixes[-1] == ".gz":
         suffixes = suffixes[:-1]
-    return _FORMATS.get(suffixes[-1]) if suffixes else None
+    return FILE_FORMATS.get(suffixes[-1]) if suffixes else None
 
 
-def _is_missing(value) -> bool:
+def is_missing(value) -> bool:
     """A missing label in any spelling: None/null, NaN, or "", "nan", "none", "null"."""
     if value is None:
         return True
@@ -148,12 +148,12 @@ def _is_missing(value) -> bool:
 def _read_records(
     path: Path, fmt: str, encoding: str = "utf-8", header: bool = True
 ) -> Iterator[tuple[int, dict]]:
-    """`_records` of a file (a JSON array is parsed whole first)."""
+    """`records` of a file (a JSON array is parsed whole first)."""
     with _open_text(path, encoding) as f:
-        yield from _records(f, fmt, header, path)
+        yield from records(f, fmt, header, path)
 
 
-def _records(lines, fmt: str, header: bool, name) -> Iterator[tuple[int, dict]]:
+def records(lines, fmt: str, header: bool, name) -> Iterator[tuple[int, dict]]:
     """Yields `(row number, record)` one at a time from an iterable of text lines.
 
     Row numbers are lines for JSON Lines, CSV/TSV (the header is line 1) and text files (one
@@ -204,7 +204,7 @@ def _records(lines, fmt: str, header: bool, name) -> Iterator[tuple[int, dict]]:
         yield reader.line_num, record
 
 
-def _pick_column(columns: list[str], given: str | None, candidates, role: str, path: Path) -> str:
+def pick_column(columns: list[str], given: str | None, candidates, role: str, path: Path) -> str:
     if given is not None:
         if given not in columns:
             raise DataError(
@@ -226,7 +226,7 @@ def _pick_column(columns: list[str], given: str | None, candidates, role: str, p
     return found[0]
 
 
-def _headerless_columns(rows: list[dict]) -> tuple[str, str]:
+def headerless_columns(rows: list[dict]) -> tuple[str, str]:
     """`(text column, label column)` of a headerless two-column file's rows: labels repeat."""
     distinct = [len({r.get(str(i)) for r in rows}) for i in (0, 1)]
     return ("1", "0") if distinct[0] < distinct[1] else ("0", "1")
@@ -258,7 +258,7 @@ def encode_labels(values, known: list[str] | None = None) -> tuple[np.ndarray, l
         (array([1, 0, 1], dtype=int32), ['1', '2'])
     """
     values = [v.strip() if isinstance(v, str) else v for v in values]
-    missing = next((i for i, v in enumerate(values) if _is_missing(v)), None)
+    missing = next((i for i, v in enumerate(values) if is_missing(v)), None)
     if missing is not None:
         raise DataError(f"Missing label ({values[missing]!r}) at row index {missing}.")
     as_int = _integers(values)
@@ -340,7 +340,7 @@ def load_dataset(
     if fmt is None:
         raise DataError(
             f"{path}: unsupported file type {''.join(path.suffixes)!r}. Supported: "
-            f"{sorted(_FORMATS)}, each optionally gzipped (.gz)."
+            f"{sorted(FILE_FORMATS)}, each optionally gzipped (.gz)."
         )
     if path.stat().st_size == 0:
         raise DataError(f"{path}: the file is empty.")
@@ -349,7 +349,7 @@ def load_dataset(
             header = _has_header(path, fmt, encoding)
         return _load(path, fmt, text_column, label_column, skip_invalid, encoding, header)
     except UnicodeDecodeError as e:
-        raise _decode_error(path, encoding, e) from None
+        raise decode_error(path, encoding, e) from None
 
 
 HEAD_LINES = 10000  # the lines header and column detection look at
@@ -357,10 +357,10 @@ HEAD_LINES = 10000  # the lines header and column detection look at
 
 def _has_header(path: Path, fmt: str, encoding: str) -> bool:
     with _open_text(path, encoding) as f:
-        return _detect_header(list(itertools.islice(f, HEAD_LINES)), fmt, path)
+        return detect_header(list(itertools.islice(f, HEAD_LINES)), fmt, path)
 
 
-def _detect_header(head: list[str], fmt: str, name, one_column_is_text: bool = False) -> bool:
+def detect_header(head: list[str], fmt: str, name, one_column_is_text: bool = False) -> bool:
     """Whether a CSV/TSV file's first lines (`head`) start with a header row.
 
     False for a two-column file whose first row names no known column and whose columns look
@@ -376,7 +376,7 @@ def _detect_header(head: list[str], fmt: str, name, one_column_is_text: bool = F
         return False
     if len(first) != 2:
         return True
-    rows = [r for _, r in _records(head, fmt, False, name)]
+    rows = [r for _, r in records(head, fmt, False, name)]
     distinct = [len({r.get(str(i)) for r in rows}) for i in (0, 1)]
     label = str(int(distinct[1] < distinct[0]))
     repeats = rows[0].get(label) in {r.get(label) for r in rows[1:]}  # a header name would not
@@ -385,17 +385,17 @@ def _detect_header(head: list[str], fmt: str, name, one_column_is_text: bool = F
 
 def _load(path, fmt, text_column, label_column, skip_invalid, encoding, header) -> TextDataset:
     unit = "record" if fmt == "json" else "line"
-    records = _read_records(path, fmt, encoding, header is not False)
-    first = next(records, None)
+    stream = _read_records(path, fmt, encoding, header is not False)
+    first = next(stream, None)
     if first is None:
         raise DataError(f"{path}: the file has no data rows.")
     columns = list(first[1])
     if header is False and text_column is label_column is None and len(columns) == 2:
         head = itertools.islice(_read_records(path, fmt, encoding, False), HEAD_LINES)
-        text_column, label_column = _headerless_columns([r for _, r in head])
+        text_column, label_column = headerless_columns([r for _, r in head])
     try:
-        text_col = _pick_column(columns, text_column, TEXT_COLUMNS, "text", path)
-        label_col = _pick_column(columns, label_column, LABEL_COLUMNS, "label", path)
+        text_col = pick_column(columns, text_column, TEXT_COLUMNS, "text", path)
+        label_col = pick_column(columns, label_column, LABEL_COLUMNS, "label", path)
     except DataError as e:
         known = {c.lower() for c in (*TEXT_COLUMNS, *LABEL_COLUMNS)}
         if (
@@ -408,10 +408,10 @@ def _load(path, fmt, text_column, label_column, skip_invalid, encoding, header) 
         raise
 
     texts, raw_labels, skipped = [], [], 0
-    for row, record in itertools.chain([first], records):
+    for row, record in itertools.chain([first], stream):
         text, label = record.get(text_col), record.get(label_col)
         problem = None
-        if _is_missing(label):
+        if is_missing(label):
             problem = f"missing label ({label!r}) in column {label_col!r}"
         elif not isinstance(text, str) or not text.strip():
             problem = f"missing text in column {text_col!r}"

@@ -26,23 +26,23 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from kerasft.data import (
-    _FORMATS,
+    FILE_FORMATS,
     HEAD_LINES,
     LABEL_COLUMNS,
     TEXT_COLUMNS,
     DataError,
-    _decode_error,
-    _detect_header,
-    _headerless_columns,
-    _is_missing,
-    _pick_column,
-    _records,
+    decode_error,
+    detect_header,
+    headerless_columns,
+    is_missing,
+    pick_column,
+    records,
 )
 from kerasft.wording import option
 
 STDIN = "-"
 INPUT_FORMATS = ("jsonl", "json", "csv", "tsv", "lines")
-_SUFFIXES = {**_FORMATS, ".txt": "lines", ".text": "lines"}
+_SUFFIXES = {**FILE_FORMATS, ".txt": "lines", ".text": "lines"}
 ID_COLUMNS = ("id",)
 
 
@@ -80,9 +80,9 @@ class TextStream:
         except UnicodeDecodeError as e:
             raise self._decode_error(e) from None
         if header is None and fmt in ("csv", "tsv") and text_column is None:
-            header = _detect_header(head, fmt, self.name, one_column_is_text=True)
+            header = detect_header(head, fmt, self.name, one_column_is_text=True)
         self._lines = itertools.chain(head, handle)
-        first = next(_records(head, fmt, header is not False, self.name), None)
+        first = next(records(head, fmt, header is not False, self.name), None)
         columns = list(first[1]) if first else []
         self.columns = self._columns(columns, head, header, text_column, label_column,
                                      id_column, labels)  # fmt: skip
@@ -94,15 +94,15 @@ class TextStream:
             return found
         name = self.name
         if header is False and text_column is None and len(columns) <= 2:
-            rows = [r for _, r in _records(head, self.format, False, name)]
-            text, label = ("0", None) if len(columns) == 1 else _headerless_columns(rows)
+            rows = [r for _, r in records(head, self.format, False, name)]
+            text, label = ("0", None) if len(columns) == 1 else headerless_columns(rows)
             found.update(text=text, label=label if labels or label_column else None)
             return found
-        found["text"] = _pick_column(columns, text_column, TEXT_COLUMNS, "text", name)
+        found["text"] = pick_column(columns, text_column, TEXT_COLUMNS, "text", name)
         if labels or label_column is not None:
-            found["label"] = _pick_column(columns, label_column, LABEL_COLUMNS, "label", name)
+            found["label"] = pick_column(columns, label_column, LABEL_COLUMNS, "label", name)
         if id_column is not None:
-            found["id"] = _pick_column(columns, id_column, (), "id", name)
+            found["id"] = pick_column(columns, id_column, (), "id", name)
         else:
             found["id"] = next((c for c in columns if c.lower() in ID_COLUMNS), None)
         return found
@@ -110,7 +110,7 @@ class TextStream:
     def __iter__(self) -> Iterator[tuple[int, str, object, object]]:
         text_col, label_col, id_col = (self.columns[k] for k in ("text", "label", "id"))
         try:
-            for row, record in _records(self._lines, self.format, self._header, self.name):
+            for row, record in records(self._lines, self.format, self._header, self.name):
                 text = record.get(text_col)
                 if not isinstance(text, str) or not text.strip():
                     if self.skip_invalid:
@@ -122,7 +122,7 @@ class TextStream:
                         f"the row or pass {option('skip_invalid', True)} to drop such rows."
                     )
                 label = record.get(label_col) if label_col is not None else None
-                if label_col is not None and _is_missing(label):
+                if label_col is not None and is_missing(label):
                     raise DataError(
                         f"{self.name}: line {row}: missing label ({label!r}) in column "
                         f"{label_col!r}; scoring needs every row's label."
@@ -150,14 +150,14 @@ class TextStream:
             self._handle.close()
             self._raw.close()
 
-    def _decode_error(self, error: UnicodeDecodeError) -> DataError:
+    def decode_error(self, error: UnicodeDecodeError) -> DataError:
         if self.path == STDIN:
             return DataError(
                 f"<stdin>: the input is not {self.encoding} ({error.reason} at byte "
                 f"0x{error.object[error.start]:02x}). Pass its encoding: "
                 f"{option('encoding', 'latin-1')} (or cp1252, ...)."
             )
-        return _decode_error(Path(self.path), self.encoding, error)
+        return decode_error(Path(self.path), self.encoding, error)
 
 
 def read_texts(

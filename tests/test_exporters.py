@@ -89,7 +89,7 @@ def test_export_matrix(format, quantize, backend, toy_runs, tmp_path):
         assert {c["mode"] for c in auto["candidates"]} <= {*FORMATS[format].int8, "fp32"}
         assert all(c["p50_ms"]["1"] > 0 and c["p50_ms"]["32"] > 0 for c in auto["candidates"])
         assert check.get("labels_changed_by_batch_size", 0) == 0  # batch-independent only
-    assert manifest["graph_source"] == FORMATS[format].graph_sources[0]
+    assert manifest["graph_source"] == FORMATS[format].default_source
     assert manifest["source_backend"] == backend
     assert manifest["label_names"] == ["neg", "pos"] and manifest["sequence_length"] == 32
     assert {"tokenizer.json", "vocab.txt", "README.md"} <= set(manifest["files"])
