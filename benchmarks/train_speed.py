@@ -138,9 +138,8 @@ def _kerasft_worker(spec: dict, overrides: dict) -> None:
     import keras
 
     from kerasft import recipe
-    from kerasft.batching import default_bucket_width
     from kerasft.benchmarks.worker import set_threads
-    from kerasft.config import RecipeConfig
+    from kerasft.config import RecipeConfig, default_bucket_width
     from kerasft.dropout import rand_masks
     from kerasft.encoder import ClsEncoder
     from kerasft.precision import policy_name, resolve_mixed_precision
@@ -152,7 +151,7 @@ def _kerasft_worker(spec: dict, overrides: dict) -> None:
     config = RecipeConfig(batch_size=BATCH_SIZE, finetune_learning_rate=LEARNING_RATE,
                           finetune_schedule="linear", seed=SEED, **overrides)  # fmt: skip
     mixed = resolve_mixed_precision(config.mixed_precision)
-    width = default_bucket_width() if config.bucket_width is None else config.bucket_width
+    width = config.bucket_width or default_bucket_width(keras.backend.backend())
     data = json.loads(Path(spec["data"]).read_text())
     keras.utils.set_random_seed(SEED)
     started = time.perf_counter()
@@ -262,7 +261,8 @@ def _feature_pass(classifier, train, feature_rows: int) -> tuple[int, float]:
     from kerasft.batching import BucketedBatches
 
     rows = np.arange(min(feature_rows, len(train.lengths)))
-    subset = BucketedBatches(train.token_ids.padded(rows), train.lengths[rows])
+    subset = BucketedBatches(train.token_ids.padded(rows), train.lengths[rows],
+                             bucket_width=train.bucket_width)  # fmt: skip
     started = time.perf_counter()
     recipe.extract_features(classifier, subset, verbose=0)
     return len(rows), time.perf_counter() - started

@@ -3,10 +3,10 @@
 Headlines are short (p50 12 tokens) but a fixed-length pipeline pads every one of them to the
 preprocessor's `sequence_length`. Here every text is tokenized once (`tokenize`) and kept
 unpadded in a `TokenIds`: one flat array of ids (uint16 when the vocabulary fits) plus offsets.
-Each batch is then cut to its bucket length (a multiple of `bucket_width`, by default
-`default_bucket_width()`), so compute follows the real lengths while the set of shapes compiled
-backends see stays small: one `(batch_size, L)` per bucket plus at most one short remainder
-batch.
+Each batch is then cut to its bucket length (a multiple of `bucket_width`, which the recipe
+resolves per backend: `kerasft.config.default_bucket_width`), so compute follows the real
+lengths while the set of shapes compiled backends see stays small: one `(batch_size, L)` per
+bucket plus at most one short remainder batch.
 Unshuffled passes (evaluation, prediction) sort rows by length; on eager PyTorch their batches
 are cut to their longest text (`unshuffled_bucket_width`).
 One-hot targets are built per batch.
@@ -26,7 +26,6 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 
-from kerasft.config import BUCKET_WIDTH, BUCKET_WIDTHS
 from kerasft.wordpiece import rust_tokenizer, token_ids
 
 log = logging.getLogger(__name__)
@@ -244,7 +243,8 @@ class BucketedBatches(keras.utils.PyDataset):
         batch_size: rows per batch, over all devices and processes.
         shuffle: reshuffle every epoch.
         seed: base seed for the shuffles.
-        bucket_width: bucket lengths are multiples of this (None: `default_bucket_width()`);
+        bucket_width: bucket lengths are multiples of this (the recipe's default per backend:
+            `kerasft.config.default_bucket_width`);
             1 cuts every batch to its longest text and groups rows by exact length. An
             unshuffled pass on PyTorch always cuts to the longest text
             (`unshuffled_bucket_width`).
@@ -261,7 +261,8 @@ class BucketedBatches(keras.utils.PyDataset):
         batch_size: int = 32,
         shuffle: bool = False,
         seed: int = 0,
-        bucket_width: int | None = None,
+        *,
+        bucket_width: int,
         replicas: int = 1,
         shard: tuple[int, int] | None = None,
     ):
@@ -278,7 +279,7 @@ class BucketedBatches(keras.utils.PyDataset):
         self.num_classes = num_classes
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.replicas, self.shard = replicas, shard
-        bucket_width = default_bucket_width() if bucket_width is None else bucket_width
+        self.bucket_width = bucket_width  # as asked: an unshuffled pass may cut tighter
         if not shuffle:
             bucket_width = unshuffled_bucket_width(bucket_width)
         self.bucket_len = np.minimum(
@@ -414,16 +415,6 @@ def inference_batch_size(batch_size: int) -> int:
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1. Received: batch_size={batch_size!r}")
     return batch_size * -(-INFERENCE_ROWS // batch_size)
-
-
-def default_bucket_width() -> int:
-    """`bucket_width`'s default on this Keras backend: 4 on PyTorch, else 8 (`BUCKET_WIDTH`).
-
-    JAX and TensorFlow compile every distinct batch shape, which 8 keeps to about 6 on the
-    reference data; eager PyTorch compiles nothing and pads less at 4 (16.0 instead of 18.1
-    tokens per row there). Why these: the comment at `kerasft.config.BUCKET_WIDTH`.
-    """
-    return BUCKET_WIDTHS.get(keras.backend.backend(), BUCKET_WIDTH)
 
 
 def unshuffled_bucket_width(bucket_width: int) -> int:

@@ -21,6 +21,7 @@ import numpy as np
 
 from kerasft.allocator import keep_freed_memory
 from kerasft.batching import BucketedBatches, inference_batch_size, one_hot, tokenize
+from kerasft.config import default_bucket_width
 from kerasft.dropout import rand_masks
 from kerasft.encoder import cls_features, last_layer_at_cls
 from kerasft.lora import adapted_layers
@@ -261,7 +262,7 @@ def encode(
         replicas: data-parallel devices each batch is split across (see `BucketedBatches`).
         shard: `(process index, process count)` in a multi-process run, else None.
         bucket_width: batches are padded to a multiple of this many tokens; None: the
-            backend's default (`kerasft.batching.default_bucket_width`).
+            backend's default (`kerasft.config.default_bucket_width`).
 
     Returns:
         A `BucketedBatches` dataset usable by `fit`, `evaluate` and `predict` on every backend.
@@ -275,7 +276,7 @@ def encode(
         seed=seed,
         replicas=replicas,
         shard=shard,
-        bucket_width=bucket_width,
+        bucket_width=bucket_width or default_bucket_width(keras.backend.backend()),
     )
 
 
@@ -407,6 +408,7 @@ def extract_features(classifier, data: BucketedBatches, verbose: int | str = "au
         batch_size=inference_batch_size(data.batch_size),
         shuffle=False,
         replicas=data.replicas,  # (one process: a multi-process run caches no features)
+        bucket_width=data.bucket_width,
     )
     progress = None
     if verbose:

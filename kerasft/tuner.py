@@ -20,9 +20,9 @@ import keras
 import numpy as np
 
 from kerasft import distribute, lora, machine, recipe, rundir
-from kerasft.batching import default_bucket_width, inference_batch_size
+from kerasft.batching import inference_batch_size
 from kerasft.checkpoint import CheckpointDir, rows_sha256, run_fingerprint, weights_sha256
-from kerasft.config import RecipeConfig
+from kerasft.config import RecipeConfig, default_bucket_width
 from kerasft.data import (
     TextDataset,
     as_texts,
@@ -199,7 +199,9 @@ class TwoStageFineTuner:
                      ", ".join(machine.isa()) or "ISA unknown")  # fmt: skip
             self.recipe = dataclasses.replace(self.recipe, mixed_precision=precision)
         if self.recipe.bucket_width is None:  # the backend's default, recorded resolved
-            self.recipe = dataclasses.replace(self.recipe, bucket_width=default_bucket_width())
+            self.recipe = dataclasses.replace(
+                self.recipe, bucket_width=default_bucket_width(keras.backend.backend())
+            )
         r = self.recipe
         texts, labels, val_texts, val_labels = self._fit_inputs(x, y, validation_data)
         self._class_weights = class_weight_ids(r.class_weight, labels, self.label_names)

@@ -5,14 +5,23 @@ import numpy as np
 from kerasft.batching import BucketedBatches, TokenIds
 
 
-def make(n=203, shuffle=True, seed=0, batch_size=32):
+def make(n=203, shuffle=True, seed=0, batch_size=32, bucket_width=None):
+    """Batches of random lengths; the bucket width defaults to the (monkeypatched) backend's,
+    as the recipe resolves it."""
+    import keras
+
+    from kerasft.config import default_bucket_width
+
+    width = bucket_width or default_bucket_width(keras.backend.backend())
     rng = np.random.default_rng(1)
     lengths = rng.integers(3, 40, n).astype("int32")
     ids = np.zeros((n, 64), "int32")
     for i, length in enumerate(lengths):
         ids[i, :length] = np.arange(1, length + 1)
     labels = rng.integers(0, 2, n)
-    return BucketedBatches(ids, lengths, labels, 2, batch_size, shuffle, seed), lengths, labels
+    batches = BucketedBatches(ids, lengths, labels, 2, batch_size, shuffle, seed,
+                              bucket_width=width)  # fmt: skip
+    return batches, lengths, labels
 
 
 def epoch_rows(ds):
@@ -75,7 +84,7 @@ def test_restore_order_unshuffled():
 def test_even_batches_across_devices():
     # 203 rows, batches of 32: the leftovers do not split across 2 devices.
     ds = BucketedBatches(*_ids(203), labels=np.arange(203) % 2, num_classes=2, batch_size=32,
-                         shuffle=True, seed=3, replicas=2)  # fmt: skip
+                         shuffle=True, seed=3, replicas=2, bucket_width=8)  # fmt: skip
     assert all(len(b) % 2 == 0 for b in ds.batches)
     assert ds.dropped == 1 and len(epoch_rows(ds)) == 202
     left_out = set(range(203)) - set(epoch_rows(ds).tolist())
@@ -83,7 +92,7 @@ def test_even_batches_across_devices():
     assert ds.dropped == 1 and set(range(203)) - set(epoch_rows(ds).tolist()) != left_out
     # An unshuffled pass pads instead: every row once, one zero-weight copy, order restored.
     ev = BucketedBatches(*_ids(203), labels=np.arange(203) % 2, num_classes=2, batch_size=32,
-                         replicas=2)  # fmt: skip
+                         replicas=2, bucket_width=8)  # fmt: skip
     assert ev.padded == 1 and all(len(b) % 2 == 0 for b in ev.batches)
     weights = np.concatenate([ev[i][2] for i in range(len(ev))])
     assert weights.sum() == 203 and (weights == 0).sum() == 1
@@ -93,10 +102,18 @@ def test_even_batches_across_devices():
 
 def test_process_shards_split_each_global_batch():
     ids, lengths = _ids(96)
-    whole = BucketedBatches(ids, lengths, batch_size=32, shuffle=True, seed=1, replicas=2)
+    whole = BucketedBatches(ids, lengths, batch_size=32, shuffle=True, seed=1, replicas=2,
+                            bucket_width=8)  # fmt: skip
     parts = [
         BucketedBatches(
-            ids, lengths, batch_size=32, shuffle=True, seed=1, replicas=2, shard=(i, 2)
+            ids,
+            lengths,
+            batch_size=32,
+            shuffle=True,
+            seed=1,
+            replicas=2,
+            shard=(i, 2),
+            bucket_width=8,
         )  # fmt: skip
         for i in range(2)
     ]
@@ -161,12 +178,12 @@ def test_unshuffled_passes_on_torch_cut_each_batch_to_its_longest_text(monkeypat
 def test_the_default_bucket_width_is_4_on_pytorch_and_8_on_the_compiled_backends(monkeypatch):
     import keras
 
-    from kerasft.batching import default_bucket_width
+    from kerasft.config import default_bucket_width
 
     widths = {}
     for backend in ("torch", "jax", "tensorflow"):
         monkeypatch.setattr(keras.backend, "backend", lambda b=backend: b)
         widths[backend] = sorted({int(n) for n in make(shuffle=True)[0].bucket_len})
-        assert default_bucket_width() == (4 if backend == "torch" else 8)
+        assert default_bucket_width(backend) == (4 if backend == "torch" else 8)
     assert all(n % 4 == 0 for n in widths["torch"]) and any(n % 8 for n in widths["torch"])
     assert widths["jax"] == widths["tensorflow"] and all(n % 8 == 0 for n in widths["jax"])

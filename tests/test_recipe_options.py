@@ -113,14 +113,14 @@ def test_bucket_width_reaches_the_training_and_validation_batches(monkeypatch, t
     assert seen == [1, 1]
     assert TwoStageFineTuner.from_config(tuner.get_config()).recipe.bucket_width == 1
     # The default (None) resolves to the backend's width when `fit` starts; config.json has it.
-    from kerasft.batching import default_bucket_width
+    from kerasft.config import default_bucket_width
 
     seen.clear()
     tuner = TwoStageFineTuner(str(tiny_preset), sequence_length=16, warmup_epochs=0,
                               finetune_epochs=1, verbose=0)  # fmt: skip
     assert tuner.recipe.bucket_width is None
     tuner.fit(texts[:48], labels[:48], validation_data=(texts[48:], labels[48:]))
-    width = default_bucket_width()
+    width = default_bucket_width(keras.backend.backend())
     assert seen == [width, width] and tuner.get_config()["bucket_width"] == width
 
 
