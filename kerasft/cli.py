@@ -118,17 +118,30 @@ def recipe_flags(recipe) -> list[str]:
     return flags
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from kerasft.data import DATA_ENV, REFERENCE_SEED
-    from kerasft.exporters.formats import FORMATS, INT8_MODES, int8_help
-    from kerasft.exporters.verify import (
-        AUTO_MIN_AGREEMENT,
-        INT8_MAX_ACCURACY_DROP,
-        INT8_MIN_AGREEMENT,
+def _data_file_flags() -> argparse.ArgumentParser:
+    """The data-file flags `fit`, `predict --data` and `evaluate` share, declared once (an
+    argparse parent)."""
+    flags = argparse.ArgumentParser(add_help=False)
+    group = flags.add_argument_group("data file")
+    group.add_argument("--text-column", help="the text column (default: detected)")
+    group.add_argument(
+        "--label-column",
+        help="the label column (default: detected; predict reads it only with --score)",
     )
-    from kerasft.labelling import OUTPUT_FORMATS
-    from kerasft.textstream import INPUT_FORMATS
+    group.add_argument("--encoding", default="utf-8", help="the data file's text encoding")
+    group.add_argument(
+        "--no-header", action="store_true",
+        help="CSV/TSV: the first row is data; columns are named 0, 1, ... (default: detected)",
+    )  # fmt: skip
+    group.add_argument(
+        "--skip-invalid", action="store_true",
+        help="drop rows without a text (or without a label, where labels are read)",
+    )  # fmt: skip
+    return flags
 
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `kerasft` parser: one builder per command, the data-file flags declared once."""
     parser = argparse.ArgumentParser(prog="kerasft", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--backend",
@@ -136,22 +149,32 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"Keras backend (default: $KERAS_BACKEND, else {DEFAULT_BACKEND})",
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    data_file = _data_file_flags()
+    _fit_parser(sub, data_file)
+    _export_parser(sub)
+    _predict_parser(sub, data_file)
+    _evaluate_parser(sub, data_file)
+    sub.add_parser(
+        "bench",
+        add_help=False,
+        help="latency of every variant vs Hugging Face peers "
+        "(python -m kerasft.benchmarks.latency)",
+    )
+    return parser
 
-    fit = sub.add_parser("fit", help="two-stage fine-tuning on the reference 60/20/20 split")
+
+def _fit_parser(sub, data_file: argparse.ArgumentParser) -> None:
+    from kerasft.data import DATA_ENV, REFERENCE_SEED
+
+    fit = sub.add_parser(
+        "fit", parents=[data_file], help="two-stage fine-tuning on the reference 60/20/20 split"
+    )
     fit.add_argument("--data", help=f"data file (default: ${DATA_ENV})")
     fit.add_argument("--out", help="run directory to create")
     fit.add_argument(
         "--resume", metavar="RUN",
         help="continue the interrupted run RUN from its last completed epoch, with the options "
         "it was started with (running the same command again does the same)",
-    )  # fmt: skip
-    fit.add_argument("--text-column", help="the text column (default: detected)")
-    fit.add_argument("--label-column", help="the label column (default: detected)")
-    fit.add_argument("--skip-invalid", action="store_true", help="drop rows without text/label")
-    fit.add_argument("--encoding", default="utf-8", help="the data files' text encoding")
-    fit.add_argument(
-        "--no-header", action="store_true",
-        help="CSV/TSV: the first row is data; columns are named 0, 1, ... (default: detected)",
     )  # fmt: skip
     fit.add_argument("--limit", type=int, help="stratified subsample of N rows before the split")
     fit.add_argument(
@@ -177,6 +200,15 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     fit.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     fit.add_argument("--quiet", action="store_true", help="no per-step progress bars")
+
+
+def _export_parser(sub) -> None:
+    from kerasft.exporters.formats import FORMATS, INT8_MODES, int8_help
+    from kerasft.exporters.verify import (
+        AUTO_MIN_AGREEMENT,
+        INT8_MAX_ACCURACY_DROP,
+        INT8_MIN_AGREEMENT,
+    )
 
     export = sub.add_parser(
         "export", help="export a run to ONNX, OpenVINO, SavedModel or LiteRT, verified"
@@ -212,9 +244,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
+
+def _predict_parser(sub, data_file: argparse.ArgumentParser) -> None:
+    from kerasft.labelling import OUTPUT_FORMATS
+    from kerasft.textstream import INPUT_FORMATS
+
     predict = sub.add_parser(
-        "predict", help="label texts, or a file of texts, with a run or export directory"
-    )
+        "predict", parents=[data_file],
+        help="label texts, or a file of texts, with a run or export directory",
+    )  # fmt: skip
     predict.add_argument("run_dir", help="a `kerasft fit` run or a `kerasft export` directory")
     predict.add_argument("texts", nargs="*", help="texts to label (or --data)")
     predict.add_argument(
@@ -236,7 +274,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--input-format", choices=INPUT_FORMATS,
         help="--data: the file's format (default: from its suffix; lines for stdin)",
     )  # fmt: skip
-    file_only.add_argument("--text-column", help="--data: the text column (default: detected)")
     file_only.add_argument(
         "--id-column", help="--data: a column copied to each output row (default: `id`, if any)"
     )
@@ -245,23 +282,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="--data: score the predictions against the file's label column (--label-column, "
         "default: detected); labels are otherwise ignored",
     )  # fmt: skip
-    file_only.add_argument("--label-column", help="--data --score: the label column")
-    file_only.add_argument("--encoding", default="utf-8", help="--data: the file's text encoding")
-    file_only.add_argument(
-        "--no-header", action="store_true",
-        help="--data CSV/TSV: the first row is data (default: detected)",
-    )  # fmt: skip
-    file_only.add_argument(
-        "--skip-invalid", action="store_true", help="--data: drop rows without text"
-    )
     file_only.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     file_only.add_argument(
         "--quiet", action="store_true",
         help="--data: no progress on stderr (shown only when stderr is a terminal)",
     )  # fmt: skip
-    # for the check that these are not given with texts instead of --data
+    # for the check that these (and the data-file flags) are not given with texts, not --data
+    only_with_data = [*file_only._group_actions, *data_file._actions]
     predict.set_defaults(file_flags=[(a.option_strings[-1], a.dest, a.default)
-                                     for a in file_only._group_actions])  # fmt: skip
+                                     for a in only_with_data])  # fmt: skip
     predict.add_argument(
         "--json", action="store_true",
         help="texts: a JSON list of {text, label, probability} instead of 'label<TAB>probability"
@@ -271,32 +300,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--manifest-sha256", help="export only: refuse a manifest whose sha256 differs"
     )
 
-    evaluate = sub.add_parser("evaluate", help="score every row of a labelled file")
+
+def _evaluate_parser(sub, data_file: argparse.ArgumentParser) -> None:
+    evaluate = sub.add_parser(
+        "evaluate", parents=[data_file], help="score every row of a labelled file"
+    )
     evaluate.add_argument("run_dir", help="a `kerasft fit` run directory")
     evaluate.add_argument("--data", required=True, help="labelled data file, scored whole")
-    evaluate.add_argument("--text-column", help="the text column (default: detected)")
-    evaluate.add_argument("--label-column", help="the label column (default: detected)")
-    evaluate.add_argument("--encoding", default="utf-8", help="the data file's text encoding")
-    evaluate.add_argument(
-        "--no-header", action="store_true",
-        help="CSV/TSV: the first row is data; columns are named 0, 1, ... (default: detected)",
-    )  # fmt: skip
-    evaluate.add_argument(
-        "--skip-invalid", action="store_true", help="drop rows without text/label"
-    )
     evaluate.add_argument(
         "--json",
         action="store_true",
         help="the metrics as one JSON object instead of 'name: value' lines",
     )
-
-    sub.add_parser(
-        "bench",
-        add_help=False,
-        help="latency of every variant vs Hugging Face peers "
-        "(python -m kerasft.benchmarks.latency)",
-    )
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
