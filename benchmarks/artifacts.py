@@ -78,8 +78,9 @@ def _peer_export(target: Path, make, listing: str) -> dict:
 
 def prepare(run: Path, root: Path, role: str, widen: int, per_split: int, peers: bool, log):
     """Builds the role's artifacts under `root / role` and returns the index written there."""
-    from kerasft.exporters.dispatch import exports_in_subprocess, verification_set
     from kerasft.exporters.formats import FORMATS, VARIANTS
+    from kerasft.exporters.isolated import exports_in_subprocess
+    from kerasft.exporters.vset import verification_set
     from kerasft.tuner import TwoStageFineTuner
 
     out = root / role

@@ -9,7 +9,14 @@ the verification gate) and what they need.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
+
+from kerasft.versions import EXPORT
+
+# The packages a graph source traces with: the one mapping from source to packages, for what an
+# export needs (`needs_with`) and what its manifest records (`traced_with`).
+SOURCE_PACKAGES = {"torch": ("torch",), "tensorflow": ("tensorflow", "tf2onnx")}
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,9 @@ class FormatContract:
         graph_sources: the Keras backends the graph can be traced under (`"torch"`:
             `kerasft.exporters.torch_graph`, `"tensorflow"`: `kerasft.exporters.keras_graph`),
             the default first.
+        precisions: the inference precisions the runtime can be verified and recorded with
+            (empty: float32 only); any but the first is judged by the INT8 gate.
+        keep_fp32_modes: the INT8 modes that take `keep_fp32` (nodes kept in fp32).
     """
 
     name: str
@@ -66,6 +76,8 @@ class FormatContract:
     needs: tuple[str, ...] = ()
     auto: tuple[tuple[str, dict], ...] = ()
     graph_sources: tuple[str, ...] = ("tensorflow",)
+    precisions: tuple[str, ...] = ()
+    keep_fp32_modes: tuple[str, ...] = ()
 
     @property
     def modes(self) -> tuple[str | None, ...]:
@@ -77,10 +89,62 @@ class FormatContract:
         """The Keras backend the format's graph is traced under unless asked otherwise."""
         return self.graph_sources[0]
 
+    def resolve_source(self, graph_source: str | None) -> str:
+        """The graph source to trace under: `graph_source`, or the format's default.
+
+        Raises:
+            ValueError: a source the format cannot be traced under.
+        """
+        if graph_source is None:
+            return self.default_source
+        if graph_source not in self.graph_sources:
+            raise ValueError(
+                f"format {self.name!r} is traced under {' or '.join(self.graph_sources)}. "
+                f"Received: graph_source={graph_source!r}"
+            )
+        return graph_source
+
+    @staticmethod
+    def graph_class(source: str):
+        """The serving-graph class that traces under `source`."""
+        if source == "torch":
+            from kerasft.exporters.torch_graph import TorchServingGraph
+
+            return TorchServingGraph
+        from kerasft.exporters.keras_graph import ServingGraph
+
+        return ServingGraph
+
     def needs_with(self, source: str) -> tuple[str, ...]:
-        """The Python modules an export traced under `source` needs."""
-        traced = ("tensorflow", "tf2onnx") if self.onnx_graph else ("tensorflow",)
-        return (*(("torch",) if source == "torch" else traced), *self.needs)
+        """The Python modules an export traced under `source` needs (tf2onnx only where the
+        graph goes to ONNX)."""
+        traced = [p for p in SOURCE_PACKAGES[source] if self.onnx_graph or p != "tf2onnx"]
+        return (*traced, *self.needs)
+
+    @staticmethod
+    def traced_with(source: str) -> tuple[str, ...]:
+        """The packages whose versions the manifest records: the export's, and the graph
+        source's (not the other sources')."""
+        other = {p for s, names in SOURCE_PACKAGES.items() if s != source for p in names}
+        return tuple(n for n in (*EXPORT, "torch") if n not in other)
+
+    def check_installed(self, source: str) -> None:
+        """Raises `RuntimeError` naming the extra to install when a module the format needs
+        under `source` is missing (TensorFlow, above all, for SavedModel and LiteRT in a JAX- or
+        PyTorch-only environment)."""
+        needs = self.needs_with(source)
+        missing = [name for name in needs if not _installed(name)]
+        if missing:
+            extra = "export" if "tensorflow" in missing or "tf2onnx" in missing else "edge"
+            raise RuntimeError(
+                f"format {self.name!r} needs {', '.join(needs)} to export (not "
+                f"installed: {', '.join(missing)}): pip install 'kerasft[{extra}]'"
+            )
+
+    def reduced(self, mode: str | None, precision: str) -> bool:
+        """Whether an export computes in reduced precision (judged by the INT8 gate): INT8,
+        or an inference precision other than the format's first."""
+        return mode is not None or (bool(self.precisions) and precision != self.precisions[0])
 
     def attempts(self, mode: str | None) -> tuple[tuple[str | None, dict], ...]:
         """The recipes `mode` tries in order (fp32: one, unquantized; `"auto"`: every candidate's,
@@ -99,3 +163,10 @@ class FormatContract:
 def int8(mode: str, description: str, *attempts: tuple[str, dict], **needs) -> QuantizationConfig:
     """Shorthand for a `QuantizationConfig` (one attempt `(mode, {})` when none is given)."""
     return QuantizationConfig(mode, description, attempts or ((mode, {}),), **needs)
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # a finder that refuses the module
+        return False

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -18,30 +16,31 @@ from pathlib import Path
 
 import numpy as np
 
-from kerasft.data import DataError, encode_labels
 from kerasft.exporters import exportdir
+from kerasft.exporters.auto import latency_b1, rank_auto, recipe_label
 from kerasft.exporters.contract import FormatContract
-from kerasft.exporters.formats import MODULES, check_format
+from kerasft.exporters.formats import FORMATS, MODULES, check_format
+from kerasft.exporters.isolated import export_in_subprocess, passed_on_errors
 from kerasft.exporters.onnx import DEFAULT_OPSET
-from kerasft.exporters.openvino import PRECISIONS
 from kerasft.exporters.verify import (
     AUTO_MIN_AGREEMENT,
     INT8_MAX_ACCURACY_DROP,
     INT8_MIN_AGREEMENT,
 )
+from kerasft.exporters.vset import (
+    VERIFY_PER_SPLIT,
+    label_ids,
+    quantization_feeds,
+    reference_logits,
+    verification_texts,
+)
 from kerasft.fileio import check_target_dir, publish_target
-from kerasft.machine import cpu_model, isa
-from kerasft.rundir import CONFIG_FILE, MODEL_FILE
-from kerasft.versions import EXPORT, package_versions
+from kerasft.rundir import MODEL_FILE
+from kerasft.versions import package_versions
 
 log = logging.getLogger("kerasft.export")
 
 AUTO = "auto"
-# Verification texts per split of the run (train, validation, test): every split is used, each
-# capped so that the cost stays bounded (the reference run: 6,000 + 5,342 + 5,342 texts).
-VERIFY_PER_SPLIT = 6000
-CALIBRATION_TEXTS = 256
-ACCURACY_CONTROL_TEXTS = 1024
 
 
 @dataclass
@@ -75,86 +74,6 @@ def _load_source(source, copy: bool) -> _Source:
     )
 
 
-@dataclass
-class VerificationSet:
-    """Labelled texts to verify an export with, and training texts to calibrate INT8 with.
-
-    Attributes:
-        texts: verification texts, drawn from every split of the run.
-        labels: their class names (as in the model's `label_names`), or None when unknown.
-        splits: the split of each text (`"train"`, `"validation"`, `"test"`), or None.
-        calibration: training texts for INT8 calibration (none of them among `texts`).
-        label_ids: `labels` as the model's class ids (set by `export`).
-    """
-
-    texts: list[str]
-    labels: np.ndarray | None
-    splits: list[str] | None
-    calibration: list[str]
-    label_ids: np.ndarray | None = None
-
-    def subset(self, split: str, limit: int) -> tuple[list[str], np.ndarray]:
-        """Up to `limit` labelled texts of one split, in order."""
-        rows = [i for i, s in enumerate(self.splits or []) if s == split][:limit]
-        return [self.texts[i] for i in rows], self.labels[rows]
-
-
-def verification_set(
-    run_dir: Path | None, per_split: int = VERIFY_PER_SPLIT, seed: int = 30
-) -> VerificationSet:
-    """Verification and calibration texts from a `kerasft fit` run's own splits.
-
-    Up to `per_split` texts of each split (train, validation, test), drawn with `seed`, with
-    their labels; `CALIBRATION_TEXTS` other training texts (at most half of them) for
-    calibration.
-
-    Raises:
-        ValueError: if `run_dir` is not a run directory (then texts must be passed).
-    """
-    from kerasft.rundir import run_splits
-
-    if run_dir is None or not (run_dir / CONFIG_FILE).is_file():
-        raise ValueError(
-            "No texts to verify the export with: pass texts=[...] (and calibration_texts for "
-            "static INT8), or export a `kerasft fit` run directory whose data file is readable."
-        )
-    rng = np.random.default_rng(seed)
-    texts, labels, splits, calibration = [], [], [], []
-    for name, data in zip(("train", "validation", "test"), run_splits(run_dir), strict=True):
-        order = rng.permutation(len(data))
-        if name == "train":
-            n_calibration = min(CALIBRATION_TEXTS, len(data) // 2)
-            calibration = [data.texts[i] for i in np.sort(order[:n_calibration])]
-            order = order[n_calibration:]
-        rows = np.sort(order[:per_split])
-        texts += [data.texts[i] for i in rows]
-        labels += [data.label_names[k] for k in data.labels[rows]]
-        splits += [name] * len(rows)
-    return VerificationSet(texts, np.asarray(labels), splits, calibration)
-
-
-def _keras_batches(classifier, texts: list[str], batch_size: int = 32, shape=(None, None)):
-    """Feeds of the training token ids (`kerasft.batching.tokenize`, KerasHub's ids without
-    TensorFlow), each padded to its longest text (as the runtime pads).
-
-    With a fixed `shape` (batch, sequence), feeds are padded to it instead: the sequence with
-    padding tokens, a short batch by repeating its first row.
-    """
-    from kerasft.batching import tokenize
-
-    batch_size = shape[0] or batch_size
-    tokens = tokenize(classifier.preprocessor, texts)
-    for i in range(0, len(texts), batch_size):
-        rows = np.arange(i, min(i + batch_size, len(texts)))
-        width = shape[1] or int(tokens.lengths[rows].max())
-        ids = tokens.padded(rows, width)
-        feed = {"token_ids": ids, "padding_mask": (ids != 0).astype("int32")}
-        if shape[0] and len(ids) < shape[0]:
-            rows = np.r_[np.arange(len(ids)), np.zeros(shape[0] - len(ids), dtype=int)]
-            feed = {k: v[rows] for k, v in feed.items()}
-        yield feed
-
-
 def check_fixed_shape(fixed_shape, max_positions: int) -> tuple[int | None, int | None]:
     """Validates `fixed_shape` = (batch or None, sequence or None); returns it as a tuple.
 
@@ -171,88 +90,6 @@ def check_fixed_shape(fixed_shape, max_positions: int) -> tuple[int | None, int 
     return shape
 
 
-def _reference(graph, classifier, texts):
-    ids, logits = [], []
-    width = classifier.preprocessor.sequence_length
-    for feed in _keras_batches(classifier, texts):
-        logits.append(np.asarray(graph.serve(**feed)["logits"]))
-        ids.append(np.pad(feed["token_ids"], ((0, 0), (0, width - feed["token_ids"].shape[1]))))
-    return np.concatenate(ids), np.concatenate(logits)
-
-
-def export_in_subprocess(source, out_dir, backend: str = "tensorflow", **options) -> Path:
-    """Re-runs `export(source, out_dir, **options)` in a subprocess under Keras `backend`.
-
-    Used when the current backend is not the one the format's graph is traced under (the
-    `.keras` file is backend-neutral), and by the latency harness so that each export's memory
-    is returned when it ends.
-
-    Raises:
-        The subprocess's own error where it is one `export` documents (`ValueError`,
-        `FileExistsError`, `FileNotFoundError`, `LockError`, `DataChangedError`,
-        `VerificationError` with its report), else `RuntimeError` with the subprocess's stderr.
-    """
-    exports_in_subprocess(source, [(out_dir, options)], backend)
-    return Path(out_dir)
-
-
-def exports_in_subprocess(source, jobs: list[tuple], backend: str = "tensorflow") -> None:
-    """`export(source, out_dir, **options)` for each `(out_dir, options)` of `jobs`, in order,
-    in one subprocess under Keras `backend`: the libraries load once for all of them.
-
-    Raises:
-        As `export_in_subprocess`, for the first export that fails (the later ones do not run;
-        those before it are complete).
-    """
-    with tempfile.TemporaryDirectory() as tmp:
-        if not isinstance(source, (str, os.PathLike)):
-            source.save(Path(tmp) / MODEL_FILE)
-            source = tmp
-        requests = []
-        for out_dir, options in jobs:
-            request = {"out_dir": str(out_dir), **options}
-            if request.get("labels") is not None:
-                request["labels"] = [str(v) for v in request["labels"]]
-            requests.append(request)
-        (Path(tmp) / "request.json").write_text(json.dumps({"source": str(source),
-                                                            "jobs": requests}))  # fmt: skip
-        error_file = Path(tmp) / "error.json"
-        env = {**os.environ, "KERAS_BACKEND": backend}
-        proc = subprocess.run(
-            [sys.executable, "-m", "kerasft.exporters.dispatch", str(Path(tmp) / "request.json"),
-             str(error_file)],
-            env=env,
-            capture_output=True,
-            text=True,
-        )  # fmt: skip
-        if proc.returncode:
-            if error_file.is_file():
-                raise _subprocess_error(json.loads(error_file.read_text())) from None
-            raise RuntimeError(f"Export under the {backend} backend failed:\n{proc.stderr[-4000:]}")
-
-
-def _passed_on_errors() -> dict[str, type[Exception]]:
-    """The errors `export` documents, by name: raised again as themselves by the parent of an
-    export subprocess."""
-    from kerasft.exporters.verify import VerificationError
-    from kerasft.fileio import LockError
-    from kerasft.rundir import DataChangedError
-
-    kinds = (ValueError, FileExistsError, FileNotFoundError, LockError, DataChangedError,
-             DataError)  # fmt: skip
-    return {kind.__name__: kind for kind in (*kinds, VerificationError)}
-
-
-def _subprocess_error(error: dict) -> Exception:
-    """The exception an export subprocess wrote to its error file (`_run_request`)."""
-    from kerasft.exporters.verify import VerificationError
-
-    kind = _passed_on_errors()[error["type"]]
-    if kind is VerificationError:
-        return VerificationError(error["message"], error["report"])
-    return kind(error["message"])
-
-
 def _run_request(request_file: str, error_file: str) -> None:
     """The subprocess of `exports_in_subprocess`: `export` as requested, job by job; a
     documented error is written to `error_file` (type, message, report) for the parent to raise
@@ -263,7 +100,7 @@ def _run_request(request_file: str, error_file: str) -> None:
             job["fixed_shape"] = tuple(job["fixed_shape"])
         try:
             export(request["source"], job.pop("out_dir"), **job)
-        except tuple(_passed_on_errors().values()) as e:
+        except tuple(passed_on_errors().values()) as e:
             error = {"type": type(e).__name__, "message": str(e),
                      "report": getattr(e, "report", None)}  # fmt: skip
             Path(error_file).write_text(json.dumps(error, default=str))
@@ -345,9 +182,9 @@ def export(
     contract = check_format(format, quantize)
     if min_agreement is None:
         min_agreement = AUTO_MIN_AGREEMENT if quantize == AUTO else INT8_MIN_AGREEMENT
-    graph_source = _check_graph_source(contract, graph_source)
-    _check_installed(contract, graph_source)
-    _check_options(format, quantize, min_agreement, max_accuracy_drop, precision,
+    graph_source = contract.resolve_source(graph_source)
+    contract.check_installed(graph_source)
+    _check_options(contract, quantize, min_agreement, max_accuracy_drop, precision,
                    verify_per_split, keep_fp32)  # fmt: skip
     check_target_dir(out_dir, overwrite, "Export directory")
     import keras
@@ -373,8 +210,8 @@ def _export_here(
     `tmp`: the Keras reference, then write and verify, then the model card and the manifest."""
     started = time.perf_counter()
     src = _load_source(source, copy=quantize == "keras")  # never quantize the caller's model
-    vset = _verification_texts(src, texts, labels, splits, calibration_texts, verify_per_split)
-    vset.label_ids = _label_ids(vset.labels, src.label_names)  # checked before any work
+    vset = verification_texts(src, texts, labels, splits, calibration_texts, verify_per_split)
+    vset.label_ids = label_ids(vset.labels, src.label_names)  # checked before any work
     gate = {"min_agreement": min_agreement, "max_accuracy_drop": max_accuracy_drop}
     write_options = {k: write_options[k] for k in ("fixed_shape", "opset", "precision",
                                                      "keep_fp32", "graph_source")}  # fmt: skip
@@ -382,22 +219,6 @@ def _export_here(
         contract, quantize, src, vset, tmp, gate=gate, **write_options
     )
     _describe(tmp, manifest, served, vset, keras_ids, src.run_dir, started)
-
-
-def _verification_texts(src, texts, labels, splits, calibration_texts, per_split):
-    """The `VerificationSet`: the given texts, or the run's own splits."""
-    if texts is None:
-        vset = verification_set(src.run_dir, per_split)
-        vset.calibration = list(calibration_texts or vset.calibration)
-        return vset
-    if splits is not None and len(splits) != len(texts):
-        raise ValueError(f"splits has {len(splits)} entries for {len(texts)} texts.")
-    return VerificationSet(
-        list(texts),
-        None if labels is None else np.asarray(labels),
-        list(splits) if splits is not None else None,
-        list(calibration_texts or texts),
-    )
 
 
 @contextlib.contextmanager
@@ -420,7 +241,7 @@ def _write_verified(
     manifest, its loaded runtime and the Keras token ids of the verification texts.
 
     With `quantize="auto"`, the first recipe of each of the format's `auto` modes is written and
-    timed first, and the modes are tried fastest first (`_rank_auto`).
+    timed first, and the modes are tried fastest first (`rank_auto`).
 
     Raises:
         VerificationError: the last recipe failed too (the message lists the earlier ones).
@@ -428,7 +249,7 @@ def _write_verified(
     from kerasft.exporters.keras_graph import fused_attention, onnx_friendly_ops
     from kerasft.exporters.verify import VerificationError
 
-    graph_class = _graph_class(graph_source)
+    graph_class = contract.graph_class(graph_source)
     clf = src.classifier
     shape = check_fixed_shape(fixed_shape, clf.backbone.max_sequence_length)
     onnx_ops = onnx_friendly_ops(clf) if contract.onnx_graph else contextlib.nullcontext()
@@ -440,21 +261,21 @@ def _write_verified(
     ):
         graph = graph_class(clf)  # dynamic: the Keras reference for every text
         log.info("Keras reference logits for %d verification texts", len(vset.texts))
-        reference = _reference(graph, clf, vset.texts)
+        reference = reference_logits(graph, clf, vset.texts)
         if quantize == "keras":
             with warnings.catch_warnings():  # "Layer X has no quantize method" for each
                 warnings.simplefilter("ignore")  # non-Dense layer: expected, not news
                 graph.model.quantize("int8")
         if quantize == "keras" or shape != (None, None):
             graph = graph_class(clf, fixed_shape=shape)
-        feeds = _quantization_feeds(contract, quantize, clf, vset, src.label_names, shape)
+        feeds = quantization_feeds(contract, quantize, clf, vset, src.label_names, shape)
         write = {"opset": opset or DEFAULT_OPSET, "backbone": clf.backbone, "precision": precision,
                  "max_accuracy_drop": gate["max_accuracy_drop"], "sensitivity": {},
                  **feeds}  # fmt: skip
 
         def write_attempt(mode, attempt, settings, out: Path) -> dict:
             _clear(out)
-            label = _recipe_label(attempt, settings)
+            label = recipe_label(attempt, settings)
             log.info("writing %s %s", contract.name, label)
             info = MODULES[contract.name].write(graph, out, quantize=attempt,
                                                 **{**write, **settings})  # fmt: skip
@@ -463,19 +284,19 @@ def _write_verified(
         written, auto = {}, None
         plan = [(quantize, attempt, settings) for attempt, settings in contract.attempts(quantize)]
         if quantize == AUTO:
-            plan, written, auto = _rank_auto(contract, write_attempt, vset, Path(scratch))
+            plan, written, auto = rank_auto(contract, write_attempt, vset, Path(scratch))
         elif keep_fp32 is not None:
             plan = [(quantize, quantize, {"keep_fp32": keep_fp32})]
         failed = []
         for mode, attempt, settings in plan:
-            label = _recipe_label(attempt, settings)
-            if (mode, label) in written:  # written and timed by `_rank_auto`
+            label = recipe_label(attempt, settings)
+            if (mode, label) in written:  # written and timed by `rank_auto`
                 _clear(tmp)
                 shutil.copytree(written[mode, label][0], tmp, dirs_exist_ok=True)
                 manifest = written[mode, label][1]
             else:
                 manifest = write_attempt(mode, attempt, settings, tmp)
-            reduced = _reduced(mode, contract, settings.get("precision", precision))
+            reduced = contract.reduced(mode, settings.get("precision", precision))
             batch_dependent = bool(mode) and contract.int8[mode].batch_dependent
             try:
                 manifest["verification"], served = _verify(
@@ -499,100 +320,12 @@ def _write_verified(
     raise AssertionError("unreachable: the last attempt returns or raises")
 
 
-def _recipe_label(attempt, settings: dict) -> str:
-    return " ".join([attempt or "fp32", *(f"{k}={v}" for k, v in settings.items())])
-
-
-def _rank_auto(contract: FormatContract, write_attempt, vset, scratch: Path):
-    """`--int8 auto`: writes every recipe of each candidate mode (the fallbacks too: fp32
-    nodes cost time), times each on this machine at every serving batch size, and orders them
-    fastest first; the modes' `untimed` recipes follow, in their modes' order.
-
-    Returns:
-        `(plan, written, report)`: the recipes as `(mode, attempt, settings)`, fastest first;
-        those already written (`{(mode, label): (dir, manifest)}`); and what was measured, for
-        the manifest.
-    """
-    from kerasft.exporters import runtime
-    from kerasft.exporters.verify import SERVING_BATCHES
-
-    timed, untimed, written = [], [], {}
-    for mode, overrides in _auto_candidates(contract):
-        for attempt, settings in contract.attempts(mode):
-            step = (mode, attempt, {**settings, **overrides})
-            if mode and attempt in contract.int8[mode].untimed:
-                untimed.append(step)
-                continue
-            label = _recipe_label(attempt, step[2])
-            out = scratch / str(len(written))
-            out.mkdir()
-            written[mode, label] = (out, write_attempt(mode, attempt, step[2], out))
-            served = runtime.load(out)
-            p50 = {size: _p50_ms(served, vset.texts, size) for size in SERVING_BATCHES}
-            timed.append((p50, step, {"mode": mode or "fp32", "recipe": label, "p50_ms": p50}))
-    # fastest first: the product of the p50s at the serving batch sizes (each size counts alike)
-    timed.sort(key=lambda item: float(np.prod(list(item[0].values()))))
-    report = {
-        "candidates": [entry for _, _, entry in timed],
-        "order": "fastest first on this machine: product of p50 at batch sizes "
-        + ", ".join(map(str, SERVING_BATCHES)),
-        "cpu": cpu_model(),
-        "isa": isa(),
-    }
-    return [step for _, step, _ in timed] + untimed, written, report
-
-
-def _auto_candidates(contract: FormatContract) -> list[tuple[str, dict]]:
-    """The format's `auto` candidates this CPU can run as meant (bf16 ones need bf16 hardware)."""
-    from kerasft.machine import computes_bf16
-
-    return [(mode, over) for mode, over in contract.auto
-            if over.get("precision") != "bf16" or computes_bf16()]  # fmt: skip
-
-
-def _p50_ms(served, texts: list[str], batch: int, seconds: float = 1.0) -> float:
-    """Median latency (ms) of `served.logits` on `batch` verification texts of median length."""
-    feed = served.encode(texts[: max(batch, 64)])
-    lengths = feed["padding_mask"].sum(axis=1)
-    rows = np.argsort(np.abs(lengths - np.median(lengths)), kind="stable")[:batch]
-    width = int(lengths[rows].max())
-    feed = {k: np.ascontiguousarray(v[rows, :width]) for k, v in feed.items()}
-    for _ in range(3):
-        served.logits(feed)
-    times, deadline = [], time.perf_counter() + seconds
-    while time.perf_counter() < deadline or len(times) < 5:
-        start = time.perf_counter()
-        served.logits(feed)
-        times.append(time.perf_counter() - start)
-    return round(float(np.median(times)) * 1e3, 3)
-
-
 def _other_recipes(contract: FormatContract, quantize) -> str:
     """What to try after a refused INT8 export: the format's other modes, or a wider gate."""
     others = [f"--int8 {mode}" for mode in contract.int8 if mode != quantize]
     return (
         f" Try {' or '.join(others)} (another recipe), or " if others else " Try "
     ) + "a wider gate (--min-agreement, --max-accuracy-drop)."
-
-
-def _reduced(quantize, contract: FormatContract, precision: str) -> bool:
-    """Whether the export computes in reduced precision (judged by the INT8 gate)."""
-    return quantize is not None or (contract.name == "openvino" and precision != "f32")
-
-
-def _quantization_feeds(contract, quantize, clf, vset, label_names, shape) -> dict:
-    """`calibration` (and `validation`, for accuracy control) feeds for the INT8 recipes."""
-    calibration, validation = contract.needs_of(quantize)
-    feeds = {"calibration": None, "validation": None}
-    if calibration:
-        feeds["calibration"] = list(
-            _keras_batches(clf, vset.calibration, contract.calibration_batch, shape=shape)
-        )
-    if validation and vset.splits is not None:
-        val_texts, val_names = vset.subset("validation", ACCURACY_CONTROL_TEXTS)
-        feeds["validation"] = (list(_keras_batches(clf, val_texts, 1, shape=shape)),
-                               _label_ids(val_names, label_names))  # fmt: skip
-    return feeds
 
 
 def _manifest(contract, quantize, attempt, info, src, clf, shape, graph_source, tmp: Path) -> dict:
@@ -618,7 +351,7 @@ def _manifest(contract, quantize, attempt, info, src, clf, shape, graph_source, 
         "inference_precision": info.get("inference_precision"),
         "source_backend": src.backend,
         "graph_source": graph_source,
-        "versions": package_versions(_traced_with(graph_source)),
+        "versions": package_versions(contract.traced_with(graph_source)),
     }
     return exportdir.write_manifest(tmp, manifest)
 
@@ -646,88 +379,36 @@ def _describe(tmp: Path, manifest: dict, served, vset, keras_ids, run_dir, start
     """Adds the batch-1 latency and export time, writes the model card and the final manifest."""
     from kerasft.exporters.model_card import write_model_card
 
-    manifest["latency"] = _latency_b1(served, vset.texts, keras_ids)
+    manifest["latency"] = latency_b1(served, vset.texts, keras_ids)
     manifest["export_seconds"] = round(time.perf_counter() - started, 1)
     write_model_card(tmp, manifest, run_dir)
     exportdir.write_manifest(tmp, manifest)
 
 
-def _traced_with(graph_source: str) -> tuple[str, ...]:
-    """The packages whose versions the manifest records: the export's, and the graph source's."""
-    other = ("tensorflow", "tf2onnx") if graph_source == "torch" else ("torch",)
-    return tuple(n for n in (*EXPORT, "torch") if n not in other)
-
-
-def _graph_class(graph_source: str):
-    """The serving-graph class that traces under `graph_source`."""
-    if graph_source == "torch":
-        from kerasft.exporters.torch_graph import TorchServingGraph
-
-        return TorchServingGraph
-    from kerasft.exporters.keras_graph import ServingGraph
-
-    return ServingGraph
-
-
-def _check_graph_source(contract: FormatContract, graph_source: str | None) -> str:
-    """The graph source to use: `graph_source`, or the format's default.
-
-    Raises:
-        ValueError: a source the format cannot be traced under.
-    """
-    if graph_source is None:
-        return contract.default_source
-    if graph_source not in contract.graph_sources:
-        raise ValueError(
-            f"format {contract.name!r} is traced under {' or '.join(contract.graph_sources)}. "
-            f"Received: graph_source={graph_source!r}"
-        )
-    return graph_source
-
-
-def _check_installed(contract: FormatContract, graph_source: str) -> None:
-    """Raises `RuntimeError` naming the extra to install when a module the format needs is
-    missing (TensorFlow, above all, for SavedModel and LiteRT in a JAX- or PyTorch-only
-    environment)."""
-    needs = contract.needs_with(graph_source)
-    missing = [name for name in needs if not _installed(name)]
-    if missing:
-        extra = "export" if "tensorflow" in missing or "tf2onnx" in missing else "edge"
-        raise RuntimeError(
-            f"format {contract.name!r} needs {', '.join(needs)} to export (not "
-            f"installed: {', '.join(missing)}): pip install 'kerasft[{extra}]'"
-        )
-
-
-def _installed(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ImportError:  # a finder that refuses the module
-        return False
-
-
 def _check_options(
-    format, quantize, min_agreement, max_accuracy_drop, precision, verify_per_split, keep_fp32
+    contract, quantize, min_agreement, max_accuracy_drop, precision, verify_per_split, keep_fp32
 ) -> None:
     """Raises `ValueError` naming the first bad option, its value and what is allowed."""
     if keep_fp32 is not None and not (
-        format == "onnx" and quantize in ("dynamic", "calibrated")
-        and isinstance(keep_fp32, int) and keep_fp32 >= 0
-    ):  # fmt: skip
+        quantize in contract.keep_fp32_modes and isinstance(keep_fp32, int) and keep_fp32 >= 0
+    ):
+        takers = [f"format={f!r} with quantize={' or '.join(map(repr, c.keep_fp32_modes))}"
+                  for f, c in FORMATS.items() if c.keep_fp32_modes]  # fmt: skip
         raise ValueError(
-            "keep_fp32 must be an int >= 0 and applies to format='onnx' with quantize='dynamic' "
-            f"or 'calibrated' only. Received: keep_fp32={keep_fp32!r} with format={format!r}, "
-            f"quantize={quantize!r}"
+            f"keep_fp32 must be an int >= 0 and applies to {'; '.join(takers)} only. Received: "
+            f"keep_fp32={keep_fp32!r} with format={contract.name!r}, quantize={quantize!r}"
         )
 
     def fraction(v):
         return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1
 
+    precisions = contract.precisions or ("f32",)
+
     checks = (
         ("min_agreement", min_agreement, fraction(min_agreement), "a number in [0, 1]"),
         ("max_accuracy_drop", max_accuracy_drop, fraction(max_accuracy_drop),
          "a number in [0, 1]"),
-        ("precision", precision, precision in PRECISIONS, f"one of {list(PRECISIONS)}"),
+        ("precision", precision, precision in precisions, f"one of {list(precisions)}"),
         ("verify_per_split", verify_per_split,
          isinstance(verify_per_split, int) and verify_per_split >= 1, "an int >= 1"),
     )  # fmt: skip
@@ -736,51 +417,9 @@ def _check_options(
             raise ValueError(f"{name} must be {allowed}. Received: {name}={value!r}")
 
 
-def _label_ids(labels, label_names: list[str]) -> np.ndarray | None:
-    """Class names -> the model's class ids (`kerasft.data.encode_labels`: labels are names,
-    integers included: `1` is the class named `"1"`); None stays None.
-
-    Raises:
-        ValueError: a label that is not one of `label_names`.
-    """
-    if labels is None:
-        return None
-    try:
-        ids, _ = encode_labels(np.asarray(labels).tolist(), label_names)
-    except DataError as e:
-        raise ValueError(f"Verification labels: {e}") from None
-    return ids.astype("int64")
-
-
 def _clear(directory: Path) -> None:
     for path in directory.iterdir():
         shutil.rmtree(path) if path.is_dir() else path.unlink()
-
-
-def _latency_b1(served, texts: list[str], keras_ids: np.ndarray, calls: int = 50) -> dict:
-    """Batch-1 latency of `served.predict([text])` (tokenization included) on this machine, for
-    a verification text of the median token length."""
-
-    lengths = (keras_ids != 0).sum(axis=1)
-    median = int(np.median(lengths))
-    text = texts[int(np.argmin(np.abs(lengths - median)))]
-    for _ in range(5):
-        served.predict([text])
-    seconds = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        served.predict([text])
-        seconds.append(time.perf_counter() - start)
-    return {
-        "batch": 1,
-        "tokens": median,
-        "p50_ms": round(float(np.median(seconds)) * 1e3, 3),
-        "calls": calls,
-        "threads": "runtime default",
-        "cpu": cpu_model(),
-        "isa": isa(),
-        "cores": os.cpu_count(),
-    }
 
 
 if __name__ == "__main__":  # the subprocess of `exports_in_subprocess`

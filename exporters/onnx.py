@@ -50,6 +50,7 @@ CONTRACT = FormatContract(
     onnx_graph=True,
     needs=("onnx", "onnxruntime"),
     graph_sources=("torch", "tensorflow"),
+    keep_fp32_modes=("calibrated", "dynamic"),
 )
 log = logging.getLogger(__name__)
 

@@ -69,6 +69,7 @@ CONTRACT = FormatContract(
     calibration_batch=1,  # NNCF calibrates on single texts, as the runtime serves them
     needs=("onnx", "onnxruntime", "openvino", "nncf"),
     graph_sources=("torch", "tensorflow"),
+    precisions=PRECISIONS,
 )
 MODEL_FILE = "model.xml"
 

@@ -323,13 +323,13 @@ def test_int8_auto_times_bf16_candidates_only_where_the_cpu_computes_bf16(monkey
     """OpenVINO's bf16 candidates of `--int8 auto` are timed only on CPUs with AVX512_BF16 or
     AMX-BF16 (the machine probe mocked both ways); fp32 is always a candidate."""
     from kerasft import machine
-    from kerasft.exporters.dispatch import _auto_candidates
+    from kerasft.exporters.auto import auto_candidates
 
     ov = FORMATS["openvino"]
     monkeypatch.setattr(machine, "cpu_flags", lambda: {"avx2", "fma"})
-    assert _auto_candidates(ov) == [("nncf", {}), (None, {})]  # all with fused attention
+    assert auto_candidates(ov) == [("nncf", {}), (None, {})]  # all with fused attention
     monkeypatch.setattr(machine, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
-    assert ("nncf", {"precision": "bf16"}) in _auto_candidates(ov)
+    assert ("nncf", {"precision": "bf16"}) in auto_candidates(ov)
     assert machine.computes_bf16({"amx_bf16"}) and not machine.computes_bf16({"avx512_vnni"})
-    assert _auto_candidates(FORMATS["onnx"]) == [("calibrated", {}), ("static", {}), (None, {})]
+    assert auto_candidates(FORMATS["onnx"]) == [("calibrated", {}), ("static", {}), (None, {})]
     assert check_format("onnx", "auto") and "auto" not in FORMATS["saved_model"].modes

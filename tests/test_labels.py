@@ -111,7 +111,7 @@ def test_truncated_texts_are_counted_and_logged(tiny_preset, caplog):
 def test_export_verification_labels_are_names_integers_included():
     """One name -> id rule everywhere: the export's verification labels follow `encode_labels`
     (an integer label is the class of that name, not an index)."""
-    from kerasft.exporters.dispatch import _label_ids as export_label_ids
+    from kerasft.exporters.vset import label_ids as export_label_ids
 
     assert export_label_ids([2, 1, 2], ["1", "2"]).tolist() == [1, 0, 1]
     assert export_label_ids(["2", "1"], ["1", "2"]).tolist() == [1, 0]
