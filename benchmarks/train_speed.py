@@ -210,16 +210,23 @@ def _kerasft_worker(spec: dict, overrides: dict) -> None:
         })  # fmt: skip
         if _read()["op"] != "round":
             return
+        model.fit(timed, epochs=1, verbose=0, shuffle=False, callbacks=[_timer(rounds)])
 
-        class Timer(keras.callbacks.Callback):
-            def on_train_batch_end(self, batch, logs=None):
-                float(keras.ops.convert_to_numpy(logs["loss"]))  # waits for the step
-                if batch >= WARMUP_STEPS:
-                    rounds.step_done()
-                    if rounds.stop:
-                        self.model.stop_training = True
 
-        model.fit(timed, epochs=1, verbose=0, shuffle=False, callbacks=[Timer()])
+def _timer(rounds):
+    """A callback that waits for each step's loss, counts the steps after warm-up into
+    `rounds`, and stops training when its rounds are done."""
+    import keras
+
+    class Timer(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            float(keras.ops.convert_to_numpy(logs["loss"]))  # waits for the step
+            if batch >= WARMUP_STEPS:
+                rounds.step_done()
+                if rounds.stop:
+                    self.model.stop_training = True
+
+    return Timer()
 
 
 def _timed_batches(train, need: int) -> tuple[list, np.ndarray, dict]:
@@ -797,34 +804,7 @@ def render(report: dict) -> str:
             f"{r['gflops']:.0f} | {share} | {'-' if feature is None else f'{feature:.0f}'} | "
             f"{r['optimizer']} | {r['page_faults_per_step']:,.0f} | {r['compile_seconds']:.0f} |"
         )
-    broken = [r for r in report["results"].values() if r.get("breakdown")]
-    if broken:
-        lines += [
-            "",
-            "Where a kerasft step's time goes, on one batch of the most common timed length after"
-            " compilation (median of 5 calls; batching: of 20): host-side batching, the forward "
-            "pass alone (inference, `predict_on_batch`), the whole training step "
-            "(`train_on_batch`: forward with dropout, backward, optimizer); on PyTorch also the "
-            "step's profile (self CPU time by kind of op, `torch.profiler`, 3 steps) and the "
-            "matrix products one step ran through oneDNN, by kernel (its verbose log; float32 "
-            "products go to another GEMM library and are not listed).",
-            "",
-            "| engine | batch | batching ms | forward ms | step ms | backward + optimizer ms | "
-            "profile (torch) | oneDNN matmul kernels (torch) |",
-            "| --- | --- | ---: | ---: | ---: | ---: | --- | --- |",
-        ]
-        for r in broken:
-            b = r["breakdown"]
-            profile = ", ".join(f"{k} {v:.0%}" for k, v in b.get("torch_profile", {}).items())
-            kernels = b.get("onednn_matmul")
-            kernels = "-" if kernels is None else (
-                ", ".join(f"`{k}` x{n}" for k, n in sorted(kernels.items())) or "none"
-            )  # fmt: skip
-            lines.append(
-                f"| {r['engine']} | {b['shape'][0]} x {b['shape'][1]} | {b['batching_ms']:.2f} | "
-                f"{b['forward_ms']:.0f} | {b['step_ms']:.0f} | "
-                f"{b['step_ms'] - b['forward_ms']:.0f} | {profile or '-'} | {kernels} |"
-            )
+    lines += _breakdown_lines(report)
     lines += [
         "",
         "Per round, samples/s: "
@@ -837,6 +817,40 @@ def render(report: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _breakdown_lines(report: dict) -> list[str]:
+    """The report's table of where a kerasft step's time goes (none when not measured)."""
+    broken = [r for r in report["results"].values() if r.get("breakdown")]
+    if not broken:
+        return []
+    lines = [
+        "",
+        "Where a kerasft step's time goes, on one batch of the most common timed length after"
+        " compilation (median of 5 calls; batching: of 20): host-side batching, the forward "
+        "pass alone (inference, `predict_on_batch`), the whole training step "
+        "(`train_on_batch`: forward with dropout, backward, optimizer); on PyTorch also the "
+        "step's profile (self CPU time by kind of op, `torch.profiler`, 3 steps) and the "
+        "matrix products one step ran through oneDNN, by kernel (its verbose log; float32 "
+        "products go to another GEMM library and are not listed).",
+        "",
+        "| engine | batch | batching ms | forward ms | step ms | backward + optimizer ms | "
+        "profile (torch) | oneDNN matmul kernels (torch) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | --- | --- |",
+    ]
+    for r in broken:
+        b = r["breakdown"]
+        profile = ", ".join(f"{k} {v:.0%}" for k, v in b.get("torch_profile", {}).items())
+        kernels = b.get("onednn_matmul")
+        kernels = "-" if kernels is None else (
+            ", ".join(f"`{k}` x{n}" for k, n in sorted(kernels.items())) or "none"
+        )  # fmt: skip
+        lines.append(
+            f"| {r['engine']} | {b['shape'][0]} x {b['shape'][1]} | {b['batching_ms']:.2f} | "
+            f"{b['forward_ms']:.0f} | {b['step_ms']:.0f} | "
+            f"{b['step_ms'] - b['forward_ms']:.0f} | {profile or '-'} | {kernels} |"
+        )
+    return lines
 
 
 def build_parser(prog: str = "python -m kerasft.benchmarks.train_speed") -> argparse.ArgumentParser:

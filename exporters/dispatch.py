@@ -129,41 +129,32 @@ def export(
 ) -> Path:
     """Exports a fine-tuned classifier, verifies it with its own runtime, and publishes it.
 
-    The model is traced from its backend-neutral `.keras` file under the format's graph source:
-    PyTorch for ONNX and OpenVINO (no TensorFlow needed), TensorFlow for SavedModel and LiteRT
-    (in a subprocess when the current backend is another). The artifact is verified through
-    `kerasft.exporters.runtime` on labelled texts of every split of the run against the Keras
-    model (`kerasft.exporters.verify`): fp32 must reproduce the Keras logits; INT8 must pass the
-    gate, else the format's next recipe is tried (`kerasft.exporters.formats`). The directory
-    gets the model, tokenizer assets, `manifest.json` and a model card (`README.md`).
+    Traced from the backend-neutral `.keras` file under the format's graph source (in a
+    subprocess when the current backend is another), verified through
+    `kerasft.exporters.runtime` against the Keras model on labelled texts of every split
+    (`kerasft.exporters.verify`: fp32 reproduces the logits, INT8 passes the gate or the next
+    recipe is tried), published with tokenizer assets, `manifest.json` and a model card.
 
     Args:
-        source: a `kerasft fit` run directory, a `.keras` file saved by `TwoStageFineTuner.save`,
-            or a fitted `TwoStageFineTuner`.
+        source: a `kerasft fit` run directory, a saved `.keras` file or a fitted tuner.
         out_dir: the export directory to create.
         format: `"saved_model"`, `"onnx"`, `"openvino"` or `"litert"`.
         overwrite: replace an existing non-empty `out_dir`.
-        texts: real texts to verify with (default: the run's splits, see above).
-        labels: class names (or ids) of `texts`, for the accuracy-drop check; optional.
-        splits: the split of each of `texts` (`"train"`, `"validation"`, `"test"`), so that
-            the accuracy drop is judged on held-out texts; optional (all labelled texts then).
+        texts: real texts to verify with (default: the run's splits); optional `labels` (class
+            names or ids, for the accuracy drop) and `splits` (`"train"`, `"validation"`,
+            `"test"`: the drop is judged on held-out texts).
         calibration_texts: texts for INT8 calibration (default: 256 training texts).
         opset: ONNX opset (default 17).
-        fixed_shape: `(batch, sequence)` to fix either axis (None: dynamic); a fixed sequence
-            also caps the tokens per text.
-        quantize: None (fp32), an INT8 mode of the format (`FORMATS[format].int8`), or
-            `"auto"`: each candidate recipe timed on this machine, the fastest that passes the
-            gate kept (fp32 where no INT8 recipe is faster here).
+        fixed_shape: `(batch, sequence)`, None for a dynamic axis (a fixed sequence caps texts).
+        quantize: None (fp32), an INT8 mode of the format, or `"auto"`: the candidate recipes
+            timed here, the fastest that passes the gate kept (fp32 where none is faster).
         min_agreement: INT8 gate: least label agreement with the fp32 model on held-out texts
             (default `INT8_MIN_AGREEMENT`, 0.99; `AUTO_MIN_AGREEMENT`, 0.993, for `"auto"`).
         max_accuracy_drop: INT8 gate: largest accuracy drop on held-out labelled texts.
-        precision: OpenVINO inference precision to verify with and record: `"f32"` (default)
-            or `"bf16"` (then judged by the INT8 gate).
+        precision: OpenVINO's inference precision, `"f32"` or `"bf16"` (judged by the gate).
         verify_per_split: verification texts per split of the run.
-        keep_fp32: ONNX dynamic INT8: keep exactly this many of the most sensitive nodes in
-            fp32 (None: all quantized, more kept only if the gate needs it).
-        graph_source: the Keras backend to trace the graph under, one of the format's
-            `graph_sources` (None: its default; ONNX and OpenVINO also take `"tensorflow"`).
+        keep_fp32: ONNX dynamic/calibrated INT8: keep exactly N most sensitive nodes in fp32.
+        graph_source: the Keras backend to trace under (None: the format's default).
 
     Returns:
         `out_dir` as a `Path`.
@@ -179,6 +170,7 @@ def export(
     Example:
         >>> export("runs/sarcasm", "exports/sarcasm-ov-int8", format="openvino", quantize="nncf")
     """
+    options = {k: v for k, v in locals().items() if k not in ("source", "out_dir")}  # as given
     contract = check_format(format, quantize)
     if min_agreement is None:
         min_agreement = AUTO_MIN_AGREEMENT if quantize == AUTO else INT8_MIN_AGREEMENT
@@ -187,14 +179,9 @@ def export(
     _check_options(contract, quantize, min_agreement, max_accuracy_drop, precision,
                    verify_per_split, keep_fp32)  # fmt: skip
     check_target_dir(out_dir, overwrite, "Export directory")
+    options.update(min_agreement=min_agreement, graph_source=graph_source)  # as resolved
     import keras
 
-    options = {"format": format, "quantize": quantize, "overwrite": overwrite, "texts": texts,
-               "labels": labels, "splits": splits, "calibration_texts": calibration_texts,
-               "opset": opset, "fixed_shape": fixed_shape, "min_agreement": min_agreement,
-               "max_accuracy_drop": max_accuracy_drop, "precision": precision,
-               "verify_per_split": verify_per_split, "keep_fp32": keep_fp32,
-               "graph_source": graph_source}  # fmt: skip
     if keras.backend.backend() != graph_source:
         return export_in_subprocess(source, out_dir, backend=graph_source, **options)
     with publish_target(out_dir, overwrite, "Export directory") as tmp:
@@ -246,19 +233,12 @@ def _write_verified(
     Raises:
         VerificationError: the last recipe failed too (the message lists the earlier ones).
     """
-    from kerasft.exporters.keras_graph import fused_attention, onnx_friendly_ops
     from kerasft.exporters.verify import VerificationError
 
     graph_class = contract.graph_class(graph_source)
     clf = src.classifier
     shape = check_fixed_shape(fixed_shape, clf.backbone.max_sequence_length)
-    onnx_ops = onnx_friendly_ops(clf) if contract.onnx_graph else contextlib.nullcontext()
-    with (
-        _serving_length(clf, shape[1]),
-        fused_attention(clf),
-        onnx_ops,
-        tempfile.TemporaryDirectory() as scratch,
-    ):
+    with _serving_copy(contract, clf, shape), tempfile.TemporaryDirectory() as scratch:
         graph = graph_class(clf)  # dynamic: the Keras reference for every text
         log.info("Keras reference logits for %d verification texts", len(vset.texts))
         reference = reference_logits(graph, clf, vset.texts)
@@ -304,10 +284,7 @@ def _write_verified(
                 )
             except VerificationError as e:
                 if (mode, attempt, settings) == plan[-1] or e.report.get("tokenizer_mismatches"):
-                    if failed:
-                        e.args = (f"{e.args[0]} Earlier recipes also failed: {failed}",)
-                    if reduced and not e.report.get("tokenizer_mismatches"):
-                        e.args = (e.args[0] + _other_recipes(contract, quantize),)
+                    _annotate(e, failed, reduced, contract, quantize)
                     raise
                 failed.append({"mode": mode or "fp32", "recipe": label, "error": str(e)})
                 log.info("%s missed the gate (%s); trying the next recipe", label, e)
@@ -318,6 +295,27 @@ def _write_verified(
                 manifest["int8_auto"] = auto
             return manifest, served, reference[0]
     raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+@contextlib.contextmanager
+def _serving_copy(contract: FormatContract, clf, shape):
+    """The classifier as every serving graph is traced from it: capped at a fixed sequence
+    length, attention through `ops.dot_product_attention`, and (ONNX graphs) GELU and LayerNorm
+    in the forms onnxruntime fuses; restored on exit."""
+    from kerasft.exporters.keras_graph import fused_attention, onnx_friendly_ops
+
+    onnx_ops = onnx_friendly_ops(clf) if contract.onnx_graph else contextlib.nullcontext()
+    with _serving_length(clf, shape[1]), fused_attention(clf), onnx_ops:
+        yield clf
+
+
+def _annotate(error, failed: list, reduced: bool, contract: FormatContract, quantize) -> None:
+    """Adds to the last recipe's `VerificationError` the recipes that failed before it and,
+    for a reduced-precision export, what to try instead."""
+    if failed:
+        error.args = (f"{error.args[0]} Earlier recipes also failed: {failed}",)
+    if reduced and not error.report.get("tokenizer_mismatches"):
+        error.args = (error.args[0] + _other_recipes(contract, quantize),)
 
 
 def _other_recipes(contract: FormatContract, quantize) -> str:

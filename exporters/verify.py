@@ -123,11 +123,7 @@ def verify(
         served[size] = logits.argmax(-1)
         per_batch[size] = _label_report(logits, keras_logits, reference, labels, splits)
     # the worst serving batch size decides (one size unless the recipe is batch-dependent)
-    report = min(per_batch.values(), key=lambda r: r["label_agreement"]).copy()
-    if "accuracy" in report:
-        worst = max(per_batch.values(), key=lambda r: r["accuracy"]["drop"])
-        report.update({k: worst[k] for k in ("accuracy", "accuracy_per_split") if k in worst})
-    report["max_abs_logit_diff"] = max(r["max_abs_logit_diff"] for r in per_batch.values())
+    report = _worst(per_batch)
     max_diff, agreement = report["max_abs_logit_diff"], report["label_agreement_all_splits"]
     report = {"texts": len(texts), "tokenizer_mismatches": token_mismatch, **report}
     report["agreement_scope"] = "held-out texts" if splits is not None else "texts"
@@ -141,28 +137,57 @@ def verify(
             np.sum(np.any([first != other for other in served.values()], axis=0))
         )
     if len(per_batch) > 1:
-        report["per_batch_size"] = {
-            str(size): {
-                "label_agreement": r["label_agreement"],
-                "disagreements": r["disagreements"],
-                "label_agreement_all_splits": r["label_agreement_all_splits"],
-                **({"accuracy_drop": r["accuracy"]["drop"]} if "accuracy" in r else {}),
-            }
-            for size, r in sorted(per_batch.items())
-        }
-    at_every_size = f" at batch sizes {sorted(per_batch)}" if len(per_batch) > 1 else ""
-    report["criterion"] = (
-        f"label_agreement{' on held-out texts' if splits is not None else ''} >= {min_agreement}"
-        + (f" and accuracy drop on held-out texts <= {max_accuracy_drop}" if "accuracy" in report
-           else "")
-        + at_every_size
-        if quantized
-        else f"max_abs_logit_diff <= {FP32_TOLERANCE} and label_agreement == 1"
+        report["per_batch_size"] = _per_batch_size(per_batch)
+    report["criterion"] = _criterion(
+        quantized, splits is not None, "accuracy" in report, sorted(per_batch), min_agreement,
+        max_accuracy_drop,
     )  # fmt: skip
-    if token_mismatch:
+    _raise_if_failed(report, quantized, min_agreement, max_accuracy_drop, max_diff, agreement)
+    report["passed"] = True
+    return report
+
+
+def _worst(per_batch: dict) -> dict:
+    """The report at the worst serving batch size: least agreement, largest accuracy drop and
+    largest logit difference, each over the sizes."""
+    report = min(per_batch.values(), key=lambda r: r["label_agreement"]).copy()
+    if "accuracy" in report:
+        worst = max(per_batch.values(), key=lambda r: r["accuracy"]["drop"])
+        report.update({k: worst[k] for k in ("accuracy", "accuracy_per_split") if k in worst})
+    report["max_abs_logit_diff"] = max(r["max_abs_logit_diff"] for r in per_batch.values())
+    return report
+
+
+def _criterion(quantized, held_out, accuracy, sizes, min_agreement, max_accuracy_drop) -> str:
+    """The check the report was judged by, in words."""
+    if not quantized:
+        return f"max_abs_logit_diff <= {FP32_TOLERANCE} and label_agreement == 1"
+    return (
+        f"label_agreement{' on held-out texts' if held_out else ''} >= {min_agreement}"
+        + (f" and accuracy drop on held-out texts <= {max_accuracy_drop}" if accuracy else "")
+        + (f" at batch sizes {sizes}" if len(sizes) > 1 else "")
+    )
+
+
+def _per_batch_size(per_batch: dict) -> dict:
+    """The report's `per_batch_size`: agreement (and accuracy drop) at each serving size."""
+    return {
+        str(size): {
+            "label_agreement": r["label_agreement"],
+            "disagreements": r["disagreements"],
+            "label_agreement_all_splits": r["label_agreement_all_splits"],
+            **({"accuracy_drop": r["accuracy"]["drop"]} if "accuracy" in r else {}),
+        }
+        for size, r in sorted(per_batch.items())
+    }
+
+
+def _raise_if_failed(report, quantized, min_agreement, max_accuracy_drop, max_diff, agreement):
+    """Raises `VerificationError` with the measured numbers when a check failed."""
+    if report["tokenizer_mismatches"]:
         raise VerificationError(
-            f"tokenizer.json disagrees with the KerasHub preprocessor on {token_mismatch} of "
-            f"{len(texts)} texts.",
+            f"tokenizer.json disagrees with the KerasHub preprocessor on "
+            f"{report['tokenizer_mismatches']} of {report['texts']} texts.",
             report,
         )
     if quantized:
@@ -175,8 +200,6 @@ def verify(
             f"(allowed {FP32_TOLERANCE}), label agreement {agreement:.2%} (required 100%).",
             report,
         )
-    report["passed"] = True
-    return report
 
 
 def _label_report(logits, keras_logits, reference, labels, splits) -> dict:

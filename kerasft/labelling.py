@@ -66,15 +66,7 @@ def label_file(
         DataError: a bad row (from the stream), an unknown output format, or a label that is
             not one of `label_names`.
     """
-    output_format = output_format or _format_of(out)
-    if output_format not in OUTPUT_FORMATS:
-        raise DataError(
-            f"Unknown output format {output_format!r}. Supported: {list(OUTPUT_FORMATS)}."
-        )
-    if out is not None and Path(out).exists() and not overwrite:
-        raise FileExistsError(
-            f"{str(out)!r} exists. Pass {option('overwrite', True)} to replace it."
-        )
+    output_format = _check_output(out, output_format, overwrite)
     writer = _Writer(stream.columns["id"] is not None, label_names, output_format)
     meter = _Progress(stream) if progress else None
     scored = stream.columns["label"] is not None
@@ -114,6 +106,25 @@ def label_file(
             np.concatenate(truth), np.concatenate(predicted), len(label_names)
         )
     return summary
+
+
+def _check_output(out, output_format: str | None, overwrite: bool) -> str:
+    """The output format to write (`output_format`, else from `out`'s suffix).
+
+    Raises:
+        DataError: an unknown output format.
+        FileExistsError: `out` exists and `overwrite` is False.
+    """
+    output_format = output_format or _format_of(out)
+    if output_format not in OUTPUT_FORMATS:
+        raise DataError(
+            f"Unknown output format {output_format!r}. Supported: {list(OUTPUT_FORMATS)}."
+        )
+    if out is not None and Path(out).exists() and not overwrite:
+        raise FileExistsError(
+            f"{str(out)!r} exists. Pass {option('overwrite', True)} to replace it."
+        )
+    return output_format
 
 
 def _format_of(out) -> str:

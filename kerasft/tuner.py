@@ -155,6 +155,20 @@ class TwoStageFineTuner:
 
     # --- training -----------------------------------------------------------------------------
 
+    def _resolved_recipe(self) -> RecipeConfig:
+        """The recipe with what `fit` resolves on this machine and backend: `auto` precision
+        (`kerasft.precision.AUTO_BF16`) and the default bucket width; config.json records it."""
+        recipe = self.recipe
+        precision = resolve_mixed_precision(recipe.mixed_precision)
+        if precision != recipe.mixed_precision:  # "auto": what trains fastest here
+            log.info("mixed_precision=auto -> %s on this CPU (%s) and backend", precision or
+                     "float32", ", ".join(machine.isa()) or "ISA unknown")  # fmt: skip
+            recipe = dataclasses.replace(recipe, mixed_precision=precision)
+        if recipe.bucket_width is None:  # the backend's default, recorded resolved
+            width = default_bucket_width(keras.backend.backend())
+            recipe = dataclasses.replace(recipe, bucket_width=width)
+        return recipe
+
     def fit(
         self,
         x,
@@ -193,16 +207,7 @@ class TwoStageFineTuner:
             >>> tuner = TwoStageFineTuner(select_best="f1", early_stopping_patience=2)
             >>> tuner.fit(train, validation_data=val, checkpoint_dir="ckpt")  # again: resumes
         """
-        precision = resolve_mixed_precision(self.recipe.mixed_precision)
-        if precision != self.recipe.mixed_precision:  # "auto": what this CPU computes fastest
-            log.info("mixed_precision=auto -> %s on this CPU (%s)", precision or "float32",
-                     ", ".join(machine.isa()) or "ISA unknown")  # fmt: skip
-            self.recipe = dataclasses.replace(self.recipe, mixed_precision=precision)
-        if self.recipe.bucket_width is None:  # the backend's default, recorded resolved
-            self.recipe = dataclasses.replace(
-                self.recipe, bucket_width=default_bucket_width(keras.backend.backend())
-            )
-        r = self.recipe
+        self.recipe = r = self._resolved_recipe()
         texts, labels, val_texts, val_labels = self._fit_inputs(x, y, validation_data)
         self._class_weights = class_weight_ids(r.class_weight, labels, self.label_names)
         plan = distribute.plan_for(self.distribution, r.batch_size, checkpoint_dir)
