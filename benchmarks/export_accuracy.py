@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+from kerasft.benchmarks.report import results_parser
 from kerasft.exporters.exportdir import is_export, read_manifest
 
 
@@ -36,12 +37,7 @@ def _model_size(export_dir: Path, manifest: dict) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m kerasft.benchmarks.export_accuracy", description=__doc__.splitlines()[0]
-    )
-    parser.add_argument("--run", required=True, type=Path, help="a `kerasft fit` run directory")
-    parser.add_argument("--exports", required=True, type=Path, help="where exports are written")
-    parser.add_argument("--out", required=True, type=Path, help="markdown report (JSON beside)")
+    parser = results_parser("export_accuracy", __doc__, "where exports are written")
     parser.add_argument(
         "--formats", default="onnx,openvino,saved_model,litert",
         help="comma-separated formats to export (every quantization of each)",

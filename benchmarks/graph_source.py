@@ -26,18 +26,17 @@ from pathlib import Path
 
 import numpy as np
 
+from kerasft.benchmarks.report import results_parser
+
 VARIANTS = (("onnx", None), ("onnx", "calibrated"))
 SOURCES = ("torch", "tensorflow")
 CELLS = ((1, 32), (32, 32), (1, 128), (32, 128))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m kerasft.benchmarks.graph_source", description=__doc__.splitlines()[0]
+    parser = results_parser(
+        "graph_source", __doc__, "where to write the exports (default: temp)", False
     )
-    parser.add_argument("--run", required=True, type=Path, help="a `kerasft fit` run directory")
-    parser.add_argument("--out", required=True, type=Path, help="markdown report (JSON beside)")
-    parser.add_argument("--exports", type=Path, help="where to write the exports (default: temp)")
     parser.add_argument("--rounds", type=int, default=12, help="interleaved timing rounds")
     parser.add_argument(
         "--verify-per-split", type=int, default=1000, help="verification texts per split"

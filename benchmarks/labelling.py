@@ -38,16 +38,12 @@ import threading
 import time
 from pathlib import Path
 
+from kerasft.benchmarks.report import results_parser
 from kerasft.exporters.exportdir import is_export
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m kerasft.benchmarks.labelling", description=__doc__.splitlines()[0]
-    )
-    parser.add_argument("--run", required=True, type=Path, help="a `kerasft fit` run directory")
-    parser.add_argument("--exports", required=True, type=Path, help="a directory of its exports")
-    parser.add_argument("--out", required=True, type=Path, help="markdown report (JSON beside)")
+    parser = results_parser("labelling", __doc__, "a directory of its exports")
     parser.add_argument("--threads", default="1,2,4", help="thread counts to call predict from")
     parser.add_argument(
         "--memory-rows", default="10000,1000000", help="rows of the generated files"
@@ -56,11 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--memory-export", type=Path,
         help="the export that labels those files (default: EXPORTS/onnx-dynamic)",
     )  # fmt: skip
-    parser.add_argument(
-        "--peers", type=Path,
-        help="a `kerasft bench` artifact directory of the run (ARTIFACTS/run): time the peers' "
-        "pipelines too",
-    )  # fmt: skip
+    peers = "time the peers' pipelines too, from a `kerasft bench` artifact dir (ARTIFACTS/run)"
+    parser.add_argument("--peers", type=Path, help=peers)
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # one measurement, JSON out
     return parser
 

@@ -327,6 +327,21 @@ if __name__ == "__main__":  # re-render a report directory from its report.json
     write_report(json.loads((directory / "report.json").read_text()), directory)
 
 
+def results_parser(module: str, doc: str, exports_help: str, exports_required: bool = True):
+    """The parser every results command starts from: `--run`, `--exports` and `--out` (the
+    markdown report, its JSON beside it), for `python -m kerasft.benchmarks.<module>`."""
+    import argparse
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(
+        prog=f"python -m kerasft.benchmarks.{module}", description=doc.splitlines()[0]
+    )
+    parser.add_argument("--run", required=True, type=Path, help="a `kerasft fit` run directory")
+    parser.add_argument("--exports", required=exports_required, type=Path, help=exports_help)
+    parser.add_argument("--out", required=True, type=Path, help="markdown report (JSON beside)")
+    return parser
+
+
 def provenance(command: str, commit: str, packages: tuple[str, ...]) -> dict:
     """What every results file records: the command, the date (now, UTC), the commit measured
     (`kerasft.versions.source_commit()`, read when the measurement began), the machine and the

@@ -133,10 +133,8 @@ def _data_file_flags() -> argparse.ArgumentParser:
         "--no-header", action="store_true",
         help="CSV/TSV: the first row is data; columns are named 0, 1, ... (default: detected)",
     )  # fmt: skip
-    group.add_argument(
-        "--skip-invalid", action="store_true",
-        help="drop rows without a text (or without a label, where labels are read)",
-    )  # fmt: skip
+    invalid = "drop rows without a text (or without a label, where labels are read)"
+    group.add_argument("--skip-invalid", action="store_true", help=invalid)
     return flags
 
 
@@ -270,10 +268,8 @@ def _predict_parser(sub, data_file: argparse.ArgumentParser) -> None:
         help="--data: jsonl (default) or csv (default for a .csv --out): line, id, label and "
         "one probability per class",
     )  # fmt: skip
-    file_only.add_argument(
-        "--input-format", choices=INPUT_FORMATS,
-        help="--data: the file's format (default: from its suffix; lines for stdin)",
-    )  # fmt: skip
+    input_format = "--data: the file's format (default: from its suffix; lines for stdin)"
+    file_only.add_argument("--input-format", choices=INPUT_FORMATS, help=input_format)
     file_only.add_argument(
         "--id-column", help="--data: a column copied to each output row (default: `id`, if any)"
     )
