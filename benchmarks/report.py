@@ -342,6 +342,17 @@ def results_parser(module: str, doc: str, exports_help: str, exports_required: b
     return parser
 
 
+def require_data(parser, data) -> None:
+    """Stops with a usage error unless `data` (the `--data` option, or `$KERASFT_DATA`) is a
+    file."""
+    from pathlib import Path
+
+    from kerasft.data import DATA_ENV
+
+    if not data or not Path(data).is_file():
+        parser.error(f"--data: no such file {data!r} (pass --data or set ${DATA_ENV})")
+
+
 def provenance(command: str, commit: str, packages: tuple[str, ...]) -> dict:
     """What every results file records: the command, the date (now, UTC), the commit measured
     (`kerasft.versions.source_commit()`, read when the measurement began), the machine and the

@@ -893,8 +893,7 @@ def build_parser(prog: str = "python -m kerasft.benchmarks.train_speed") -> argp
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kerasft.benchmarks.report import write_results
-    from kerasft.data import DATA_ENV
+    from kerasft.benchmarks.report import require_data, write_results
 
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--worker"]:
@@ -923,8 +922,7 @@ def main(argv: list[str] | None = None) -> int:
                              ("threads", args.threads, 1)):  # fmt: skip
         if value < low:
             parser.error(f"--{name} must be >= {low}. Received: {value}")
-    if not args.data or not Path(args.data).is_file():
-        parser.error(f"--data: no such file {args.data!r} (pass --data or set ${DATA_ENV})")
+    require_data(parser, args.data)
     args.command = "python -m kerasft.benchmarks.train_speed " + shlex.join(argv)
     report = measure(args, progress=lambda text: print(text, flush=True))
     write_results(args.out, report, render(report))

@@ -189,7 +189,7 @@ def _seed_summary(runs: list[dict]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kerasft.benchmarks.report import write_results
+    from kerasft.benchmarks.report import require_data, write_results
     from kerasft.data import DATA_ENV
     from kerasft.presets import OFFLINE_PRESET
 
@@ -222,8 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown backends {bad}. Choose from {[*BACKENDS, 'default']}.")
     args.backends = [None if b == "default" else b for b in names]
     args.variants = args.variants or [""]
-    if not args.data or not Path(args.data).is_file():
-        parser.error(f"--data: no such file {args.data!r} (pass --data or set {DATA_ENV})")
+    require_data(parser, args.data)
     args.command = "python -m kerasft.benchmarks.training_runs " + shlex.join(argv)
     report = measure(args, progress=lambda text: print(text, flush=True))
     write_results(args.out, report, render(report))
