@@ -59,25 +59,41 @@ def _default(action: argparse.Action) -> str:
     return _cell(f"`{action.default}`")
 
 
+def _table(parser: argparse.ArgumentParser, actions) -> list[str]:
+    formatter = parser._get_formatter()
+    lines = ["| argument | default | meaning |", "| --- | --- | --- |"]
+    for action in actions:
+        if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+            continue
+        meaning = formatter._expand_help(action) if action.help else ""
+        lines.append(f"| {_argument(action)} | {_default(action)} | {_cell(meaning)} |")
+    return lines
+
+
 def render_reference() -> str:
-    """The README's CLI reference: per command, one row per argument (name, default, help)."""
+    """The README's CLI reference: per command, one row per argument (name, default, help);
+    the data-file flags the commands share (`cli._data_file_flags`), once."""
+    from kerasft import cli
+
     commands = parsers()
+    shared = cli._data_file_flags()
     lines, summary = [START], summaries(commands["kerasft"])
     for name, parser in commands.items():
-        formatter = parser._get_formatter()
         if name == "kerasft":  # the global options, in a sentence
+            formatter = parser._get_formatter()
             lines += ["", "Before the command, `kerasft` takes " + "; ".join(
                 f"{_argument(a)} ({_cell(formatter._expand_help(a))})"
                 for a in parser._actions if a.option_strings and a.dest != "help"
             ) + "."]  # fmt: skip
             continue
-        lines += ["", f"**`kerasft {name}`**: {_cell(summary[name])}", ""]
-        lines += ["| argument | default | meaning |", "| --- | --- | --- |"]
-        for action in parser._actions:
-            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
-                continue
-            meaning = formatter._expand_help(action) if action.help else ""
-            lines.append(f"| {_argument(action)} | {_default(action)} | {_cell(meaning)} |")
+        own = [a for a in parser._actions if a.dest not in {s.dest for s in shared._actions}]
+        takes = len(own) < len(parser._actions)
+        note = "; and the data-file flags below" if takes else ""
+        lines += ["", f"**`kerasft {name}`**: {_cell(summary[name])}{note}", ""]
+        lines += _table(parser, own)
+        if name == "evaluate":  # the last command that takes them
+            lines += ["", "**Data-file flags** of `fit`, `predict --data` and `evaluate`:", ""]
+            lines += _table(shared, shared._actions)
     return "\n".join([*lines, "", END])
 
 
