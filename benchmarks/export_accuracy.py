@@ -26,20 +26,17 @@ from pathlib import Path
 
 from kerasft.benchmarks.report import results_parser
 from kerasft.exporters.exportdir import is_export, read_manifest
+from kerasft.exporters.formats import FORMATS
 
 
 def _model_size(export_dir: Path, manifest: dict) -> int:
-    path = export_dir / manifest["model_file"]
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    weights = path.with_suffix(".bin") if manifest["format"] == "openvino" else None
-    return path.stat().st_size + (weights.stat().st_size if weights else 0)
+    return FORMATS[manifest["format"]].model_bytes(export_dir / manifest["model_file"])
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = results_parser("export_accuracy", __doc__, "where exports are written")
     parser.add_argument(
-        "--formats", default="onnx,openvino,saved_model,litert",
+        "--formats", default=",".join(FORMATS),
         help="comma-separated formats to export (every quantization of each)",
     )  # fmt: skip
     parser.add_argument(

@@ -27,8 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from kerasft.benchmarks.report import results_parser
+from kerasft.exporters import onnx as onnx_format
 
-VARIANTS = (("onnx", None), ("onnx", "calibrated"))
+VARIANTS = ((onnx_format.CONTRACT.name, None), (onnx_format.CONTRACT.name, "calibrated"))
 SOURCES = ("torch", "tensorflow")
 CELLS = ((1, 32), (32, 32), (1, 128), (32, 128))
 

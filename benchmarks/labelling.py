@@ -122,10 +122,10 @@ def _peer_jobs(artifacts: Path | None) -> list[dict]:
         return []
     index = json.loads((artifacts / "index.json").read_text())
     jobs = []
-    for key, kind in (("optimum_intel", "openvino"), ("optimum", "onnxruntime")):
+    for key in ("optimum_intel", "optimum"):  # the bench index's peers
         if key in index:
             path = Path(index[key]["int8"])
-            jobs.append({"peer": kind, "model": str(path.parent), "file": path.name,
+            jobs.append({"peer": key, "model": str(path.parent), "file": path.name,
                          "tokenizer": index["transformers"]})  # fmt: skip
     return jobs
 
@@ -138,7 +138,7 @@ def _peer_work(job: dict) -> dict:
     """One process: `transformers.pipeline` over the peer's INT8 model, as users write it."""
     from transformers import AutoTokenizer, pipeline
 
-    if job["peer"] == "openvino":
+    if job["peer"] == "optimum_intel":
         from optimum.intel import OVModelForSequenceClassification as Model
 
         name = "pipeline() over optimum-intel OVModelForSequenceClassification (INT8)"

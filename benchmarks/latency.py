@@ -40,8 +40,14 @@ from pathlib import Path
 import numpy as np
 
 from kerasft.benchmarks.report import BASELINE, write_report
+from kerasft.exporters import onnx as onnx_format
+from kerasft.exporters import openvino as openvino_format
 from kerasft.exporters.exportdir import read_manifest
+from kerasft.exporters.formats import FORMATS
 from kerasft.rundir import MODEL_FILE
+
+# the formats the peers are served as (Optimum: ONNX; optimum-intel: OpenVINO IR)
+ONNX, OPENVINO = onnx_format.CONTRACT.name, openvino_format.CONTRACT.name
 
 HERE = Path(__file__).resolve().parent
 KERAS_BACKENDS = ("jax", "tensorflow", "torch")
@@ -103,22 +109,20 @@ def variants(index: dict, threads: int, device: str) -> tuple[list[Variant], lis
     for name, export_dir in index["exports"].items():
         manifest = read_manifest(export_dir)
         fmt = manifest["format"]
+        contract = FORMATS[fmt]
         model_path = Path(export_dir) / manifest["model_file"]
-        if fmt == "litert" and device == "gpu":
-            notes.append(f"{name}: the LiteRT interpreter runs on the CPU only; skipped on GPU")
+        if contract.cpu_only and device == "gpu":
+            notes.append(f"{name}: its runtime runs on the CPU only; skipped on GPU")
             continue
         quant = manifest["quantization"]
         label = f"{fmt.replace('_', '')} {quant or 'fp32'}"
         spec = {**base, "kind": fmt, "path": str(model_path)}
-        size = _size(model_path)
-        if fmt == "openvino":
-            size += _size(model_path.with_suffix(".bin"))
-            # served at the precision it was verified with, as kerasft's runtime loads it
-            spec["precision"] = manifest.get("inference_precision") or "f32"
-            label += "" if spec["precision"] == "f32" else f" {spec['precision']}"
+        if contract.precisions:  # served at the precision it was verified with, as loaded
+            spec["precision"] = manifest.get("inference_precision") or contract.precisions[0]
+            label += "" if spec["precision"] == contract.precisions[0] else f" {spec['precision']}"
         out.append(Variant(label, "export", spec,
-                           size_bytes=size, quantized=bool(quant),
-                           onnx_int8=fmt == "onnx" and bool(quant)))  # fmt: skip
+                           size_bytes=contract.model_bytes(model_path), quantized=bool(quant),
+                           onnx_int8=fmt == ONNX and bool(quant)))  # fmt: skip
     if "transformers" in index:
         hf = index["transformers"]
         out.append(Variant("transformers torch-eager fp32", "peer",
@@ -127,7 +131,7 @@ def variants(index: dict, threads: int, device: str) -> tuple[list[Variant], lis
         for precision in ("fp32", "int8"):
             path = index["optimum"][precision]
             out.append(Variant(f"optimum onnx {precision}", "peer",
-                               {**base, "kind": "onnx", "path": path}, size_bytes=_size(path),
+                               {**base, "kind": ONNX, "path": path}, size_bytes=_size(path),
                                quantized=precision == "int8"))  # fmt: skip
         if "optimum_intel" in index:
             # INT8 at f32 and at the plugin's default precision (bf16 where the CPU computes
@@ -136,8 +140,8 @@ def variants(index: dict, threads: int, device: str) -> tuple[list[Variant], lis
                 path = index["optimum_intel"][precision]
                 suffix = " (plugin default precision)" if hint == "default" else ""
                 out.append(Variant(f"optimum-intel openvino {precision}{suffix}", "peer",
-                                   {**base, "kind": "openvino", "path": path, "precision": hint},
-                                   size_bytes=_size(path) + _size(Path(path).with_suffix(".bin")),
+                                   {**base, "kind": OPENVINO, "path": path, "precision": hint},
+                                   size_bytes=FORMATS[OPENVINO].model_bytes(path),
                                    quantized=precision == "int8"))  # fmt: skip
         else:
             notes.append("optimum-intel not installed: pip install -e '.[bench]' to compare")
@@ -220,21 +224,13 @@ def detect_device(requested: str) -> tuple[str, str]:
 
 def machine_info(threads: int, gpus: str) -> dict:
     from kerasft.machine import cpu_model, isa
-    from kerasft.versions import package_versions
+    from kerasft.versions import EXPORT, package_versions
 
     names = (
-        "keras",
-        "keras-hub",
-        "tensorflow",
+        *EXPORT,
         "jax",
         "torch",
-        "onnx",
-        "onnxruntime",
-        "ai-edge-litert",
-        "openvino",
-        "nncf",
         "optimum-intel",
-        "tf2onnx",
         "transformers",
         "optimum",
         "optimum-onnx",

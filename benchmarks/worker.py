@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from kerasft.exporters import litert, onnx, openvino, saved_model
+
 MAX_RUNS = 10_000  # per timed block
 
 
@@ -126,8 +128,9 @@ def _runtime(spec):
     """`kerasft.exporters.runtime.load(dir).predict(texts)`: raw strings in, tokenized inside."""
     from kerasft.exporters.runtime import load
 
-    options = {} if spec["format"] in ("saved_model",) else {"threads": spec["threads"]}
-    if spec["format"] == "saved_model":
+    tensorflow_session = spec["format"] == saved_model.CONTRACT.name  # TF's own thread pools
+    options = {} if tensorflow_session else {"threads": spec["threads"]}
+    if tensorflow_session:
         import tensorflow as tf
 
         tf.config.threading.set_intra_op_parallelism_threads(spec["threads"])
@@ -186,14 +189,16 @@ def _transformers(spec):
     return run, {"device": device, "torch": torch.__version__}
 
 
+# By kind: Keras, the runtime, transformers, and each export format (by the name its module
+# declares; peers' ONNX files and OpenVINO IRs are served as those formats are).
 LOADERS = {
     "keras": _keras,
-    "onnx": _onnx,
-    "openvino": _openvino,
     "runtime": _runtime,
-    "saved_model": _saved_model,
-    "litert": _litert,
     "transformers": _transformers,
+    onnx.CONTRACT.name: _onnx,
+    openvino.CONTRACT.name: _openvino,
+    saved_model.CONTRACT.name: _saved_model,
+    litert.CONTRACT.name: _litert,
 }
 
 

@@ -66,6 +66,9 @@ class FormatContract:
         precisions: the inference precisions the runtime can be verified and recorded with
             (empty: float32 only); any but the first is judged by the INT8 gate.
         keep_fp32_modes: the INT8 modes that take `keep_fp32` (nodes kept in fp32).
+        companion_suffixes: files beside the model file that hold its weights (OpenVINO's
+            `.bin`), counted in its size.
+        cpu_only: its runtime runs on the CPU only (skipped on a GPU).
     """
 
     name: str
@@ -78,6 +81,8 @@ class FormatContract:
     graph_sources: tuple[str, ...] = ("tensorflow",)
     precisions: tuple[str, ...] = ()
     keep_fp32_modes: tuple[str, ...] = ()
+    companion_suffixes: tuple[str, ...] = ()
+    cpu_only: bool = False
 
     @property
     def modes(self) -> tuple[str | None, ...]:
@@ -140,6 +145,15 @@ class FormatContract:
                 f"format {self.name!r} needs {', '.join(needs)} to export (not "
                 f"installed: {', '.join(missing)}): pip install 'kerasft[{extra}]'"
             )
+
+    def model_bytes(self, model_path) -> int:
+        """The size of an export's model: its file (or directory) and companion files."""
+        from pathlib import Path
+
+        path = Path(model_path)
+        files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
+        files += [path.with_suffix(suffix) for suffix in self.companion_suffixes]
+        return sum(p.stat().st_size for p in files)
 
     def reduced(self, mode: str | None, precision: str) -> bool:
         """Whether an export computes in reduced precision (judged by the INT8 gate): INT8,

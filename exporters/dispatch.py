@@ -19,7 +19,7 @@ import numpy as np
 from kerasft.exporters import exportdir
 from kerasft.exporters.auto import latency_b1, rank_auto, recipe_label
 from kerasft.exporters.contract import FormatContract
-from kerasft.exporters.formats import FORMATS, MODULES, check_format
+from kerasft.exporters.formats import DEFAULT_FORMAT, FORMATS, MODULES, check_format
 from kerasft.exporters.isolated import export_in_subprocess, passed_on_errors
 from kerasft.exporters.onnx import DEFAULT_OPSET
 from kerasft.exporters.verify import (
@@ -110,7 +110,7 @@ def _run_request(request_file: str, error_file: str) -> None:
 def export(
     source,
     out_dir: str | os.PathLike,
-    format: str = "onnx",
+    format: str = DEFAULT_FORMAT,
     quantize: str | None = None,
     *,
     overwrite: bool = False,
@@ -138,7 +138,7 @@ def export(
     Args:
         source: a `kerasft fit` run directory, a saved `.keras` file or a fitted tuner.
         out_dir: the export directory to create.
-        format: `"saved_model"`, `"onnx"`, `"openvino"` or `"litert"`.
+        format: one of `kerasft.exporters.formats.FORMATS` (default ONNX).
         overwrite: replace an existing non-empty `out_dir`.
         texts: real texts to verify with (default: the run's splits); optional `labels` (class
             names or ids, for the accuracy drop) and `splits` (`"train"`, `"validation"`,

@@ -18,6 +18,7 @@ from kerasft.exporters.contract import FormatContract
 
 MODULES: dict[str, ModuleType] = {m.CONTRACT.name: m for m in (saved_model, onnx, openvino, litert)}
 FORMATS: dict[str, FormatContract] = {name: m.CONTRACT for name, m in MODULES.items()}
+DEFAULT_FORMAT = onnx.CONTRACT.name  # `export`'s default
 # format -> allowed `quantize` values (None = fp32).
 SUPPORTED = {name: contract.modes for name, contract in FORMATS.items()}
 # Every (format, quantize) pair `export` supports, fp32 first within each format.

@@ -11,6 +11,7 @@ CONTRACT = FormatContract(
     "litert",
     "LiteRT (TFLite) flatbuffer for mobile and embedded devices",
     int8={"dynamic": int8("dynamic", "dynamic-range")},
+    cpu_only=True,  # the LiteRT interpreter
 )
 
 

@@ -70,6 +70,7 @@ CONTRACT = FormatContract(
     needs=("onnx", "onnxruntime", "openvino", "nncf"),
     graph_sources=("torch", "tensorflow"),
     precisions=PRECISIONS,
+    companion_suffixes=(".bin",),
 )
 MODEL_FILE = "model.xml"
 

@@ -32,6 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
+from kerasft.exporters import litert as litert_format
+from kerasft.exporters import onnx as onnx_format
+from kerasft.exporters import openvino as openvino_format
+from kerasft.exporters import saved_model as saved_model_format
 from kerasft.exporters.exportdir import (  # noqa: F401  (re-exported: the runtime's API)
     IntegrityError,
     manifest_format,
@@ -296,11 +300,13 @@ def verify_checksums(export_dir: str | Path, manifest_sha256: str | None = None)
     read_manifest(export_dir, manifest_sha256)
 
 
+# By the format names the format modules declare (their `CONTRACT`s: light imports, no
+# TensorFlow, Keras or PyTorch).
 _RUNTIMES = {
-    "onnx": OnnxClassifier,
-    "openvino": OpenVINOClassifier,
-    "saved_model": SavedModelClassifier,
-    "litert": LiteRTClassifier,
+    onnx_format.CONTRACT.name: OnnxClassifier,
+    openvino_format.CONTRACT.name: OpenVINOClassifier,
+    saved_model_format.CONTRACT.name: SavedModelClassifier,
+    litert_format.CONTRACT.name: LiteRTClassifier,
 }
 
 

@@ -283,6 +283,6 @@ def test_labelling_summary_takes_the_fastest_accurate_export_against_the_fastest
     (tmp_path / "index.json").write_text(json.dumps(index))
     jobs = _peer_jobs(tmp_path)
     assert [(j["peer"], j["model"], j["file"]) for j in jobs] == [
-        ("openvino", "/oi/int8", "openvino_model.xml"),
-        ("onnxruntime", "/o/int8", "model_quantized.onnx"),
+        ("optimum_intel", "/oi/int8", "openvino_model.xml"),
+        ("optimum", "/o/int8", "model_quantized.onnx"),
     ]
