@@ -44,7 +44,9 @@ def has_peers() -> bool:
 
 def has_openvino_peer() -> bool:
     """Whether optimum-intel (the OpenVINO peer, `bench` extra) is installed."""
-    return all(importlib.util.find_spec(m) for m in ("optimum.intel", "openvino", "nncf"))
+    from kerasft.exporters import openvino
+
+    return all(importlib.util.find_spec(m) for m in ("optimum.intel", *openvino.CONTRACT.needs))
 
 
 def _build(target: Path, make) -> Path:

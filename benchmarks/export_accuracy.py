@@ -96,9 +96,10 @@ def measure(args, chosen) -> dict:
     import numpy as np
 
     from kerasft.benchmarks.report import provenance
+    from kerasft.exporters.formats import EXPORT_PACKAGES as EXPORT
     from kerasft.rundir import run_splits
     from kerasft.tuner import load_tuner
-    from kerasft.versions import EXPORT, source_commit
+    from kerasft.versions import source_commit
 
     source = source_commit()
     test = run_splits(args.run)[2]

@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from kerasft.benchmarks.report import provenance, write_results
-    from kerasft.versions import EXPORT, source_commit
+    from kerasft.exporters.formats import EXPORT_PACKAGES as EXPORT
+    from kerasft.versions import source_commit
 
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)

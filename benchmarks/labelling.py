@@ -65,8 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(_work(json.loads(args.worker))))
         return 0
     from kerasft.benchmarks.report import provenance, write_results
+    from kerasft.exporters.formats import EXPORT_PACKAGES as EXPORT
     from kerasft.rundir import run_splits
-    from kerasft.versions import EXPORT, source_commit
+    from kerasft.versions import source_commit
 
     source = source_commit()
     threads = [int(t) for t in args.threads.split(",")]

@@ -223,8 +223,9 @@ def detect_device(requested: str) -> tuple[str, str]:
 
 
 def machine_info(threads: int, gpus: str) -> dict:
+    from kerasft.exporters.formats import EXPORT_PACKAGES as EXPORT
     from kerasft.machine import cpu_model, isa
-    from kerasft.versions import EXPORT, package_versions
+    from kerasft.versions import package_versions
 
     names = (
         *EXPORT,

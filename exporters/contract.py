@@ -12,10 +12,8 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass, field
 
-from kerasft.versions import EXPORT
-
 # The packages a graph source traces with: the one mapping from source to packages, for what an
-# export needs (`needs_with`) and what its manifest records (`traced_with`).
+# export needs (`needs_with`) and what its manifest records (`formats.traced_with`).
 SOURCE_PACKAGES = {"torch": ("torch",), "tensorflow": ("tensorflow", "tf2onnx")}
 
 
@@ -69,6 +67,7 @@ class FormatContract:
         companion_suffixes: files beside the model file that hold its weights (OpenVINO's
             `.bin`), counted in its size.
         cpu_only: its runtime runs on the CPU only (skipped on a GPU).
+        packages: the distributions whose versions its manifests record (default: `needs`).
     """
 
     name: str
@@ -83,6 +82,7 @@ class FormatContract:
     keep_fp32_modes: tuple[str, ...] = ()
     companion_suffixes: tuple[str, ...] = ()
     cpu_only: bool = False
+    packages: tuple[str, ...] | None = None
 
     @property
     def modes(self) -> tuple[str | None, ...]:
@@ -125,13 +125,6 @@ class FormatContract:
         graph goes to ONNX)."""
         traced = [p for p in SOURCE_PACKAGES[source] if self.onnx_graph or p != "tf2onnx"]
         return (*traced, *self.needs)
-
-    @staticmethod
-    def traced_with(source: str) -> tuple[str, ...]:
-        """The packages whose versions the manifest records: the export's, and the graph
-        source's (not the other sources')."""
-        other = {p for s, names in SOURCE_PACKAGES.items() if s != source for p in names}
-        return tuple(n for n in (*EXPORT, "torch") if n not in other)
 
     def check_installed(self, source: str) -> None:
         """Raises `RuntimeError` naming the extra to install when a module the format needs

@@ -19,7 +19,13 @@ import numpy as np
 from kerasft.exporters import exportdir
 from kerasft.exporters.auto import latency_b1, rank_auto, recipe_label
 from kerasft.exporters.contract import FormatContract
-from kerasft.exporters.formats import DEFAULT_FORMAT, FORMATS, MODULES, check_format
+from kerasft.exporters.formats import (
+    DEFAULT_FORMAT,
+    FORMATS,
+    MODULES,
+    check_format,
+    traced_with,
+)
 from kerasft.exporters.isolated import export_in_subprocess, passed_on_errors
 from kerasft.exporters.onnx import DEFAULT_OPSET
 from kerasft.exporters.verify import (
@@ -349,7 +355,7 @@ def _manifest(contract, quantize, attempt, info, src, clf, shape, graph_source, 
         "inference_precision": info.get("inference_precision"),
         "source_backend": src.backend,
         "graph_source": graph_source,
-        "versions": package_versions(contract.traced_with(graph_source)),
+        "versions": package_versions(traced_with(graph_source)),
     }
     return exportdir.write_manifest(tmp, manifest)
 

@@ -14,11 +14,27 @@ from __future__ import annotations
 from types import ModuleType
 
 from kerasft.exporters import litert, onnx, openvino, saved_model
-from kerasft.exporters.contract import FormatContract
+from kerasft.exporters.contract import SOURCE_PACKAGES, FormatContract
 
 MODULES: dict[str, ModuleType] = {m.CONTRACT.name: m for m in (saved_model, onnx, openvino, litert)}
 FORMATS: dict[str, FormatContract] = {name: m.CONTRACT for name, m in MODULES.items()}
 DEFAULT_FORMAT = onnx.CONTRACT.name  # `export`'s default
+# The distributions an export may use, whose versions manifests and results files record:
+# Keras, KerasHub, the tokenizer, every graph source's and every format's.
+EXPORT_PACKAGES = tuple(dict.fromkeys([
+    "keras", "keras-hub", "tokenizers",
+    *(p for names in SOURCE_PACKAGES.values() for p in names),
+    *(p for c in FORMATS.values() for p in (c.needs if c.packages is None else c.packages)),
+]))  # fmt: skip
+
+
+def traced_with(source: str) -> tuple[str, ...]:
+    """The packages an export's manifest records: `EXPORT_PACKAGES` but the other graph
+    sources' (an export traced under PyTorch does not name TensorFlow)."""
+    other = {p for s, names in SOURCE_PACKAGES.items() if s != source for p in names}
+    return tuple(n for n in EXPORT_PACKAGES if n not in other)
+
+
 # format -> allowed `quantize` values (None = fp32).
 SUPPORTED = {name: contract.modes for name, contract in FORMATS.items()}
 # Every (format, quantize) pair `export` supports, fp32 first within each format.

@@ -12,6 +12,7 @@ CONTRACT = FormatContract(
     "LiteRT (TFLite) flatbuffer for mobile and embedded devices",
     int8={"dynamic": int8("dynamic", "dynamic-range")},
     cpu_only=True,  # the LiteRT interpreter
+    packages=("ai-edge-litert",),
 )
 
 

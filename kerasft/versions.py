@@ -7,8 +7,7 @@ import subprocess
 from pathlib import Path
 
 TRAINING = ("keras", "keras-hub", "tensorflow", "jax", "torch", "numpy", "scikit-learn")
-EXPORT = ("keras", "keras-hub", "tensorflow", "tf2onnx", "onnx", "onnxruntime", "tokenizers",
-          "ai-edge-litert", "openvino", "nncf")  # fmt: skip
+# The export side's packages are the format registry's: `kerasft.exporters.formats.EXPORT_PACKAGES`.
 
 
 def package_versions(names: tuple[str, ...]) -> dict[str, str]:
