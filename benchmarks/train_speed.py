@@ -275,18 +275,6 @@ def _feature_pass(classifier, train, feature_rows: int) -> tuple[int, float]:
     return len(rows), time.perf_counter() - started
 
 
-def _median_ms(fn, repeats: int) -> float:
-    """Median milliseconds of `repeats` calls after an untimed first (a first call may allocate
-    or compile); the median, so that one call slowed by other load does not set the figure."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return float(np.median(times)) * 1e3
-
-
 # torch ops by what they do, for the step's profile (self CPU time).
 _TORCH_KINDS = {
     "matmul": ("aten::mm", "aten::bmm", "aten::addmm", "aten::matmul"),
@@ -301,12 +289,14 @@ def _breakdown(model, train, rows) -> dict:
     """Where one step's time goes, on one batch after compilation (see the report)."""
     import keras
 
+    from kerasft.timing import median_ms
+
     x, y = train.batch(rows)
     out = {
         "shape": list(x["token_ids"].shape),
-        "batching_ms": _median_ms(lambda: train.batch(rows), 20),
-        "forward_ms": _median_ms(lambda: model.predict_on_batch(x), 5),
-        "step_ms": _median_ms(lambda: model.train_on_batch(x, y), 5),
+        "batching_ms": median_ms(lambda: train.batch(rows), warmup=1, calls=20),
+        "forward_ms": median_ms(lambda: model.predict_on_batch(x), warmup=1, calls=5),
+        "step_ms": median_ms(lambda: model.train_on_batch(x, y), warmup=1, calls=5),
     }
     if keras.backend.backend() == "torch":
         from torch.profiler import ProfilerActivity, profile

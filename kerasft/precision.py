@@ -18,8 +18,9 @@ from kerasft.lora import adapted_layers
 # (`benchmarks/results/train_speed*.md`): the CPU classes on which bfloat16 trains faster than
 # float32 on that backend, with no loss of accuracy. "avx512_bf16": AVX512_BF16 without AMX
 # (AMD Zen 4 and Zen 5); "amx_bf16": Intel's AMX-BF16 tiles (Sapphire Rapids and newer). A CPU
-# with neither emulates bfloat16 and always trains in float32. On Zen 5, XLA's CPU backend
-# trained JAX at 0.92x of float32 in bfloat16 (TensorFlow 1.16x, PyTorch 1.93x).
+# with neither emulates bfloat16 and always trains in float32. bf16 / fp32 on the AMX Xeon
+# (train_speed_amx.md): PyTorch 1.17x, TensorFlow 1.20x, JAX 0.99x; on a Zen 5 EPYC (whole
+# `--limit 8000` runs at commit 322688a): PyTorch 1.93x, TensorFlow 1.16x, JAX 0.92x.
 AUTO_BF16 = {
     "torch": ("avx512_bf16", "amx_bf16"),
     "tensorflow": ("avx512_bf16", "amx_bf16"),
