@@ -14,12 +14,23 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 from pathlib import Path
 
 import numpy as np
 
 from kerasft.exporters.contract import FormatContract, int8
+from kerasft.exporters.onnx_graph import (
+    drop_index_wrap,
+    drop_redundant_expand,
+    fold_head_bias,
+    fold_tensordot,
+    fuse_attention,
+    gemm_to_matmul,
+    global_average_pool_to_reduce_mean,
+    lower_einsum,
+    replace_nodes,
+    residual_add_to_sum,
+)
 
 DEFAULT_OPSET = 17
 # Dynamic: every node quantized, then the 2, 4, 8 nodes whose quantization alone moves the
@@ -110,336 +121,6 @@ def _optimize(
     return {k: v for k, v in model.get_fused_operator_statistics().items() if v}
 
 
-def residual_add_to_sum(model) -> int:
-    """Writes each `Add` that feeds a `LayerNormalization` as the equivalent two-input `Sum`.
-
-    onnxruntime fuses `Add` + `LayerNormalization` into `SkipLayerNormalization` when a session
-    loads (and in its offline optimizer), whenever it can prove both addends have the same
-    shape. Its 1.31 CPU kernel is slower than the two nodes it replaces: ~250 us against ~60 us
-    (DistilBERT-base shape, 128 tokens) and 77 us against 23 us at 32 tokens; keeping it out
-    made the dynamic INT8 model 10-13% faster at 128 tokens. `Sum` is the same arithmetic and
-    matches no fusion pattern.
-
-    Returns:
-        The number of nodes rewritten.
-    """
-    producers = {out: node for node in model.graph.node for out in node.output}
-    rewritten = 0
-    for node in model.graph.node:
-        add = producers.get(node.input[0]) if node.op_type == "LayerNormalization" else None
-        if add is not None and add.op_type == "Add" and not add.attribute:
-            add.op_type = "Sum"
-            rewritten += 1
-    return rewritten
-
-
-def global_average_pool_to_reduce_mean(model) -> int:
-    """Rewrites `GlobalAveragePool` over a rank-3 tensor as `ReduceMean(axes=[2], keepdims=1)`.
-
-    tf2onnx writes a last-axis mean of a `(batch, sequence, hidden)` tensor as a
-    `GlobalAveragePool`; as the equivalent `ReduceMean` it forms the LayerNorm pattern
-    onnxruntime fuses. Nodes whose input rank is not known to be 3 are left alone.
-
-    Returns:
-        The number of nodes rewritten.
-    """
-    import onnx
-    from onnx import helper
-
-    inferred = onnx.shape_inference.infer_shapes(model)
-    rank = {
-        v.name: len(v.type.tensor_type.shape.dim)
-        for v in list(inferred.graph.value_info) + list(inferred.graph.input)
-        if v.type.tensor_type.HasField("shape")
-    }
-    rewritten = 0
-    for node in model.graph.node:
-        if node.op_type == "GlobalAveragePool" and rank.get(node.input[0]) == 3:
-            node.op_type = "ReduceMean"
-            del node.attribute[:]
-            node.attribute.extend(
-                [helper.make_attribute("axes", [2]), helper.make_attribute("keepdims", 1)]
-            )
-            rewritten += 1
-    return rewritten
-
-
-def gemm_to_matmul(model):
-    """Rewrites each `Gemm` (alpha 1, beta 1 or no bias, A not transposed) as `MatMul` [+ `Add`].
-
-    tf2onnx fuses Keras `Dense` layers into `Gemm`, which onnxruntime's dynamic quantizer does not
-    quantize; as `MatMul` it does (the same arithmetic). Transposed constant weights are
-    transposed once here.
-
-    Returns:
-        The number of nodes rewritten.
-    """
-    from onnx import helper, numpy_helper
-
-    inits = {i.name: i for i in model.graph.initializer}
-    uses = {}
-    for node in model.graph.node:
-        for name in node.input:
-            uses[name] = uses.get(name, 0) + 1
-    nodes, rewritten = [], 0
-    for node in model.graph.node:
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        has_bias = len(node.input) > 2 and node.input[2]
-        simple = attrs.get("alpha", 1.0) == 1.0 and (not has_bias or attrs.get("beta", 1.0) == 1.0)
-        if node.op_type != "Gemm" or not simple or attrs.get("transA", 0):
-            nodes.append(node)
-            continue
-        a, b = node.input[0], node.input[1]
-        if attrs.get("transB", 0):
-            if b not in inits or uses[b] > 1:
-                nodes.append(node)
-                continue
-            weight = numpy_helper.to_array(inits[b]).T.copy()
-            inits[b].CopyFrom(numpy_helper.from_array(weight, b))
-        product = f"{node.name}_matmul" if has_bias else node.output[0]
-        nodes.append(helper.make_node("MatMul", [a, b], [product], name=f"{node.name}_MatMul"))
-        if has_bias:
-            nodes.append(
-                helper.make_node(
-                    "Add", [product, node.input[2]], list(node.output), name=f"{node.name}_Add"
-                )
-            )
-        rewritten += 1
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    return rewritten
-
-
-_QUERY_ADD = re.compile(r"transformer_layer_(\d+)[^/]*/self_attention_layer[^/]*/query[^/]*/Add$")
-_OUTPUT_ADD = re.compile(
-    r"transformer_layer_(\d+)[^/]*/self_attention_layer[^/]*/attention_output[^/]*/BiasAdd$"
-)
-
-
-def _attention_input(producers: dict, query_add) -> str:
-    """Walks up the query projection (Squeeze/Reshape/MatMul/Unsqueeze) to the block's input."""
-    tensor = query_add.input[0]
-    while tensor in producers and producers[tensor].op_type in (
-        "Squeeze", "Reshape", "MatMul", "Gemm", "Unsqueeze",
-    ):  # fmt: skip
-        tensor = producers[tensor].input[0]
-    return tensor
-
-
-def _blocks_by_name(graph, backbone) -> dict:
-    """tf2onnx graphs: `{layer: (block input, output-projection bias add node)}` by node names."""
-    producers = {out: node for node in graph.node for out in node.output}
-    queries = {int(_QUERY_ADD.search(n.name).group(1)): n for n in graph.node
-               if _QUERY_ADD.search(n.name)}  # fmt: skip
-    outputs = {int(_OUTPUT_ADD.search(n.name).group(1)): n for n in graph.node
-               if _OUTPUT_ADD.search(n.name)}  # fmt: skip
-    if sorted(queries) != list(range(backbone.num_layers)) or sorted(outputs) != sorted(queries):
-        return {}
-    return {i: (_attention_input(producers, queries[i]), outputs[i]) for i in queries}
-
-
-def _blocks_by_weights(graph, backbone) -> dict:
-    """Any producer (`torch.onnx` names nodes `/m/Einsum_5`): `{layer: (block input,
-    output-projection bias add node)}`, found by the Keras weights the graph holds.
-
-    The query and output projections are the nodes that read the constants equal to the layer's
-    query and output kernels (trained or random: one per layer; biases are not used to find
-    nodes, since equal ones, e.g. all zero, may be one shared constant). The query's data
-    input, looked up through `Cast`s, is the block input; the output is the `Add` that follows
-    the output projection, through `Cast`s. Where any of this is ambiguous, `{}` (no fusion).
-    """
-    from onnx import numpy_helper
-
-    producers = {out: node for node in graph.node for out in node.output}
-    readers = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
-    consts = [(i.name, numpy_helper.to_array(i)) for i in graph.initializer]
-
-    def reader_of(weight, op_types):
-        weight = np.asarray(weight.numpy(), dtype="float32")
-        names = [n for n, v in consts if v.shape == weight.shape and np.array_equal(v, weight)]
-        nodes = [r for n in names for r in readers.get(n, []) if r.op_type in op_types]
-        return nodes[0] if len(nodes) == 1 else None
-
-    def add_after(node):
-        while node is not None and node.op_type != "Add":
-            following = readers.get(node.output[0], [])
-            ok = len(following) == 1 and following[0].op_type in ("Cast", "Add")
-            node = following[0] if ok else None
-        return node
-
-    blocks = {}
-    for i, layer in enumerate(backbone.transformer_layers):
-        att = layer._self_attention_layer
-        query = reader_of(att.query_dense.kernel, ("Einsum", "MatMul"))
-        out_add = add_after(reader_of(att.output_dense.kernel, ("Einsum", "MatMul")))
-        if query is None or out_add is None:
-            return {}
-        x = query.input[0]
-        while x in producers and producers[x].op_type == "Cast":
-            x = producers[x].input[0]
-        blocks[i] = (x, out_add)
-    if len({id(add) for _, add in blocks.values()}) < len(blocks):
-        return {}
-    return blocks
-
-
-def fuse_attention(model, backbone, mask_input: str = "padding_mask") -> int:
-    """Replaces each Keras self-attention block with onnxruntime's fused `Attention` operator.
-
-    Neither tf2onnx nor `torch.onnx` writes Keras' einsum-based `MultiHeadAttention`
-    (projections, masked softmax, transposes) in a shape onnxruntime's attention fusion
-    recognises. Here each block, from its input to the output projection's bias add, becomes
-    `com.microsoft.Attention(x, W_qkv, b_qkv, padding_mask)` followed by the output projection
-    as `MatMul` + `Add`, with the weights taken from the Keras layers; the nodes left unused are
-    removed. The blocks are found by tf2onnx's node names, else by the weights they read. The
-    fused operator is what onnxruntime's dynamic quantizer turns into `QAttention`. Export
-    verification compares the result with the Keras model.
-
-    Args:
-        model: an `onnx.ModelProto` of the serving graph (tf2onnx or `torch.onnx`).
-        backbone: the KerasHub `DistilBertBackbone` the graph was traced from.
-        mask_input: the graph input holding the `(batch, sequence)` 0/1 padding mask.
-
-    Returns:
-        The number of attention blocks fused.
-    """
-    from onnx import helper, numpy_helper
-
-    graph = model.graph
-    blocks = _blocks_by_name(graph, backbone) or _blocks_by_weights(graph, backbone)
-    if not blocks:
-        return 0
-    h = backbone.hidden_dim
-    value = lambda w: np.asarray(w.numpy(), dtype="float32")  # noqa: E731
-    new_nodes = {}
-    for i, layer in enumerate(backbone.transformer_layers):
-        att = layer._self_attention_layer
-        dense = (att.query_dense, att.key_dense, att.value_dense)
-        w_qkv = np.concatenate([value(d.kernel).reshape(h, h) for d in dense], axis=1)
-        b_qkv = np.concatenate([value(d.bias).reshape(h) for d in dense])
-        w_out = value(att.output_dense.kernel).reshape(h, h)
-        b_out = value(att.output_dense.bias)
-        p = f"kerasft_attention_{i}"
-        graph.initializer.extend(
-            numpy_helper.from_array(a, f"{p}_{n}")
-            for a, n in ((w_qkv, "qkv_weight"), (b_qkv, "qkv_bias"), (w_out, "out_weight"),
-                         (b_out, "out_bias"))
-        )  # fmt: skip
-        x, output = blocks[i]
-        new_nodes[output.name] = [
-            helper.make_node(
-                "Attention", [x, f"{p}_qkv_weight", f"{p}_qkv_bias", mask_input], [f"{p}_context"],
-                name=f"{p}", domain="com.microsoft", num_heads=backbone.num_heads,
-            ),
-            helper.make_node("MatMul", [f"{p}_context", f"{p}_out_weight"], [f"{p}_projected"],
-                             name=f"{p}_out_MatMul"),
-            helper.make_node("Add", [f"{p}_projected", f"{p}_out_bias"], list(output.output),
-                             name=f"{p}_out_Add"),
-        ]  # fmt: skip
-    nodes = []
-    for node in graph.node:
-        nodes += new_nodes.get(node.name, [node])
-    _replace_nodes(graph, nodes)
-    if not any(op.domain == "com.microsoft" for op in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    return len(new_nodes)
-
-
-def fold_tensordot(model) -> int:
-    """Rewrites tf2onnx's `Tensordot` (Reshape to 2-D, MatMul, Reshape back) as one `MatMul`.
-
-    A Keras `Dense` on a `(batch, sequence, features)` tensor reaches ONNX as
-    `Reshape(x, [-1, K]) -> MatMul(W) -> Reshape(., Concat(Gather(Shape(x), [0, 1]), [N]))`, the
-    target shape computed at run time by `Shape`/`Cast`/`Gather`/`Concat` nodes. ONNX `MatMul`
-    broadcasts over the leading axes, so `MatMul(x, W)` is the same tensor. Without the reshapes
-    between them, onnxruntime also folds the bias `Add` into the (quantized) MatMul. On the
-    DistilBERT feed-forward layers this removes 8 small nodes per `Dense` (profiled: ~10% of the
-    node time at batch 1 / 32 tokens); the dynamic INT8 model got 2-4% faster at batch 1.
-
-    Returns:
-        The number of `Tensordot` blocks rewritten.
-    """
-    from onnx import numpy_helper
-
-    graph = model.graph
-    consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    producers = {out: node for node in graph.node for out in node.output}
-    consumers = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-
-    def source(tensor, *ops):
-        """The node making `tensor`, looking through `Cast`; None unless its type is in `ops`."""
-        node = producers.get(tensor)
-        while node is not None and node.op_type == "Cast":
-            node = producers.get(node.input[0])
-        return node if node is not None and node.op_type in ops else None
-
-    def shape_of_leading_axes(tensor, x, n_out) -> bool:
-        """Whether `tensor` computes `concat(shape(x)[:-1], [n_out])`."""
-        concat = source(tensor, "Concat")
-        if concat is None or len(concat.input) != 2 or concat.input[1] not in consts:
-            return False
-        gather = source(concat.input[0], "Gather")
-        if gather is None or gather.input[1] not in consts:
-            return False
-        shape = source(gather.input[0], "Shape")
-        indices = consts[gather.input[1]]
-        return (
-            shape is not None and shape.input[0] == x and not shape.attribute
-            and list(indices) == list(range(len(indices)))
-            and list(consts[concat.input[1]]) == [n_out]
-        )  # fmt: skip
-
-    rewritten, dropped = 0, set()
-    for node in graph.node:
-        if node.op_type != "MatMul" or node.input[1] not in consts:
-            continue
-        weight = consts[node.input[1]]
-        flatten = source(node.input[0], "Reshape")
-        after = consumers.get(node.output[0], [])
-        if (
-            weight.ndim != 2 or flatten is None or flatten.output[0] != node.input[0]
-            or flatten.input[1] not in consts
-            or list(consts[flatten.input[1]]) != [-1, weight.shape[0]]
-            or len(after) != 1 or after[0].op_type != "Reshape"
-            or not shape_of_leading_axes(after[0].input[1], flatten.input[0], weight.shape[1])
-        ):  # fmt: skip
-            continue
-        node.input[0] = flatten.input[0]
-        node.output[0] = after[0].output[0]
-        dropped.add(id(after[0]))
-        rewritten += 1
-    _replace_nodes(graph, [node for node in graph.node if id(node) not in dropped])
-    return rewritten
-
-
-def _replace_nodes(graph, nodes: list) -> None:
-    """Sets the graph's nodes to the live ones of `nodes` and drops unused initializers."""
-    del graph.node[:]
-    graph.node.extend(_live(nodes, {o.name for o in graph.output}))
-    used = {name for node in graph.node for name in node.input}
-    keep = [init for init in graph.initializer if init.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
-
-
-def _live(nodes: list, outputs: set) -> list:
-    """The nodes that contribute to `outputs`, in their original order."""
-    producers = {out: node for node in nodes for out in node.output}
-    needed, stack = set(), list(outputs)
-    while stack:
-        node = producers.get(stack.pop())
-        if node is not None and id(node) not in needed:
-            needed.add(id(node))
-            stack.extend(i for i in node.input if i)
-    return [node for node in nodes if id(node) in needed]
-
-
 class _Calibration:
     """onnxruntime `CalibrationDataReader` over tokenized calibration texts."""
 
@@ -451,56 +132,6 @@ class _Calibration:
 
 
 ATTENTION = ("onnxruntime", "traced")
-
-
-def lower_einsum(model) -> int:
-    """Rewrites each attention projection's `Einsum` with a constant kernel as `MatMul` + `Reshape`.
-
-    Keras' `EinsumDense` projections reach ONNX as `Einsum("abc,cde->abde", x, W)` (query, key,
-    value: hidden -> heads x head size) and `Einsum("abcd,cde->abe", x, W)` (output: heads x
-    head size -> hidden). Here they become `MatMul(x, W as (c, d*e))` then `Reshape` to
-    `(0, 0, d, e)`, and `Reshape` of x to `(0, 0, c*d)` then `MatMul(W as (c*d, e))` (a 0 in an
-    ONNX `Reshape` copies that axis, so batch and sequence stay dynamic): the same arithmetic,
-    in the plain form engines quantize and fuse. OpenVINO keeps the einsums as `Einsum` ops:
-    with them its fp32 IR ran 1.09-1.20x slower than with MatMuls, side by side on an AMX Xeon
-    at 2 threads when this was written. Einsums of other equations, or without a constant
-    kernel, are left alone.
-
-    Returns:
-        The number of `Einsum` nodes rewritten.
-    """
-    from onnx import helper, numpy_helper
-
-    graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
-    nodes, rewritten = [], 0
-    for node in graph.node:
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        equation = attrs.get("equation", b"")
-        equation = equation.decode() if isinstance(equation, bytes) else equation
-        kernel = node.input[1] if node.op_type == "Einsum" and len(node.input) == 2 else None
-        if kernel not in inits or equation not in ("abc,cde->abde", "abcd,cde->abe"):
-            nodes.append(node)
-            continue
-        w = numpy_helper.to_array(inits[kernel])
-        x, out, p = node.input[0], node.output[0], f"kerasft_einsum_{rewritten}"
-        if equation == "abc,cde->abde":  # project, then split the heads
-            weight, shape = w.reshape(w.shape[0], -1), [0, 0, *w.shape[1:]]
-            steps = [("MatMul", [x, f"{p}_weight"], f"{p}_product"),
-                     ("Reshape", [f"{p}_product", f"{p}_shape"], out)]  # fmt: skip
-        else:  # merge the heads, then project
-            weight = w.reshape(-1, w.shape[-1])
-            shape = [0, 0, weight.shape[0]]
-            steps = [("Reshape", [x, f"{p}_shape"], f"{p}_merged"),
-                     ("MatMul", [f"{p}_merged", f"{p}_weight"], out)]  # fmt: skip
-        graph.initializer.extend([
-            numpy_helper.from_array(np.ascontiguousarray(weight), f"{p}_weight"),
-            numpy_helper.from_array(np.array(shape, dtype="int64"), f"{p}_shape"),
-        ])  # fmt: skip
-        nodes += [helper.make_node(op, i, [o], name=f"{p}_{op}") for op, i, o in steps]
-        rewritten += 1
-    _replace_nodes(graph, nodes)
-    return rewritten
 
 
 def write_fp32(
@@ -522,10 +153,10 @@ def write_fp32(
             `com.microsoft.Attention` (`fuse_attention`), then onnxruntime's optimizer fuses
             LayerNorm and GELU: the ONNX export. `"traced"`: attention stays as traced (from
             `scaled_dot_product_attention` under `keras_graph.fused_attention`) with its
-            projections as MatMuls (`lower_einsum`), and no onnxruntime fusion: the graph
-            OpenVINO reads, whose front end fuses each block into its own
-            `ScaledDotProductAttention` (and breaks onnxruntime's `Attention` back into MatMuls
-            and a Softmax).
+            projections as MatMuls, and kerasft's other passes (`onnx_graph`) but no
+            onnxruntime fusion: the graph OpenVINO reads, whose front end fuses each block
+            into its own `ScaledDotProductAttention` (and breaks onnxruntime's `Attention`
+            back into MatMuls and a Softmax).
 
     Returns:
         `{"model_file": "model.onnx", "opset", "fusions"}`.
@@ -551,6 +182,9 @@ def write_fp32(
     fp32 = out_dir / "model.onnx"
     if attention == "traced":
         fusions = {"MatMul (Einsum lowered)": lower_einsum(proto)}
+        fusions["Add (bias before the head split)"] = fold_head_bias(proto)
+        fusions["Where (index wrap dropped)"] = drop_index_wrap(proto)
+        fusions["Expand (dropped)"] = drop_redundant_expand(proto)
         fusions["MatMul (Tensordot folded)"] = fold_tensordot(proto)
         onnx.save(proto, str(fp32))
         raw.unlink(missing_ok=True)
@@ -804,7 +438,7 @@ def matmul_integer_to_float(model) -> int:
             list(mul.output), name=f"{node.name}_to_float", domain="com.microsoft",
         )  # fmt: skip
         rewritten += 1
-    _replace_nodes(graph, [replaced.get(node.name, node) for node in graph.node])
+    replace_nodes(graph, [replaced.get(node.name, node) for node in graph.node])
     return rewritten
 
 

@@ -126,6 +126,11 @@ def test_export_matrix(format, quantize, backend, toy_runs, tmp_path):
         fused = manifest["quantization"] != "int8-qdq"  # qdq: onnxruntime's fused graph
         assert ops["ScaledDotProductAttention"] == (2 if fused else 0)
         assert ops["Softmax"] == (0 if fused else 2) and ops["Einsum"] == 0
+        if fused:  # kerasft's passes on the graph OpenVINO reads (`onnx_graph`)
+            fusions = manifest["fusions"]
+            assert fusions["Add (bias before the head split)"] == 6  # Q, K, V x 2 layers
+            assert fusions["Where (index wrap dropped)"] == 1 and fusions["Expand (dropped)"] == 1
+            assert ops["Broadcast"] == 0 and ops["Less"] == 0
     verify_checksums(out)
     result = load(out).predict(["the day was so good and great", "an awful sad grim movie"])
     assert result.labels == ["pos", "neg"]
