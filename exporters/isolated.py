@@ -9,7 +9,9 @@ documented error to ERROR for `subprocess_error` to raise here.
 
 from __future__ import annotations
 
+import collections
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -18,6 +20,9 @@ from pathlib import Path
 
 from kerasft.data import DataError
 from kerasft.rundir import MODEL_FILE
+
+log = logging.getLogger(__name__)
+PROGRESS_PREFIX = "[kerasft] "  # how `_run_request` logs; such lines are passed on as progress
 
 
 def export_in_subprocess(source, out_dir, backend: str = "tensorflow", **options) -> Path:
@@ -38,7 +43,8 @@ def export_in_subprocess(source, out_dir, backend: str = "tensorflow", **options
 
 def exports_in_subprocess(source, jobs: list[tuple], backend: str = "tensorflow") -> None:
     """`export(source, out_dir, **options)` for each `(out_dir, options)` of `jobs`, in order,
-    in one subprocess under Keras `backend`: the libraries load once for all of them.
+    in one subprocess under Keras `backend`: the libraries load once for all of them. Its
+    progress lines are logged here as they come (INFO, this module's logger).
 
     Raises:
         As `export_in_subprocess`, for the first export that fails (the later ones do not run;
@@ -58,17 +64,21 @@ def exports_in_subprocess(source, jobs: list[tuple], backend: str = "tensorflow"
                                                             "jobs": requests}))  # fmt: skip
         error_file = Path(tmp) / "error.json"
         env = {**os.environ, "KERAS_BACKEND": backend}
-        proc = subprocess.run(
+        tail = collections.deque(maxlen=60)  # for the error message
+        with subprocess.Popen(
             [sys.executable, "-m", "kerasft.exporters.dispatch", str(Path(tmp) / "request.json"),
              str(error_file)],
-            env=env,
-            capture_output=True,
-            text=True,
-        )  # fmt: skip
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        ) as proc:  # fmt: skip
+            for line in proc.stdout:
+                tail.append(line)
+                if line.startswith(PROGRESS_PREFIX):
+                    log.info("%s", line[len(PROGRESS_PREFIX) :].rstrip())
         if proc.returncode:
             if error_file.is_file():
                 raise subprocess_error(json.loads(error_file.read_text())) from None
-            raise RuntimeError(f"Export under the {backend} backend failed:\n{proc.stderr[-4000:]}")
+            output = "".join(tail)[-4000:]
+            raise RuntimeError(f"Export under the {backend} backend failed:\n{output}")
 
 
 def passed_on_errors() -> dict[str, type[Exception]]:
