@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -78,9 +79,16 @@ def _peer_export(target: Path, make, listing: str) -> dict:
     }  # fmt: skip
 
 
-def prepare(run: Path, root: Path, role: str, widen: int, per_split: int, peers: bool, log):
-    """Builds the role's artifacts under `root / role` and returns the index written there."""
-    from kerasft.exporters.formats import FORMATS, VARIANTS
+def prepare(
+    run: Path, root: Path, role: str, widen: int, per_split: int, peers: bool, log,
+    auto_only: bool = False,
+):  # fmt: skip
+    """Builds the role's artifacts under `root / role` and returns the index written there.
+
+    With `auto_only` (`bench --quick`), only the variants `--int8 auto` chooses among
+    (`formats.AUTO_VARIANTS`); the index lists what was built, and a later full run reuses it.
+    """
+    from kerasft.exporters.formats import AUTO_VARIANTS, FORMATS, VARIANTS
     from kerasft.exporters.isolated import exports_in_subprocess
     from kerasft.exporters.vset import verification_set
     from kerasft.tuner import TwoStageFineTuner
@@ -123,7 +131,7 @@ def prepare(run: Path, root: Path, role: str, widen: int, per_split: int, peers:
         "exports": {},
     }
     jobs: dict[str, list] = {}  # by graph source
-    for fmt, quantize in VARIANTS:
+    for fmt, quantize in AUTO_VARIANTS if auto_only else VARIANTS:
         if quantize == "auto":  # one of the format's other variants, chosen on the machine
             continue
         name = export_name(fmt, quantize)
@@ -182,15 +190,19 @@ def main(argv=None) -> int:
     parser.add_argument("--widen", type=int, default=2)
     parser.add_argument("--verify-per-split", type=int, default=VERIFY_PER_SPLIT)
     parser.add_argument("--no-peers", action="store_true")
+    parser.add_argument("--auto-only", action="store_true", help="only `--int8 auto`'s variants")
     args = parser.parse_args(argv)
     os.environ["KERAS_BACKEND"] = "tensorflow"
+    handler = logging.StreamHandler()  # the exports' progress, as the harness shows it
+    handler.setFormatter(logging.Formatter("[bench] %(message)s"))
+    logging.getLogger("kerasft").addHandler(handler)
+    logging.getLogger("kerasft").setLevel(logging.INFO)
 
     def log(message):
         print(f"[bench] {message}", file=sys.stderr, flush=True)
 
-    prepare(
-        args.run, args.root, args.role, args.widen, args.verify_per_split, not args.no_peers, log
-    )
+    prepare(args.run, args.root, args.role, args.widen, args.verify_per_split,
+            not args.no_peers, log, auto_only=args.auto_only)  # fmt: skip
     return 0
 
 

@@ -255,7 +255,8 @@ def _variants(report: dict) -> list[str]:
         runtime = json.dumps(row.get("runtime", {})) if not err else f"failed: {err[:120]}"
         lines.append(
             f"| {name} | {_fmt(size / 1e6 if size else None)} | {_fmt(row.get('peak_rss_mb'), 0)} "
-            f"| {_fmt(a.get('accuracy'), 4)} | {_fmt(a.get('accuracy_b1'), 4)} "
+            f"| {_fmt(a.get('accuracy'), 4)}{' (parity)' if a.get('from') else ''} "
+            f"| {_fmt(a.get('accuracy_b1'), 4)} "
             f"| {_fmt(a.get('agreement_with_fp32'), 4)} | "
             f"{runtime.replace('|', '/')} |"
         )

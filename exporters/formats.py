@@ -39,6 +39,11 @@ def traced_with(source: str) -> tuple[str, ...]:
 SUPPORTED = {name: contract.modes for name, contract in FORMATS.items()}
 # Every (format, quantize) pair `export` supports, fp32 first within each format.
 VARIANTS = [(name, mode) for name, contract in FORMATS.items() for mode in contract.modes]
+# The (format, quantize) pairs `--int8 auto` chooses among (fp32 included where a format's
+# auto falls back to it): what a user gets from kerasft at its fastest, so `bench --quick`'s scope.
+AUTO_VARIANTS = list(dict.fromkeys(
+    (name, mode) for name, contract in FORMATS.items() for mode, _ in contract.auto
+))  # fmt: skip
 INT8_MODES = tuple(
     dict.fromkeys([*(mode for c in FORMATS.values() for mode in c.int8),
                    *(("auto",) if any(c.auto for c in FORMATS.values()) else ())])

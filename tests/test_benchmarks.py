@@ -151,16 +151,23 @@ def test_missing_run_is_named(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_quick_bench_runs_every_variant(toy_runs, tmp_path):
+def test_bench_runs_every_variant_and_quick_the_deciding_ones(toy_runs, tmp_path):
+    from kerasft.machine import computes_bf16
+    from kerasft.rundir import run_splits
+
     out, artifacts = tmp_path / "report", tmp_path / "artifacts"
     cmd = [sys.executable, "-m", "kerasft.cli", "bench", "--run", str(toy_runs["tensorflow"])]
-    cmd += ["--out", str(out), "--quick", "--artifacts", str(artifacts), "--device", "cpu"]
+    cmd += ["--artifacts", str(artifacts), "--device", "cpu", "--seq-lens", "32"]
     # every variant and step, not a measurement: the shortest timing blocks (3 rounds still)
     cmd += ["--round-seconds", "0.02", "--settle-seconds", "0"]
+    full = [*cmd, "--out", str(out), "--latency-model", "run", "--batch-sizes", "1,8"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    proc = subprocess.run([*full, "--rounds", "3"], capture_output=True, text=True, env=env,
+                          timeout=900)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "[bench] 0:" in proc.stderr and "writing openvino nncf" in proc.stderr  # progress
     report = json.loads((out / "report.json").read_text())
+    bf16 = {"openvino fp32 bf16", "openvino int8-nncf bf16", "openvino int8-qdq bf16"}
     expected = {
         "keras jax fp32", "keras tensorflow fp32", "keras torch fp32", "keras tensorflow int8",
         "onnx fp32", "onnx int8-calibrated", "onnx int8-dynamic", "onnx int8-static",
@@ -168,7 +175,9 @@ def test_quick_bench_runs_every_variant(toy_runs, tmp_path):
         "savedmodel int8-keras", "litert fp32",
         "litert int8-dynamic", "transformers torch-eager fp32", "optimum onnx fp32",
         "optimum onnx int8", "optimum-intel openvino fp32", "optimum-intel openvino int8",
+        "optimum-intel openvino fp32 (plugin default precision)",
         "optimum-intel openvino int8 (plugin default precision)",
+        *(bf16 if computes_bf16() else ()),  # served at each precision the CPU computes
     }  # fmt: skip
     assert set(report["latency"]) == expected
     for name, row in report["latency"].items():
@@ -187,7 +196,8 @@ def test_quick_bench_runs_every_variant(toy_runs, tmp_path):
     assert set(report["targets"]["fastest_vs_peers"]) == {"b1_s32", "b8_s32"}
     # End to end: every export served from raw strings by kerasft.exporters.runtime, batch 1 and 32.
     e2e = report["end_to_end"]
-    exports = {n for n in expected if n.split()[0] in ("onnx", "openvino", "savedmodel", "litert")}
+    exports = {n for n in expected - bf16
+               if n.split()[0] in ("onnx", "openvino", "savedmodel", "litert")}  # fmt: skip
     assert set(e2e["latency"]) == {f"{n} (runtime)" for n in exports}
     for name, row in e2e["latency"].items():
         assert set(row["cells"]) == {"b1_stext", "b32_stext"}, name
@@ -200,9 +210,31 @@ def test_quick_bench_runs_every_variant(toy_runs, tmp_path):
     assert f"commit {report['commit']}" in md and report["date"] in md
     assert "### batch 1, 32 tokens" in md and "| optimum onnx int8 |" in md
     assert "## End to end" in md and "| openvino int8-nncf (runtime) |" in md
-    # A second run reuses the verified artifacts and refuses to overwrite the report.
-    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    # A second run refuses to overwrite the report.
+    again = subprocess.run(full, capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 2 and "exists and is not empty" in again.stderr
+    # --quick: what decides the targets table (the variants `--int8 auto` chooses among, the
+    # accuracy reference, the peers that can be fastest), artifacts reused, batch 1 and 32.
+    quick = tmp_path / "quick"
+    proc = subprocess.run([*cmd, "--out", str(quick), "--quick"], capture_output=True, text=True,
+                          env=env, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads((quick / "report.json").read_text())
+    ours = {"keras tensorflow fp32", "onnx fp32", "onnx int8-calibrated", "onnx int8-static",
+            "openvino fp32", "openvino int8-nncf"}  # fmt: skip
+    peers = {"optimum onnx int8", "optimum-intel openvino int8",
+             "optimum-intel openvino fp32 (plugin default precision)",
+             "optimum-intel openvino int8 (plugin default precision)"}  # fmt: skip
+    bf16 = {"openvino fp32 bf16", "openvino int8-nncf bf16"} if computes_bf16() else set()
+    assert set(report["latency"]) == ours | peers | bf16
+    assert all(set(r["cells"]) == {"b1_s32", "b32_s32"} for r in report["latency"].values())
+    assert report["end_to_end"] is None and report["settings"]["test_rows"] is None
+    results = report["accuracy"]["results"]
+    assert report["accuracy"]["rows"] == len(run_splits(toy_runs["tensorflow"])[2])
+    assert results["onnx fp32"]["from"] == "the export's fp32 parity check"  # not predicted
+    assert "accuracy_b1" not in results["onnx int8-calibrated"]  # ranges fixed at export
+    assert results["optimum onnx int8"]["accuracy_b1"] >= 0.9  # ranges taken per batch
+    assert set(report["targets"]["fastest_vs_peers"]) == {"b1_s32", "b32_s32"}
 
 
 @pytest.mark.slow
