@@ -33,6 +33,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from kerasft.distribute import barrier, gather, process_rank
 from kerasft.fileio import atomic_write_file, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -116,11 +117,15 @@ class CheckpointDir:
         directory: where checkpoints go (created on first write).
         fingerprint: what identifies the run (recipe, data hash); a checkpoint written with a
             different fingerprint is refused on `load`.
+        writer: whether this process writes them. In a multi-process PyTorch run process 0
+            writes (every process's random state included) and every process reads, after
+            waiting for the others (`kerasft.distribute.barrier`).
     """
 
-    def __init__(self, directory: str | os.PathLike, fingerprint: dict):
+    def __init__(self, directory: str | os.PathLike, fingerprint: dict, writer: bool = True):
         self.directory = Path(directory)
         self.fingerprint = fingerprint
+        self.writer = writer  # False: another process of the run writes, this one reads
         self.seconds = 0.0  # spent writing checkpoints in this process
 
     def load(self) -> dict | None:
@@ -129,6 +134,7 @@ class CheckpointDir:
         Raises:
             CheckpointMismatchError: the checkpoint belongs to another recipe or other data.
         """
+        barrier()  # process 0 has prepared the directory (cleared it, or kept it to resume)
         path = self.directory / STATE_FILE
         if not path.is_file():
             return None
@@ -141,9 +147,12 @@ class CheckpointDir:
                 f"{k}: checkpoint {theirs.get(k)!r} vs now {self.fingerprint.get(k)!r}"
                 for k in diff[:4]
             )
+            same = "recipe and data"
+            if "processes" in diff:  # a multi-process run resumes with as many processes
+                same = f"process count (--devices {theirs.get('processes') or 1})"
             raise CheckpointMismatchError(
                 f"The checkpoint in {str(self.directory)!r} was written by a different run "
-                f"({details}). Resume with the same recipe and data, or delete that directory."
+                f"({details}). Resume with the same {same}, or delete that directory."
             )
         return state
 
@@ -154,6 +163,10 @@ class CheckpointDir:
             OSError: the file system refused a write (a full disk, say); the previous complete
                 checkpoint stays the last one and no temporary file is left.
         """
+        rng = global_rng_state()
+        ranks = gather(rng.get("torch"))  # each process's dropout stream (every process calls)
+        if not self.writer:
+            return
         start = time.perf_counter()
         self.directory.mkdir(parents=True, exist_ok=True)
         tag = f"epoch-{state['epochs_done']:04d}-{state['stage']}"
@@ -164,8 +177,9 @@ class CheckpointDir:
         arrays.update((f"optimizer/{k}", np.asarray(v)) for k, v in store.items())
         for i, v in enumerate(seed_states(classifier_core)):
             arrays[f"seed/{i}"] = keras.ops.convert_to_numpy(v)
-        rng = global_rng_state()
         arrays["rng/torch"] = rng.get("torch", np.zeros(0, "uint8"))
+        for rank, value in enumerate(ranks or []):
+            arrays[f"rng/torch_rank/{rank}"] = value
         for i, cuda in enumerate(rng.get("torch_cuda", [])):
             arrays[f"rng/torch_cuda/{i}"] = cuda
         _write_npz(self.directory / f"{tag}.npz", arrays)
@@ -208,7 +222,8 @@ class CheckpointDir:
             optimizer = {k.split("/", 1)[1]: arrays[k] for k in files if k.startswith("optimizer/")}
             rng = {"python": state["python_random"]}
             if arrays["rng/torch"].size:
-                rng["torch"] = arrays["rng/torch"]
+                own = f"rng/torch_rank/{process_rank()}"
+                rng["torch"] = arrays[own] if own in files else arrays["rng/torch"]
                 cuda = sorted((k for k in files if k.startswith("rng/torch_cuda/")),
                               key=lambda k: int(k.rsplit("/", 1)[1]))  # fmt: skip
                 if cuda:
@@ -217,12 +232,15 @@ class CheckpointDir:
 
     def save_best(self, classifier_core: keras.Model) -> None:
         """Keeps the classifier's weights of the best epoch so far (atomically)."""
+        if not self.writer:
+            return
         start = time.perf_counter()
         self.directory.mkdir(parents=True, exist_ok=True)
         _write_npz(self.directory / BEST_WEIGHTS, _weight_arrays(classifier_core))
         self.seconds += time.perf_counter() - start
 
     def restore_best(self, classifier_core: keras.Model) -> None:
+        barrier()  # the writing process has saved the last best epoch
         path = self.directory / BEST_WEIGHTS
         if not path.is_file() and (self.directory / FORMAT_1_BEST).is_file():
             classifier_core.load_weights(self.directory / FORMAT_1_BEST)

@@ -194,7 +194,8 @@ def _fit_parser(sub, data_file: argparse.ArgumentParser) -> None:
     fit.add_argument(
         "--devices", type=_devices, metavar="N|all",
         help="data-parallel training over N devices, or all (jax: keras.distribution, "
-        "tensorflow: tf.distribute; default: one device). --batch-size stays the global batch",
+        "tensorflow: tf.distribute, torch: torch.distributed, one process per device; default: "
+        "one device). --batch-size stays the global batch",
     )  # fmt: skip
     fit.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     fit.add_argument("--quiet", action="store_true", help="no per-step progress bars")
@@ -314,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `kerasft` console script. Returns the exit code."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what another process re-runs
     if args.command == "bench":  # its own parser: `kerasft bench --help` lists its options
         from kerasft.benchmarks.latency import main as bench_main
 
@@ -421,12 +423,29 @@ def cmd_fit(args) -> int:
 
     out = _fit_target(args)
     args.backend = os.environ["KERAS_BACKEND"]  # the one `main` chose, recorded for --resume
-    distribute.check_devices(args.devices, args.backend)  # torch: refused before any work
+    distribute.check_devices(args.devices, args.backend)  # a bad count: before any work
     for name in ("data", "validation_data", "test_data"):
         if getattr(args, name):
             setattr(args, name, str(Path(getattr(args, name)).resolve()))
-    if distribute.initialize():  # one process of a multi-process run (Keras' variables)
+    if args.backend == "torch" and args.devices not in (None, 1) and distribute.torch_world() == 1:
+        processes = distribute.local_processes(args.devices)  # torch: one process per device
+        if processes > 1:
+            return distribute.launch_local(args.argv, processes)
+        args.devices = None  # `all` of one device
+    if distribute.initialize():  # one process of a multi-process run (torchrun's, or Keras')
+        if args.backend == "torch":
+            return _fit_torch_process(args, out)
         return _fit_multi_process(args, out)
+    return _fit_here(args, out)
+
+
+def _fit_here(args, out: Path, shared: bool = False) -> int:
+    """The fit that builds and publishes the run directory (resuming an interrupted one).
+
+    `shared`: process 0 of a multi-process PyTorch run, whose other processes wait until the
+    directory is ready and its options written, then read them (`_fit_torch_process`).
+    """
+    from kerasft import distribute
     from kerasft.checkpoint import STATE_FILE
     from kerasft.data import DATA_ENV, DataError
     from kerasft.fileio import atomic_write_text, publish_target
@@ -454,6 +473,8 @@ def cmd_fit(args) -> int:
                 log.info("resuming the interrupted run in %s", work)
             fit_args = json.dumps({k: getattr(args, k) for k in options})
             atomic_write_text(work / FIT_ARGS_FILE, fit_args)
+            if shared:
+                distribute.barrier()  # the other processes read the options and checkpoint
             metrics = _fit_into(args, recipe, out, work)
     except OSError as e:
         if e.errno not in DISK_FULL:
@@ -548,6 +569,35 @@ def _fit_multi_process(args, out: Path) -> int:
     return 0
 
 
+def _fit_torch_process(args, out: Path) -> int:
+    """One process of a multi-process PyTorch run (torchrun, or `launch_local`): process 0
+    builds, checkpoints and publishes the run as one process does; the others wait until it
+    has prepared the run directory, take the run's options from it (so that `--resume` resumes
+    the same run everywhere), read its checkpoint and train their share of every batch."""
+    import torch.distributed as dist
+
+    from kerasft import distribute
+    from kerasft.rundir import CHECKPOINT_DIR, FIT_ARGS_FILE
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if args.devices not in ("all", world):
+        raise ValueError(
+            f"--devices {args.devices}, but this run has {world} processes (one device each): "
+            f"pass --devices all or {world}."
+        )
+    if rank == 0:
+        return _fit_here(args, out, shared=True)
+    distribute.barrier()  # process 0 has prepared the run directory
+    work = _partial_dir(out)
+    saved = json.loads((work / FIT_ARGS_FILE).read_text())
+    for name in run_options():
+        setattr(args, name, saved.get(name, getattr(args, name)))
+    recipe = recipe_from_args(args)
+    log.info("process %d of %d: training; process 0 writes %s", rank, world, out)
+    _fit_into(args, recipe, out, None, checkpoint=work / CHECKPOINT_DIR)
+    return 0
+
+
 def _read_splits(args, seed: int):
     """The data source, the `(train, validation, test)` splits and row counts of a fit."""
     import keras
@@ -578,8 +628,11 @@ def _read_splits(args, seed: int):
     return source, (train, val, test), rows
 
 
-def _fit_into(args, recipe, out: Path, work: Path | None, checkpoint: bool = True) -> dict | None:
+def _fit_into(args, recipe, out: Path, work: Path | None, checkpoint: bool | Path = True):
     """Loads the data, fits, and writes the run into `work` (None: train only, write nothing).
+
+    `checkpoint`: False for none; with `work` None, the checkpoint directory to resume from
+    (another process writes it).
 
     Returns:
         The run's metrics (None when nothing is written).
@@ -596,7 +649,8 @@ def _fit_into(args, recipe, out: Path, work: Path | None, checkpoint: bool = Tru
     stage2 = "LoRA adapters + head" if recipe.finetune_method == "lora" else "all layers"
     log.info("stage 1: warm-up (backbone frozen), stage 2: fine-tune (%s)", stage2)
     if work is None:
-        tuner.fit(train, validation_data=val)
+        read = checkpoint if isinstance(checkpoint, Path) else None
+        tuner.fit(train, validation_data=val, checkpoint_dir=read)
         return None
     checkpoints = work / rundir.CHECKPOINT_DIR
     tuner.fit(train, validation_data=val, checkpoint_dir=checkpoints if checkpoint else None)

@@ -8,7 +8,12 @@ prediction:
   batch split along its first axis). With more than one process (`initialize`, Keras'
   `keras.distribution.initialize`), every process feeds its share of each global batch.
 - TensorFlow: `tf.distribute.MirroredStrategy` over the chosen GPUs (or logical CPUs).
-- PyTorch: Keras 3.15 has no distribution for it; asking for more than one device is an error.
+- PyTorch: `torch.distributed` (gloo on CPUs, NCCL on GPUs), one process per device, launched
+  by `torchrun` or, for `kerasft fit --devices N` on one host, by kerasft through torch's own
+  launcher (`launch_local`). Keras 3.15 has no distribution for PyTorch, and DDP cannot sit
+  inside Keras' `fit` (which calls the model itself, then `optimizer.apply`), so the gradients
+  are averaged with torch.distributed's `all_reduce` in the optimizer step and the metrics read
+  over every process's rows (`share_across_processes`).
 
 `batch_size` stays the global batch: it must be a multiple of the device count, and every batch
 is split evenly (see `kerasft.batching.BucketedBatches` for the remainder rule).
@@ -26,16 +31,22 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import os
+import sys
+import uuid
 
 import keras
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("jax", "tensorflow")  # the backends Keras can distribute
+BACKENDS = ("jax", "tensorflow", "torch")  # the backends kerasft distributes
 CPU_DEVICES_ENV = "KERASFT_CPU_DEVICES"
 PROCESS_ENV = "KERAS_DISTRIBUTION_NUM_PROCESSES"  # Keras' own multi-process variables
+TORCH_WORLD_ENV = "WORLD_SIZE"  # set by torchrun (and `launch_local`) in every process
+TIMEOUT_ENV = "KERASFT_COLLECTIVE_TIMEOUT"  # seconds a torch collective waits for the others
+DEFAULT_TIMEOUT = 600
 
 
 class DataParallelPlan:
@@ -116,6 +127,8 @@ def data_parallel(devices) -> DataParallelPlan | None:
         return DataParallelPlan(devices, list(devices.extended.worker_devices))  # tf.distribute
     check_devices(devices)
     backend = keras.backend.backend()
+    if backend == "torch":
+        return _torch_plan(devices)
     return _jax_plan(devices) if backend == "jax" else _tensorflow_plan(devices)
 
 
@@ -130,7 +143,8 @@ def plan_for(distribution, batch_size: int, checkpoint_dir=None) -> DataParallel
     if plan is None:
         return None
     plan.check_batch_size(batch_size)
-    if plan.process_count > 1 and checkpoint_dir is not None:
+    torch = isinstance(plan.engine, TorchProcessGroup)  # process 0 writes, every one reads
+    if plan.process_count > 1 and checkpoint_dir is not None and not torch:
         raise ValueError(
             "checkpoint_dir is not supported in a multi-process run: every process would "
             "have to read the same checkpoint to resume. Received: checkpoint_dir="
@@ -171,10 +185,216 @@ def check_devices(devices, backend: str | None = None) -> None:
     backend = backend or keras.backend.backend()
     if backend not in BACKENDS:
         raise ValueError(
-            f"devices={devices!r}: Keras {keras.__version__} distributes training on the "
-            f"{' and '.join(BACKENDS)} backends only (keras.distribution, tf.distribute), not on "
-            f"{backend}. Use KERAS_BACKEND=jax or tensorflow, or one device."
+            f"devices={devices!r}: kerasft distributes training on the {', '.join(BACKENDS)} "
+            f"backends (keras.distribution, tf.distribute, torch.distributed), not on {backend}."
         )
+
+
+class TorchProcessGroup:
+    """The engine of a data-parallel run on PyTorch: torch.distributed's default process group,
+    one process per device; each process trains its share of every batch.
+
+    Attributes:
+        backend: the collectives' backend, `"gloo"` (CPU) or `"nccl"` (CUDA).
+        rank: this process's rank; `world_size`: the processes in the group.
+    """
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        self.backend, self.rank = dist.get_backend(), dist.get_rank()
+        self.world_size = dist.get_world_size()
+
+    def scope(self):
+        """Nothing to enter: every process holds the whole model (Keras' PyTorch backend)."""
+        return contextlib.nullcontext()
+
+
+def torch_world() -> int:
+    """The process count torchrun (or `launch_local`) gave this process; 1 outside a group."""
+    value = os.environ.get(TORCH_WORLD_ENV, "1")
+    return int(value) if value.isdigit() else 1
+
+
+def _torch_plan(devices: int | str) -> DataParallelPlan:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        if torch_world() > 1:
+            initialize()
+        else:
+            raise ValueError(
+                f"devices={devices!r} on the torch backend trains one process per device: run "
+                "`kerasft fit --devices N` (kerasft starts them), or launch this script with "
+                "`torchrun --nproc-per-node N` and pass distribution='all'."
+            )
+    engine = TorchProcessGroup()
+    if devices not in ("all", engine.world_size):
+        raise ValueError(
+            f"devices={devices!r}, but this run has {engine.world_size} processes (one device "
+            f"each): pass devices='all' or {engine.world_size}."
+        )
+    kind = "cuda" if engine.backend == "nccl" else "cpu"
+    names = [f"{kind}:{rank}" for rank in range(engine.world_size)]
+    return DataParallelPlan(engine, names, engine.rank, engine.world_size)
+
+
+def share_across_processes(model: keras.Model) -> bool:
+    """Makes a compiled `model` train as one over the processes of a PyTorch run.
+
+    Keras' `fit` on PyTorch calls the model, then `optimizer.apply(gradients)`: DDP, which must
+    wrap the module being called, cannot sit in between. So this does DDP's part with
+    torch.distributed's collectives: the optimizer averages the gradients over the processes
+    before each update (one `all_reduce` of all of them, flattened, divided by the process count:
+    every process holds an equal share of the global batch, so that is the global batch's mean
+    gradient), and whenever Keras reads the metrics (every step, and after validation) their
+    state variables (totals and counts, all sums) are summed over the processes, read, and set
+    back to this process's own. Every process must call `fit`/`evaluate` in step.
+
+    Args:
+        model: a model compiled for training.
+
+    Returns:
+        True when there is a multi-process PyTorch run to share with (else nothing changes).
+    """
+    if not _torch_group():
+        return False
+    optimizer, read = model.optimizer, model.get_metrics_result
+    apply = optimizer.apply
+
+    def apply_mean(grads, trainable_variables=None):
+        return apply(_all_reduce(grads, mean=True), trainable_variables)
+
+    def global_metrics():
+        states = [v for metric in model.metrics for v in metric.variables]
+        own = [v.value.detach().clone() for v in states]
+        for v, total in zip(states, _all_reduce([v.value for v in states]), strict=True):
+            v.assign(total)
+        try:
+            return read()
+        finally:
+            for v, value in zip(states, own, strict=True):
+                v.assign(value)
+
+    optimizer.apply, model.get_metrics_result = apply_mean, global_metrics
+    return True
+
+
+def _all_reduce(tensors: list, mean: bool = False) -> list:
+    """The sums (or means) of `tensors` over the processes, in one flattened `all_reduce`."""
+    import torch
+    import torch.distributed as dist
+
+    present = [t for t in tensors if t is not None]
+    if not present:
+        return tensors
+    flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in present])
+    dist.all_reduce(flat)
+    if mean:
+        flat /= dist.get_world_size()
+    out, offset = [], 0
+    for t in tensors:
+        if t is None:
+            out.append(None)
+            continue
+        out.append(flat[offset : offset + t.numel()].reshape(t.shape).to(t.dtype))
+        offset += t.numel()
+    return out
+
+
+def _torch_group() -> bool:
+    """Whether this process is one of a multi-process PyTorch run."""
+    if keras.backend.backend() != "torch":
+        return False
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def process_rank() -> int:
+    """This process's rank in a multi-process PyTorch run (0 otherwise)."""
+    if not _torch_group():
+        return 0
+    import torch.distributed as dist
+
+    return dist.get_rank()
+
+
+def seed_process(seed: int) -> None:
+    """In a multi-process PyTorch run, seeds torch's global generator (dropout masks) with
+    `seed + rank`, so that the processes' shares of a batch get independent masks. Python's
+    and NumPy's generators (the same on every process) are left alone."""
+    if _torch_group():
+        import torch
+
+        torch.manual_seed(seed + process_rank())
+
+
+def gather(value) -> list | None:
+    """Every process's `value` (a picklable object), by rank, in a multi-process PyTorch run;
+    None otherwise. Every process must call it."""
+    if not _torch_group():
+        return None
+    import torch.distributed as dist
+
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def barrier() -> None:
+    """Waits for every process of a multi-process PyTorch run (nothing otherwise)."""
+    if _torch_group():
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def local_processes(devices: int | str) -> int:
+    """How many processes `kerasft fit --devices N|all` starts on one PyTorch host: N, or for
+    `all` one per GPU (else one per CPU core)."""
+    if devices != "all":
+        return int(devices)
+    import torch
+
+    return torch.cuda.device_count() or os.cpu_count() or 1
+
+
+def launch_local(argv: list[str], processes: int) -> int:
+    """Runs `python -m kerasft ARGV` as `processes` processes of one PyTorch run on this host,
+    with torch's own launcher (`torch.distributed.launcher.api.elastic_launch`, what `torchrun`
+    runs: c10d rendezvous on 127.0.0.1, no restarts). Each process gets an equal share of the
+    CPU's threads. When one process fails, the launcher stops the others.
+
+    Returns:
+        0, or 1 after logging which process failed and how.
+    """
+    import socket
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
+    config = LaunchConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=processes, run_id=f"kerasft-{uuid.uuid4().hex}",
+        rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{port}", max_restarts=0,
+        monitor_interval=0.5,
+    )  # fmt: skip
+    log.info("starting %d PyTorch processes (torch.distributed, %s threads each)",
+             processes, os.environ["OMP_NUM_THREADS"])  # fmt: skip
+    try:
+        elastic_launch(config, entrypoint=sys.executable)("-m", "kerasft", *argv)
+    except ChildFailedError as e:
+        for rank, failure in sorted(e.failures.items()):
+            how = (f"signal {failure.signal_name()}" if failure.exitcode < 0
+                   else f"exit code {failure.exitcode}")  # fmt: skip
+            log.error("process %d of %d failed (%s); the launcher stopped the others",
+                      rank, processes, how)  # fmt: skip
+        return 1
+    return 0
 
 
 def _pick(available: list[str], devices: int | str) -> list[str]:
@@ -268,26 +488,35 @@ def split_host_cpu() -> int | None:
 
 
 def initialize() -> bool:
-    """Joins a multi-process JAX run when Keras' variables say there is one.
+    """Joins a multi-process run when the launcher's variables say there is one.
 
-    `KERAS_DISTRIBUTION_JOB_ADDRESSES` (the coordinator's `host:port`),
-    `KERAS_DISTRIBUTION_NUM_PROCESSES` and `KERAS_DISTRIBUTION_PROCESS_ID`, read by
-    `keras.distribution.initialize`, which starts JAX's distributed runtime (CPU collectives
-    included). Call it before anything runs on JAX.
+    - PyTorch: torchrun's `WORLD_SIZE` > 1 (with `RANK`, `LOCAL_RANK`, `MASTER_ADDR`,
+      `MASTER_PORT`): `torch.distributed.init_process_group`, gloo on CPUs, NCCL with one GPU
+      per process (`LOCAL_RANK`); a collective waits `$KERASFT_COLLECTIVE_TIMEOUT` seconds
+      (default 600) for the others, then fails.
+    - JAX: `KERAS_DISTRIBUTION_JOB_ADDRESSES` (the coordinator's `host:port`),
+      `KERAS_DISTRIBUTION_NUM_PROCESSES` and `KERAS_DISTRIBUTION_PROCESS_ID`, read by
+      `keras.distribution.initialize`, which starts JAX's distributed runtime (CPU collectives
+      included).
+
+    Call it before anything runs on the backend.
 
     Returns:
         True when this process joined a multi-process run.
 
     Raises:
-        ValueError: the variables are set on a backend other than JAX.
+        ValueError: Keras' variables on a backend other than JAX, or a bad timeout.
     """
+    backend = keras.backend.backend()
+    if backend == "torch" and torch_world() > 1:
+        return _torch_initialize()
     if int(os.environ.get(PROCESS_ENV, "1") or 1) <= 1:
         return False
-    backend = keras.backend.backend()
     if backend != "jax":
         raise ValueError(
-            f"{PROCESS_ENV}={os.environ[PROCESS_ENV]}: kerasft runs multi-process training on "
-            f"the jax backend (keras.distribution.initialize). Received backend: {backend}."
+            f"{PROCESS_ENV}={os.environ[PROCESS_ENV]}: Keras' multi-process variables are for "
+            f"the jax backend (keras.distribution.initialize); on torch, launch with torchrun. "
+            f"Received backend: {backend}."
         )
     import jax
 
@@ -299,6 +528,26 @@ def initialize() -> bool:
         "joined a %d-process run as process %d (%d local devices of %d)",
         jax.process_count(), jax.process_index(), jax.local_device_count(), jax.device_count(),
     )  # fmt: skip
+    return True
+
+
+def _torch_initialize() -> bool:
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return True
+    value = os.environ.get(TIMEOUT_ENV, str(DEFAULT_TIMEOUT))
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{TIMEOUT_ENV} must be an int >= 1 (seconds). Received: {value!r}")
+    cuda = torch.cuda.is_available()
+    if cuda:  # one GPU per process, before Keras puts anything on one
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(
+        "nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=int(value))
+    )
+    log.info("joined a %d-process PyTorch run as process %d (torch.distributed, %s)",
+             dist.get_world_size(), dist.get_rank(), dist.get_backend())  # fmt: skip
     return True
 
 

@@ -19,6 +19,7 @@ import math
 import keras
 import numpy as np
 
+from kerasft import distribute
 from kerasft.allocator import keep_freed_memory
 from kerasft.batching import BucketedBatches, inference_batch_size, one_hot, tokenize
 from kerasft.config import default_bucket_width
@@ -468,6 +469,8 @@ def prepare_stage(
     optimizer_options.setdefault("weighted_metrics", train.replicas > 1)
     if train_base or not cache_features:
         model = compile_classifier(core_model(classifier), learning_rate, **optimizer_options)
+        if train.shard is not None:  # one process of several: PyTorch needs to be told
+            distribute.share_across_processes(model)
         return model, train, validation
     _, model = _head_parts(classifier)
     compile_classifier(model, learning_rate, **optimizer_options)

@@ -214,7 +214,9 @@ class TwoStageFineTuner:
         store = None
         if checkpoint_dir is not None:
             fingerprint = run_fingerprint(r.to_dict(), self.label_names, texts, labels)
-            store = CheckpointDir(checkpoint_dir, fingerprint)
+            if plan is not None and plan.process_count > 1:  # a resume needs as many
+                fingerprint["processes"] = plan.process_count
+            store = CheckpointDir(checkpoint_dir, fingerprint, plan is None or plan.is_writer)
         state = store.load() if store is not None else None
         if r.mixed_precision is not None:
             check_mixed_precision(r.mixed_precision)  # a clear error, before any loading
@@ -226,6 +228,7 @@ class TwoStageFineTuner:
                 r.preset, self.num_classes, r.sequence_length, policy_name(r.mixed_precision)
             )
             recipe.initialize_head(self.model, r.seed)
+            distribute.seed_process(r.seed)  # several processes: each its own dropout masks
             log.info("tokenizing %d training texts", len(texts))
             encode = {"batch_size": r.batch_size, "verbose": self.verbose, "replicas": replicas,
                       "shard": shard, "bucket_width": r.bucket_width}  # fmt: skip

@@ -7,9 +7,11 @@ tests its own distribution code.
 """
 
 import json
+import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -119,12 +121,153 @@ def test_fit_devices_2_completes(backend, tiny_preset, toy_data, tmp_path):
     assert "over 2 devices" in metrics["data_parallel"]
 
 
-def test_torch_is_refused_with_the_backends_that_can(tiny_preset, toy_data, tmp_path):
-    proc = _fit_cli("torch", tiny_preset, toy_data, tmp_path / "run", "--devices", "2")
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    line = proc.stderr.strip().splitlines()[-1]
-    assert "jax and tensorflow backends only" in line and "not on torch" in line, line
-    assert not (tmp_path / "run").exists()
+# Runs over different process counts draw different dropout masks: with the no-dropout tiny
+# preset and this on PYTHONPATH (no head dropout, in every process a launcher starts) they train
+# step for step alike.
+# (`sitecustomize` imports Keras at start-up: the backend must be in the environment already.)
+NO_HEAD_DROPOUT = {
+    "KERAS_BACKEND": "torch",
+    "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "no_head_dropout"), str(ROOT)]),
+}
+
+
+def _torchrun(launcher: list[str], fit: list[str]) -> list[str]:
+    """`torchrun LAUNCHER -m kerasft ...` for the `kerasft fit` command line `fit`."""
+    return [sys.executable, "-m", "torch.distributed.run", *launcher, "-m", "kerasft", *fit[3:]]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _workers_of(launcher: int) -> dict[int, int]:
+    """`{rank: pid}` of the torch.distributed workers `launcher` started (torch's launcher runs
+    each in a session of its own: they are found by parent and environment)."""
+    ranks = {}
+    for child in Path("/proc").glob("[0-9]*"):
+        try:
+            parent = int((child / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (child / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):  # gone, or not ours to read
+            continue
+        rank = [e for e in environ if e.startswith(b"RANK=")]
+        if parent == launcher and rank:
+            ranks[int(rank[0][5:])] = int(child.name)
+    return ranks
+
+
+def _same_run(a, b, atol=1e-4) -> None:
+    import keras
+
+    histories = [json.loads((r / "history.json").read_text()) for r in (a, b)]
+    for key, values in histories[1].items():
+        assert np.allclose(histories[0][key], values, atol=atol), (key, histories)
+    weights = [keras.saving.load_model(r / "model.keras").weights for r in (a, b)]
+    diff = max(float(np.abs(np.asarray(x) - np.asarray(y)).max())
+               for x, y in zip(*weights, strict=True))  # fmt: skip
+    assert diff <= atol, diff
+
+
+@pytest.mark.slow
+def test_torch_processes_train_to_the_weights_of_one_process(
+    tiny_preset_no_dropout, toy_data, tmp_path
+):
+    """PyTorch data parallelism (torch.distributed, gloo): `--devices 2` (kerasft starts the
+    processes with torch's launcher), `torchrun --nproc-per-node 2 -m kerasft fit` and two
+    torchrun "nodes" on a c10d rendezvous at 127.0.0.1 each train to the weights of one process
+    with the same global batch, on both stages; process 0 alone writes the run directory."""
+    preset, env = tiny_preset_no_dropout, {**CLI_ENV, **NO_HEAD_DROPOUT}
+    fit = {name: _fit_args("torch", preset, toy_data, tmp_path / name, *extra) for name, extra in {
+        "one": ["--no-feature-cache"], "devices": ["--devices", "2"],
+        "torchrun": ["--devices", "all"], "nodes": ["--devices", "all"]}.items()}  # fmt: skip
+    endpoint = f"127.0.0.1:{_free_port()}"
+    nodes = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+             "--rdzv-endpoint", endpoint, "--rdzv-id", "kerasft-test"]  # fmt: skip
+    commands = {
+        "one": [fit["one"]], "devices": [fit["devices"]],
+        "torchrun": [_torchrun(["--standalone", "--nproc-per-node", "2"], fit["torchrun"])],
+        "nodes": [_torchrun(nodes, fit["nodes"])] * 2,
+    }  # fmt: skip
+    for name, cmds in commands.items():
+        procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env=env) for c in cmds]  # fmt: skip
+        outputs = [p.communicate(timeout=600) for p in procs]
+        for p, (_, err) in zip(procs, outputs, strict=True):
+            assert p.returncode == 0, (name, err[-4000:])
+        if name != "one":
+            err = "".join(e for _, e in outputs)
+            assert "joined a 2-process PyTorch run as process 1 (torch.distributed, gloo)" in err
+            assert "process 1 of 2: training; process 0 writes" in err
+            metrics = json.loads((tmp_path / name / "metrics.json").read_text())
+            assert (
+                metrics["data_parallel"] == "TorchProcessGroup over 2 devices (cpu:0, cpu:1), "
+                "process 0 of 2"
+            )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["devices", "nodes", "one", "torchrun"]
+    for name in ("devices", "torchrun", "nodes"):
+        _same_run(tmp_path / name, tmp_path / "one")
+
+
+@pytest.mark.slow
+def test_torch_processes_resume_and_stop_together(tiny_preset, toy_data, tmp_path):
+    """A 2-process PyTorch run killed whole during stage 2 resumes (`--resume`, same process
+    count) to the uninterrupted run's result; one process killed stops the other within 60 s,
+    and the launcher names it; another process count is refused at `--resume`."""
+    import signal
+    import time
+
+    from kerasft.checkpoint import STATE_FILE
+    from kerasft.rundir import CHECKPOINT_DIR, partial_dir
+
+    env = {**CLI_ENV, "KERASFT_COLLECTIVE_TIMEOUT": "60"}
+    args = ["--devices", "2", "--finetune-epochs", "12"]  # time to be killed in stage 2
+    whole = _fit_cli("torch", tiny_preset, toy_data, tmp_path / "whole", *args, env=env)
+    assert whole.returncode == 0, whole.stderr[-4000:]
+    out = tmp_path / "killed"
+    state = partial_dir(out) / CHECKPOINT_DIR / STATE_FILE
+
+    def start(extra=()):
+        return subprocess.Popen(_fit_args("torch", tiny_preset, toy_data, out, *args, *extra),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=env)  # fmt: skip
+
+    def wait_for_stage_2(proc):
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if state.is_file() and json.loads(state.read_text()).get("stage") == "finetune":
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"no stage-2 checkpoint: {proc.communicate()[1][-3000:]}")
+
+    proc = start()
+    wait_for_stage_2(proc)
+    for pid in [proc.pid, *_workers_of(proc.pid).values()]:  # the launcher and its workers
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists() and partial_dir(out).is_dir()  # killed before it was published
+    refused = _fit_cli("torch", tiny_preset, toy_data, out, "--resume", str(out),
+                       "--devices", "4", env=env)  # fmt: skip
+    assert refused.returncode != 0, refused.stderr[-3000:]
+    assert "processes: checkpoint 2 vs now 4" in refused.stderr, refused.stderr[-3000:]
+    resumed = _fit_cli("torch", tiny_preset, toy_data, out, "--resume", str(out), "--devices",
+                       "2", env=env)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "resuming the interrupted run" in resumed.stderr
+    _same_run(out, tmp_path / "whole")
+    # one process killed: the launcher stops the other and says which one failed
+    out = tmp_path / "rank"
+    state = partial_dir(out) / CHECKPOINT_DIR / STATE_FILE
+    proc = start()
+    wait_for_stage_2(proc)
+    ranks = _workers_of(proc.pid)
+    assert set(ranks) == {0, 1}, ranks
+    killed = time.time()
+    os.kill(ranks[1], signal.SIGKILL)
+    _, err = proc.communicate(timeout=90)
+    assert time.time() - killed <= 60 and proc.returncode not in (0, None)
+    assert "process 1 of 2 failed (signal SIGKILL); the launcher stopped the others" in err
 
 
 def test_more_devices_than_there_are_is_refused(tiny_preset, toy_data, tmp_path):
