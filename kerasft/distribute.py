@@ -245,7 +245,7 @@ def share_across_processes(model: keras.Model) -> bool:
     Keras' `fit` on PyTorch calls the model, then `optimizer.apply(gradients)`: DDP, which must
     wrap the module being called, cannot sit in between. So this does DDP's part with
     torch.distributed's collectives: the optimizer averages the gradients over the processes
-    before each update (one `all_reduce` of all of them, flattened, divided by the process count:
+    before each update (one `all_reduce` of all of them flattened, divided by the process count:
     every process holds an equal share of the global batch, so that is the global batch's mean
     gradient), and whenever Keras reads the metrics (every step, and after validation) their
     state variables (totals and counts, all sums) are summed over the processes, read, and set
@@ -281,24 +281,26 @@ def share_across_processes(model: keras.Model) -> bool:
 
 
 def _all_reduce(tensors: list, mean: bool = False) -> list:
-    """The sums (or means) of `tensors` over the processes, in one flattened `all_reduce`."""
+    """The sums (or means) of `tensors` over the processes: one `all_reduce` per dtype, of the
+    tensors of that dtype flattened together (in their own precision: no wider copy to send)."""
     import torch
     import torch.distributed as dist
 
-    present = [t for t in tensors if t is not None]
-    if not present:
-        return tensors
-    flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in present])
-    dist.all_reduce(flat)
-    if mean:
-        flat /= dist.get_world_size()
-    out, offset = [], 0
-    for t in tensors:
-        if t is None:
-            out.append(None)
-            continue
-        out.append(flat[offset : offset + t.numel()].reshape(t.shape).to(t.dtype))
-        offset += t.numel()
+    out = list(tensors)
+    groups: dict = {}
+    for i, t in enumerate(tensors):
+        if t is not None:
+            groups.setdefault(t.dtype, []).append(i)
+    for indices in groups.values():
+        flat = torch.cat([tensors[i].detach().reshape(-1) for i in indices])
+        dist.all_reduce(flat)
+        if mean:
+            flat = flat / dist.get_world_size()
+        offset = 0
+        for i in indices:
+            n = tensors[i].numel()
+            out[i] = flat[offset : offset + n].view(tensors[i].shape)
+            offset += n
     return out
 
 
