@@ -11,6 +11,12 @@
     python -m kerasft.benchmarks.training_runs --data ../shared/data/sarcasm_headlines_v1.jsonl \\
         --backends torch --limit 4000 --warmup-epochs 1 --finetune-epochs 1 \\
         --variant "" --variant "--weight-decay 0.01" --out benchmarks/results/recipe_options.md
+    # data parallelism: one process against two (a variant's leading NAME=VALUE words are
+    # that run's environment, as in a shell)
+    python -m kerasft.benchmarks.training_runs --data ../shared/data/sarcasm_headlines_v1.jsonl \\
+        --backends torch,jax,tensorflow --limit 8000 --warmup-epochs 1 --finetune-epochs 1 \\
+        --variant "" --variant "KERASFT_CPU_DEVICES=2 --devices 2" \\
+        --note "..." --out benchmarks/results/data_parallel.md
 
 Each run is the `kerasft fit` command a user types (shown in the report), in its own process,
 one after another. Wall time and peak resident memory are the process's own (`wait4`); the
@@ -23,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -47,6 +54,15 @@ def run_fit(command: list[str], log_path: Path, env: dict | None = None) -> dict
     }
 
 
+def variant_env(variant: str) -> tuple[dict[str, str], str]:
+    """`(environment, options)` of a variant: its leading `NAME=VALUE` words, and the rest."""
+    words, env = shlex.split(variant), {}
+    while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", words[0]):
+        name, value = words.pop(0).split("=", 1)
+        env[name] = value
+    return env, shlex.join(words)
+
+
 def fit_command(args, backend: str | None, out: Path, variant: str = "") -> list[str]:
     """The `kerasft fit` command line of one run (`backend` None: the CLI's default; `variant`:
     more options, as one string)."""
@@ -58,7 +74,7 @@ def fit_command(args, backend: str | None, out: Path, variant: str = "") -> list
         command += ["--warmup-epochs", str(args.warmup_epochs)]
     if args.finetune_epochs is not None:
         command += ["--finetune-epochs", str(args.finetune_epochs)]
-    return command + shlex.split(args.fit_args) + shlex.split(variant)
+    return command + shlex.split(args.fit_args) + shlex.split(variant_env(variant)[1])
 
 
 def measure(args, progress=print) -> dict:
@@ -77,8 +93,10 @@ def measure(args, progress=print) -> dict:
             name = f"{backend or 'default'}-{index}"
             out = root / f"run-{name}"
             command = fit_command(args, backend, out, variant)
-            progress(f"running {shlex.join(command)}")
-            env = dict(os.environ)
+            extra_env = variant_env(variant)[0]
+            shown = [f"{k}={v}" for k, v in extra_env.items()] + command
+            progress(f"running {shlex.join(shown)}")
+            env = {**os.environ, **extra_env}
             env.pop("KERAS_BACKEND", None)  # the command line decides, as for a user
             result = run_fit([sys.executable, "-m", "kerasft.cli", *command[1:]],
                              root / f"{name}.log", env)  # fmt: skip
@@ -89,13 +107,13 @@ def measure(args, progress=print) -> dict:
             metrics = json.loads((out / "metrics.json").read_text())
             history = json.loads((out / "history.json").read_text())
             recipe = json.loads((out / "config.json").read_text())["recipe"]
-            runs.append({"command": shlex.join(command).replace(str(root), "RUNS"), **result,
+            runs.append({"command": shlex.join(shown).replace(str(root), "RUNS"), **result,
                          "variant": variant, "metrics": metrics, "history": history,
                          "precision": recipe["mixed_precision"] or "float32"})  # fmt: skip
             test = metrics["test"]
             progress(f"  {metrics['backend']}: test accuracy {test['accuracy']:.4f}, "
                      f"{result['wall_seconds']:.0f} s wall")  # fmt: skip
-    return {**provenance(args.command, source, TRAINING), "runs": runs}
+    return {**provenance(args.command, source, TRAINING), "runs": runs, "note": args.note}
 
 
 def render(report: dict) -> str:
@@ -110,8 +128,10 @@ def render(report: dict) -> str:
         "`metrics.json` (stage 1 includes the frozen backbone's pass over the training and "
         "validation rows; both include per-epoch validation and checkpoints). Precision: what "
         "the run trained in, from its `config.json` (the default `auto`: bfloat16 where the "
-        "backend measured faster in it on this CPU class, `kerasft.precision.AUTO_BF16`).",
+        "backend measured faster in it on this CPU class, `kerasft.precision.AUTO_BF16`). Peak "
+        "RSS: the run's largest process (a launcher's workers included).",
         "",
+        *([report["note"], ""] if report.get("note") else []),
         "| backend | options | precision | rows train/val/test | test accuracy | test F1 | "
         "validation accuracy | warm-up s | fine-tune s | fine-tune samples/s | wall s | peak RSS "
         "GB | trainable params (stage 2) | adapter MB |",
@@ -214,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         "run each (\"\" = none)",
     )  # fmt: skip
     parser.add_argument("--keep", help="keep the run directories under this directory")
+    parser.add_argument("--note", help="a paragraph the report shows under its method")
     parser.add_argument("--out", type=Path, required=True, help="markdown report (JSON beside)")
     args = parser.parse_args(argv)
     names = [b.strip() for b in args.backends.split(",") if b.strip()]

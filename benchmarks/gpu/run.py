@@ -11,7 +11,9 @@ ending the run.
 
 1. **Fine-tuning**: `kerasft fit` on the reference split for each backend (`--backends`, default
    torch and jax) in float32 and under Keras' `mixed_bfloat16` policy: seconds per stage,
-   samples/s and test accuracy from the run's `metrics.json`.
+   samples/s and test accuracy from the run's `metrics.json`. On a machine with several GPUs,
+   also PyTorch in bfloat16 over all of them: `torchrun --nproc-per-node N -m kerasft fit
+   --devices all` (torch.distributed, NCCL, one GPU per process).
 2. **Keras inference**: the float32 run's model on each backend, batch 1, 8, 32 and 128 x 32 and
    128 tokens; the device is synchronised around every timed call (`torch.cuda.synchronize`,
    JAX's `block_until_ready`), p50 and p90 of the calls.
@@ -74,10 +76,16 @@ def _step(name: str, command: list[str], env: dict, log_dir: Path, progress) -> 
 
 def fit_step(args) -> dict:
     """`kerasft fit` of one backend and precision; its metrics and the device it trained on."""
-    out = Path(args.work) / f"run-{args.backend}-{args.precision}"
-    command = [sys.executable, "-m", "kerasft.cli", "--backend", args.backend, "fit",
+    processes = int(args.processes or 1)
+    out = Path(args.work) / f"run-{args.backend}-{args.precision}-x{processes}"
+    launcher = [sys.executable, "-m", "kerasft.cli"]
+    if processes > 1:  # torchrun, one process per GPU (torch.distributed, NCCL)
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    "--nproc-per-node", str(processes), "-m", "kerasft"]  # fmt: skip
+    command = [*launcher, "--backend", args.backend, "fit",
                "--data", args.data, "--preset", args.preset, "--out", str(out), "--quiet",
                "--overwrite", *shlex.split(args.fit_args)]  # fmt: skip
+    command += ["--devices", "all"] if processes > 1 else []
     # explicit either way: the default (`auto`) is bfloat16 on CPUs that compute it
     command += ["--mixed-precision", "none" if args.precision == "float32" else args.precision]
     started = time.perf_counter()
@@ -94,6 +102,15 @@ def fit_step(args) -> dict:
         "test_f1": metrics["test"]["f1"],
         "device": _keras_device(),
     }
+
+
+def _gpu_count() -> int:
+    """NVIDIA GPUs `nvidia-smi -L` lists (0 without it)."""
+    try:
+        proc = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(line.startswith("GPU ") for line in proc.stdout.splitlines())
 
 
 def _keras_device() -> str:
@@ -339,6 +356,15 @@ def measure(args, progress=print) -> dict:
                  "--data", args.data, "--preset", args.preset, "--fit-args", fit_args],
                 _env(args.device, backend), logs, progress,
             )  # fmt: skip
+    gpus = _gpu_count() if args.device == "cuda" else 0
+    if gpus > 1 and "torch" in args.backends:  # data parallel over every GPU, with torchrun
+        fits[f"torch bfloat16 x{gpus}"] = _step(
+            f"fit torch bfloat16 torchrun x{gpus}",
+            [*me, "--step", "fit", *common, "--backend", "torch", "--precision", "bfloat16",
+             "--processes", str(gpus), "--data", args.data, "--preset", args.preset,
+             "--fit-args", fit_args],
+            _env(args.device, "torch"), logs, progress,
+        )  # fmt: skip
     run = next((f["run"] for k, f in fits.items() if k.endswith("float32") and "run" in f), None)
     peers = {"error": "no float32 run to take the weights from"}
     if run is not None:
@@ -390,7 +416,7 @@ def render(report: dict) -> str:
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, fit in report["fits"].items():
-        backend, precision = name.split()
+        backend, precision = name.split(" ", 1)  # "bfloat16 x8": over 8 GPUs
         if "error" in fit:
             lines.append(f"| {backend} | {precision} | failed: {fit['error'][:160]} | | | | | |")
             continue
@@ -444,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--work", help="working directory (default: a new temporary one)")
     # one step, in its own process (used by `measure`)
     parser.add_argument("--step", choices=sorted(STEPS), help=argparse.SUPPRESS)
-    for name in ("--backend", "--precision", "--run", "--checkpoint"):
+    for name in ("--backend", "--precision", "--processes", "--run", "--checkpoint"):
         parser.add_argument(name, help=argparse.SUPPRESS)
     return parser
 
