@@ -257,6 +257,20 @@ def fuse_attention(model, backbone, mask_input: str = "padding_mask") -> int:
     return len(new_nodes)
 
 
+def _index(graph) -> tuple[dict, dict, dict]:
+    """`(constants, producers, consumers)` of a graph: initializer arrays by name, the node
+    making each tensor, and the nodes reading each tensor."""
+    from onnx import numpy_helper
+
+    consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    consumers = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    return consts, producers, consumers
+
+
 def fold_tensordot(model) -> int:
     """Rewrites tf2onnx's `Tensordot` (Reshape to 2-D, MatMul, Reshape back) as one `MatMul`.
 
@@ -271,15 +285,9 @@ def fold_tensordot(model) -> int:
     Returns:
         The number of `Tensordot` blocks rewritten.
     """
-    from onnx import numpy_helper
 
     graph = model.graph
-    consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    producers = {out: node for node in graph.node for out in node.output}
-    consumers = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consts, producers, consumers = _index(graph)
 
     def source(tensor, *ops):
         """The node making `tensor`, looking through `Cast`; None unless its type is in `ops`."""
@@ -415,12 +423,7 @@ def fold_head_bias(model) -> int:
     from onnx import TensorProto, helper, numpy_helper
 
     graph = model.graph
-    consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    producers = {out: node for node in graph.node for out in node.output}
-    consumers = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consts, producers, consumers = _index(graph)
 
     def only_consumer(tensor):
         after = consumers.get(tensor, [])
@@ -487,10 +490,9 @@ def drop_index_wrap(model) -> int:
     from onnx import helper, numpy_helper
 
     graph = model.graph
-    consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    consts, producers, _ = _index(graph)
     consts.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node
                    if n.op_type == "Constant" and n.attribute[0].name == "value"})  # fmt: skip
-    producers = {out: node for node in graph.node for out in node.output}
     removed = 0
     for node in graph.node:
         axis = [helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"] or [0]
@@ -531,10 +533,10 @@ def drop_redundant_expand(model) -> int:
     Returns:
         The number of `Expand` nodes removed.
     """
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
     graph = model.graph
-    try:
+    try:  # (it needs sympy, which PyTorch brings)
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
         inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
     except Exception:  # noqa: BLE001 - no symbolic shapes, nothing proven: keep every Expand
         return 0
@@ -542,10 +544,7 @@ def drop_redundant_expand(model) -> int:
     for value in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
         dims = [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
         shapes[value.name] = dims if all(dims) else None  # an unknown dimension proves nothing
-    consumers = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = _index(graph)[2]
     removed = 0
     for node in graph.node:
         if node.op_type != "Expand" or shapes.get(node.output[0]) is None:

@@ -104,14 +104,16 @@ def data_parallel(devices) -> DataParallelPlan | None:
             device of the backend's default platform (GPUs/TPUs, else CPUs), every process's in
             a multi-process run. N = 1 is one device as well. A ready
             `keras.distribution.DataParallel` (JAX) or `tf.distribute.Strategy` (TensorFlow) is
-            used as it is.
+            used as it is. On PyTorch, the processes of the torchrun (or `launch_local`) run this
+            process belongs to: `"all"`, or their count.
 
     Returns:
         A `DataParallelPlan`, or None for a single device.
 
     Raises:
         ValueError: a bad `devices` value, more devices than there are (the message lists
-            them), or a backend Keras cannot distribute (torch).
+            them), or on PyTorch a process that was not launched as one of several (the message
+            says how to launch) or a count other than the run's.
     """
     split_host_cpu()  # first: a one-device run in this process must not start JAX/TF unsplit
     if devices is None or devices == 1:

@@ -59,9 +59,10 @@ class TwoStageFineTuner:
             (offline, the default).
         recipe: a ready `RecipeConfig` (then pass no other recipe option).
         distribution: data-parallel training: None (one device), a device count, `"all"`, or a
-            ready `keras.distribution.DataParallel` / `tf.distribute.Strategy`; see
-            `kerasft.distribute.data_parallel` (JAX and TensorFlow only). `batch_size` stays
-            the global batch and must be a multiple of the device count.
+            ready `keras.distribution.DataParallel` / `tf.distribute.Strategy`; on PyTorch,
+            one process per device started by `torchrun` (then `"all"`); see
+            `kerasft.distribute.data_parallel`. `batch_size` stays the global batch and must be
+            a multiple of the device count.
         callbacks: Keras callbacks for both stages (not part of `get_config`). They see the
             whole classifier (raw strings in), so a `ModelCheckpoint` saves a usable model.
         verbose: Keras verbosity for fit/predict progress.
