@@ -628,7 +628,9 @@ def _read_splits(args, seed: int):
     return source, (train, val, test), rows
 
 
-def _fit_into(args, recipe, out: Path, work: Path | None, checkpoint: bool | Path = True):
+def _fit_into(
+    args, recipe, out: Path, work: Path | None, checkpoint: bool | Path = True
+) -> dict | None:
     """Loads the data, fits, and writes the run into `work` (None: train only, write nothing).
 
     `checkpoint`: False for none; with `work` None, the checkpoint directory to resume from
