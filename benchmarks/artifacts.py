@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -193,10 +192,9 @@ def main(argv=None) -> int:
     parser.add_argument("--auto-only", action="store_true", help="only `--int8 auto`'s variants")
     args = parser.parse_args(argv)
     os.environ["KERAS_BACKEND"] = "tensorflow"
-    handler = logging.StreamHandler()  # the exports' progress, as the harness shows it
-    handler.setFormatter(logging.Formatter("[bench] %(message)s"))
-    logging.getLogger("kerasft").addHandler(handler)
-    logging.getLogger("kerasft").setLevel(logging.INFO)
+    from kerasft.exporters.isolated import log_progress
+
+    log_progress("[bench] ")  # the exports' progress, as the harness shows it
 
     def log(message):
         print(f"[bench] {message}", file=sys.stderr, flush=True)

@@ -44,6 +44,7 @@ from kerasft.exporters import onnx as onnx_format
 from kerasft.exporters import openvino as openvino_format
 from kerasft.exporters.exportdir import read_manifest
 from kerasft.exporters.formats import FORMATS
+from kerasft.exporters.verify import FP32_TOLERANCE
 from kerasft.rundir import MODEL_FILE
 
 # the formats the peers are served as (Optimum: ONNX; optimum-intel: OpenVINO IR)
@@ -145,7 +146,7 @@ def _export_variants(index: dict, base: dict, device: str, notes: list[str]) -> 
         mode = contract.int8.get((quant or "").removeprefix("int8-"))
         check = manifest.get("verification", {})
         parity = not quant and check.get("label_agreement") == 1.0
-        parity = parity and check.get("max_abs_logit_diff", 1.0) <= PARITY_LOGIT_DIFF
+        parity = parity and check.get("max_abs_logit_diff", 1.0) <= FP32_TOLERANCE
         for precision in precisions:
             suffix = "" if precision == default else f" {precision}"
             served = spec if precision is None else {**spec, "precision": precision}
@@ -486,7 +487,7 @@ def measure_accuracy(
 
     `quick`: the batch-1 pass only for recipes that take activation ranges per batch, and an
     fp32 export served as verified (`Variant.exact`) is given the reference's labels, as its
-    export's parity check (every verification text within `PARITY_LOGIT_DIFF`) found.
+    export's parity check (every verification text within `verify.FP32_TOLERANCE`) found.
     """
     labels = _test_inputs(index, run, rows, work / "test_inputs.npz")
     results, preds, exact = {}, {}, []
@@ -609,7 +610,6 @@ def measure_latency(
 
 
 END_TO_END_BATCHES = (1, 32)
-PARITY_LOGIT_DIFF = 1e-4  # an fp32 export this close to Keras on every verification text
 QUICK_NOTE = (
     "--quick: no end-to-end (raw strings) pass; the batch-1 accuracy pass only for recipes "
     "whose activation ranges are taken per batch; fp32 exports served as verified take the "

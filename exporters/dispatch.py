@@ -124,12 +124,9 @@ def _run_request(request_file: str, error_file: str) -> None:
     """The subprocess of `exports_in_subprocess`: `export` as requested, job by job; a
     documented error is written to `error_file` (type, message, report) for the parent to raise
     again."""
-    from kerasft.exporters.isolated import PROGRESS_PREFIX
+    from kerasft.exporters.isolated import log_progress
 
-    handler = logging.StreamHandler()  # progress, read by the parent
-    handler.setFormatter(logging.Formatter(PROGRESS_PREFIX + "%(message)s"))
-    logging.getLogger("kerasft").addHandler(handler)
-    logging.getLogger("kerasft").setLevel(logging.INFO)
+    log_progress()  # read by the parent
     request = json.loads(Path(request_file).read_text())
     for job in request["jobs"]:
         if job.get("fixed_shape") is not None:  # a tuple again (JSON gave a list)

@@ -25,6 +25,15 @@ log = logging.getLogger(__name__)
 PROGRESS_PREFIX = "[kerasft] "  # how `_run_request` logs; such lines are passed on as progress
 
 
+def log_progress(prefix: str = PROGRESS_PREFIX) -> None:
+    """Prints kerasft's INFO log lines to stderr as `PREFIX message`: in a subprocess whose
+    parent shows its progress (`exports_in_subprocess`, the bench's artifact builder)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(prefix + "%(message)s"))
+    logging.getLogger("kerasft").addHandler(handler)
+    logging.getLogger("kerasft").setLevel(logging.INFO)
+
+
 def export_in_subprocess(source, out_dir, backend: str = "tensorflow", **options) -> Path:
     """Re-runs `export(source, out_dir, **options)` in a subprocess under Keras `backend`.
 
