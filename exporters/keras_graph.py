@@ -129,12 +129,15 @@ class ServingGraph:
         import keras
         import tensorflow as tf
 
+        from kerasft.recipe import core_model
+
         if keras.backend.backend() != "tensorflow":
             raise RuntimeError(
                 "Exports are traced under the TensorFlow backend. "
                 f"Received: backend={keras.backend.backend()!r}"
             )
-        self.model = core = keras.Model(classifier.input, classifier.output)
+        # The last layer at [CLS] alone, as training and `predict` run it (`kerasft.encoder`).
+        self.model = core = core_model(classifier, skip_padding=False)
 
         def serve(token_ids, padding_mask):
             logits = core({"token_ids": token_ids, "padding_mask": padding_mask}, training=False)

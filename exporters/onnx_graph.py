@@ -120,6 +120,9 @@ def gemm_to_matmul(model):
 _QUERY_ADD = re.compile(r"transformer_layer_(\d+)[^/]*/self_attention_layer[^/]*/query[^/]*/Add$")
 
 
+_KEY_ADD = re.compile(r"transformer_layer_(\d+)[^/]*/self_attention_layer[^/]*/key[^/]*/Add$")
+
+
 _OUTPUT_ADD = re.compile(
     r"transformer_layer_(\d+)[^/]*/self_attention_layer[^/]*/attention_output[^/]*/BiasAdd$"
 )
@@ -136,26 +139,33 @@ def _attention_input(producers: dict, query_add) -> str:
 
 
 def _blocks_by_name(graph, backbone) -> dict:
-    """tf2onnx graphs: `{layer: (block input, output-projection bias add node)}` by node names."""
+    """tf2onnx graphs: `{layer: (query input, key/value input, output-projection bias add
+    node)}` by node names."""
     producers = {out: node for node in graph.node for out in node.output}
-    queries = {int(_QUERY_ADD.search(n.name).group(1)): n for n in graph.node
-               if _QUERY_ADD.search(n.name)}  # fmt: skip
-    outputs = {int(_OUTPUT_ADD.search(n.name).group(1)): n for n in graph.node
-               if _OUTPUT_ADD.search(n.name)}  # fmt: skip
-    if sorted(queries) != list(range(backbone.num_layers)) or sorted(outputs) != sorted(queries):
+    found = [
+        {int(pattern.search(n.name).group(1)): n for n in graph.node if pattern.search(n.name)}
+        for pattern in (_QUERY_ADD, _KEY_ADD, _OUTPUT_ADD)
+    ]
+    if any(sorted(nodes) != list(range(backbone.num_layers)) for nodes in found):
         return {}
-    return {i: (_attention_input(producers, queries[i]), outputs[i]) for i in queries}
+    queries, keys, outputs = found
+    return {
+        i: (_attention_input(producers, queries[i]), _attention_input(producers, keys[i]),
+            outputs[i])
+        for i in queries
+    }  # fmt: skip
 
 
 def _blocks_by_weights(graph, backbone) -> dict:
-    """Any producer (`torch.onnx` names nodes `/m/Einsum_5`): `{layer: (block input,
-    output-projection bias add node)}`, found by the Keras weights the graph holds.
+    """Any producer (`torch.onnx` names nodes `/m/Einsum_5`): `{layer: (query input, key/value
+    input, output-projection bias add node)}`, found by the Keras weights the graph holds.
 
-    The query and output projections are the nodes that read the constants equal to the layer's
-    query and output kernels (trained or random: one per layer; biases are not used to find
-    nodes, since equal ones, e.g. all zero, may be one shared constant). The query's data
-    input, looked up through `Cast`s, is the block input; the output is the `Add` that follows
-    the output projection, through `Cast`s. Where any of this is ambiguous, `{}` (no fusion).
+    The query, key and output projections are the nodes that read the constants equal to the
+    layer's query, key and output kernels (trained or random: one per layer; biases are not used
+    to find nodes, since equal ones, e.g. all zero, may be one shared constant). The query's and
+    the key's data inputs, looked up through `Cast`s, are the block's inputs (the same tensor
+    but in a last layer computed at `[CLS]` alone); the output is the `Add` that follows the
+    output projection, through `Cast`s. Where any of this is ambiguous, `{}` (no fusion).
     """
     from onnx import numpy_helper
 
@@ -183,29 +193,35 @@ def _blocks_by_weights(graph, backbone) -> dict:
     for i, layer in enumerate(backbone.transformer_layers):
         att = layer._self_attention_layer
         query = reader_of(att.query_dense.kernel, ("Einsum", "MatMul"))
+        key = reader_of(att.key_dense.kernel, ("Einsum", "MatMul"))
         out_add = add_after(reader_of(att.output_dense.kernel, ("Einsum", "MatMul")))
-        if query is None or out_add is None:
+        if query is None or key is None or out_add is None:
             return {}
-        x = query.input[0]
-        while x in producers and producers[x].op_type == "Cast":
-            x = producers[x].input[0]
-        blocks[i] = (x, out_add)
-    if len({id(add) for _, add in blocks.values()}) < len(blocks):
+        inputs = []
+        for x in (query.input[0], key.input[0]):
+            while x in producers and producers[x].op_type == "Cast":
+                x = producers[x].input[0]
+            inputs.append(x)
+        blocks[i] = (*inputs, out_add)
+    if len({id(block[-1]) for block in blocks.values()}) < len(blocks):
         return {}
     return blocks
 
 
 def fuse_attention(model, backbone, mask_input: str = "padding_mask") -> int:
-    """Replaces each Keras self-attention block with onnxruntime's fused `Attention` operator.
+    """Replaces each Keras self-attention block with one of onnxruntime's fused attention ops.
 
     Neither tf2onnx nor `torch.onnx` writes Keras' einsum-based `MultiHeadAttention`
     (projections, masked softmax, transposes) in a shape onnxruntime's attention fusion
     recognises. Here each block, from its input to the output projection's bias add, becomes
     `com.microsoft.Attention(x, W_qkv, b_qkv, padding_mask)` followed by the output projection
     as `MatMul` + `Add`, with the weights taken from the Keras layers; the nodes left unused are
-    removed. The blocks are found by tf2onnx's node names, else by the weights they read. The
-    fused operator is what onnxruntime's dynamic quantizer turns into `QAttention`. Export
-    verification compares the result with the Keras model.
+    removed. A block whose queries are not its keys (the last layer, computed at `[CLS]` alone:
+    `kerasft.encoder`) becomes the query, key and value projections as `MatMul`s and
+    `com.microsoft.MultiHeadAttention(q, k, v, b_qkv, padding_mask)`. The blocks are found by
+    tf2onnx's node names, else by the weights they read. `Attention` is what onnxruntime's
+    dynamic quantizer turns into `QAttention`. Export verification compares the result with the
+    Keras model.
 
     Args:
         model: an `onnx.ModelProto` of the serving graph (tf2onnx or `torch.onnx`).
@@ -237,12 +253,27 @@ def fuse_attention(model, backbone, mask_input: str = "padding_mask") -> int:
             for a, n in ((w_qkv, "qkv_weight"), (b_qkv, "qkv_bias"), (w_out, "out_weight"),
                          (b_out, "out_bias"))
         )  # fmt: skip
-        x, output = blocks[i]
-        new_nodes[output.name] = [
-            helper.make_node(
+        x, kv, output = blocks[i]
+        if x == kv:
+            attention = [helper.make_node(
                 "Attention", [x, f"{p}_qkv_weight", f"{p}_qkv_bias", mask_input], [f"{p}_context"],
                 name=f"{p}", domain="com.microsoft", num_heads=backbone.num_heads,
-            ),
+            )]  # fmt: skip
+        else:
+            graph.initializer.extend(
+                numpy_helper.from_array(np.ascontiguousarray(w), f"{p}_{n}_weight")
+                for w, n in zip(np.split(w_qkv, 3, axis=1), "qkv", strict=True)
+            )
+            attention = [
+                helper.make_node("MatMul", [source, f"{p}_{n}_weight"], [f"{p}_{n}"],
+                                 name=f"{p}_{n}_MatMul")
+                for source, n in ((x, "q"), (kv, "k"), (kv, "v"))
+            ] + [helper.make_node(
+                "MultiHeadAttention",
+                [f"{p}_q", f"{p}_k", f"{p}_v", f"{p}_qkv_bias", mask_input], [f"{p}_context"],
+                name=f"{p}", domain="com.microsoft", num_heads=backbone.num_heads,
+            )]  # fmt: skip
+        new_nodes[output.name] = attention + [
             helper.make_node("MatMul", [f"{p}_context", f"{p}_out_weight"], [f"{p}_projected"],
                              name=f"{p}_out_MatMul"),
             helper.make_node("Add", [f"{p}_projected", f"{p}_out_bias"], list(output.output),

@@ -11,7 +11,9 @@ Softmax.
 
 INT8 recipe `qdq`: the ONNX export's calibrated QDQ INT8 (onnxruntime's `quantize_static`),
 which OpenVINO reads as INT8 `FakeQuantize` operations. It is read from onnxruntime's fused
-graph (so its IR has no `ScaledDotProductAttention`), and `--int8 auto` does not try it.
+graph (so its IR has a `ScaledDotProductAttention` only where that graph has onnxruntime's
+`MultiHeadAttention`: the last layer, computed at `[CLS]` alone), and `--int8 auto` does not
+try it.
 
 INT8 recipe `nncf`: `nncf.quantize` with `ModelType.TRANSFORMER` (NNCF's scheme for transformer
 encoders: the attention scores, softmax and LayerNorm stay in floating point), calibrated on

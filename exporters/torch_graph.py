@@ -43,12 +43,15 @@ class TorchServingGraph:
         import keras
         import torch
 
+        from kerasft.recipe import core_model
+
         if keras.backend.backend() != "torch":
             raise RuntimeError(
                 "ONNX and OpenVINO exports are traced under the PyTorch backend. "
                 f"Received: backend={keras.backend.backend()!r}"
             )
-        self.model = core = keras.Model(classifier.input, classifier.output)
+        # The last layer at [CLS] alone, as training and `predict` run it (`kerasft.encoder`).
+        self.model = core = core_model(classifier, skip_padding=False)
         self.fixed_shape = tuple(fixed_shape)
 
         class Serve(torch.nn.Module):

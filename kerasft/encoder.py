@@ -40,19 +40,21 @@ def last_layer_at_cls(backbone) -> bool:
     )
 
 
-def cls_features(backbone, inputs: dict):
+def cls_features(backbone, inputs: dict, skip_padding: bool = True):
     """The backbone's `[CLS]` output (see the module docstring for what is skipped).
 
     Args:
         backbone: the classifier's KerasHub backbone.
         inputs: `{"token_ids", "padding_mask"}` symbolic inputs.
+        skip_padding: pack a batch's real tokens on PyTorch (`ClsEncoder`); False for a graph
+            that is traced, where the packing's data-dependent shapes would be frozen.
 
     Returns:
         The `[CLS]` features, shape `(batch, hidden_dim)`.
     """
     if not last_layer_at_cls(backbone):
         return backbone(inputs)[:, backbone.cls_token_index, :]
-    return ClsEncoder(backbone)(inputs)
+    return ClsEncoder(backbone, skip_padding=skip_padding)(inputs)
 
 
 class ClsEncoder(keras.layers.Layer):

@@ -281,18 +281,25 @@ def encode(
     )
 
 
-def core_model(classifier) -> keras.Model:
+def core_model(classifier, skip_padding: bool = True) -> keras.Model:
     """The classifier's graph without its preprocessor: token ids in, logits out, shared weights.
 
     KerasHub's `Task.fit` re-applies the preprocessor to its input; training this plain functional
     view on pre-tokenized batches avoids that while updating the classifier's own variables. The
     view computes only what `[CLS]` needs (`kerasft.encoder`): the same logits, to float
-    rounding, for less work.
+    rounding, for less work. Every export's serving graph is traced from it too.
+
+    Args:
+        classifier: a KerasHub text classifier.
+        skip_padding: see `kerasft.encoder.cls_features` (False for a traced graph).
+
+    Returns:
+        A functional `keras.Model` taking `{"token_ids", "padding_mask"}`.
     """
     backbone = classifier.backbone
     if not last_layer_at_cls(backbone):  # another layout: the classifier's own graph
         return keras.Model(classifier.input, classifier.output, name="core")
-    logits = _head(classifier, cls_features(backbone, backbone.input))
+    logits = _head(classifier, cls_features(backbone, backbone.input, skip_padding))
     return keras.Model(backbone.input, logits, name="core")
 
 
