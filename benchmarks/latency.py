@@ -545,6 +545,7 @@ def measure_latency(
         cells = [(b, s) for s in settings["seq_lens"] for b in settings["batch_sizes"]]
     workers = dict(workers)
     samples = {(name, cell): [] for name in workers for cell in cells}
+    per_round = {(name, cell): [] for name in workers for cell in cells}  # one median a round
     warm = set()
 
     def timed(name, cell, seconds, min_runs, settle):
@@ -576,6 +577,8 @@ def measure_latency(
                     if name in workers else None
                 )  # fmt: skip
                 samples[(name, cell)] += t or []
+                if t:
+                    per_round[(name, cell)].append(float(np.median(t) * 1e3))
                 progress.update(1)
     memory = {name: w.call(op="stats")["peak_rss_mb"] for name, w in workers.items()}
     info = {name: w.info["info"] for name, w in workers.items()}
@@ -603,6 +606,7 @@ def measure_latency(
                 "p99_ms": float(np.percentile(t, 99) * 1e3),
                 "mean_ms": float(t.mean() * 1e3),
                 "samples_per_s": float(b / t.mean()),
+                "round_p50_ms": per_round[(name, (b, s))],
             }  # fmt: skip
     for name, error in failed.items():
         table[name] = {"error": error, "cells": {}}

@@ -39,9 +39,29 @@ def worst_accuracy(result: dict) -> float | None:
     return min(values) if values else None
 
 
+def tied_with(latency: dict, fastest: str, others: list[str], cell: str) -> list[str]:
+    """The variants of `others` the measurement cannot tell from `fastest` in `cell`.
+
+    The rounds interleave the variants, so each round is one paired comparison. A variant is
+    slower only if `fastest` beat it in every round (a sign test: were the two equally fast,
+    that happens with probability 2**-rounds, 3% at 5 rounds); one that won a round is tied.
+    With fewer rounds (`--quick`) more variants are tied: less was measured. Variants
+    measured without per-round medians (older reports) are never tied.
+    """
+    best = latency[fastest]["cells"][cell].get("round_p50_ms") or []
+    tied = []
+    for name in others:
+        theirs = latency[name]["cells"].get(cell, {}).get("round_p50_ms") or []
+        if name != fastest and len(theirs) == len(best) and best:
+            if any(t <= b for t, b in zip(theirs, best, strict=True)):
+                tied.append(name)
+    return sorted(tied, key=lambda n: _p50(latency, n, cell))
+
+
 def fastest_vs_peers(report: dict) -> dict:
     """Per cell: kerasft's fastest variant (within `MAX_ACCURACY_DROP` of the fp32 reference's
-    test accuracy at batch 32 and at batch 1) against the fastest peer, as a ratio of medians."""
+    test accuracy at batch 32 and at batch 1) against the fastest peer, as a ratio of medians,
+    with the eligible variants tied with it (`tied_with`)."""
     latency, acc = report["latency"], report.get("accuracy", {})
     results = acc.get("results", {})
     reference = results.get(acc.get("reference") or "", {}).get("accuracy")
@@ -64,6 +84,7 @@ def fastest_vs_peers(report: dict) -> dict:
         out[cell] = {
             "ours": a, "peer": b, "ratio": ratio, "met": ratio <= NOISE_MARGIN,
             "accuracy_drop": reference - worst_accuracy(results[a]),
+            "tied": tied_with(latency, a, ours, cell),
         }  # fmt: skip
     return out
 
@@ -139,7 +160,9 @@ def _targets(latency_all: dict, goals: dict) -> list[str]:
         lines += [
             "kerasft's fastest variant within "
             f"{MAX_ACCURACY_DROP * 100:.2f} points of the fp32 test accuracy (at batch 32 and, "
-            "for INT8, at batch 1: the worse decides) against the fastest peer, per cell:",
+            "for INT8, at batch 1: the worse decides) against the fastest peer, per cell. "
+            "Tied: variants the fastest did not beat in every round (`report.tied_with`): which "
+            "of them comes first is noise.",
             "",
             f"| cell | kerasft's fastest | p50 ms | fastest peer | p50 ms | ratio | "
             f"<= {NOISE_MARGIN:.2f} |",
@@ -147,7 +170,8 @@ def _targets(latency_all: dict, goals: dict) -> list[str]:
         ]
         for cell, g in goals["fastest_vs_peers"].items():
             lines.append(
-                f"| {cell} | {g['ours']} ({g['accuracy_drop'] * 100:+.2f} pts) | "
+                f"| {cell} | {g['ours']} ({g['accuracy_drop'] * 100:+.2f} pts)"
+                f"{'; tied: ' + ', '.join(g['tied']) if g.get('tied') else ''} | "
                 f"{_fmt(_p50(latency_all, g['ours'], cell), 2)} | {g['peer']} | "
                 f"{_fmt(_p50(latency_all, g['peer'], cell), 2)} | {g['ratio']:.3f} | "
                 f"{'yes' if g['met'] else 'NO'} |"

@@ -114,6 +114,21 @@ def test_fastest_variant_vs_fastest_peer_respects_the_accuracy_budget():
     assert goal["accuracy_drop"] == pytest.approx(0.001)
 
 
+def test_variants_that_won_a_round_are_tied_with_the_fastest():
+    from kerasft.benchmarks.report import tied_with
+
+    rounds = {
+        "a": [1.00, 1.02, 0.99],  # fastest by its overall median
+        "b": [1.03, 1.01, 1.04],  # won round 2: noise cannot order it behind "a"
+        "c": [1.10, 1.08, 1.09],  # beaten in every round
+        "d": [0.90, 0.95],  # measured in fewer rounds (a failed round): not comparable
+    }
+    latency = {n: {"cells": {"b1_s32": {"p50_ms": float(np.median(r)), "round_p50_ms": r}}}
+               for n, r in rounds.items()}  # fmt: skip
+    latency["e"] = {"cells": {"b1_s32": {"p50_ms": 1.0}}}  # an older report: no rounds
+    assert tied_with(latency, "a", list(latency), "b1_s32") == ["b"]
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
