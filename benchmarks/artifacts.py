@@ -95,7 +95,10 @@ def prepare(
     out = root / role
     out.mkdir(parents=True, exist_ok=True)
     vset = verification_set(run, per_split)
-    calibration = {"static": vset.calibration, "nncf": vset.calibration}
+    # Every recipe calibrates (and ranks nodes for `keep_fp32`) on the run's calibration texts,
+    # never on the verification texts it is judged on (`export` falls back to those when given
+    # `texts` without `calibration_texts`).
+    calibration = {}
     if role == "base":
         # onnxruntime's quantize_static peaks at 17 GB resident on the DistilBERT-base shape
         # with 8 calibration texts and is killed (24 GB) with 64: calibrate on 8 there.
@@ -139,7 +142,7 @@ def prepare(
             options = dict(
                 format=fmt, quantize=quantize, overwrite=True, texts=vset.texts,
                 labels=list(vset.labels), splits=vset.splits,
-                calibration_texts=calibration.get(quantize),
+                calibration_texts=calibration.get(quantize, vset.calibration),
             )  # fmt: skip
             jobs.setdefault(FORMATS[fmt].default_source, []).append((target, options))
         index["exports"][name] = str(target)

@@ -291,6 +291,8 @@ def _write_verified(
             log.info("writing %s %s", contract.name, label)
             info = MODULES[contract.name].write(graph, out, quantize=attempt,
                                                 **{**write, **settings})  # fmt: skip
+            if contract.needs_of(mode)[0]:
+                info["calibration_texts"] = len(vset.calibration)
             return _manifest(contract, mode, attempt, info, src, clf, shape, graph_source, out)
 
         written, auto = {}, None
@@ -378,6 +380,7 @@ def _manifest(contract, quantize, attempt, info, src, clf, shape, graph_source, 
         "opset": info.get("opset"),
         "fusions": info.get("fusions"),
         "kept_fp32": info.get("kept_fp32"),
+        "calibration_texts": info.get("calibration_texts"),
         "inference_precision": info.get("inference_precision"),
         "source_backend": src.backend,
         "graph_source": graph_source,

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -209,6 +210,13 @@ def test_bench_runs_every_variant_and_quick_the_deciding_ones(toy_runs, tmp_path
     for name in ("onnx int8-calibrated", "optimum onnx int8"):  # INT8: scored at batch 1 too
         assert report["accuracy"]["results"][name]["accuracy_b1"] >= 0.9
     assert set(report["targets"]["fastest_vs_peers"]) == {"b1_s32", "b8_s32"}
+    for cell in report["latency"]["onnx fp32"]["cells"].values():  # one median a round
+        assert len(cell["round_p50_ms"]) == 3
+    # INT8 recipes calibrate on the run's calibration texts, not on the texts they are judged on
+    index = json.loads((artifacts / "run" / "index.json").read_text())
+    for name in ("onnx-int8-calibrated", "onnx-int8-static", "openvino-int8-nncf"):
+        manifest = json.loads((Path(index["exports"][name]) / "manifest.json").read_text())
+        assert 0 < manifest["calibration_texts"] < manifest["verification"]["texts"], name
     # End to end: every export served from raw strings by kerasft.exporters.runtime, batch 1 and 32.
     e2e = report["end_to_end"]
     exports = {n for n in expected - bf16
