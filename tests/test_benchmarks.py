@@ -256,7 +256,7 @@ def test_bench_runs_every_variant_and_quick_the_deciding_ones(toy_runs, tmp_path
     assert report["accuracy"]["rows"] == len(run_splits(toy_runs["tensorflow"])[2])
     assert results["onnx fp32"]["from"] == "the export's fp32 parity check"  # not predicted
     assert "accuracy_b1" not in results["onnx int8-calibrated"]  # ranges fixed at export
-    assert results["optimum onnx int8"]["accuracy_b1"] >= 0.9  # ranges taken per batch
+    assert not set(results) & peers  # a peer's accuracy does not decide the targets
     assert set(report["targets"]["fastest_vs_peers"]) == {"b1_s32", "b32_s32"}
 
 
