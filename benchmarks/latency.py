@@ -344,8 +344,8 @@ def build_parser(prog: str = "python -m kerasft.benchmarks.latency") -> argparse
     parser.add_argument(
         "--quick", action="store_true",
         help="a few minutes' check: the run's own model, the variants `--int8 auto` chooses "
-        "among, the peers that can be fastest and the accuracy reference, batch 1,32 x 32,128 "
-        "tokens, 3 rounds, the whole test split",
+        "among, the peers that can be fastest (timed, not classified) and the accuracy "
+        "reference, batch 1,32 x 32,128 tokens, 3 rounds, the whole test split",
     )  # fmt: skip
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     return parser
