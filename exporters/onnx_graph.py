@@ -117,15 +117,17 @@ def gemm_to_matmul(model):
     return rewritten
 
 
-_QUERY_ADD = re.compile(r"transformer_layer_(\d+)[^/]*/self_attention_layer[^/]*/query[^/]*/Add$")
+# tf2onnx's node names: `.../transformer_layer_3/self_attention_layer/query/Add`, or for the
+# last layer, which `kerasft.encoder.ClsEncoder` calls at [CLS] itself,
+# `.../cls_encoder/self_attention_layer/query/Add` (no layer index: the last one).
+_LAYER = r"(?:transformer_layer_(\d+)[^/]*|cls_encoder[^/]*)/self_attention_layer[^/]*/"
+_QUERY_ADD = re.compile(_LAYER + r"query[^/]*/Add$")
 
 
-_KEY_ADD = re.compile(r"transformer_layer_(\d+)[^/]*/self_attention_layer[^/]*/key[^/]*/Add$")
+_KEY_ADD = re.compile(_LAYER + r"key[^/]*/Add$")
 
 
-_OUTPUT_ADD = re.compile(
-    r"transformer_layer_(\d+)[^/]*/self_attention_layer[^/]*/attention_output[^/]*/BiasAdd$"
-)
+_OUTPUT_ADD = re.compile(_LAYER + r"attention_output[^/]*/BiasAdd$")
 
 
 def _attention_input(producers: dict, query_add) -> str:
@@ -142,8 +144,13 @@ def _blocks_by_name(graph, backbone) -> dict:
     """tf2onnx graphs: `{layer: (query input, key/value input, output-projection bias add
     node)}` by node names."""
     producers = {out: node for node in graph.node for out in node.output}
+    last = backbone.num_layers - 1
+
+    def layer(match) -> int:
+        return last if match.group(1) is None else int(match.group(1))
+
     found = [
-        {int(pattern.search(n.name).group(1)): n for n in graph.node if pattern.search(n.name)}
+        {layer(pattern.search(n.name)): n for n in graph.node if pattern.search(n.name)}
         for pattern in (_QUERY_ADD, _KEY_ADD, _OUTPUT_ADD)
     ]
     if any(sorted(nodes) != list(range(backbone.num_layers)) for nodes in found):

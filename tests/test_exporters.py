@@ -328,6 +328,17 @@ def test_nncf_falls_back_to_accuracy_control_when_the_plain_recipe_misses(
     assert check["passed"] and check["label_agreement"] >= 0.99
 
 
+def test_tensorflow_graph_fuses_every_attention_block(toy_runs, tmp_path):
+    """tf2onnx's graph (`graph_source="tensorflow"`) gets onnxruntime's fused attention in every
+    layer, the last one (computed at [CLS] alone, named by `ClsEncoder`) included."""
+    out = export(toy_runs["tensorflow"], tmp_path / "onnx", format="onnx",
+                 graph_source="tensorflow")  # fmt: skip
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["graph_source"] == "tensorflow" and manifest["fusions"]["Attention"] == 2
+    ops = _session_ops(out / manifest["model_file"], tmp_path / "session.onnx")
+    assert ops["Attention"] == 1 and ops["MultiHeadAttention"] == 1 and ops["Softmax"] == 0
+
+
 def test_int8_auto_times_bf16_candidates_only_where_the_cpu_computes_bf16(monkeypatch):
     """OpenVINO's bf16 candidates of `--int8 auto` are timed only on CPUs with AVX512_BF16 or
     AMX-BF16 (the machine probe mocked both ways); fp32 is always a candidate."""
