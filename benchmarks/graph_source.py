@@ -3,14 +3,14 @@
     python -m kerasft.benchmarks.graph_source --run RUN --out graph_source.md
 
 Exports `RUN` through both graph sources (`export(..., graph_source=...)`: `torch.onnx` or
-tf2onnx, then the same kerasft and onnxruntime passes) as ONNX fp32 and ONNX `--int8 calibrated`
-(`--keep-fp32 0`), each verified as usual (on `--verify-per-split` texts of each split). OpenVINO
-converts that same fused fp32 ONNX graph, so it follows ONNX fp32. Then, in one process, for each
-pair: the operators of the graph onnxruntime runs, the largest logit difference between the two
-sources on the test split, and the latency of both, interleaved (`--rounds` rounds, random
-order, 0.5 s per variant and cell; token ids in, batch 1 and 32 x 32 and 128 tokens). The source
-whose graphs are faster (or, within noise, the one that needs no TensorFlow) is the format's
-default (`FormatContract.graph_sources`).
+tf2onnx, then the same kerasft passes) as ONNX fp32 and `--int8 calibrated` (`--keep-fp32 0`,
+onnxruntime's fusions) and OpenVINO fp32 and `--int8 nncf` (the traced graph, attention left for
+OpenVINO's front end to fuse), each verified as usual (on `--verify-per-split` texts of each
+split). Then, in one process, for each pair: the operators of the graph the runtime runs, the
+largest logit difference between the two sources on the test split, and the latency of both,
+interleaved (`--rounds` rounds, random order, 0.5 s per variant and cell; token ids in, batch 1
+and 32 x 32 and 128 tokens). The source whose graphs are faster (or, within noise, the one that
+needs no TensorFlow) is the format's default (`FormatContract.graph_sources`).
 """
 
 from __future__ import annotations
@@ -28,8 +28,14 @@ import numpy as np
 
 from kerasft.benchmarks.report import results_parser
 from kerasft.exporters import onnx as onnx_format
+from kerasft.exporters import openvino as openvino_format
 
-VARIANTS = ((onnx_format.CONTRACT.name, None), (onnx_format.CONTRACT.name, "calibrated"))
+VARIANTS = (
+    (onnx_format.CONTRACT.name, None),
+    (onnx_format.CONTRACT.name, "calibrated"),
+    (openvino_format.CONTRACT.name, None),
+    (openvino_format.CONTRACT.name, "nncf"),
+)
 SOURCES = ("torch", "tensorflow")
 CELLS = ((1, 32), (32, 32), (1, 128), (32, 128))
 
@@ -79,7 +85,8 @@ def _export_all(run: Path, root: Path, verify_per_split: int) -> dict:
                 # nodes per source), behind a gate that lets it through: what is compared is
                 # the two graphs' latency and logits, not an artifact to ship (on the [CLS]-only
                 # graph the reference run's agrees on 98.9%, under the export default's 99%).
-                keep = {"keep_fp32": 0, "min_agreement": 0.98} if quantize else {}
+                calibrated = quantize == "calibrated"
+                keep = {"keep_fp32": 0, "min_agreement": 0.98} if calibrated else {}
                 export(run, out, format=fmt, quantize=quantize, graph_source=source,
                        verify_per_split=verify_per_split, **keep)  # fmt: skip
             print(f"exported {out.name} ({time.perf_counter() - started:.0f} s)", flush=True)

@@ -424,6 +424,8 @@ def calibrate_activation_ranges(fp32: Path, int8: Path, calibration: list[dict])
 
     model = onnx.load(str(int8))
     dynamic = [n for n in model.graph.node if n.op_type == "DynamicQuantizeLinear"]
+    if not dynamic:  # e.g. only the embedding Gather quantized: no activation to calibrate
+        return 0
     ranges = activation_ranges(fp32, [n.input[0] for n in dynamic], calibration)
     nodes = []
     for node in model.graph.node:
