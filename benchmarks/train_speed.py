@@ -138,6 +138,7 @@ def _kerasft_worker(spec: dict, overrides: dict) -> None:
     import keras
 
     from kerasft import recipe
+    from kerasft.allocator import keep_freed_memory
     from kerasft.benchmarks.worker import set_threads
     from kerasft.config import RecipeConfig, default_bucket_width
     from kerasft.dropout import rand_masks
@@ -145,6 +146,8 @@ def _kerasft_worker(spec: dict, overrides: dict) -> None:
     from kerasft.precision import policy_name, resolve_mixed_precision
     from kerasft.presets import load_classifier
 
+    # As `TwoStageFineTuner.fit` does first thing: on JAX before XLA starts its threads.
+    keep_freed_memory(keras.backend.backend())
     set_threads(spec["threads"])
     # The recipe's stage 2 with its defaults, but for what the engine's name overrides.
     padded = overrides.pop("padded", False)  # not the recipe's: see `_parse_engine`

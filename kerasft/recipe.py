@@ -453,7 +453,7 @@ def prepare_stage(
     """Freezes or unfreezes the backbone and returns what `fit` needs for one stage.
 
     See `train_stage` for the arguments. `epochs` sizes the learning-rate schedule. On PyTorch
-    it also keeps freed memory in the process for reuse (`kerasft.allocator`).
+    and JAX it also keeps freed memory in the process for reuse (`kerasft.allocator`).
 
     Returns:
         `(model, fit_x, fit_validation)`: the compiled model that trains (the head alone on
@@ -469,8 +469,7 @@ def prepare_stage(
         classifier.backbone.trainable = train_base
         if train_base and freeze_word_embeddings:  # the rest of the backbone trains
             classifier.backbone.token_embedding.trainable = False
-    if keras.backend.backend() == "torch":  # every step frees and reallocates large buffers
-        keep_freed_memory()
+    keep_freed_memory(keras.backend.backend())  # every step frees and reallocates big buffers
     learning_rate = stage_schedule(learning_rate, epochs * len(train), linear_decay, warmup_ratio)
     # Data parallel: evaluation batches carry zero-weight padding rows (see `BucketedBatches`).
     optimizer_options.setdefault("weighted_metrics", train.replicas > 1)

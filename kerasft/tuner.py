@@ -20,6 +20,7 @@ import keras
 import numpy as np
 
 from kerasft import distribute, lora, machine, recipe, rundir
+from kerasft.allocator import keep_freed_memory
 from kerasft.batching import inference_batch_size
 from kerasft.checkpoint import CheckpointDir, rows_sha256, run_fingerprint, weights_sha256
 from kerasft.config import RecipeConfig, default_bucket_width
@@ -208,6 +209,8 @@ class TwoStageFineTuner:
             >>> tuner = TwoStageFineTuner(select_best="f1", early_stopping_patience=2)
             >>> tuner.fit(train, validation_data=val, checkpoint_dir="ckpt")  # again: resumes
         """
+        # Before any computation: on JAX, XLA's threads must find malloc's settings made.
+        keep_freed_memory(keras.backend.backend())
         self.recipe = r = self._resolved_recipe()
         texts, labels, val_texts, val_labels = self._fit_inputs(x, y, validation_data)
         self._class_weights = class_weight_ids(r.class_weight, labels, self.label_names)
