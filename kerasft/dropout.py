@@ -1,4 +1,4 @@
-"""Dropout masks drawn with `torch.rand` where PyTorch's `bernoulli_` is serial (PyTorch only).
+"""Dropout masks drawn with `torch.rand` instead of PyTorch's `bernoulli_` (PyTorch only).
 
 Keras' PyTorch backend drops activations with `torch.nn.functional.dropout` (an unseeded
 `Dropout` layer, as in every KerasHub backbone), whose keep mask comes from `bernoulli_`. On a
@@ -9,13 +9,16 @@ reference model (`benchmarks/results/train_speed.md` at commit 07ad20c; 4% with 
 in the file's current run). Float uniforms from `torch.rand`,
 compared with the rate, give the same distribution from the same global generator (seeded by
 `keras.utils.set_random_seed`, saved in checkpoints) at about 0.6x the cost: forward and
-backward of a 32 x 16 x 384 activation, 0.99 ms against 1.64 ms there.
+backward of a 32 x 16 x 384 activation, 0.99 ms against 1.64 ms there. MKL's generator is
+slower than that too: on the 2-core AMX Xeon a stage-2 step of the reference model took
+143.0-143.6 ms with these masks against 149.8-151.1 ms with `bernoulli_` (median of 60 steps
+each way, interleaved, two runs), so every CPU gets them.
 
 `rand_masks(model)` is a context manager for the duration of a `fit`: inside it, the model's
 unseeded Keras `Dropout` layers draw their masks that way on a CPU; on exit they are Keras'
 own again. The layers' class and config never change, so whatever is saved, even by a callback
-during `fit`, is plain Keras. Elsewhere (JAX, TensorFlow, an Intel CPU, a GPU, a seeded layer
-or a `noise_shape`) Keras' dropout runs unchanged.
+during `fit`, is plain Keras. Elsewhere (JAX, TensorFlow, a GPU, a seeded layer or a
+`noise_shape`) Keras' dropout runs unchanged.
 """
 
 from __future__ import annotations
@@ -25,14 +28,12 @@ from collections.abc import Iterator
 
 import keras
 
-from kerasft import machine
-
 _NONE = object()  # a layer without a `call` of its own
 
 
 def applies() -> bool:
-    """Whether `rand_masks` changes anything here: the PyTorch backend on a non-Intel CPU."""
-    return keras.backend.backend() == "torch" and machine.cpu_vendor() != "GenuineIntel"
+    """Whether `rand_masks` changes anything here: the PyTorch backend (on its CPU tensors)."""
+    return keras.backend.backend() == "torch"
 
 
 def _rand_call(layer):

@@ -47,11 +47,6 @@ def cpu_model() -> str:
     return _cpuinfo().get("model name") or platform.processor() or "unknown"
 
 
-def cpu_vendor() -> str:
-    """The CPU's vendor id (`"GenuineIntel"`, `"AuthenticAMD"`, ...), or "" where unknown."""
-    return _cpuinfo().get("vendor_id", "")
-
-
 def cpu_flags() -> set[str]:
     """The CPU feature flags (empty where /proc/cpuinfo is unavailable)."""
     info = _cpuinfo()

@@ -555,7 +555,7 @@ def train_stage(
         verbose=verbose,
         **optimizer_options,
     )
-    with rand_masks(model):  # PyTorch on non-Intel CPUs: faster masks (`kerasft.dropout`)
+    with rand_masks(model):  # PyTorch: faster dropout masks (`kerasft.dropout`)
         return model.fit(
             fit_x,
             validation_data=fit_val,
