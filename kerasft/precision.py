@@ -19,7 +19,7 @@ from kerasft.lora import adapted_layers
 # float32 on that backend, with no loss of accuracy. "avx512_bf16": AVX512_BF16 without AMX
 # (AMD Zen 4 and Zen 5); "amx_bf16": Intel's AMX-BF16 tiles (Sapphire Rapids and newer). A CPU
 # with neither emulates bfloat16 and always trains in float32. bf16 / fp32 on the AMX Xeon
-# (train_speed_amx.md): PyTorch 1.17x, TensorFlow 1.20x, JAX 0.99x; on a Zen 5 EPYC (whole
+# (train_speed_amx.md): PyTorch 1.15x, TensorFlow 1.18x, JAX 0.92x; on a Zen 5 EPYC (whole
 # `--limit 8000` runs at commit 322688a): PyTorch 1.93x, TensorFlow 1.16x, JAX 0.92x.
 AUTO_BF16 = {
     "torch": ("avx512_bf16", "amx_bf16"),
