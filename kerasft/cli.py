@@ -545,6 +545,10 @@ def _fit_multi_process(args, out: Path) -> int:
     """
     import jax
 
+    from kerasft.allocator import keep_freed_memory
+
+    keep_freed_memory("jax")  # before jax.process_index() starts XLA's threads (fit's is too late)
+
     from kerasft.data import DATA_ENV
     from kerasft.fileio import publish_target
 
