@@ -15,13 +15,14 @@ gives each thread an arena of its own whose heaps hold at most 64 MiB: a larger 
 temporaries) is mapped afresh whatever the thresholds, which is why they alone left JAX's page
 faults per step as they were (58,309 -> 58,335, `benchmarks/results/allocator_jax_tf_default.md`
 against `..._malloc_env.md`). On JAX the process also keeps one arena (`M_ARENA_MAX` 1), so
-every thread allocates from the main heap, where the thresholds apply: on the AMX Xeon, 56,024
-page faults per step -> 0 and 113.8 -> 121.1 samples/s. A thread keeps the arena it first
-allocated from, so this must run before XLA starts its threads, i.e. before the first JAX
-computation: `TwoStageFineTuner.fit` calls it first thing (`kerasft.recipe.prepare_stage` again,
-a no-op by then). TensorFlow and PyTorch gained nothing from one arena (107.2 vs 108.0 and
-202.0 vs 205.7 samples/s there), and TensorFlow's faults were few (2,365 per step), so
-TensorFlow keeps glibc's defaults.
+every thread allocates from the main heap, where the thresholds apply: on the AMX Xeon, 57,531
+-> 951 page faults per step and 0.95x -> 1.11x Trainer's samples/s
+(`benchmarks/results/train_speed_amx.md` at commits f735dcf and 950fd87). A thread keeps the
+arena it first allocated from, so this must run before XLA starts its threads, i.e. before the
+first JAX computation: `TwoStageFineTuner.fit` calls it first thing
+(`kerasft.recipe.prepare_stage` again, a no-op by then). TensorFlow and PyTorch gained nothing
+from one arena in single-engine runs there (107.2 vs 108.0 and 202.0 vs 205.7 samples/s), and
+TensorFlow's faults were few (2,365 per step), so TensorFlow keeps glibc's defaults.
 Settings already chosen for the process are kept: `GLIBC_TUNABLES` with a malloc tunable,
 glibc's `MALLOC_MMAP_THRESHOLD_` / `MALLOC_TRIM_THRESHOLD_` / `MALLOC_ARENA_MAX`, or jemalloc or
 tcmalloc in `LD_PRELOAD`. Elsewhere than glibc (macOS, musl) nothing changes.

@@ -547,7 +547,7 @@ def _fit_multi_process(args, out: Path) -> int:
 
     from kerasft.allocator import keep_freed_memory
 
-    keep_freed_memory("jax")  # before jax.process_index() starts XLA's threads (fit's is too late)
+    keep_freed_memory(args.backend)  # before jax.process_index() starts XLA (fit's is too late)
 
     from kerasft.data import DATA_ENV
     from kerasft.fileio import publish_target
