@@ -3,10 +3,13 @@
 import importlib.util
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -46,20 +49,44 @@ def toy_texts(n: int, seed: int = 0) -> tuple[list[str], list[int]]:
     return texts, labels
 
 
+# glibc's messages when it finds its heap corrupted, before it aborts the process.
+HEAP_CORRUPTION = re.compile(
+    r"malloc\(\): |free\(\): |malloc_consolidate\(\)|corrupted |double free"
+)
+
+
+def _native_heap_abort(proc: subprocess.CompletedProcess) -> bool:
+    """Whether the process was aborted by glibc for a corrupted heap (native code, not Python)."""
+    return proc.returncode == -signal.SIGABRT and bool(HEAP_CORRUPTION.search(proc.stderr))
+
+
 def run_backend(backend: str, code: str, timeout: int = 600, env: dict | None = None) -> dict:
     """Runs `code` in a fresh Python with KERAS_BACKEND=backend; returns the JSON it prints last.
 
-    The code must print one JSON object on its last stdout line.
+    The code must print one JSON object on its last stdout line. A process that glibc aborts
+    for a corrupted heap runs once more, with a warning: CI saw that once in
+    `test_two_devices_give_the_weights_of_one[tensorflow]` (TensorFlow, which imports jaxlib
+    into the same process, MirroredStrategy on 2 virtual CPUs); it did not come back in 7 runs
+    of that test here (one under glibc's heap checks) nor in 5 of the CLI's `--devices 2` on
+    TensorFlow. Twice in a row fails the test.
     """
     full_env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": str(ROOT), **(env or {})}
-    proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=full_env,
-        cwd=ROOT,
-    )
+
+    def run():
+        return subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(code)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=full_env,
+            cwd=ROOT,
+        )
+
+    proc = run()
+    if _native_heap_abort(proc):
+        message = f"{backend}: glibc aborted on a corrupted heap; ran again:\n{proc.stderr[-500:]}"
+        warnings.warn(message, stacklevel=2)
+        proc = run()
     assert proc.returncode == 0, f"{backend} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
