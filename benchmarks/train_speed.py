@@ -27,7 +27,9 @@ backend trains faster in it on this CPU class, else float32; the bucket width; w
 embeddings train) but for what its name overrides:
 `torch@1` a bucket width, `torch:fp32` / `torch:bf16` the precision, `torch+frozen` /
 `torch-frozen` the word embeddings; `torch+padded` computes each batch with its padding,
-as kerasft did before it packed a batch's real tokens (`kerasft.encoder`). Trainer trains in
+as kerasft did before it packed a batch's real tokens (`kerasft.encoder`); `torch+jit` compiles
+the step with `torch.compile` (Keras' `jit_compile=True`; JAX and TensorFlow compile theirs with
+XLA already), whose cost shows in the "compile s" column. Trainer trains in
 float32 (its default) unless `trainer:bf16`. Ratios are to `trainer` (its defaults) and,
 where it ran, to `trainer:bf16`.
 
@@ -151,6 +153,7 @@ def _kerasft_worker(spec: dict, overrides: dict) -> None:
     set_threads(spec["threads"])
     # The recipe's stage 2 with its defaults, but for what the engine's name overrides.
     padded = overrides.pop("padded", False)  # not the recipe's: see `_parse_engine`
+    jit = overrides.pop("jit", False)
     config = RecipeConfig(batch_size=BATCH_SIZE, finetune_learning_rate=LEARNING_RATE,
                           finetune_schedule="linear", seed=SEED, **overrides)  # fmt: skip
     mixed = resolve_mixed_precision(config.mixed_precision)
@@ -172,6 +175,8 @@ def _kerasft_worker(spec: dict, overrides: dict) -> None:
     for view in model._flatten_layers():
         if isinstance(view, ClsEncoder):
             view.skip_padding = not padded
+    if jit:
+        model.jit_compile = True  # torch.compile of the train step (see `_parse_engine`)
     with rand_masks(model) as dropout_layers:  # as the recipe's `fit` trains
         batches, lengths, first = _timed_batches(
             train, WARMUP_STEPS + spec["rounds"] * spec["steps"] + 1
@@ -194,6 +199,7 @@ def _kerasft_worker(spec: dict, overrides: dict) -> None:
         notes = ["bf16" if mixed else "fp32", f"bucket width {width}"]
         notes += ["word embeddings frozen"] if config.freeze_word_embeddings else []
         notes += ["padding computed"] if padded else []
+        notes += ["torch.compile"] if jit else []
         notes += ["dropout masks from torch.rand"] if dropout_layers else []
         _reply({
             "breakdown": breakdown,
@@ -503,18 +509,20 @@ def worker(engine: str, spec: dict) -> None:
 
 
 def _parse_engine(name: str) -> tuple[str, dict]:
-    """`NAME[@WIDTH][:PRECISION][+frozen|-frozen][+padded]` -> `(name, overrides)`.
+    """`NAME[@WIDTH][:PRECISION][+frozen|-frozen][+padded][+jit]` -> `(name, overrides)`.
 
     The overrides are the recipe's (`RecipeConfig` fields) but for `"padded": True`, which runs
     kerasft's view without packing a batch's real tokens (`kerasft.encoder`; it computes the
-    padding, as before packing): for measuring what packing saves. `"torch"` -> `("torch", {})`
+    padding, as before packing): for measuring what packing saves; and `"jit": True` (PyTorch
+    only), the step compiled with `torch.compile`: for measuring what it saves per step and
+    costs to compile. `"torch"` -> `("torch", {})`
     (the recipe's defaults); `"torch@1:fp32"` -> `("torch", {"bucket_width": 1,
     "mixed_precision": None})`; `"torch+frozen"` -> `("torch", {"freeze_word_embeddings":
     True})`; `"trainer:bf16"` -> `("trainer", {"mixed_precision": "bfloat16"})`.
 
     Raises:
-        ValueError: an unknown engine, precision or suffix, a bad width, a repeated suffix, or
-            a width or a suffix for Trainer.
+        ValueError: an unknown engine, precision or suffix, a bad width, a repeated suffix, a
+            width or a suffix for Trainer, or `+jit` for another engine than torch.
     """
     match = re.fullmatch(r"([a-z]+)(?:@(\d+))?(?::(\w+))?((?:[+-][a-z]+)*)", name)
     if match is None:
@@ -525,11 +533,13 @@ def _parse_engine(name: str) -> tuple[str, dict]:
         raise ValueError(name)
     if (precision and precision not in PRECISIONS) or len(set(suffixes)) != len(suffixes):
         raise ValueError(name)
-    if any(x not in ("+frozen", "-frozen", "+padded") for x in suffixes) or (
+    if any(x not in ("+frozen", "-frozen", "+padded", "+jit") for x in suffixes) or (
         "+frozen" in suffixes and "-frozen" in suffixes
     ):
         raise ValueError(name)
     if backend == "trainer" and (width or suffixes):
+        raise ValueError(name)
+    if "+jit" in suffixes and backend != "torch":
         raise ValueError(name)
     overrides = {}
     if width:
@@ -540,7 +550,7 @@ def _parse_engine(name: str) -> tuple[str, dict]:
         if suffix.endswith("frozen"):
             overrides["freeze_word_embeddings"] = suffix == "+frozen"
         else:
-            overrides["padded"] = True
+            overrides[suffix[1:]] = True  # padded, jit
     return backend, overrides
 
 
@@ -861,12 +871,12 @@ def build_parser(prog: str = "python -m kerasft.benchmarks.train_speed") -> argp
     parser.add_argument(
         "--engines",
         help=f"comma-separated, from {','.join(ENGINES)}, each "
-        "NAME[@W][:fp32|bf16][+frozen|-frozen][+padded] (default: torch,jax,tensorflow,"
+        "NAME[@W][:fp32|bf16][+frozen|-frozen][+padded][+jit] (default: torch,jax,tensorflow,"
         "trainer, and trainer:bf16 on CPUs with AVX512_BF16 or AMX-BF16); a kerasft engine is "
         "the recipe's stage 2 with its defaults but for: @W, the bucket width (e.g. torch@1); "
         "+frozen / -frozen, word embeddings frozen or trained; :fp32 or :bf16, the precision "
         "(Trainer: fp32 unless :bf16); +padded, batches computed with their padding (PyTorch "
-        "packs the real tokens otherwise)",
+        "packs the real tokens otherwise); +jit (torch), the step compiled by torch.compile",
     )  # fmt: skip
     parser.add_argument("--rounds", type=int, default=6, help="rounds (default 6)")
     parser.add_argument("--steps", type=int, default=25, help="timed steps per round (default 25)")

@@ -16,7 +16,10 @@ checkpoints are interchangeable).
 Keras' Adam adds `epsilon` to `sqrt(v)`, PyTorch's to `sqrt(v) / sqrt(1 - beta_2**t)`; the
 fused call is given `epsilon / sqrt(1 - beta_2**t)`, which makes the two formulas the same.
 JAX and TensorFlow compile the whole step with XLA, which fuses the update already; they get
-Keras' own classes.
+Keras' own classes. Under Keras' `jit_compile=True` on PyTorch (`torch.compile` of the train
+step) the fused update runs eagerly after the compiled forward and backward: TorchDynamo
+cannot trace `_fused_adam_` updating Keras' variables in place (an internal assert in its
+functionalization, torch 2.13).
 """
 
 from __future__ import annotations
@@ -86,6 +89,7 @@ def _fused_classes() -> tuple[type, type]:
                 maximize=False,
             )
 
+        _parallel_update_step = torch._dynamo.disable(_parallel_update_step)  # see above
         fused_adam = type(
             "FusedAdam", (torch_adam.Adam,), {"_parallel_update_step": _parallel_update_step}
         )

@@ -60,3 +60,33 @@ def test_adam_updates_equal_keras_adam(backend):
             assert r["class"] == expected, (name, r)
         else:
             assert not r["class"].startswith("Fused"), (name, r)
+
+
+COMPILED = """
+import json, keras, numpy as np
+from kerasft.optimizers import adam
+
+x = np.random.default_rng(0).normal(size=(64, 8)).astype("float32")
+y = np.random.default_rng(1).normal(size=(64, 2)).astype("float32")
+weights = []
+for jit_compile in (False, True):
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"),
+                              keras.layers.Dense(2)])
+    model.compile(adam(1e-2), loss="mse", jit_compile=jit_compile)
+    model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+    weights.append([keras.ops.convert_to_numpy(w) for w in model.weights])
+print(json.dumps({
+    "diff": max(float(np.abs(a - b).max()) for a, b in zip(*weights)),
+    "class": type(model.optimizer).__name__,
+    "compiled": model.jit_compile,
+}))
+"""
+
+
+@pytest.mark.slow
+def test_fused_adam_trains_under_torch_compile():
+    """Keras' `jit_compile=True` on PyTorch compiles the step; the fused update stays eager."""
+    out = run_backend("torch", COMPILED)
+    assert out["class"] == "FusedAdam" and out["compiled"] is True, out
+    assert out["diff"] < 1e-5, out

@@ -77,8 +77,10 @@ def test_an_engine_name_is_the_recipe_it_overrides():
     assert _parse_engine("torch+padded-frozen") == (
         "torch", {"padded": True, "freeze_word_embeddings": False}
     )  # fmt: skip
-    for bad in ("torch+padded+padded", "torch+frozen-frozen", "torch-padded", "trainer+padded"):
-        with pytest.raises(ValueError, match="padded|frozen"):
+    assert _parse_engine("torch+jit") == ("torch", {"jit": True})
+    for bad in ("torch+padded+padded", "torch+frozen-frozen", "torch-padded", "trainer+padded",
+                "jax+jit", "torch-jit"):  # fmt: skip
+        with pytest.raises(ValueError, match="padded|frozen|jit"):
             _parse_engine(bad)
 
 
