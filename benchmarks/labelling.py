@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 from kerasft.benchmarks.report import results_parser
+from kerasft.exporters import exportdir
 from kerasft.exporters.exportdir import is_export
 
 
@@ -206,7 +207,7 @@ def _work(job: dict) -> dict:
         from kerasft.exporters.runtime import load
 
         served = load(model)
-        name = served.manifest["format"] + " " + (served.manifest["quantization"] or "fp32")
+        name = served.manifest["format"] + " " + exportdir.variant(served.manifest)
         predict_proba, chunk = (lambda t: served.predict(t).probabilities), served.chunk_rows
         names = served.label_names
     else:

@@ -128,6 +128,17 @@ def manifest_format(export_dir: str | Path) -> str | None:
     return _read_raw(Path(export_dir)).get("format")
 
 
+def variant(manifest: dict) -> str:
+    """An export's variant as users see it named: its `quantization` (e.g. `"int8-nncf"`), or
+    `"fp32"` for an unquantized one (`quantization` null).
+
+    Example:
+        >>> variant({"quantization": None})
+        'fp32'
+    """
+    return manifest["quantization"] or "fp32"
+
+
 def manifest_sha256(export_dir: str | Path) -> str:
     """The sha256 of an export's `manifest.json`: the value to pin (`manifest_sha256=`)."""
     return sha256_file(Path(export_dir) / MANIFEST_FILE)

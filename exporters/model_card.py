@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from kerasft.exporters import exportdir
+
 
 def _yaml(value, indent: int = 0) -> str:
     """A small YAML writer for the front matter (dicts, lists, scalars); JSON-quoted strings."""
@@ -66,7 +68,7 @@ def write_model_card(export_dir: Path, manifest: dict, run_dir: Path | None) -> 
         The card's path.
     """
     metrics, config = _run_info(run_dir)
-    variant = manifest["quantization"] or "fp32"
+    variant = exportdir.variant(manifest)
     preset = metrics.get("preset") or config.get("recipe", {}).get("preset") or "model"
     name = f"kerasft-{Path(str(preset)).name}-{manifest['format']}-{variant}"
     front = {
@@ -110,7 +112,7 @@ def _results(manifest: dict, metrics: dict, config: dict) -> list[dict]:
     """The `model-index` results: the run's Keras test metrics and the export's accuracy."""
     data = config.get("data")
     dataset = Path(data["path"]).name if isinstance(data, dict) else "data"
-    check, variant = manifest["verification"], manifest["quantization"] or "fp32"
+    check, variant = manifest["verification"], exportdir.variant(manifest)
     task = {"type": "text-classification", "name": "Text Classification"}
     results = []
     test = metrics.get("test")

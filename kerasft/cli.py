@@ -714,7 +714,7 @@ def cmd_export(args) -> int:
         keep_fp32=args.keep_fp32,
     )
     manifest = exportdir.read_manifest(out)
-    check, variant = manifest["verification"], manifest["quantization"] or "fp32"
+    check, variant = manifest["verification"], exportdir.variant(manifest)
     acc = check.get("accuracy")
     drop = (
         f", accuracy {0 - acc['drop'] * 100:+.2f} points vs Keras on {acc['texts']} held-out texts "
