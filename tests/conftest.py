@@ -55,38 +55,33 @@ HEAP_CORRUPTION = re.compile(
 )
 
 
-def _native_heap_abort(proc: subprocess.CompletedProcess) -> bool:
-    """Whether the process was aborted by glibc for a corrupted heap (native code, not Python)."""
-    return proc.returncode == -signal.SIGABRT and bool(HEAP_CORRUPTION.search(proc.stderr))
+def run_process(args: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """`subprocess.run(args, capture_output=True, text=True, **kwargs)`, run once more, with a
+    warning, when glibc aborted it for a corrupted heap (native code, not Python).
+
+    CI saw that once in `test_two_devices_give_the_weights_of_one[tensorflow]` (TensorFlow,
+    which imports jaxlib into the same process, MirroredStrategy on 2 virtual CPUs); it did not
+    come back in 7 runs of that test here (one under glibc's heap checks) nor in 5 of the CLI's
+    `--devices 2` on TensorFlow. Twice in a row, or any other failure, is the caller's to judge.
+    """
+    proc = subprocess.run(args, capture_output=True, text=True, **kwargs)
+    if proc.returncode == -signal.SIGABRT and HEAP_CORRUPTION.search(proc.stderr):
+        message = f"glibc aborted on a corrupted heap; ran again:\n{proc.stderr[-500:]}"
+        warnings.warn(message, stacklevel=2)
+        proc = subprocess.run(args, capture_output=True, text=True, **kwargs)
+    return proc
 
 
 def run_backend(backend: str, code: str, timeout: int = 600, env: dict | None = None) -> dict:
     """Runs `code` in a fresh Python with KERAS_BACKEND=backend; returns the JSON it prints last.
 
-    The code must print one JSON object on its last stdout line. A process that glibc aborts
-    for a corrupted heap runs once more, with a warning: CI saw that once in
-    `test_two_devices_give_the_weights_of_one[tensorflow]` (TensorFlow, which imports jaxlib
-    into the same process, MirroredStrategy on 2 virtual CPUs); it did not come back in 7 runs
-    of that test here (one under glibc's heap checks) nor in 5 of the CLI's `--devices 2` on
-    TensorFlow. Twice in a row fails the test.
+    The code must print one JSON object on its last stdout line. A heap-corruption abort runs
+    it once more (`run_process`).
     """
     full_env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": str(ROOT), **(env or {})}
-
-    def run():
-        return subprocess.run(
-            [sys.executable, "-c", textwrap.dedent(code)],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=full_env,
-            cwd=ROOT,
-        )
-
-    proc = run()
-    if _native_heap_abort(proc):
-        message = f"{backend}: glibc aborted on a corrupted heap; ran again:\n{proc.stderr[-500:]}"
-        warnings.warn(message, stacklevel=2)
-        proc = run()
+    proc = run_process(
+        [sys.executable, "-c", textwrap.dedent(code)], timeout=timeout, env=full_env, cwd=ROOT
+    )
     assert proc.returncode == 0, f"{backend} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

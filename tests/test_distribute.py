@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import CLI_ENV, ROOT, TOY_BUCKETS, run_backend
+from conftest import CLI_ENV, ROOT, TOY_BUCKETS, run_backend, run_process
 from kerasft.distribute import DataParallelPlan
 
 TWO_CPUS = {"KERASFT_CPU_DEVICES": "2"}
@@ -101,10 +101,9 @@ def _fit_args(backend, preset, data, out, *extra):
 
 
 def _fit_cli(backend, preset, data, out, *extra, env=None):
-    return subprocess.run(
-        _fit_args(backend, preset, data, out, *extra),
-        capture_output=True, text=True, env={**CLI_ENV, **(env or {})}, timeout=600,
-    )  # fmt: skip
+    return run_process(
+        _fit_args(backend, preset, data, out, *extra), env={**CLI_ENV, **(env or {})}, timeout=600
+    )  # a heap-corruption abort runs once more: see `run_process`
 
 
 @pytest.mark.parametrize("backend", ["jax", "tensorflow"])

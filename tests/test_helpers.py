@@ -1,5 +1,5 @@
-"""The shared helpers' own behaviour: `run_backend` runs a process glibc aborted for a corrupted
-heap once more, and only that."""
+"""The shared helpers' own behaviour: `run_process` (under `run_backend`) runs a process glibc
+aborted for a corrupted heap once more, and only that."""
 
 import pytest
 
