@@ -144,9 +144,7 @@ def _kerasft_worker(spec: dict, overrides: dict) -> None:
     from kerasft.benchmarks.worker import set_threads
     from kerasft.config import RecipeConfig, default_bucket_width
     from kerasft.dropout import rand_masks
-    from kerasft.encoder import ClsEncoder
-    from kerasft.precision import policy_name, resolve_mixed_precision
-    from kerasft.presets import load_classifier
+    from kerasft.precision import resolve_mixed_precision
 
     # As `TwoStageFineTuner.fit` does first thing: on JAX before XLA starts its threads.
     keep_freed_memory(keras.backend.backend())
@@ -161,22 +159,7 @@ def _kerasft_worker(spec: dict, overrides: dict) -> None:
     data = json.loads(Path(spec["data"]).read_text())
     keras.utils.set_random_seed(SEED)
     started = time.perf_counter()
-    classifier = load_classifier(spec["preset"], len(data["label_names"]), spec["sequence_length"],
-                                 policy_name(mixed))  # fmt: skip
-    recipe.initialize_head(classifier, SEED)
-    train = recipe.encode(
-        classifier, data["texts"], np.asarray(data["labels"]), batch_size=BATCH_SIZE,
-        shuffle=True, seed=SEED, bucket_width=width,
-    )  # fmt: skip
-    model, _, _ = recipe.prepare_stage(
-        classifier, train, epochs=1, train_base=True, verbose=0,
-        **config.stage_options("finetune"),
-    )  # fmt: skip
-    for view in model._flatten_layers():
-        if isinstance(view, ClsEncoder):
-            view.skip_padding = not padded
-    if jit:
-        model.jit_compile = True  # torch.compile of the train step (see `_parse_engine`)
+    classifier, train, model = _stage_2(spec, data, config, mixed, width, padded, jit)
     with rand_masks(model) as dropout_layers:  # as the recipe's `fit` trains
         batches, lengths, first = _timed_batches(
             train, WARMUP_STEPS + spec["rounds"] * spec["steps"] + 1
@@ -220,6 +203,34 @@ def _kerasft_worker(spec: dict, overrides: dict) -> None:
         if _read()["op"] != "round":
             return
         model.fit(timed, epochs=1, verbose=0, shuffle=False, callbacks=[_timer(rounds)])
+
+
+def _stage_2(spec: dict, data: dict, config, mixed, width: int, padded: bool, jit: bool):
+    """`(classifier, train, model)`: the classifier loaded and its head initialised as the
+    recipe does, the training batches, and the compiled stage-2 model, with packing off where
+    `padded` and the step compiled by `torch.compile` where `jit` (see `_parse_engine`)."""
+    from kerasft import recipe
+    from kerasft.encoder import ClsEncoder
+    from kerasft.precision import policy_name
+    from kerasft.presets import load_classifier
+
+    classifier = load_classifier(spec["preset"], len(data["label_names"]), spec["sequence_length"],
+                                 policy_name(mixed))  # fmt: skip
+    recipe.initialize_head(classifier, SEED)
+    train = recipe.encode(
+        classifier, data["texts"], np.asarray(data["labels"]), batch_size=BATCH_SIZE,
+        shuffle=True, seed=SEED, bucket_width=width,
+    )  # fmt: skip
+    model, _, _ = recipe.prepare_stage(
+        classifier, train, epochs=1, train_base=True, verbose=0,
+        **config.stage_options("finetune"),
+    )  # fmt: skip
+    for view in model._flatten_layers():
+        if isinstance(view, ClsEncoder):
+            view.skip_padding = not padded
+    if jit:
+        model.jit_compile = True
+    return classifier, train, model
 
 
 def _timer(rounds):
