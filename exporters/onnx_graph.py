@@ -5,6 +5,7 @@ the export's manifest records under `fusions`. `kerasft.exporters.onnx.write_fp3
 - the ONNX export (onnxruntime): `global_average_pool_to_reduce_mean`, `fuse_attention` (each
   Keras attention block as onnxruntime's fused `Attention`), `fold_tensordot`, and after
   onnxruntime's optimizer `gemm_to_matmul` and `residual_add_to_sum`;
+- before onnxruntime's calibrated INT8: `smooth_input_channels`;
 - the graph OpenVINO reads (attention as traced, fused by OpenVINO's front end into
   `ScaledDotProductAttention`): `lower_einsum`, `fold_head_bias`, `drop_index_wrap`,
   `drop_redundant_expand`, `fold_tensordot`.
@@ -601,3 +602,62 @@ def drop_redundant_expand(model) -> int:
         removed += 1
     replace_nodes(graph, list(graph.node))
     return removed
+
+
+def smooth_input_channels(model, scales: dict) -> int:
+    """Moves each listed node's per-channel input scale into its weight: `x @ W` becomes
+    `(x * (1 / s)) @ (s[:, None] * W)`, the same product (SmoothQuant's transform).
+
+    Used before INT8 quantization on the inputs that have a few outlier channels (BERT's
+    feed-forward inputs have one or two channels 5-15x larger than the rest): divided by `s`,
+    those channels fall in the range of the others, so the input's one quantization range
+    resolves every channel finely; `W`'s rows grow by `s`, which its per-column ranges absorb.
+    The division is a `Mul` by the constant `1 / s` before the node (it cannot fold into the
+    producer: a `LayerNormalization` whose output the residual also reads, or a GELU).
+
+    Args:
+        model: an `onnx.ModelProto`, rewritten in place.
+        scales: `{node name: s}` for `MatMul` nodes with a constant 2-D weight `(channels, n)`
+            and onnxruntime's fused `Attention` (weight `(channels, 3 x hidden)`), `s` a float
+            vector of one entry per input channel.
+
+    Returns:
+        The number of nodes whose input was scaled.
+    """
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    readers = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    nodes, divided, rewritten = [], {}, 0
+    for node in graph.node:
+        s = scales.get(node.name)
+        if s is None:
+            nodes.append(node)
+            continue
+        weight = numpy_helper.to_array(inits[node.input[1]])
+        s = np.asarray(s, dtype=np.float32)
+        if weight.ndim != 2 or weight.shape[0] != s.shape[0]:
+            raise ValueError(f"{node.name}: weight {weight.shape} does not match {s.shape[0]} "
+                             "input channels")  # fmt: skip
+        p = f"{node.name}_smooth"
+        scaled = (weight * s[:, None]).astype(weight.dtype)
+        if readers[node.input[1]] == 1:
+            inits[node.input[1]].CopyFrom(numpy_helper.from_array(scaled, node.input[1]))
+        else:  # a weight other nodes read too: a scaled copy of its own
+            graph.initializer.append(numpy_helper.from_array(scaled, f"{p}_weight"))
+            node.input[1] = f"{p}_weight"
+        key = (node.input[0], s.tobytes())  # one division for the nodes reading one input
+        if key not in divided:
+            graph.initializer.append(numpy_helper.from_array(1.0 / s, f"{p}_inverse"))
+            nodes.append(helper.make_node("Mul", [node.input[0], f"{p}_inverse"],
+                                          [f"{p}_input"], name=p))  # fmt: skip
+            divided[key] = f"{p}_input"
+        node.input[0] = divided[key]
+        nodes.append(node)
+        rewritten += 1
+    replace_nodes(graph, nodes)
+    return rewritten

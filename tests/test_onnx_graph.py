@@ -6,7 +6,12 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from kerasft.exporters.onnx_graph import drop_index_wrap, drop_redundant_expand, fold_head_bias
+from kerasft.exporters.onnx_graph import (
+    drop_index_wrap,
+    drop_redundant_expand,
+    fold_head_bias,
+    smooth_input_channels,
+)
 
 F, I64 = TensorProto.FLOAT, TensorProto.INT64
 
@@ -122,3 +127,56 @@ def test_drop_redundant_expand_keeps_an_expand_that_sets_the_shape():
         if node.op_type == "Concat":
             node.attribute.append(helper.make_attribute("axis", 0))
     assert drop_redundant_expand(model) == 0 and "Expand" in _ops(model)
+
+
+def _two_products():
+    rng = np.random.default_rng(2)
+    inits = {"w1": rng.normal(size=(4, 3)).astype("float32"),
+             "w2": rng.normal(size=(4, 3)).astype("float32")}  # fmt: skip
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["m1"], name="m1"),
+        helper.make_node("MatMul", ["x", "w2"], ["m2"], name="m2"),
+        helper.make_node("Add", ["m1", "m2"], ["y"]),
+    ]
+    return _model(nodes, [helper.make_tensor_value_info("x", F, [None, None, 4])], "y", inits)
+
+
+def test_smooth_input_channels_keeps_the_product():
+    model = _two_products()
+    x = np.random.default_rng(3).normal(size=(2, 5, 4)).astype("float32")
+    x[..., 1] *= 30  # an outlier channel
+    before = _run(model, {"x": x})
+    s = np.array([1, 30, 1, 1], dtype="float32")
+    assert smooth_input_channels(model, {"m1": s, "m2": s}) == 2
+    assert _ops(model) == ["Mul", "MatMul", "MatMul", "Add"]  # one division for both readers
+    np.testing.assert_allclose(_run(model, {"x": x}), before, rtol=1e-5, atol=1e-4)
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    np.testing.assert_allclose(inits[model.graph.node[0].input[1]], 1 / s)
+    with pytest.raises(ValueError, match=r"m1: weight \(4, 3\) does not match 5 input channels"):
+        smooth_input_channels(_two_products(), {"m1": np.ones(5)})
+
+
+def test_outlier_scales_pick_the_outlier_channels(tmp_path):
+    import onnx
+
+    from kerasft.exporters.onnx import outlier_scales
+
+    channels = np.array([1.0, -1.2, 40.0, 0.8, 1.1, 0.9], dtype="float32")  # channel 2 outlies
+    nodes = [
+        helper.make_node("Cast", ["token_ids"], ["ids"], to=F),
+        helper.make_node("Unsqueeze", ["ids", "axis"], ["column"]),
+        helper.make_node("Mul", ["column", "channels"], ["x"]),
+        helper.make_node("MatMul", ["x", "w"], ["y"], name="product"),
+    ]
+    inputs = [
+        helper.make_tensor_value_info("token_ids", I64, [None, None]),
+        helper.make_tensor_value_info("padding_mask", TensorProto.INT32, [None, None]),
+    ]
+    w = np.ones((6, 2), dtype="float32")
+    model = _model(nodes, inputs, "y", {"axis": np.array([-1]), "channels": channels, "w": w})
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    ids = np.array([[2, 3, 0], [1, 0, 0]])  # padding (0) never counts
+    feeds = [{"token_ids": ids, "padding_mask": (ids != 0).astype("int32")}]
+    s = outlier_scales(tmp_path / "m.onnx", feeds)["product"]
+    # 40 x 3 brought to the largest other channel's peak, 1.2 x 3
+    np.testing.assert_allclose(s, [1, 1, 40 / 1.2, 1, 1, 1], rtol=1e-6)
