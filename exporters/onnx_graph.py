@@ -1,11 +1,11 @@
 """kerasft's passes over an ONNX graph (`onnx.ModelProto`, rewritten in place).
 
 Each pass keeps the function the graph computes and returns how many places it rewrote, which
-the export's manifest records under `fusions`. `kerasft.exporters.onnx.write_fp32` runs them:
+the export's manifest records under `fusions`. `kerasft.exporters.onnx` runs them:
 - the ONNX export (onnxruntime): `global_average_pool_to_reduce_mean`, `fuse_attention` (each
   Keras attention block as onnxruntime's fused `Attention`), `fold_tensordot`, and after
   onnxruntime's optimizer `gemm_to_matmul` and `residual_add_to_sum`;
-- before onnxruntime's calibrated INT8: `smooth_input_channels`;
+- before onnxruntime's calibrated INT8 (`onnx.write`): `smooth_input_channels`;
 - the graph OpenVINO reads (attention as traced, fused by OpenVINO's front end into
   `ScaledDotProductAttention`): `lower_einsum`, `fold_head_bias`, `drop_index_wrap`,
   `drop_redundant_expand`, `fold_tensordot`.
