@@ -175,7 +175,7 @@ def test_outlier_scales_pick_the_outlier_channels(tmp_path):
     w = np.ones((6, 2), dtype="float32")
     model = _model(nodes, inputs, "y", {"axis": np.array([-1]), "channels": channels, "w": w})
     onnx.save(model, str(tmp_path / "m.onnx"))
-    ids = np.array([[2, 3, 0], [1, 0, 0]])  # padding (0) never counts
+    ids = np.array([[2, 3, 0], [1, 0, 0]])
     feeds = [{"token_ids": ids, "padding_mask": (ids != 0).astype("int32")}]
     s = outlier_scales(tmp_path / "m.onnx", feeds)["product"]
     # 40 x 3 brought to the largest other channel's peak, 1.2 x 3
