@@ -40,7 +40,6 @@ from pathlib import Path
 
 from kerasft.benchmarks.report import results_parser
 from kerasft.exporters import exportdir
-from kerasft.exporters.exportdir import is_export
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
     source = source_commit()
     threads = [int(t) for t in args.threads.split(",")]
-    exports = sorted(p for p in args.exports.iterdir() if is_export(p))
+    exports = sorted(p for p in args.exports.iterdir() if exportdir.is_export(p))
     if not exports:
         raise SystemExit(f"no exports in {args.exports}")
     test = run_splits(args.run)[2]
@@ -203,7 +202,7 @@ def _work(job: dict) -> dict:
     from kerasft.textstream import read_texts
 
     model = Path(job["model"])
-    if is_export(model):
+    if exportdir.is_export(model):
         from kerasft.exporters.runtime import load
 
         served = load(model)
