@@ -183,7 +183,7 @@ def _kerasft_worker(spec: dict, overrides: dict) -> None:
         notes += ["word embeddings frozen"] if config.freeze_word_embeddings else []
         notes += ["padding computed"] if padded else []
         notes += ["torch.compile"] if jit else []
-        notes += ["dropout masks from torch.rand"] if dropout_layers else []
+        notes += ["16-bit dropout masks"] if dropout_layers else []
         _reply({
             "breakdown": breakdown,
             "engine": f"kerasft {keras.backend.backend()} ({', '.join(notes)})",

@@ -1,18 +1,22 @@
-"""Dropout masks drawn with `torch.rand` instead of PyTorch's `bernoulli_` (PyTorch only).
+"""Cheaper dropout masks for PyTorch training: 16 random bits per element, from `random_`.
 
 Keras' PyTorch backend drops activations with `torch.nn.functional.dropout` (an unseeded
 `Dropout` layer, as in every KerasHub backbone), whose keep mask comes from `bernoulli_`. On a
 CPU that PyTorch does not see as Intel's, `bernoulli_` draws one double-precision sample per
 element in a single serial loop; MKL's parallel generator is used on Intel CPUs only
-(pytorch/pytorch#138199). On the 2-core AMD EPYC that was 8% of a fine-tuning step of the
-reference model (`benchmarks/results/train_speed.md` at commit 07ad20c; 4% with these masks,
-in the file's current run). Float uniforms from `torch.rand`,
-compared with the rate, give the same distribution from the same global generator (seeded by
-`keras.utils.set_random_seed`, saved in checkpoints) at about 0.6x the cost: forward and
-backward of a 32 x 16 x 384 activation, 0.99 ms against 1.64 ms there. MKL's generator is
-slower than that too: on the 2-core AMX Xeon a stage-2 step of the reference model took
-143.0-143.6 ms with these masks against 149.8-151.1 ms with `bernoulli_` (median of 60 steps
-each way, interleaved, two runs), so every CPU gets them.
+(pytorch/pytorch#138199), and on the 2-core AMX Xeon it was slower still than what replaced it
+(a stage-2 step of the reference model 149.8-151.1 ms against 143.0-143.6 ms, median of 60 steps
+each way, interleaved, two runs). Uniform floats from `torch.rand` compared with the rate were
+the next step (0.6x `bernoulli_`'s cost on the 2-core AMD EPYC), but they still spend one
+generator call on each element: 6% of a bf16 step on the AMX Xeon (`torch.profiler`).
+
+A mask needs far fewer random bits than that. Here each 64-bit word from `random_` (PyTorch's
+global CPU generator, seeded by `keras.utils.set_random_seed` and saved in checkpoints) gives
+four elements 16 bits each; an element is dropped when its bits fall below the rate rounded to
+a multiple of 1/65,536 (0.1 -> 0.100006), and the kept ones are scaled by 1 / (1 - that rate),
+so the layer's output keeps its expected value. On the AMX Xeon a mask for 463 x 384 elements,
+applied, cost 382 us against 617 us with `torch.rand` (the generator alone 139 us against 504).
+A rate further than 1% from its rounding (below about 0.0008) keeps `torch.rand`'s 24 bits.
 
 `rand_masks(model)` is a context manager for the duration of a `fit`: inside it, the model's
 unseeded Keras `Dropout` layers draw their masks that way on a CPU; on exit they are Keras'
@@ -36,8 +40,30 @@ def applies() -> bool:
     return keras.backend.backend() == "torch"
 
 
+LANE_BITS = 16  # random bits per element
+_LANES = 1 << LANE_BITS
+_INT64_MIN = -(1 << 63)  # `random_(from, None)`: every 64-bit value
+
+
+def mask_threshold(rate: float) -> int | None:
+    """How many of the 65,536 values of an element's 16 bits drop it, or None where that
+    would be more than 1% off `rate` (the layer then draws 24-bit uniforms instead)."""
+    dropped = round(rate * _LANES)
+    return dropped if 0 < dropped < _LANES and abs(dropped / _LANES - rate) <= 0.01 * rate else None
+
+
+def _keep_mask(shape, dropped: int):
+    """A boolean keep mask of `shape`: 16 random bits per element (four per `random_` word)."""
+    import torch
+
+    count = shape.numel()
+    words = torch.empty((count + 3) // 4, dtype=torch.int64).random_(_INT64_MIN, None)
+    bits = words.view(torch.int16)[:count].view(shape)  # signed: -32768 ... 32767
+    return bits.ge(dropped - _LANES // 2)
+
+
 def _rand_call(layer):
-    """`layer.call` drawing its keep mask with `torch.rand` (CPU tensors; else Keras' own)."""
+    """`layer.call` drawing its keep mask from 16-bit lanes (CPU tensors; else Keras' own)."""
     import torch
 
     keras_call = layer.call
@@ -45,15 +71,21 @@ def _rand_call(layer):
     def call(inputs, training=False):
         if not (training and isinstance(inputs, torch.Tensor) and inputs.device.type == "cpu"):
             return keras_call(inputs, training=training)
-        keep = torch.rand(inputs.shape, dtype=torch.float32).ge_(layer.rate)
-        return inputs * keep.to(inputs.dtype).mul_(1.0 / (1.0 - layer.rate))
+        dropped = mask_threshold(layer.rate)
+        if dropped is None:
+            rate = layer.rate
+            keep = torch.rand(inputs.shape, dtype=torch.float32).ge_(rate)
+        else:
+            rate = dropped / _LANES
+            keep = _keep_mask(inputs.shape, dropped)
+        return inputs * keep.to(inputs.dtype).mul_(1.0 / (1.0 - rate))
 
     return call
 
 
 @contextlib.contextmanager
 def rand_masks(model: keras.Model) -> Iterator[int]:
-    """Within the block, `model`'s unseeded `Dropout` layers draw masks with `torch.rand`.
+    """Within the block, `model`'s unseeded `Dropout` layers draw cheaper masks (see above).
 
     Only where `applies()`; layers with a seed or a `noise_shape`, and subclasses of `Dropout`,
     keep Keras' dropout. Leaving the block restores every layer, on an error too.
@@ -62,7 +94,7 @@ def rand_masks(model: keras.Model) -> Iterator[int]:
         model: a Keras model about to train.
 
     Yields:
-        How many layers draw their masks with `torch.rand` (0 where it does not apply).
+        How many layers draw their masks here (0 where it does not apply).
 
     Example:
         >>> with rand_masks(model):

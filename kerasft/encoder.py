@@ -13,15 +13,26 @@ what that position needs and nothing else, with the backbone's own layers and va
   `(batch, length, ...)` again only for the attention scores. At the recipe's bucket width 4
   that is 16.0 -> 14.5 tokens per row on the reference data. JAX and TensorFlow compile every
   shape, so there the padded batch runs as it is (its bucket bounds the shapes they see).
+- **The word embeddings' gradient in one kept buffer on PyTorch.** The table's gradient is dense
+  (30,522 x 384 floats for the offline preset), but a batch touches a few hundred of its rows.
+  PyTorch's embedding backward zero-fills a new 47 MB tensor every step; the packed path looks
+  its rows up through `_RowsKeepingGradient` instead, whose backward zeroes only the rows the
+  previous step wrote in a buffer it keeps, and adds the new ones. Autograd hands that buffer
+  to the variable as its gradient without a copy. It is the same gradient, and valid until the
+  next backward through the same encoder (Keras' `fit` applies it before).
 
-Both give the backbone's `[CLS]` output to float rounding (`tests/test_recipe.py`); only the
-dropout masks are drawn for fewer elements. Backbones of another layout run whole.
+Both give the backbone's `[CLS]` output and gradients to float rounding
+(`tests/test_recipe.py`); only the dropout masks are drawn for fewer elements. Backbones of
+another layout run whole.
 
 Example:
     >>> features = ClsEncoder(classifier.backbone)(classifier.backbone.input)
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
 
 import keras
 
@@ -100,6 +111,7 @@ class ClsEncoder(keras.layers.Layer):
         self.last_output_dense = last._feedforward_output_dense
         self.last_feedforward_dropout = last._feedforward_dropout
         self.last_feedforward_layer_norm = last._feedforward_layer_norm
+        self._table_gradient = _GradientBuffer()  # for `_RowsKeepingGradient` (PyTorch)
         self.built = True  # every layer above is the backbone's, built
 
     def packs(self) -> bool:
@@ -137,8 +149,8 @@ class ClsEncoder(keras.layers.Layer):
 
     def _packed(self, token_ids, packing, training):
         """`call` with the real tokens packed: `(1, tokens, ...)` outside the attention scores."""
-        pack, unpack, cls_rows, mask = packing
-        x = pack(self.embeddings(token_ids))
+        pack, unpack, cls_rows, mask = packing.pack, packing.unpack, packing.cls_rows, packing.mask
+        x = self._packed_embeddings(token_ids, packing)
         x = self.embeddings_dropout(self.embeddings_layer_norm(x), training=training)
         for layer in self.encoder_layers:  # KerasHub's `TransformerEncoder.call`, post-norm
             attention = layer._self_attention_layer
@@ -158,9 +170,99 @@ class ClsEncoder(keras.layers.Layer):
         y, _ = attention._compute_attention(q, k, v, attention_mask=mask, training=training)
         return self._last_block(attention._output_dense(y), residual, training)
 
+    def _packed_embeddings(self, token_ids, packing):
+        """`TokenAndPositionEmbedding` of the packed tokens: their word rows through
+        `_RowsKeepingGradient`, in the layers' precision (word rows cast after the lookup,
+        as Keras' `Embedding` does; positions cast with their table, as under autocast)."""
+        layer = self.embeddings
+        words = layer.token_embedding
+        plain = (
+            type(words).call in (keras.layers.Embedding.call, keras.layers.ReversibleEmbedding.call)
+            and not words.lora_enabled
+            and words.quantization_mode is None
+            and type(layer.position_embedding).call is _position_call()
+        )
+        if not plain:  # LoRA, quantized or another layer: the backbone's own call
+            return packing.pack(layer(token_ids))
+        import torch
+        from keras.src.backend import AutocastScope  # what `Layer.__call__` enters for a layer
+        # with `autocast=False`, as `Embedding` is: its table is read in float32, not cast whole
 
-def _torch_packing(padding_mask, cls_index: int):
-    """`(pack, unpack, [CLS] rows, attention mask)` for a PyTorch batch with padding, else None.
+        ids = packing.pack(keras.ops.cast(token_ids, "int64"))[0]  # (tokens,)
+        with AutocastScope(None):
+            table = words.embeddings.value
+        rows = _rows_keeping_gradient(table, ids, self._table_gradient)
+        table = layer.position_embedding.position_embeddings.value
+        positions = torch.nn.functional.embedding(
+            packing.positions, keras.ops.cast(table, layer.position_embedding.compute_dtype)
+        )
+        return (keras.ops.cast(rows, words.compute_dtype) + positions).unsqueeze(0)
+
+
+def _position_call():
+    """KerasHub's `PositionEmbedding.call` (the one `_packed_embeddings` reproduces)."""
+    import keras_hub
+
+    return keras_hub.layers.PositionEmbedding.call
+
+
+class _GradientBuffer:
+    """The word-embedding gradient `_RowsKeepingGradient` keeps between steps, and the rows
+    the last backward wrote in it (the rest are zeros)."""
+
+    def __init__(self):
+        self.buffer = None
+        self.rows = None
+
+
+_LOOKUP = None
+
+
+def _rows_keeping_gradient(table, ids, state: _GradientBuffer):
+    """`table[ids]`, whose backward gives the table's dense gradient in `state.buffer`."""
+    global _LOOKUP
+    if _LOOKUP is None:
+        import torch
+
+        class _RowsKeepingGradient(torch.autograd.Function):
+            """An embedding lookup whose dense gradient reuses one buffer (module docstring)."""
+
+            @staticmethod
+            def forward(ctx, table, ids, state):
+                ctx.save_for_backward(ids)
+                ctx.state, ctx.shape = state, table.shape
+                return torch.nn.functional.embedding(ids, table)
+
+            @staticmethod
+            def backward(ctx, grad):
+                (ids,) = ctx.saved_tensors
+                state = ctx.state
+                buffer = state.buffer
+                if buffer is None or buffer.shape != ctx.shape or buffer.dtype != grad.dtype:
+                    buffer = state.buffer = grad.new_zeros(ctx.shape)
+                elif state.rows is not None:
+                    buffer.index_fill_(0, state.rows, 0)
+                buffer.index_add_(0, ids, grad)
+                state.rows = ids
+                # a tensor of its own over the buffer: autograd may take it as the gradient
+                return buffer.detach(), None, None
+
+        _LOOKUP = _RowsKeepingGradient
+    return _LOOKUP.apply(table, ids, state)
+
+
+class _Packing(NamedTuple):
+    """How a PyTorch batch's real tokens are packed (`_torch_packing`)."""
+
+    pack: Callable  # (batch, length, ...) -> (1, tokens, ...)
+    unpack: Callable  # the reverse, zeros at padding
+    cls_rows: object  # each row's [CLS] token among the packed ones
+    mask: object  # (batch, 1, keys) attention mask, as KerasHub's
+    positions: object  # each packed token's position in its row
+
+
+def _torch_packing(padding_mask, cls_index: int) -> _Packing | None:
+    """How to pack the real tokens of a PyTorch batch with padding, else None.
 
     `pack`: `(batch, length, ...)` -> `(1, tokens, ...)`, the real tokens in order; `unpack`
     the reverse, zeros at padding (masked out of every attention). Both are index gathers, so
@@ -192,4 +294,4 @@ def _torch_packing(padding_mask, cls_index: int):
 
     cls_rows = where.reshape(batch, length)[:, cls_index]
     attention_mask = mask.to(torch.int32).unsqueeze(1)  # (batch, 1, keys), as KerasHub's
-    return pack, unpack, cls_rows, attention_mask
+    return _Packing(pack, unpack, cls_rows, attention_mask, real % length)

@@ -83,3 +83,13 @@ print(json.dumps({{"fits": len(seen), "dropout_layers": seen[0] if seen else 0,
 def test_the_recipe_trains_inside_rand_masks_and_leaves_no_trace(tiny_preset):
     out = run_backend("torch", FIT.format(preset=str(tiny_preset)), timeout=300)
     assert out["fits"] == 1 and out["dropout_layers"] > 0 and out["left_over"] == 0
+
+
+def test_the_mask_threshold_rounds_the_rate_to_16_bits_or_declines():
+    from kerasft.dropout import mask_threshold
+
+    assert mask_threshold(0.1) == 6554  # 0.100006: dropped below 6554 of 65536 values
+    assert mask_threshold(0.25) == 16384 and mask_threshold(0.5) == 32768
+    # more than 1% off after rounding (or nothing to drop): torch.rand's 24 bits instead
+    assert mask_threshold(1e-5) is None and mask_threshold(0.0001) is None
+    assert mask_threshold(0.001) == 66

@@ -74,6 +74,9 @@ mask = np.ones((8, 12), "int32")
 for row, n in enumerate(rng.integers(3, 12, 8)):
     ids[row, n:] = 0; mask[row, n:] = 0
 x = {{"token_ids": ids, "padding_mask": mask}}
+mask2 = np.roll(mask, 3, axis=0)  # another batch, other rows of the table
+second = {{"token_ids": (rng.integers(5, clf.backbone.vocabulary_size, ids.shape) * mask2)
+          .astype("int32"), "padding_mask": mask2}}
 core = recipe.core_model(clf)
 view = next(x for x in core._flatten_layers() if isinstance(x, encoder.ClsEncoder))
 out = {{"paths": [v.path for v in core.weights]}}
@@ -85,6 +88,11 @@ for skip in (True, False):
         loss = core({{k: torch.as_tensor(v) for k, v in x.items()}}, training=False).square().sum()
         grads = torch.autograd.grad(loss, [v.value for v in core.trainable_weights])
         out["grads" + str(skip)] = [g.numpy().tolist() for g in grads]
+        # a second batch: the packed path's kept word-embedding gradient holds its rows alone
+        x2 = {{k: torch.as_tensor(v) for k, v in second.items()}}
+        loss = core(x2, training=False).square().sum()
+        grads = torch.autograd.grad(loss, [v.value for v in core.trainable_weights])
+        out["second" + str(skip)] = [g.numpy().tolist() for g in grads]
         view.skip_padding = skip  # a training pass (dropout on packed tokens) runs too
         out["train_shape" + str(skip)] = list(core(x, training=True).shape)
 out["packed_calls"] = len(packed_calls)
@@ -102,9 +110,10 @@ def test_packed_tokens_give_the_padded_batch_logits_and_gradients(backend, tiny_
     assert np.allclose(r["True"], r["False"], atol=1e-6)
     assert len(r["paths"]) == len(set(r["paths"])) == r["variables"]
     if backend == "torch":
-        assert r["packed_calls"] == 3  # inference, gradient and training passes; not unpacked
-        for packed, padded in zip(r["gradsTrue"], r["gradsFalse"], strict=True):
-            assert np.allclose(packed, padded, rtol=1e-4, atol=1e-7)
+        assert r["packed_calls"] == 4  # inference, 2 gradient and a training pass; not unpacked
+        for name in ("grads", "second"):
+            for packed, padded in zip(r[name + "True"], r[name + "False"], strict=True):
+                assert np.allclose(packed, padded, rtol=1e-4, atol=1e-7)
         assert r["train_shapeTrue"] == r["train_shapeFalse"] == [8, 2]
     else:
         assert r["packed_calls"] == 0
