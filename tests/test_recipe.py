@@ -119,6 +119,46 @@ def test_packed_tokens_give_the_padded_batch_logits_and_gradients(backend, tiny_
         assert r["packed_calls"] == 0
 
 
+BF16_PACKED_CODE = """
+import json, keras, numpy as np, torch
+from kerasft import encoder, recipe
+keras.config.set_dtype_policy("mixed_bfloat16")
+clf = recipe.load_pretrained_classifier({preset!r}, num_classes=2, sequence_length=16)
+recipe.initialize_head(clf, 0)
+rng = np.random.default_rng(2)
+ids = rng.integers(5, clf.backbone.vocabulary_size, (8, 12)).astype("int32"); ids[:, 0] = 2
+mask = np.ones((8, 12), "int32")
+for row, n in enumerate(rng.integers(3, 12, 8)):
+    ids[row, n:] = 0; mask[row, n:] = 0
+x = {{"token_ids": torch.as_tensor(ids), "padding_mask": torch.as_tensor(mask)}}
+core = recipe.core_model(clf)
+view = next(x for x in core._flatten_layers() if isinstance(x, encoder.ClsEncoder))
+products = []
+addmm = torch.addmm
+torch.addmm = lambda *a, **k: products.append(a[1].dtype) or addmm(*a, **k)
+out = {{}}
+for skip in (True, False):
+    view.skip_padding = skip
+    features = view(x, training=False)
+    out[str(skip)] = features.detach().float().numpy().tolist()
+    out["dtype"] = str(features.dtype)
+out["products"] = [str(d) for d in products]
+print(json.dumps(out))
+"""
+
+
+def test_packed_path_in_bfloat16_takes_the_direct_products_and_matches_keras(tiny_preset):
+    """Under mixed bfloat16 the packed path's direct projections and layer norms (see
+    `kerasft.encoder`) compute in bfloat16 and give Keras' own layers' [CLS] features to
+    bfloat16 rounding."""
+    r = run_backend("torch", BF16_PACKED_CODE.format(preset=str(tiny_preset)))
+    packed, padded = np.array(r["True"]), np.array(r["False"])
+    assert r["dtype"] == "torch.bfloat16"
+    assert r["products"] and set(r["products"]) == {"torch.bfloat16"}  # packed pass only
+    scale = np.abs(padded).max()
+    assert np.abs(packed - padded).max() <= 0.03 * scale
+
+
 def test_frozen_stage_leaves_backbone_weights_unchanged(tiny_preset):
     clf = recipe.load_pretrained_classifier(str(tiny_preset), num_classes=2, sequence_length=16)
     texts, labels = toy_texts(64)
