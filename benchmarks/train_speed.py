@@ -299,9 +299,9 @@ def _feature_pass(classifier, train, feature_rows: int) -> tuple[int, float]:
 _TORCH_KINDS = {
     "matmul": ("aten::mm", "aten::bmm", "aten::addmm", "aten::matmul"),
     "optimizer": ("aten::_fused_adam_", "aten::_foreach_"),
-    "dropout RNG": ("aten::bernoulli_", "aten::uniform_"),
+    "dropout RNG": ("aten::bernoulli_", "aten::uniform_", "aten::random_"),
     "embedding gradient": ("aten::embedding_dense_backward", "aten::index_add_",
-                           "aten::fill_", "aten::zero_"),
+                           "aten::index_fill_", "aten::fill_", "aten::zero_"),
 }  # fmt: skip
 
 
