@@ -271,14 +271,17 @@ def _timed_batches(train, need: int) -> tuple[list, np.ndarray, dict]:
 
 def _computed_tokens(model, train, rows) -> float:
     """Tokens per row the encoder's dense layers compute for batch `rows`: its real tokens
-    where the view packs them (`kerasft.encoder`, PyTorch), else its padded length."""
-    from kerasft.encoder import ClsEncoder
+    filled up to `PACKED_ROWS_MULTIPLE` where the view packs them (`kerasft.encoder`,
+    PyTorch), else its padded length."""
+    from kerasft.encoder import PACKED_ROWS_MULTIPLE, ClsEncoder
 
     view = next((x for x in model._flatten_layers() if isinstance(x, ClsEncoder)), None)
     length = float(train.bucket_len[rows].max())
     if view is None or not view.packs():
         return length
-    return float(np.mean(np.minimum(np.maximum(train.lengths[rows], 1), length)))
+    real = int(np.minimum(np.maximum(train.lengths[rows], 1), length).sum())
+    packed = -(-real // PACKED_ROWS_MULTIPLE) * PACKED_ROWS_MULTIPLE
+    return min(length, packed / len(rows))
 
 
 def _feature_pass(classifier, train, feature_rows: int) -> tuple[int, float]:
