@@ -12,9 +12,9 @@ what that position needs and nothing else, with the backbone's own layers and va
   of a batch are packed into one row, `(1, tokens, hidden)`, for all of that, and laid out
   `(batch, length, ...)` again only for the attention scores, the row count filled up to a
   multiple of 32 so that matrix-product kernels are reused (`PACKED_ROWS_MULTIPLE`). At the
-  recipe's bucket width 4 that is 16.0 -> 14.5 tokens per row on the reference data (before
-  the filling). JAX and TensorFlow compile every
-  shape, so there the padded batch runs as it is (its bucket bounds the shapes they see).
+  recipe's bucket width 4 that is 16.0 -> 14.5 tokens per row on the reference data (14.9
+  with the filling). JAX and TensorFlow compile every shape, so there the padded batch runs as
+  it is (its bucket bounds the shapes they see).
 - **The word embeddings' gradient in one kept buffer on PyTorch.** The table's gradient is dense
   (30,522 x 384 floats for the offline preset), but a batch touches a few hundred of its rows.
   PyTorch's embedding backward zero-fills a new 47 MB tensor every step; the packed path looks
@@ -351,6 +351,8 @@ def _rows_keeping_gradient(table, ids, state: _GradientBuffer):
 
             @staticmethod
             def backward(ctx, grad):
+                if not ctx.needs_input_grad[0]:  # a frozen table: nothing to write
+                    return None, None, None
                 (ids,) = ctx.saved_tensors
                 state = ctx.state
                 buffer = state.buffer

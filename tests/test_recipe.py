@@ -209,3 +209,21 @@ def test_confusion_metrics_names_a_bad_matrix(bad):
 
     with pytest.raises(ValueError, match="square matrix of non-negative counts"):
         confusion_metrics(bad)
+
+
+def test_packing_fills_rows_to_a_multiple_and_unpacks_real_tokens_only():
+    """`kerasft.encoder`'s packing (PyTorch): real tokens in order, then filler rows up to
+    `PACKED_ROWS_MULTIPLE`; unpacking gives zeros at padding, never a filler row."""
+    import torch
+
+    from kerasft.encoder import PACKED_ROWS_MULTIPLE, _torch_packing
+
+    packing = _torch_packing(torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]]), cls_index=0)
+    x = torch.arange(1.0, 9.0).reshape(2, 4, 1)
+    packed = packing.pack(x)
+    assert packed.shape == (1, PACKED_ROWS_MULTIPLE, 1)
+    assert packed[0, :5, 0].tolist() == [1, 2, 3, 5, 6]
+    assert packing.unpack(packed)[..., 0].tolist() == [[1, 2, 3, 0], [5, 6, 0, 0]]
+    assert packing.positions[:5].tolist() == [0, 1, 2, 0, 1]
+    assert packing.cls_rows.tolist() == [0, 3]
+    assert packing.score_bias[:, 0, 0].tolist() == [[0, 0, 0, -1e9], [0, 0, -1e9, -1e9]]
