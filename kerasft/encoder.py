@@ -372,7 +372,7 @@ def _rows_keeping_gradient(table, ids, state: _GradientBuffer):
 class _Packing(NamedTuple):
     """How a PyTorch batch's real tokens are packed (`_torch_packing`)."""
 
-    pack: Callable  # (batch, length, ...) -> (1, tokens, ...)
+    pack: Callable  # (batch, length, ...) -> (1, rows, ...): real tokens, then filler rows
     unpack: Callable  # the reverse, zeros at padding
     cls_rows: object  # each row's [CLS] token among the packed ones
     mask: object  # (batch, 1, keys) attention mask, as KerasHub's
