@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 from kerasft.exporters.exportdir import is_export
-from kerasft.rundir import MODEL_FILE
+from kerasft.runs.rundir import MODEL_FILE
 
 BASE_CALIBRATION_TEXTS = 8
 # The harness verifies each export on up to this many texts per split (3,072 in all): the gate
@@ -51,7 +51,7 @@ def has_openvino_peer() -> bool:
 
 def _build(target: Path, make) -> Path:
     """Calls `make(tmp_dir)` and publishes the result as `target`; skips a complete `target`."""
-    from kerasft.fileio import publish_target
+    from kerasft.util.fileio import publish_target
 
     if target.is_dir() and (target / ".complete").is_file():
         return target
@@ -90,7 +90,7 @@ def prepare(
     from kerasft.exporters.formats import AUTO_VARIANTS, FORMATS, VARIANTS
     from kerasft.exporters.isolated import exports_in_subprocess
     from kerasft.exporters.vset import verification_set
-    from kerasft.tuner import TwoStageFineTuner
+    from kerasft.training.tuner import TwoStageFineTuner
 
     out = root / role
     out.mkdir(parents=True, exist_ok=True)

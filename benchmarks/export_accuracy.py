@@ -97,9 +97,9 @@ def measure(args, chosen) -> dict:
 
     from kerasft.benchmarks.report import provenance
     from kerasft.exporters.formats import EXPORT_PACKAGES as EXPORT
-    from kerasft.rundir import run_splits
-    from kerasft.tuner import load_tuner
-    from kerasft.versions import source_commit
+    from kerasft.runs.rundir import run_splits
+    from kerasft.training.tuner import load_tuner
+    from kerasft.util.versions import source_commit
 
     source = source_commit()
     test = run_splits(args.run)[2]

@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from kerasft.benchmarks.report import provenance, write_results
     from kerasft.exporters.formats import EXPORT_PACKAGES as EXPORT
-    from kerasft.versions import source_commit
+    from kerasft.util.versions import source_commit
 
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         root = args.exports or Path(tmp)
         exports = _export_all(args.run, root, args.verify_per_split)
-        from kerasft.rundir import run_splits
+        from kerasft.runs.rundir import run_splits
 
         texts = run_splits(args.run)[2].texts[:2000]  # held-out: the test split
         report["variants"] = _compare(exports, args.rounds, texts)

@@ -6,8 +6,8 @@
 them: `onnx-dynamic`, `openvino-nncf`, ...). Each measurement runs in its own process:
 
 - **File**: `kerasft predict EXPORT --data TEST --out FILE` as the CLI runs it
-  (`kerasft.labelling.label_file`: read, tokenize, sort by length, predict, write), on the run's
-  test split, after a warm-up on 256 texts; the run directory (Keras) too.
+  (`kerasft.labelling.labeller.label_file`: read, tokenize, sort by length, predict, write), on the
+  run's test split, after a warm-up on 256 texts; the run directory (Keras) too.
 - **Threads**: one loaded export, its `predict` called from 1, 2 and 4 threads at once, each
   thread on its own share of the test split; rows/s of the whole.
 - **Peers** (`--peers`): the pipelines a Hugging Face user writes for the same job,
@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from kerasft.benchmarks.report import provenance, write_results
     from kerasft.exporters.formats import EXPORT_PACKAGES as EXPORT
-    from kerasft.rundir import run_splits
-    from kerasft.versions import source_commit
+    from kerasft.runs.rundir import run_splits
+    from kerasft.util.versions import source_commit
 
     source = source_commit()
     threads = [int(t) for t in args.threads.split(",")]
@@ -198,8 +198,8 @@ def _work(job: dict) -> dict:
     for a peer, its pipeline)."""
     if job.get("peer"):
         return _peer_work(job)
-    from kerasft.labelling import CHUNK_ROWS, label_file
-    from kerasft.textstream import read_texts
+    from kerasft.labelling.labeller import CHUNK_ROWS, label_file
+    from kerasft.labelling.textstream import read_texts
 
     model = Path(job["model"])
     if exportdir.is_export(model):
@@ -212,7 +212,7 @@ def _work(job: dict) -> dict:
     else:
         import keras
 
-        from kerasft.tuner import load_tuner
+        from kerasft.training.tuner import load_tuner
 
         tuner = load_tuner(model)
         tuner.verbose = 0
@@ -257,7 +257,7 @@ def _memory(export: Path, texts: list[str], rows: int, tmp: str) -> dict:
         for i in range(rows):
             f.write(json.dumps({"id": i, "text": texts[i % len(texts)]}) + "\n")
     out = Path(tmp) / f"rows-{rows}.out.jsonl"
-    cmd = [sys.executable, "-m", "kerasft.cli", "predict", str(export), "--data", str(data),
+    cmd = [sys.executable, "-m", "kerasft", "predict", str(export), "--data", str(data),
            "--out", str(out), "--overwrite", "--quiet"]  # fmt: skip
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)

@@ -45,7 +45,7 @@ from kerasft.exporters import openvino as openvino_format
 from kerasft.exporters.exportdir import read_manifest
 from kerasft.exporters.formats import FORMATS
 from kerasft.exporters.verify import FP32_TOLERANCE
-from kerasft.rundir import MODEL_FILE
+from kerasft.runs.rundir import MODEL_FILE
 
 # the formats the peers are served as (Optimum: ONNX; optimum-intel: OpenVINO IR)
 ONNX, OPENVINO = onnx_format.CONTRACT.name, openvino_format.CONTRACT.name
@@ -123,7 +123,7 @@ def variants(
 def _export_variants(index: dict, base: dict, device: str, notes: list[str]) -> list[Variant]:
     """Every export of `index`; a format served at an inference precision (OpenVINO) at each
     precision this CPU computes, the one it was verified with first."""
-    from kerasft.machine import computes_bf16
+    from kerasft.util.machine import computes_bf16
 
     out = []
     for name, export_dir in index["exports"].items():
@@ -267,8 +267,8 @@ def detect_device(requested: str) -> tuple[str, str]:
 
 def machine_info(threads: int, gpus: str) -> dict:
     from kerasft.exporters.formats import EXPORT_PACKAGES as EXPORT
-    from kerasft.machine import cpu_model, isa
-    from kerasft.versions import package_versions
+    from kerasft.util.machine import cpu_model, isa
+    from kerasft.util.versions import package_versions
 
     names = (
         *EXPORT,
@@ -424,7 +424,7 @@ def _default_artifacts(run: Path) -> Path:
     rebuild."""
     import hashlib
 
-    from kerasft.presets import cache_dir
+    from kerasft.model.presets import cache_dir
 
     h = hashlib.sha256()
     import kerasft.exporters
@@ -441,7 +441,7 @@ def _default_artifacts(run: Path) -> Path:
 def _test_inputs(index: dict, run: Path, rows: int | None, path: Path) -> np.ndarray:
     """Tokenizes the run's test split with the export runtime's tokenizer (KerasHub-exact)."""
     from kerasft.exporters.runtime import load
-    from kerasft.rundir import run_splits
+    from kerasft.runs.rundir import run_splits
 
     test = run_splits(run)[2]
     order = np.arange(len(test))
@@ -629,7 +629,7 @@ QUICK_NOTE = (
 def measure_end_to_end(index, run, settings, work: Path, device, progress) -> dict:
     """Times `kerasft.exporters.runtime.load(dir).predict(texts)` on raw test strings (every
     export)."""
-    from kerasft.rundir import run_splits
+    from kerasft.runs.rundir import run_splits
 
     texts_file = work / "test_texts.json"
     texts_file.write_text(json.dumps(run_splits(run)[2].texts))
@@ -683,8 +683,8 @@ def _check_seq_lens(seq_lens: list[int], longest: int | None) -> None:
 
 
 def run(args) -> int:
-    from kerasft.fileio import publish_target
-    from kerasft.rundir import read_config, run_splits
+    from kerasft.runs.rundir import read_config, run_splits
+    from kerasft.util.fileio import publish_target
 
     settings = _settings(args)
     read_config(args.run)  # a run directory, or a FileNotFoundError that says what is missing
@@ -702,7 +702,7 @@ def _measure(args, settings) -> dict:
     """Prepares the artifacts, measures every variant and returns the report."""
     from tqdm import tqdm
 
-    from kerasft.versions import source_commit
+    from kerasft.util.versions import source_commit
 
     started, commit = time.time(), source_commit()  # the code measured
     device, gpus = detect_device(args.device)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kerasft.machine import cpu_flags
+from kerasft.util.machine import cpu_flags
 
 
 def _widened_weight(src: np.ndarray, shape: tuple, path: str, factor: int) -> np.ndarray:

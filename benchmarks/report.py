@@ -380,10 +380,10 @@ def require_data(parser, data) -> None:
 
 def provenance(command: str, commit: str, packages: tuple[str, ...]) -> dict:
     """What every results file records: the command, the date (now, UTC), the commit measured
-    (`kerasft.versions.source_commit()`, read when the measurement began), the machine and the
+    (`kerasft.util.versions.source_commit()`, read when the measurement began), the machine and the
     versions of `packages`."""
-    from kerasft.machine import describe
-    from kerasft.versions import package_versions
+    from kerasft.util.machine import describe
+    from kerasft.util.versions import package_versions
 
     return {
         "command": command,
@@ -408,7 +408,7 @@ def header(title: str, report: dict, machine: str, versions: dict) -> list[str]:
 
 
 def cpu_line(machine: dict) -> str:
-    """`CPU: model, N cores, ISA: flags` of `kerasft.machine.describe()`."""
+    """`CPU: model, N cores, ISA: flags` of `kerasft.util.machine.describe()`."""
     isa = ", ".join(machine["isa"]) or "none found"
     return f"CPU: {machine['cpu']}, {machine['cores']} cores, ISA: {isa}"
 
@@ -416,7 +416,7 @@ def cpu_line(machine: dict) -> str:
 def write_results(out: Path, report: dict, text: str) -> None:
     """Writes a benchmark's markdown `text` to `out` and its `report` as JSON beside it
     (`out` with `.json`), each atomically, and prints the markdown."""
-    from kerasft.fileio import atomic_write_text
+    from kerasft.util.fileio import atomic_write_text
 
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out.with_suffix(".json"), json.dumps(report, indent=1) + "\n")

@@ -7,7 +7,7 @@ varied by one inserted word so that no text repeats), one process loads the file
 60/20/20 as the reference does, and fits one warm-up epoch (stage 1: the frozen backbone runs
 once over training and validation rows, the head trains on the cached features). It prints
 peak RSS (and its growth over the process after loading the model), tokenization texts/s of
-the training path (`kerasft.batching.tokenize`) and of KerasHub's preprocessor alone, and
+the training path (`kerasft.tokens.batching.tokenize`) and of KerasHub's preprocessor alone, and
 warm-up samples/s.
 
 The default model, `scale-tiny`, is a one-layer DistilBERT with the offline preset's shapes
@@ -73,7 +73,7 @@ def _tiny_preset(directory: Path) -> Path:
     import keras
     import keras_hub
 
-    from kerasft.presets import minilm_source_dir
+    from kerasft.model.presets import minilm_source_dir
 
     keras.utils.set_random_seed(0)
     tokenizer = keras_hub.models.DistilBertTokenizer(
@@ -92,10 +92,10 @@ def child(args) -> dict:
     """One size, in its own process: load, split, tokenize, one warm-up epoch."""
     import keras
 
-    from kerasft.batching import kerashub_tokenize, tokenize
     from kerasft.data import load_dataset, split_dataset
-    from kerasft.presets import load_classifier
-    from kerasft.tuner import TwoStageFineTuner
+    from kerasft.model.presets import load_classifier
+    from kerasft.tokens.batching import kerashub_tokenize, tokenize
+    from kerasft.training.tuner import TwoStageFineTuner
 
     preset = args.preset
     if preset == "scale-tiny":
@@ -153,7 +153,7 @@ def main(argv=None) -> int:
     if not args.data.is_file():
         parser.error(f"data file not found: {str(args.data)!r} (pass --data or ${DATA_ENV})")
 
-    from kerasft.versions import source_commit
+    from kerasft.util.versions import source_commit
 
     command, commit = "python -m kerasft.benchmarks.scale " + shlex.join(argv), source_commit()
     rows = [json.loads(line) for line in args.data.open() if line.strip()]
@@ -178,7 +178,7 @@ def main(argv=None) -> int:
     text = format_report(results, args, repeats, len(rows))
     if args.out:
         from kerasft.benchmarks.report import cpu_line, header, provenance, write_results
-        from kerasft.versions import TRAINING
+        from kerasft.util.versions import TRAINING
 
         measured = {**provenance(command, commit, TRAINING), "results": results}
         head = header("Memory and speed of the data path as rows grow", measured,

@@ -5,7 +5,7 @@
 The sarcasm headlines are pure ASCII; news text usually is not: curly apostrophes and quotes, en
 and em dashes. This encodes the headlines with an export's runtime tokenizer three ways and
 prints texts/s: as they are (ASCII), with news typography through `tokenizer.json` alone (the
-runtime's path for such text since `kerasft.wordpiece.tokenizers_matches`), and the same
+runtime's path for such text since `kerasft.tokens.wordpiece.tokenizers_matches`), and the same
 typographic texts forced through the exact KerasHub port (the runtime's path for every non-ASCII
 text before). It checks that both paths give identical ids.
 """

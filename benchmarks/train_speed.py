@@ -9,7 +9,7 @@ parent alternates the engines over `--rounds` rounds of `--steps` steps, the ord
 round, while the other processes wait idle:
 
 - `kerasft <backend>`: the recipe's stage 2 exactly as `TwoStageFineTuner` runs it
-  (`kerasft.recipe.prepare_stage` with the recipe's stage-2 options: the preprocessor-free
+  (`kerasft.training.recipe.prepare_stage` with the recipe's stage-2 options: the preprocessor-free
   classifier, Adam at 1e-4 with linear decay, length-bucketed batches of 32) inside one
   `model.fit`. Compilation is excluded: a
   warm-up `fit` first runs one batch of every batch shape the timed steps use (the timed steps
@@ -22,14 +22,14 @@ round, while the other processes wait idle:
   user gets on a CPU that computes bfloat16.
 
 A kerasft engine trains as the recipe's defaults say (`RecipeConfig().stage_options`: the
-precision, `mixed_precision="auto"`, is bfloat16 where `kerasft.precision.AUTO_BF16` says the
-backend trains faster in it on this CPU class, else float32; the bucket width; whether the word
+precision, `mixed_precision="auto"`, is bfloat16 where `kerasft.training.precision.AUTO_BF16` says
+the backend trains faster in it on this CPU class, else float32; the bucket width; whether the word
 embeddings train) but for what its name overrides:
 `torch@1` a bucket width, `torch:fp32` / `torch:bf16` the precision, `torch+frozen` /
 `torch-frozen` the word embeddings; `torch+padded` computes each batch with its padding,
-as kerasft did before it packed a batch's real tokens (`kerasft.encoder`); `torch+jit` compiles
-the step with `torch.compile` (Keras' `jit_compile=True`; JAX and TensorFlow compile theirs with
-XLA already), whose cost shows in the "compile s" column. Trainer trains in
+as kerasft did before it packed a batch's real tokens (`kerasft.model.encoder`); `torch+jit`
+compiles the step with `torch.compile` (Keras' `jit_compile=True`; JAX and TensorFlow compile theirs
+with XLA already), whose cost shows in the "compile s" column. Trainer trains in
 float32 (its default) unless `trainer:bf16`. Ratios are to `trainer` (its defaults) and,
 where it ran, to `trainer:bf16`.
 
@@ -38,7 +38,7 @@ back, which synchronises), so it includes the host-side batching of the step. Re
 engine: median ms/step and its spread (p10-p90), samples/s (median over rounds), the ratio to
 Trainer, the tokens per row (padded, and those the dense layers compute: kerasft on PyTorch
 packs the real ones), the FLOP/s that makes, as a share of
-the CPU's nominal peak (`kerasft.machine.peak_fp32_gflops`), and, for kerasft, stage 1's
+the CPU's nominal peak (`kerasft.util.machine.peak_fp32_gflops`), and, for kerasft, stage 1's
 cached feature pass (frozen backbone, inference) in rows/s. `--quick` (about 2 minutes of
 timing) is for choosing a backend on another machine.
 """
@@ -71,9 +71,9 @@ DEFAULT_OUT = Path("benchmarks/results/train_speed.md")
 
 def default_engines() -> list[str]:
     """kerasft on every backend and Trainer at its defaults; Trainer with `bf16=True` too where
-    the CPU computes bfloat16 (`kerasft.machine.computes_bf16`): elsewhere bfloat16 is emulated,
-    far slower than float32, and not what a Trainer user would pick."""
-    from kerasft.machine import computes_bf16
+    the CPU computes bfloat16 (`kerasft.util.machine.computes_bf16`): elsewhere bfloat16 is
+    emulated, far slower than float32, and not what a Trainer user would pick."""
+    from kerasft.util.machine import computes_bf16
 
     return [*ENGINES, *(["trainer:bf16"] if computes_bf16() else [])]
 
@@ -139,12 +139,12 @@ def _encoder_parameters(backbone) -> int:
 def _kerasft_worker(spec: dict, overrides: dict) -> None:
     import keras
 
-    from kerasft import recipe
-    from kerasft.allocator import keep_freed_memory
     from kerasft.benchmarks.worker import set_threads
-    from kerasft.config import RecipeConfig, default_bucket_width
-    from kerasft.dropout import rand_masks
-    from kerasft.precision import resolve_mixed_precision
+    from kerasft.devices.allocator import keep_freed_memory
+    from kerasft.training import recipe
+    from kerasft.training.config import RecipeConfig, default_bucket_width
+    from kerasft.training.dropout import rand_masks
+    from kerasft.training.precision import resolve_mixed_precision
 
     # As `TwoStageFineTuner.fit` does first thing: on JAX before XLA starts its threads.
     keep_freed_memory(keras.backend.backend())
@@ -209,10 +209,10 @@ def _stage_2(spec: dict, data: dict, config, mixed, width: int, padded: bool, ji
     """`(classifier, train, model)`: the classifier loaded and its head initialised as the
     recipe does, the training batches, and the compiled stage-2 model, with packing off where
     `padded` and the step compiled by `torch.compile` where `jit` (see `_parse_engine`)."""
-    from kerasft import recipe
-    from kerasft.encoder import ClsEncoder
-    from kerasft.precision import policy_name
-    from kerasft.presets import load_classifier
+    from kerasft.model.encoder import ClsEncoder
+    from kerasft.model.presets import load_classifier
+    from kerasft.training import recipe
+    from kerasft.training.precision import policy_name
 
     classifier = load_classifier(spec["preset"], len(data["label_names"]), spec["sequence_length"],
                                  policy_name(mixed))  # fmt: skip
@@ -271,9 +271,9 @@ def _timed_batches(train, need: int) -> tuple[list, np.ndarray, dict]:
 
 def _computed_tokens(model, train, rows) -> float:
     """Tokens per row the encoder's dense layers compute for batch `rows`: its real tokens
-    filled up to `PACKED_ROWS_MULTIPLE` where the view packs them (`kerasft.encoder`,
+    filled up to `PACKED_ROWS_MULTIPLE` where the view packs them (`kerasft.model.encoder`,
     PyTorch), else its padded length."""
-    from kerasft.encoder import PACKED_ROWS_MULTIPLE, ClsEncoder
+    from kerasft.model.encoder import PACKED_ROWS_MULTIPLE, ClsEncoder
 
     view = next((x for x in model._flatten_layers() if isinstance(x, ClsEncoder)), None)
     length = float(train.bucket_len[rows].max())
@@ -287,8 +287,8 @@ def _computed_tokens(model, train, rows) -> float:
 def _feature_pass(classifier, train, feature_rows: int) -> tuple[int, float]:
     """Stage 1's cached pass: rows and seconds of the frozen backbone's first pass over
     `feature_rows` rows, its compilation included, as `fit` runs it."""
-    from kerasft import recipe
-    from kerasft.batching import BucketedBatches
+    from kerasft.tokens.batching import BucketedBatches
+    from kerasft.training import recipe
 
     rows = np.arange(min(feature_rows, len(train.lengths)))
     subset = BucketedBatches(train.token_ids.padded(rows), train.lengths[rows],
@@ -312,7 +312,7 @@ def _breakdown(model, train, rows) -> dict:
     """Where one step's time goes, on one batch after compilation (see the report)."""
     import keras
 
-    from kerasft.timing import median_ms
+    from kerasft.util.timing import median_ms
 
     x, y = train.batch(rows)
     out = {
@@ -462,9 +462,9 @@ def _trainer_arguments(spec: dict, need: int, bf16: bool = False):
 
 def _same_initial_weights(spec: dict, data: dict) -> Path:
     """A transformers checkpoint of kerasft's initial classifier (same seeded head)."""
-    from kerasft import recipe
     from kerasft.benchmarks.models import to_transformers
-    from kerasft.presets import load_classifier
+    from kerasft.model.presets import load_classifier
+    from kerasft.training import recipe
 
     classifier = load_classifier(spec["preset"], len(data["label_names"]), spec["sequence_length"])
     recipe.initialize_head(classifier, SEED)  # the same initial weights as kerasft's
@@ -526,7 +526,7 @@ def _parse_engine(name: str) -> tuple[str, dict]:
     """`NAME[@WIDTH][:PRECISION][+frozen|-frozen][+padded][+jit]` -> `(name, overrides)`.
 
     The overrides are the recipe's (`RecipeConfig` fields) but for `"padded": True`, which runs
-    kerasft's view without packing a batch's real tokens (`kerasft.encoder`; it computes the
+    kerasft's view without packing a batch's real tokens (`kerasft.model.encoder`; it computes the
     padding, as before packing): for measuring what packing saves; and `"jit": True` (PyTorch
     only), the step compiled with `torch.compile`: for measuring what it saves per step and
     costs to compile. `"torch"` -> `("torch", {})`
@@ -624,8 +624,8 @@ def _training_rows(path: str, limit: int | None) -> dict:
 
 def measure(args, progress=print) -> dict:
     """Runs every engine and returns the results (see the module docstring)."""
-    from kerasft.machine import describe, peak_fp32_gflops
-    from kerasft.versions import package_versions, source_commit
+    from kerasft.util.machine import describe, peak_fp32_gflops
+    from kerasft.util.versions import package_versions, source_commit
 
     started = time.perf_counter()
     source = source_commit()  # the code measured (later edits to the tree do not count)
@@ -783,15 +783,17 @@ def render(report: dict) -> str:
         f"{s['warmup_steps']} more warm-up steps. A step runs from the previous step's end to its "
         "own (loss read back), host-side batching included. samples/s: median over rounds; "
         "page faults/step: the engine process's minor page faults over the timed steps, per "
-        "step (memory the kernel mapped in; kerasft keeps freed blocks, `kerasft.allocator`); "
+        "step (memory the kernel mapped in; kerasft keeps freed blocks, "
+        "`kerasft.devices.allocator`); "
         "ratios: of those medians. FLOP/s: matrix FLOPs a step computes (3 x forward: 2 per "
         "encoder parameter and computed token, padding included where it is computed, plus "
         "attention's 4 x padded length x hidden per token; kerasft's last layer at [CLS] only "
         "but for its keys and values; kerasft on PyTorch packs a batch's real tokens, "
-        "`kerasft.encoder`), "
+        "`kerasft.model.encoder`), "
         "over the median step (bfloat16 engines too, against the float32 peak). Precision: "
         "kerasft's engines in the recipe's default unless named (`auto`: bfloat16 where the "
-        "backend measured faster in it on this CPU class, `kerasft.precision.AUTO_BF16`), "
+        "backend measured faster in it on this CPU class, "
+        "`kerasft.training.precision.AUTO_BF16`), "
         "Trainer at its defaults (float32) and, where the CPU computes bfloat16, with "
         "`bf16=True`"
         + (
@@ -872,7 +874,7 @@ def _breakdown_lines(report: dict) -> list[str]:
 
 def build_parser(prog: str = "python -m kerasft.benchmarks.train_speed") -> argparse.ArgumentParser:
     from kerasft.data import DATA_ENV
-    from kerasft.presets import OFFLINE_PRESET
+    from kerasft.model.presets import OFFLINE_PRESET
 
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument(

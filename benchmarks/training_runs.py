@@ -80,7 +80,7 @@ def fit_command(args, backend: str | None, out: Path, variant: str = "") -> list
 def measure(args, progress=print) -> dict:
     """Runs every backend's fit, one at a time, and collects the results."""
     from kerasft.benchmarks.report import provenance
-    from kerasft.versions import TRAINING, source_commit
+    from kerasft.util.versions import TRAINING, source_commit
 
     source = source_commit()  # the code measured (later edits to the tree do not count)
     runs = []
@@ -98,7 +98,7 @@ def measure(args, progress=print) -> dict:
             progress(f"running {shlex.join(shown)}")
             env = {**os.environ, **extra_env}
             env.pop("KERAS_BACKEND", None)  # the command line decides, as for a user
-            result = run_fit([sys.executable, "-m", "kerasft.cli", *command[1:]],
+            result = run_fit([sys.executable, "-m", "kerasft", *command[1:]],
                              root / f"{name}.log", env)  # fmt: skip
             if result["returncode"] != 0:
                 tail = (root / f"{name}.log").read_text()[-3000:]
@@ -128,7 +128,8 @@ def render(report: dict) -> str:
         "`metrics.json` (stage 1 includes the frozen backbone's pass over the training and "
         "validation rows; both include per-epoch validation and checkpoints). Precision: what "
         "the run trained in, from its `config.json` (the default `auto`: bfloat16 where the "
-        "backend measured faster in it on this CPU class, `kerasft.precision.AUTO_BF16`). Peak "
+        "backend measured faster in it on this CPU class, "
+        "`kerasft.training.precision.AUTO_BF16`). Peak "
         "RSS: the run's largest process (a launcher's workers included).",
         "",
         *([report["note"], ""] if report.get("note") else []),
@@ -211,7 +212,7 @@ def _seed_summary(runs: list[dict]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     from kerasft.benchmarks.report import require_data, write_results
     from kerasft.data import DATA_ENV
-    from kerasft.presets import OFFLINE_PRESET
+    from kerasft.model.presets import OFFLINE_PRESET
 
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(

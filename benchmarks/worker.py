@@ -59,8 +59,8 @@ def _keras(spec):
     """A Keras model on the current backend, through its compiled `predict_on_batch`."""
     import keras
 
-    from kerasft.recipe import core_model
-    from kerasft.tuner import TwoStageFineTuner
+    from kerasft.training.recipe import core_model
+    from kerasft.training.tuner import TwoStageFineTuner
 
     backend = keras.backend.backend()
     set_threads(spec["threads"])

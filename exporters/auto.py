@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from kerasft.exporters.contract import FormatContract
-from kerasft.machine import cpu_model, isa
-from kerasft.timing import median_ms
+from kerasft.util.machine import cpu_model, isa
+from kerasft.util.timing import median_ms
 
 
 def rank_auto(contract: FormatContract, write_attempt, vset, scratch: Path):
@@ -55,7 +55,7 @@ def rank_auto(contract: FormatContract, write_attempt, vset, scratch: Path):
 
 def auto_candidates(contract: FormatContract) -> list[tuple[str, dict]]:
     """The format's `auto` candidates this CPU can run as meant (bf16 ones need bf16 hardware)."""
-    from kerasft.machine import computes_bf16
+    from kerasft.util.machine import computes_bf16
 
     return [(mode, over) for mode, over in contract.auto
             if over.get("precision") != "bf16" or computes_bf16()]  # fmt: skip

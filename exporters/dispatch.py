@@ -41,9 +41,9 @@ from kerasft.exporters.vset import (
     reference_logits,
     verification_texts,
 )
-from kerasft.fileio import check_target_dir, publish_target
-from kerasft.rundir import MODEL_FILE
-from kerasft.versions import package_versions
+from kerasft.runs.rundir import MODEL_FILE
+from kerasft.util.fileio import check_target_dir, publish_target
+from kerasft.util.versions import package_versions
 
 log = logging.getLogger("kerasft.export")
 
@@ -84,7 +84,7 @@ def _reference(graph, clf, src: _Source, contract: FormatContract, texts: list[s
 
 def _load_source(source, copy: bool) -> _Source:
     """Opens the model to export; `copy` gives an in-memory tuner's model as a fresh copy."""
-    from kerasft.tuner import TwoStageFineTuner
+    from kerasft.training.tuner import TwoStageFineTuner
 
     if isinstance(source, TwoStageFineTuner):
         if not copy:
@@ -196,8 +196,8 @@ def export(
         ValueError: unknown format, unsupported quantization or bad option (before any work).
         FileExistsError: `out_dir` is not empty, and `overwrite` is False.
         FileNotFoundError: no model at `source`.
-        kerasft.fileio.LockError: another process is writing `out_dir`.
-        kerasft.rundir.DataChangedError: the run's data file changed since the fit.
+        kerasft.util.fileio.LockError: another process is writing `out_dir`.
+        kerasft.runs.rundir.DataChangedError: the run's data file changed since the fit.
         kerasft.exporters.verify.VerificationError: the artifact disagrees with the Keras model.
 
     Example:

@@ -1,5 +1,5 @@
 """The export directory: what `kerasft export` leaves behind, written, read and checked in one
-place (the counterpart of `kerasft.rundir`).
+place (the counterpart of `kerasft.runs.rundir`).
 
 An export directory holds the model file(s), the tokenizer assets, the model card
 (`README.md`) and `manifest.json`: the format, quantization, label names, sequence length,

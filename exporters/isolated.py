@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from kerasft.data import DataError
-from kerasft.rundir import MODEL_FILE
+from kerasft.runs.rundir import MODEL_FILE
 
 log = logging.getLogger(__name__)
 PROGRESS_PREFIX = "[kerasft] "  # how `_run_request` logs; such lines are passed on as progress
@@ -94,8 +94,8 @@ def passed_on_errors() -> dict[str, type[Exception]]:
     """The errors `export` documents, by name: raised again as themselves by the parent of an
     export subprocess."""
     from kerasft.exporters.verify import VerificationError
-    from kerasft.fileio import LockError
-    from kerasft.rundir import DataChangedError
+    from kerasft.runs.rundir import DataChangedError
+    from kerasft.util.fileio import LockError
 
     kinds = (ValueError, FileExistsError, FileNotFoundError, LockError, DataChangedError,
              DataError)  # fmt: skip

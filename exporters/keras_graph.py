@@ -129,14 +129,14 @@ class ServingGraph:
         import keras
         import tensorflow as tf
 
-        from kerasft.recipe import core_model
+        from kerasft.training.recipe import core_model
 
         if keras.backend.backend() != "tensorflow":
             raise RuntimeError(
                 "Exports are traced under the TensorFlow backend. "
                 f"Received: backend={keras.backend.backend()!r}"
             )
-        # The last layer at [CLS] alone, as training and `predict` run it (`kerasft.encoder`).
+        # The last layer at [CLS] alone, as training and `predict` run it (`kerasft.model.encoder`).
         self.model = core = core_model(classifier, skip_padding=False)
 
         def serve(token_ids, padding_mask):

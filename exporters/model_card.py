@@ -47,7 +47,7 @@ def _scalar(value) -> str:
 
 
 def _run_info(run_dir: Path | None) -> tuple[dict, dict]:
-    from kerasft import rundir
+    from kerasft.runs import rundir
 
     if run_dir is None or not (Path(run_dir) / rundir.CONFIG_FILE).is_file():
         return {}, {}  # an in-memory model (saved to a scratch directory): no run reports

@@ -119,7 +119,7 @@ def gemm_to_matmul(model):
 
 
 # tf2onnx's node names: `.../transformer_layer_3/self_attention_layer/query/Add`, or for the
-# last layer, which `kerasft.encoder.ClsEncoder` calls at [CLS] itself,
+# last layer, which `kerasft.model.encoder.ClsEncoder` calls at [CLS] itself,
 # `.../cls_encoder/self_attention_layer/query/Add` (no layer index: the last one).
 _LAYER = r"(?:transformer_layer_(\d+)[^/]*|cls_encoder[^/]*)/self_attention_layer[^/]*/"
 _QUERY_ADD = re.compile(_LAYER + r"query[^/]*/Add$")
@@ -225,7 +225,7 @@ def fuse_attention(model, backbone, mask_input: str = "padding_mask") -> int:
     `com.microsoft.Attention(x, W_qkv, b_qkv, padding_mask)` followed by the output projection
     as `MatMul` + `Add`, with the weights taken from the Keras layers; the nodes left unused are
     removed. A block whose queries are not its keys (the last layer, computed at `[CLS]` alone:
-    `kerasft.encoder`) becomes the query, key and value projections as `MatMul`s and
+    `kerasft.model.encoder`) becomes the query, key and value projections as `MatMul`s and
     `com.microsoft.MultiHeadAttention(q, k, v, b_qkv, padding_mask)`. The blocks are found by
     tf2onnx's node names, else by the weights they read. `Attention` is what onnxruntime's
     dynamic quantizer turns into `QAttention`. Export verification compares the result with the

@@ -42,7 +42,7 @@ from kerasft.exporters.exportdir import (  # noqa: F401  (re-exported: the runti
     read_manifest,
     sha256_file,
 )
-from kerasft.wordpiece import token_ids
+from kerasft.tokens.wordpiece import token_ids
 
 
 @dataclass
@@ -91,7 +91,7 @@ class ExportedClassifier:
 
         Texts go through `tokenizer.json`, which is identical to KerasHub on ASCII text and on
         text whose other characters case-fold like they lowercase (curly quotes, dashes, most
-        accented letters: `kerasft.wordpiece.tokenizers_matches`). The rest (ligatures, `…`,
+        accented letters: `kerasft.tokens.wordpiece.tokenizers_matches`). The rest (ligatures, `…`,
         combining marks, words over KerasHub's 100-byte limit) take the exact KerasHub
         pre-tokenisation with the same WordPiece model.
         """

@@ -1,15 +1,15 @@
 """Tokenizer assets of an export: `vocab.txt` and a Hugging Face `tokenizers` `tokenizer.json`.
 
-The `tokenizer.json` is `kerasft.wordpiece.rust_tokenizer`, the twin of the KerasHub DistilBERT
-preprocessor that training uses too; export verification checks that both give identical token
-ids on real texts.
+The `tokenizer.json` is `kerasft.tokens.wordpiece.rust_tokenizer`, the twin of the KerasHub
+DistilBERT preprocessor that training uses too; export verification checks that both give identical
+token ids on real texts.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from kerasft.wordpiece import rust_tokenizer
+from kerasft.tokens.wordpiece import rust_tokenizer
 
 
 def build_tokenizer_json(

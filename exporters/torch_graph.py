@@ -43,14 +43,14 @@ class TorchServingGraph:
         import keras
         import torch
 
-        from kerasft.recipe import core_model
+        from kerasft.training.recipe import core_model
 
         if keras.backend.backend() != "torch":
             raise RuntimeError(
                 "ONNX and OpenVINO exports are traced under the PyTorch backend. "
                 f"Received: backend={keras.backend.backend()!r}"
             )
-        # The last layer at [CLS] alone, as training and `predict` run it (`kerasft.encoder`).
+        # The last layer at [CLS] alone, as training and `predict` run it (`kerasft.model.encoder`).
         self.model = core = core_model(classifier, skip_padding=False)
         self.fixed_shape = tuple(fixed_shape)
 

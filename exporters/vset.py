@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from kerasft.data import DataError, encode_labels
-from kerasft.rundir import CONFIG_FILE
+from kerasft.runs.rundir import CONFIG_FILE
 
 # Verification texts per split of the run (train, validation, test): every split is used, each
 # capped so that the cost stays bounded (the reference run: 6,000 + 5,342 + 5,342 texts).
@@ -63,7 +63,7 @@ def verification_set(
     Raises:
         ValueError: if `run_dir` is not a run directory (then texts must be passed).
     """
-    from kerasft.rundir import run_splits
+    from kerasft.runs.rundir import run_splits
 
     if run_dir is None or not (run_dir / CONFIG_FILE).is_file():
         raise ValueError(
@@ -86,13 +86,13 @@ def verification_set(
 
 
 def keras_batches(classifier, texts: list[str], batch_size: int = 32, shape=(None, None)):
-    """Feeds of the training token ids (`kerasft.batching.tokenize`, KerasHub's ids without
+    """Feeds of the training token ids (`kerasft.tokens.batching.tokenize`, KerasHub's ids without
     TensorFlow), each padded to its longest text (as the runtime pads).
 
     With a fixed `shape` (batch, sequence), feeds are padded to it instead: the sequence with
     padding tokens, a short batch by repeating its first row.
     """
-    from kerasft.batching import tokenize
+    from kerasft.tokens.batching import tokenize
 
     batch_size = shape[0] or batch_size
     tokens = tokenize(classifier.preprocessor, texts)

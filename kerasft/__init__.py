@@ -13,21 +13,21 @@ import os
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "TwoStageFineTuner": "kerasft.tuner",
-    "merge_histories": "kerasft.stages",
-    "RecipeConfig": "kerasft.config",
+    "TwoStageFineTuner": "kerasft.training.tuner",
+    "merge_histories": "kerasft.training.stages",
+    "RecipeConfig": "kerasft.training.config",
     "load_dataset": "kerasft.data",
     "reference_split": "kerasft.data",
     "stratified_limit": "kerasft.data",
     "TextDataset": "kerasft.data",
     "DataError": "kerasft.data",
-    "load_classifier": "kerasft.presets",
-    "load_pretrained_classifier": "kerasft.recipe",
-    "compile_classifier": "kerasft.recipe",
-    "initialize_head": "kerasft.recipe",
-    "encode": "kerasft.recipe",
-    "train_stage": "kerasft.recipe",
-    "classification_metrics": "kerasft.metrics",
+    "load_classifier": "kerasft.model.presets",
+    "load_pretrained_classifier": "kerasft.training.recipe",
+    "compile_classifier": "kerasft.training.recipe",
+    "initialize_head": "kerasft.training.recipe",
+    "encode": "kerasft.training.recipe",
+    "train_stage": "kerasft.training.recipe",
+    "classification_metrics": "kerasft.util.metrics",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -2,7 +2,7 @@
 
 import sys
 
-from kerasft.cli import main
+from kerasft.cli.entry import main
 
 if __name__ == "__main__":
     sys.exit(main())

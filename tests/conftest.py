@@ -192,7 +192,7 @@ TOY_BUCKETS = ["--bucket-width", "16"]
 
 def fit_args(backend, preset, data, out, warmup_epochs=2, finetune_epochs=8) -> list[str]:
     """`kerasft fit` on the tiny preset and toy data: the recipe of the shared `toy_runs`."""
-    args = [sys.executable, "-m", "kerasft.cli", "--backend", backend, "fit", "--data", str(data)]
+    args = [sys.executable, "-m", "kerasft", "--backend", backend, "fit", "--data", str(data)]
     args += ["--out", str(out), "--preset", str(preset), "--sequence-length", "32", "--quiet"]
     args += TOY_BUCKETS
     args += ["--batch-size", "16", "--warmup-epochs", str(warmup_epochs), "--warmup-lr", "1e-2"]

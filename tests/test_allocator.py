@@ -1,12 +1,12 @@
-"""kerasft.allocator: freed blocks are reused instead of faulted in again (on JAX from XLA's own
-threads too); the user's own allocator settings win; PyTorch and JAX stages apply it."""
+"""kerasft.devices.allocator: freed blocks are reused instead of faulted in again (on JAX from XLA's
+own threads too); the user's own allocator settings win; PyTorch and JAX stages apply it."""
 
 import platform
 
 import pytest
 
 from conftest import ROOT, run_backend
-from kerasft import allocator
+from kerasft.devices import allocator
 
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
@@ -14,7 +14,7 @@ GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 # tensors: NumPy asks for transparent huge pages, which hides most faults).
 FAULTS = """
 import json, os, resource, torch
-from kerasft import allocator
+from kerasft.devices import allocator
 applied = allocator.keep_freed_memory("torch") if os.environ.get("KEEP") else False
 
 def faults():
@@ -58,8 +58,9 @@ def test_settings_the_environment_chose_are_kept(monkeypatch, environ, chosen):
 
 STAGE = """
 import json, keras, numpy as np
-from kerasft import allocator, recipe
-from kerasft.presets import load_classifier
+from kerasft.devices import allocator
+from kerasft.training import recipe
+from kerasft.model.presets import load_classifier
 calls = []
 allocator.keep_freed_memory = lambda backend: calls.append(backend) or True
 recipe.keep_freed_memory = allocator.keep_freed_memory
@@ -87,12 +88,12 @@ def test_tensorflow_keeps_glibcs_defaults(monkeypatch):
 # own malloc arena holds): only one arena for the process lets the thresholds keep them.
 JAX_FAULTS = """
 import json, os, resource, sys
-from kerasft import allocator
+from kerasft.devices import allocator
 applied = allocator.keep_freed_memory("jax") if os.environ.get("KEEP") else False
 if os.environ.get("FIT"):  # the tuner's own call, before its first JAX computation
     sys.path.insert(0, os.environ["TESTS"])
     from conftest import toy_texts
-    from kerasft.tuner import TwoStageFineTuner
+    from kerasft.training.tuner import TwoStageFineTuner
 
     texts, labels = toy_texts(64, seed=1)
     TwoStageFineTuner(os.environ["FIT"], sequence_length=16, warmup_epochs=0, finetune_epochs=1,

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from kerasft.batching import BucketedBatches, TokenIds
+from kerasft.tokens.batching import BucketedBatches, TokenIds
 
 
 def make(n=203, shuffle=True, seed=0, batch_size=32, bucket_width=None):
@@ -10,7 +10,7 @@ def make(n=203, shuffle=True, seed=0, batch_size=32, bucket_width=None):
     as the recipe resolves it."""
     import keras
 
-    from kerasft.config import default_bucket_width
+    from kerasft.training.config import default_bucket_width
 
     width = bucket_width or default_bucket_width(keras.backend.backend())
     rng = np.random.default_rng(1)
@@ -64,7 +64,7 @@ def test_first_two_batches_differ_in_both_dims():
 
 
 def test_feature_pass_parts_have_one_shape_each_and_cover_the_pass():
-    from kerasft.recipe import _same_shape_parts
+    from kerasft.training.recipe import _same_shape_parts
 
     ds, _, _ = make(n=203, shuffle=False, batch_size=16)
     for most in (1, 2, 3, 100):
@@ -178,7 +178,7 @@ def test_unshuffled_passes_on_torch_cut_each_batch_to_its_longest_text(monkeypat
 def test_the_default_bucket_width_is_4_on_pytorch_and_8_on_the_compiled_backends(monkeypatch):
     import keras
 
-    from kerasft.config import default_bucket_width
+    from kerasft.training.config import default_bucket_width
 
     widths = {}
     for backend in ("torch", "jax", "tensorflow"):

@@ -18,7 +18,7 @@ from kerasft.benchmarks.report import targets
 def tiny_classifier(tiny_preset):
     import keras
 
-    from kerasft.presets import load_classifier
+    from kerasft.model.presets import load_classifier
 
     clf = load_classifier(str(tiny_preset), num_classes=2, sequence_length=32)
     rng = np.random.default_rng(1)  # a head that is not ~0, so logits differ per text
@@ -168,11 +168,11 @@ def test_missing_run_is_named(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_bench_runs_every_variant_and_quick_the_deciding_ones(toy_runs, tmp_path):
-    from kerasft.machine import computes_bf16
-    from kerasft.rundir import run_splits
+    from kerasft.runs.rundir import run_splits
+    from kerasft.util.machine import computes_bf16
 
     out, artifacts = tmp_path / "report", tmp_path / "artifacts"
-    cmd = [sys.executable, "-m", "kerasft.cli", "bench", "--run", str(toy_runs["tensorflow"])]
+    cmd = [sys.executable, "-m", "kerasft", "bench", "--run", str(toy_runs["tensorflow"])]
     cmd += ["--artifacts", str(artifacts), "--device", "cpu", "--seq-lens", "32"]
     # every variant and step, not a measurement: the shortest timing blocks (3 rounds still)
     cmd += ["--round-seconds", "0.02", "--settle-seconds", "0"]
@@ -263,7 +263,7 @@ def test_bench_runs_every_variant_and_quick_the_deciding_ones(toy_runs, tmp_path
 @pytest.mark.slow
 def test_export_accuracy_serves_the_test_split_at_each_batch_size(toy_runs, tmp_path):
     from kerasft.benchmarks import export_accuracy
-    from kerasft.rundir import run_splits
+    from kerasft.runs.rundir import run_splits
 
     out, exports = tmp_path / "int8.md", tmp_path / "exports"
     argv = ["--run", str(toy_runs["tensorflow"]), "--exports", str(exports), "--out", str(out)]

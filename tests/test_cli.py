@@ -58,7 +58,7 @@ def test_fit_log_redirected_to_a_file_has_no_progress_bars(tiny_preset, toy_data
 
 def cli(*args, env=None):
     proc = subprocess.run(
-        [sys.executable, "-m", "kerasft.cli", *args],
+        [sys.executable, "-m", "kerasft", *args],
         capture_output=True,
         text=True,
         cwd=ROOT,

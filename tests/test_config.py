@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from kerasft.config import RecipeConfig
-from kerasft.tuner import TwoStageFineTuner
+from kerasft.training.config import RecipeConfig
+from kerasft.training.tuner import TwoStageFineTuner
 
 
 def test_tuner_config_json_round_trip():

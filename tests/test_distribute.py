@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import CLI_ENV, ROOT, TOY_BUCKETS, run_backend, run_process
-from kerasft.distribute import DataParallelPlan
+from kerasft.devices.distribute import DataParallelPlan
 
 TWO_CPUS = {"KERASFT_CPU_DEVICES": "2"}
 
@@ -29,8 +29,8 @@ import json, sys
 import numpy as np
 sys.path.insert(0, {tests!r})
 from conftest import toy_texts
-from kerasft import recipe
-from kerasft.tuner import TwoStageFineTuner
+from kerasft.training import recipe
+from kerasft.training.tuner import TwoStageFineTuner
 
 load = recipe.load_pretrained_classifier
 def no_dropout(*args, **kwargs):  # the head's dropout too: runs must match step for step
@@ -94,7 +94,7 @@ def _fit_args(backend, preset, data, out, *extra):
     """`kerasft fit` in float32 whatever the CPU: the runs compared here sum gradients over other
     splits of a batch, which bfloat16 (the `auto` default on a CPU with AVX512_BF16 or AMX) would
     round differently, beyond these tests' 1e-4."""
-    args = [sys.executable, "-m", "kerasft.cli", "--backend", backend, "fit", "--data", str(data)]
+    args = [sys.executable, "-m", "kerasft", "--backend", backend, "fit", "--data", str(data)]
     args += ["--out", str(out), "--preset", str(preset), "--sequence-length", "32", "--quiet"]
     args += ["--mixed-precision", "none", *TOY_BUCKETS]
     return args + ["--batch-size", "16", "--warmup-epochs", "1", "--finetune-epochs", "1", *extra]
@@ -217,8 +217,8 @@ def test_torch_processes_resume_and_stop_together(tiny_preset, toy_data, tmp_pat
     import signal
     import time
 
-    from kerasft.checkpoint import STATE_FILE
-    from kerasft.rundir import CHECKPOINT_DIR, partial_dir
+    from kerasft.runs.rundir import CHECKPOINT_DIR, partial_dir
+    from kerasft.training.checkpoint import STATE_FILE
 
     env = {**CLI_ENV, "KERASFT_COLLECTIVE_TIMEOUT": "60"}
     args = ["--devices", "2", "--finetune-epochs", "12"]  # time to be killed in stage 2
@@ -284,7 +284,7 @@ def test_batch_size_must_split_evenly():
 
 @pytest.mark.parametrize("bad", ["0", "two"])
 def test_cpu_devices_variable_is_checked(bad, monkeypatch):
-    from kerasft.distribute import split_host_cpu
+    from kerasft.devices.distribute import split_host_cpu
 
     monkeypatch.setenv("KERASFT_CPU_DEVICES", bad)
     with pytest.raises(
@@ -295,7 +295,7 @@ def test_cpu_devices_variable_is_checked(bad, monkeypatch):
 
 @pytest.mark.parametrize("bad", ["0", "-1", "two"])
 def test_devices_flag_is_checked(bad, tmp_path):
-    args = [sys.executable, "-m", "kerasft.cli", "fit", "--out", str(tmp_path), "--devices", bad]
+    args = [sys.executable, "-m", "kerasft", "fit", "--out", str(tmp_path), "--devices", bad]
     proc = subprocess.run(args, capture_output=True, text=True, env=CLI_ENV, timeout=120)
     assert proc.returncode == 2
     assert f"expected a device count >= 1 or 'all', got {bad!r}" in proc.stderr

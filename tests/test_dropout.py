@@ -1,5 +1,5 @@
-"""kerasft.dropout: on PyTorch, unseeded Dropout layers draw their masks with torch.rand inside
-`rand_masks`, with Keras' semantics; outside it, and on other backends, Keras' own."""
+"""kerasft.training.dropout: on PyTorch, unseeded Dropout layers draw their masks with torch.rand
+inside `rand_masks`, with Keras' semantics; outside it, and on other backends, Keras' own."""
 
 import pytest
 
@@ -7,7 +7,7 @@ from conftest import run_backend
 
 MASKS = """
 import json, keras, numpy as np
-from kerasft import dropout
+from kerasft.training import dropout
 inputs = keras.Input((64,))
 hidden = keras.layers.Dropout(0.25)(inputs)
 hidden = keras.layers.Dropout(0.25, seed=3)(hidden)              # seeded: Keras' own
@@ -58,9 +58,9 @@ def test_unseeded_dropout_draws_rand_masks_only_on_pytorch(backend, layers):
 
 FIT = """
 import json, keras, numpy as np
-from kerasft import dropout
-from kerasft.recipe import train_stage, encode, initialize_head
-from kerasft.presets import load_classifier
+from kerasft.training import dropout
+from kerasft.training.recipe import train_stage, encode, initialize_head
+from kerasft.model.presets import load_classifier
 seen = []
 real = dropout.rand_masks
 
@@ -68,7 +68,7 @@ def spy(model):
     seen.append(len([l for l in model._flatten_layers() if type(l) is keras.layers.Dropout]))
     return real(model)
 
-import kerasft.recipe as recipe
+from kerasft.training import recipe as recipe
 recipe.rand_masks = spy
 clf = load_classifier({preset!r}, 2, 16, None)
 initialize_head(clf, 0)
@@ -86,7 +86,7 @@ def test_the_recipe_trains_inside_rand_masks_and_leaves_no_trace(tiny_preset):
 
 
 def test_the_mask_threshold_rounds_the_rate_to_16_bits_or_declines():
-    from kerasft.dropout import mask_threshold
+    from kerasft.training.dropout import mask_threshold
 
     assert mask_threshold(0.1) == 6554  # 0.100006: dropped below 6554 of 65536 values
     assert mask_threshold(0.25) == 16384 and mask_threshold(0.5) == 32768

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 
 from conftest import BACKENDS, CLI_ENV, fit_args, fit_run, toy_texts
-from kerasft import rundir
-from kerasft.checkpoint import STATE_FILE, CheckpointMismatchError
 from kerasft.cli import main
 from kerasft.exporters import export
-from kerasft.fileio import LockError, remove_stale_temp_dirs, target_lock
-from kerasft.tuner import TwoStageFineTuner, load_tuner
+from kerasft.runs import rundir
+from kerasft.training.checkpoint import STATE_FILE, CheckpointMismatchError
+from kerasft.training.tuner import TwoStageFineTuner, load_tuner
+from kerasft.util.fileio import LockError, remove_stale_temp_dirs, target_lock
 
 
 def _weights(run_dir):
@@ -35,7 +35,7 @@ def _max_diff(a, b):
 # checkpoint of (stage, epochs_done) is written: a crash at a chosen point, no polling race.
 KILL_AFTER_CHECKPOINT = """
 import os, signal, sys
-from kerasft import checkpoint
+from kerasft.training import checkpoint
 stage, done = sys.argv.pop(1), int(sys.argv.pop(1))
 save = checkpoint.CheckpointDir.save
 def save_then_die(self, state, *args, **kwargs):
@@ -51,7 +51,7 @@ sys.exit(main())
 def _killed_after(args, out, stage: str, epochs_done: int) -> dict:
     """Runs `kerasft fit` (`args`), killed by SIGKILL once the checkpoint after `epochs_done`
     epochs (counted over both stages) of `stage` is on disk; returns that checkpoint's state."""
-    assert args[1:3] == ["-m", "kerasft.cli"], args
+    assert args[1:3] == ["-m", "kerasft"], args
     killed = [args[0], "-c", KILL_AFTER_CHECKPOINT, stage, str(epochs_done), *args[3:]]
     # the wrapper imports Keras before the CLI reads --backend: name the backend beforehand
     env = {**CLI_ENV, "KERAS_BACKEND": args[args.index("--backend") + 1]}
@@ -396,7 +396,7 @@ def test_a_full_disk_during_fit_is_one_line_and_the_run_resumes(tiny_preset, toy
 def test_a_format_1_checkpoint_still_restores(tmp_path):
     """Checkpoints written before the `.npz` format (Keras' `.weights.h5` beside a `.state.npz`
     of optimizer, seed and random states) restore into the model, best epoch included."""
-    from kerasft.checkpoint import FORMAT_1_BEST, CheckpointDir
+    from kerasft.training.checkpoint import FORMAT_1_BEST, CheckpointDir
 
     def model(seed):
         keras.utils.set_random_seed(seed)

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from conftest import toy_texts
-from kerasft import rundir
 from kerasft.cli import main
+from kerasft.runs import rundir
 
 
 def _write(path, n, seed, names=("neg", "pos")):

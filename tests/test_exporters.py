@@ -36,7 +36,7 @@ def _assert_batch_independent(out, check: dict, run) -> None:
     """ONNX calibrated and static and OpenVINO NNCF INT8 calibrate their ranges once: a text's
     logits are the same served alone and inside a padded batch, and verification (at batch 1
     and 32, the worst deciding) says so."""
-    from kerasft.rundir import run_splits
+    from kerasft.runs.rundir import run_splits
 
     assert check["label_agreement"] == min(
         r["label_agreement"] for r in check["per_batch_size"].values()
@@ -342,8 +342,8 @@ def test_tensorflow_graph_fuses_every_attention_block(toy_runs, tmp_path):
 def test_int8_auto_times_bf16_candidates_only_where_the_cpu_computes_bf16(monkeypatch):
     """OpenVINO's bf16 candidates of `--int8 auto` are timed only on CPUs with AVX512_BF16 or
     AMX-BF16 (the machine probe mocked both ways); fp32 is always a candidate."""
-    from kerasft import machine
     from kerasft.exporters.auto import auto_candidates
+    from kerasft.util import machine
 
     ov = FORMATS["openvino"]
     monkeypatch.setattr(machine, "cpu_flags", lambda: {"avx2", "fma"})

@@ -2,7 +2,7 @@
 
 import pytest
 
-from kerasft.fileio import LockError, publish_target, target_lock
+from kerasft.util.fileio import LockError, publish_target, target_lock
 
 
 def test_publishes_the_work_directory_whole(tmp_path):

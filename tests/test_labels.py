@@ -9,7 +9,7 @@ from conftest import toy_texts
 from kerasft.cli import main
 from kerasft.data import DataError, encode_labels, label_values, load_dataset
 from kerasft.data import label_ids as _label_ids
-from kerasft.tuner import TwoStageFineTuner
+from kerasft.training.tuner import TwoStageFineTuner
 
 
 def tuner(preset="does/not/matter", **kwargs):
@@ -95,12 +95,12 @@ def test_labels_one_and_two_make_two_classes_in_the_cli(tiny_preset, one_two, tm
 
 
 def test_truncated_texts_are_counted_and_logged(tiny_preset, caplog):
-    from kerasft.batching import count_truncated, tokenize
-    from kerasft.presets import load_classifier
+    from kerasft.model.presets import load_classifier
+    from kerasft.tokens.batching import count_truncated, tokenize
 
     pre = load_classifier(str(tiny_preset), 2, sequence_length=8).preprocessor
     texts = ["good day", "the day was very good and so nice", "the day was good and nice"]
-    with caplog.at_level("WARNING", logger="kerasft.batching"):
+    with caplog.at_level("WARNING", logger="kerasft.tokens.batching"):
         lengths = tokenize(pre, texts).lengths
     # 2 + 8 words do not fit in 8 places; 2 + 6 fit exactly, 2 + 2 easily
     assert lengths.tolist() == [4, 8, 8]

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from conftest import BACKENDS, ROOT, run_backend
-from kerasft.config import RecipeConfig
+from kerasft.training.config import RecipeConfig
 
 LORA_CODE = """
 import json, sys
@@ -14,8 +14,8 @@ import numpy as np
 sys.path.insert(0, {tests!r})
 from conftest import toy_texts
 from kerasft import TwoStageFineTuner
-from kerasft.lora import adapted_layers
-from kerasft.tuner import load_adapter
+from kerasft.model.lora import adapted_layers
+from kerasft.training.tuner import load_adapter
 
 class Snapshot(keras.callbacks.Callback):
     # the classifier's variables when each stage starts (callbacks see the whole classifier)
@@ -86,8 +86,8 @@ def test_lora_options_are_validated():
 
 
 def test_unknown_lora_targets_are_named(tiny_preset):
-    from kerasft.lora import enable_lora
-    from kerasft.presets import load_classifier
+    from kerasft.model.lora import enable_lora
+    from kerasft.model.presets import load_classifier
 
     clf = load_classifier(str(tiny_preset), 2, 32)
     with pytest.raises(ValueError, match=r"lora_targets \['qkv'\] name no layer.*'query'"):

@@ -7,8 +7,8 @@ import pytest
 
 from conftest import CLI_ENV
 from kerasft.cli import main
-from kerasft.config import RecipeConfig
 from kerasft.data import DataError, load_dataset
+from kerasft.training.config import RecipeConfig
 
 
 def _cli_error(args, capsys) -> str:
@@ -76,7 +76,7 @@ def test_a_bad_recipe_value_names_the_flag(tmp_path, capsys):
 
 def test_a_bad_backend_lists_the_three(tmp_path):
     env = {**CLI_ENV, "KERAS_BACKEND": "bogus"}
-    cli = subprocess.run([sys.executable, "-m", "kerasft.cli", "predict", str(tmp_path), "hi"],
+    cli = subprocess.run([sys.executable, "-m", "kerasft", "predict", str(tmp_path), "hi"],
                          capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
     assert cli.returncode == 2
     assert cli.stderr.strip() == (

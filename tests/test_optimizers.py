@@ -6,7 +6,7 @@ from conftest import run_backend
 
 SAME_UPDATES = """
 import json, keras, numpy as np
-from kerasft.optimizers import adam
+from kerasft.training.optimizers import adam
 
 x = np.random.default_rng(0).normal(size=(64, 8)).astype("float32")
 y = np.random.default_rng(1).normal(size=(64, 2)).astype("float32")
@@ -64,7 +64,7 @@ def test_adam_updates_equal_keras_adam(backend):
 
 COMPILED = """
 import json, keras, numpy as np
-from kerasft.optimizers import adam
+from kerasft.training.optimizers import adam
 
 x = np.random.default_rng(0).normal(size=(64, 8)).astype("float32")
 y = np.random.default_rng(1).normal(size=(64, 2)).astype("float32")

@@ -4,8 +4,8 @@ import keras
 import numpy as np
 import pytest
 
-from kerasft.config import RecipeConfig
-from kerasft.recipe import compile_classifier, stage_schedule
+from kerasft.training.config import RecipeConfig
+from kerasft.training.recipe import compile_classifier, stage_schedule
 
 
 def _model(seed: int = 0) -> keras.Model:

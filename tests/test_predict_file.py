@@ -92,7 +92,7 @@ def test_standard_input_is_one_text_per_line(toy_export, monkeypatch, capsys):
 @pytest.mark.slow
 def test_run_directory_file_arguments_and_api_agree(toy_runs, tmp_path, capsys):
     """A run directory (Keras): --data, texts as arguments and `TwoStageFineTuner.predict`."""
-    from kerasft.tuner import load_tuner
+    from kerasft.training.tuner import load_tuner
 
     run = toy_runs["torch"]
     data = _jsonl(tmp_path / "in.jsonl", TEXTS)
@@ -153,8 +153,8 @@ def test_scores_csv_output_and_refusals(toy_export, tmp_path, capsys):
 
 def test_progress_shows_rows_rate_and_time_left(toy_export, tmp_path, capsys):
     from kerasft.exporters.runtime import load
-    from kerasft.labelling import label_file
-    from kerasft.textstream import read_texts
+    from kerasft.labelling.labeller import label_file
+    from kerasft.labelling.textstream import read_texts
 
     model = load(toy_export("onnx"))
     data = _jsonl(tmp_path / "in.jsonl", TEXTS)
@@ -172,7 +172,7 @@ def test_a_killed_predict_leaves_no_output_file(toy_export, tmp_path):
     texts, _ = toy_texts(1000, seed=1)
     data = _jsonl(tmp_path / "big.jsonl", texts * 200)  # 200,000 rows: runs for a while
     out = tmp_path / "preds.jsonl"
-    cmd = [sys.executable, "-m", "kerasft.cli", "predict", str(toy_export("onnx")), "--data",
+    cmd = [sys.executable, "-m", "kerasft", "predict", str(toy_export("onnx")), "--data",
            str(data), "--out", str(out)]  # fmt: skip
     proc = subprocess.Popen(cmd, env=CLI_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120

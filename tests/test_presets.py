@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import BACKENDS, ROOT, run_backend
-from kerasft.presets import bert_to_distilbert, resolve_preset
+from kerasft.model.presets import bert_to_distilbert, resolve_preset
 
 
 def tiny_bert(layers=2, hidden=4, vocab=7, positions=5):
@@ -90,7 +90,7 @@ import keras, numpy as np
 from safetensors.numpy import load_file
 sys.path.insert(0, {tests!r})
 from numpy_bert import bert_forward
-from kerasft.presets import load_classifier, minilm_source_dir
+from kerasft.model.presets import load_classifier, minilm_source_dir
 
 texts = [
     "thirtysomething scientists unveil doomsday clock of hair loss",
@@ -128,7 +128,7 @@ def test_offline_preset_equals_numpy_bert(backend, tmp_path_factory):
 def test_unreachable_remote_preset_suggests_offline(monkeypatch):
     import keras_hub
 
-    from kerasft.presets import load_classifier
+    from kerasft.model.presets import load_classifier
 
     def offline(*args, **kwargs):
         raise ConnectionError("Failed to resolve 'api.kaggle.com'")
@@ -142,8 +142,8 @@ def test_unreachable_remote_preset_suggests_offline(monkeypatch):
 
 def test_api_and_cli_default_to_the_same_offline_preset():
     from kerasft import TwoStageFineTuner
-    from kerasft.cli import build_parser
-    from kerasft.presets import OFFLINE_PRESET
+    from kerasft.cli.parser import build_parser
+    from kerasft.model.presets import OFFLINE_PRESET
 
     cli_default = build_parser().parse_args(["fit"]).preset
     assert TwoStageFineTuner().preset == cli_default == OFFLINE_PRESET

@@ -19,7 +19,7 @@ FLAG = re.compile(r"(?<![\w-])--[a-z0-9][a-z0-9-]*")
 
 def parsers() -> dict[str, argparse.ArgumentParser]:
     """`kerasft` and each of its commands' parsers, by command name."""
-    from kerasft import cli
+    from kerasft.cli import parser as cli
     from kerasft.benchmarks.latency import build_parser as bench_parser
 
     parser = cli.build_parser()
@@ -73,7 +73,7 @@ def _table(parser: argparse.ArgumentParser, actions) -> list[str]:
 def render_reference() -> str:
     """The README's CLI reference: per command, one row per argument (name, default, help);
     the data-file flags the commands share (`cli._data_file_flags`), once."""
-    from kerasft import cli
+    from kerasft.cli import parser as cli
 
     commands = parsers()
     shared = cli._data_file_flags()

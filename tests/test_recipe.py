@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from conftest import BACKENDS, run_backend, toy_texts
-from kerasft import recipe
+from kerasft.training import recipe
 
 
 @pytest.mark.parametrize("linear_decay, final_lr", [(True, 0.0), (False, 1e-3)])
@@ -24,7 +24,7 @@ def test_stage_learning_rate_schedule(tiny_preset, linear_decay, final_lr):
 
 CLS_ONLY_CODE = """
 import json, keras, numpy as np
-from kerasft import recipe
+from kerasft.training import recipe
 clf = recipe.load_pretrained_classifier({preset!r}, num_classes=2, sequence_length=16)
 rng = np.random.default_rng(0)
 vocab = clf.backbone.vocabulary_size
@@ -62,7 +62,8 @@ def test_core_view_computes_the_last_layer_at_cls_only(backend, tiny_preset):
 
 PACKED_CODE = """
 import json, keras, numpy as np
-from kerasft import encoder, recipe
+from kerasft.model import encoder
+from kerasft.training import recipe
 clf = recipe.load_pretrained_classifier({preset!r}, num_classes=2, sequence_length=16)
 recipe.initialize_head(clf, 0)
 packed_calls = []
@@ -103,7 +104,7 @@ print(json.dumps(out))
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_packed_tokens_give_the_padded_batch_logits_and_gradients(backend, tiny_preset):
-    """On PyTorch the view packs a padded batch's real tokens (`kerasft.encoder`): the same
+    """On PyTorch the view packs a padded batch's real tokens (`kerasft.model.encoder`): the same
     logits and gradients as the padded batch, to float rounding; JAX and TensorFlow run the
     padded batch. The view holds the classifier's variables, each once."""
     r = run_backend(backend, PACKED_CODE.format(preset=str(tiny_preset)))
@@ -121,7 +122,8 @@ def test_packed_tokens_give_the_padded_batch_logits_and_gradients(backend, tiny_
 
 BF16_PACKED_CODE = """
 import json, keras, numpy as np, torch
-from kerasft import encoder, recipe
+from kerasft.model import encoder
+from kerasft.training import recipe
 keras.config.set_dtype_policy("mixed_bfloat16")
 clf = recipe.load_pretrained_classifier({preset!r}, num_classes=2, sequence_length=16)
 recipe.initialize_head(clf, 0)
@@ -149,7 +151,7 @@ print(json.dumps(out))
 
 def test_packed_path_in_bfloat16_takes_the_direct_products_and_matches_keras(tiny_preset):
     """Under mixed bfloat16 the packed path's direct projections and layer norms (see
-    `kerasft.encoder`) compute in bfloat16 and give Keras' own layers' [CLS] features to
+    `kerasft.model.encoder`) compute in bfloat16 and give Keras' own layers' [CLS] features to
     bfloat16 rounding."""
     r = run_backend("torch", BF16_PACKED_CODE.format(preset=str(tiny_preset)))
     packed, padded = np.array(r["True"]), np.array(r["False"])
@@ -177,8 +179,8 @@ def test_label_smoothing_reaches_the_loss():
     confident right answer costs more with it than without."""
     import keras
 
-    from kerasft.config import RecipeConfig
-    from kerasft.recipe import compile_classifier
+    from kerasft.training.config import RecipeConfig
+    from kerasft.training.recipe import compile_classifier
 
     assert RecipeConfig(label_smoothing=0.2).stage_options("warmup")["label_smoothing"] == 0.2
     inputs = keras.Input((2,))
@@ -194,7 +196,7 @@ def test_label_smoothing_reaches_the_loss():
 
 @pytest.mark.parametrize("num_classes", [2, 3])
 def test_scores_from_a_confusion_matrix_equal_scores_from_predictions(num_classes):
-    from kerasft.metrics import classification_metrics, confusion_metrics
+    from kerasft.util.metrics import classification_metrics, confusion_metrics
 
     rng = np.random.default_rng(num_classes)
     true = rng.integers(0, num_classes, 500)
@@ -205,18 +207,18 @@ def test_scores_from_a_confusion_matrix_equal_scores_from_predictions(num_classe
 
 @pytest.mark.parametrize("bad", [[[1, 2]], [[1, -1], [0, 2]], [[1.5, 0], [0, 1]]])
 def test_confusion_metrics_names_a_bad_matrix(bad):
-    from kerasft.metrics import confusion_metrics
+    from kerasft.util.metrics import confusion_metrics
 
     with pytest.raises(ValueError, match="square matrix of non-negative counts"):
         confusion_metrics(bad)
 
 
 def test_packing_fills_rows_to_a_multiple_and_unpacks_real_tokens_only():
-    """`kerasft.encoder`'s packing (PyTorch): real tokens in order, then filler rows up to
+    """`kerasft.model.encoder`'s packing (PyTorch): real tokens in order, then filler rows up to
     `PACKED_ROWS_MULTIPLE`; unpacking gives zeros at padding, never a filler row."""
     import torch
 
-    from kerasft.encoder import PACKED_ROWS_MULTIPLE, _torch_packing
+    from kerasft.model.encoder import PACKED_ROWS_MULTIPLE, _torch_packing
 
     packing = _torch_packing(torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]]), cls_index=0)
     x = torch.arange(1.0, 9.0).reshape(2, 4, 1)

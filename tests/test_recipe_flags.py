@@ -5,9 +5,10 @@ import json
 
 import pytest
 
-from kerasft import cli
-from kerasft.config import RecipeConfig, flag_name
-from kerasft.tuner import TwoStageFineTuner
+from kerasft.cli import fit as cli_fit
+from kerasft.cli import parser as cli
+from kerasft.training.config import RecipeConfig, flag_name
+from kerasft.training.tuner import TwoStageFineTuner
 
 # A value other than the default for every field (a field missing here still round-trips its
 # default; `test_every_field_has_a_non_default_example` asks for one).
@@ -89,7 +90,7 @@ def test_all_flags_round_trip_through_config_json_and_resume(tmp_path):
     options = cli.run_options()
     saved = json.loads(json.dumps({k: getattr(args, k) for k in options}))
     resumed = cli.build_parser().parse_args(["fit", "--resume", "run"])
-    cli._resolve_interrupted(resumed, tmp_path / "run", saved, options)
+    cli_fit._resolve_interrupted(resumed, tmp_path / "run", saved, options)
     assert cli.recipe_from_args(resumed) == recipe
 
 
@@ -98,7 +99,7 @@ def test_an_interrupted_run_with_other_options_is_named_by_flag(tmp_path):
     saved = {k: getattr(parse_fit(), k) for k in options}
     typed = parse_fit("--warmup-lr", "0.002")
     with pytest.raises(FileExistsError, match=r"--warmup-lr 0.001 -> 0.002"):
-        cli._resolve_interrupted(typed, tmp_path / "run", saved, options)
+        cli_fit._resolve_interrupted(typed, tmp_path / "run", saved, options)
 
 
 def test_tuner_keywords_are_the_recipe_fields():

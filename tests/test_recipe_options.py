@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from conftest import BACKENDS, ROOT, run_backend
-from kerasft import recipe
-from kerasft.config import RecipeConfig
-from kerasft.tuner import TwoStageFineTuner
+from kerasft.training import recipe
+from kerasft.training.config import RecipeConfig
+from kerasft.training.tuner import TwoStageFineTuner
 
 
 @pytest.mark.parametrize(
@@ -47,8 +47,8 @@ def test_bf16_is_the_default_only_where_the_cpu_computes_it(monkeypatch, tiny_pr
     mocked) trains in float32, one with it in bfloat16; `fit` records the resolved value (what
     config.json holds), and an explicit choice is never overridden."""
     from conftest import toy_texts
-    from kerasft import machine
-    from kerasft.precision import resolve_mixed_precision
+    from kerasft.training.precision import resolve_mixed_precision
+    from kerasft.util import machine
 
     monkeypatch.setattr(machine, "cpu_flags", lambda: {"avx2", "fma", "avx512f", "avx512_vnni"})
     assert resolve_mixed_precision("auto") is None
@@ -84,8 +84,8 @@ def test_bf16_is_the_default_only_where_the_cpu_computes_it(monkeypatch, tiny_pr
 def test_auto_precision_resolves_per_backend_as_measured(monkeypatch, flags, expected):
     """`auto` is chosen per backend and CPU class from the committed table (`AUTO_BF16`), with
     the CPU probe mocked: a backend never gets bfloat16 where it measured slower in it."""
-    from kerasft import machine
-    from kerasft.precision import AUTO_BF16, resolve_mixed_precision
+    from kerasft.training.precision import AUTO_BF16, resolve_mixed_precision
+    from kerasft.util import machine
 
     monkeypatch.setattr(machine, "cpu_flags", lambda: flags)
     assert set(AUTO_BF16) == {"torch", "tensorflow", "jax"}
@@ -113,7 +113,7 @@ def test_bucket_width_reaches_the_training_and_validation_batches(monkeypatch, t
     assert seen == [1, 1]
     assert TwoStageFineTuner.from_config(tuner.get_config()).recipe.bucket_width == 1
     # The default (None) resolves to the backend's width when `fit` starts; config.json has it.
-    from kerasft.config import default_bucket_width
+    from kerasft.training.config import default_bucket_width
 
     seen.clear()
     tuner = TwoStageFineTuner(str(tiny_preset), sequence_length=16, warmup_epochs=0,
@@ -129,8 +129,8 @@ import json, sys
 import numpy as np, keras
 sys.path.insert(0, {tests!r})
 from conftest import toy_texts
-from kerasft.presets import load_classifier
-from kerasft.tuner import TwoStageFineTuner
+from kerasft.model.presets import load_classifier
+from kerasft.training.tuner import TwoStageFineTuner
 
 texts, labels = toy_texts(64, seed=1)
 options = {{"sequence_length": 16, "warmup_epochs": 0, "finetune_epochs": 1, "verbose": 0}}

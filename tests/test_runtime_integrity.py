@@ -95,7 +95,7 @@ def test_unlisted_model_file_is_refused(copy):
 def test_cli_predict_refuses_with_one_line(copy):
     pinned = sha256_file(copy / "manifest.json")
     _edit_manifest(copy, label_names=["pos", "neg"])
-    cmd = [sys.executable, "-m", "kerasft.cli", "predict", str(copy), "so good"]
+    cmd = [sys.executable, "-m", "kerasft", "predict", str(copy), "so good"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd + ["--manifest-sha256", pinned], capture_output=True, text=True,
                           env=env, timeout=120)  # fmt: skip
@@ -110,7 +110,7 @@ def test_cli_predict_refuses_with_one_line(copy):
 @pytest.mark.slow
 def test_cli_export_prints_the_manifest_hash(toy_runs, tmp_path):
     out = tmp_path / "e"
-    cmd = [sys.executable, "-m", "kerasft.cli", "export", str(toy_runs["jax"]), "--format",
+    cmd = [sys.executable, "-m", "kerasft", "export", str(toy_runs["jax"]), "--format",
            "openvino", "--out", str(out)]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)

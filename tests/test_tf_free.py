@@ -43,7 +43,7 @@ import numpy as np
 sys.path.insert(0, {tests!r})
 from conftest import toy_texts
 from kerasft import TwoStageFineTuner
-from kerasft.tuner import load_tuner
+from kerasft.training.tuner import load_tuner
 
 texts, labels = toy_texts(96, seed=2)
 tuner = TwoStageFineTuner({preset!r}, sequence_length=32, warmup_epochs=1, finetune_epochs=1,
@@ -87,7 +87,7 @@ def tf_free_runs(tiny_preset, toy_data, tmp_path_factory) -> dict:
 
     def build(directory):
         for backend in TF_FREE_BACKENDS:
-            # the toy recipe at 1 + 2 epochs, without `python -m kerasft.cli --backend B`
+            # the toy recipe at 1 + 2 epochs, without `python -m kerasft --backend B`
             args = fit_args(backend, tiny_preset, toy_data, directory / backend, 1, 2)[5:]
             fit = _cli(backend, *args)
             assert fit.returncode == 0 and "test accuracy" in fit.stdout, fit.stderr[-3000:]
@@ -166,8 +166,8 @@ import numpy as np
 import keras_hub
 sys.path.insert(0, {tests!r})
 from test_tf_free import ids_digest
-from kerasft.batching import tokenize
-from kerasft.presets import minilm_source_dir
+from kerasft.tokens.batching import tokenize
+from kerasft.model.presets import minilm_source_dir
 
 tokenizer = keras_hub.models.DistilBertTokenizer(
     vocabulary=str(minilm_source_dir() / "vocab.txt"), lowercase=True

@@ -10,7 +10,7 @@ from test_tf_free import REFERENCE_IDS_SHA256, ids_digest
 from kerasft.benchmarks.tokenizer_speed import typographic
 from kerasft.exporters.runtime import ExportedClassifier, sha256_file
 from kerasft.exporters.tokenizer import write_tokenizer_assets
-from kerasft.wordpiece import tokenizers_matches
+from kerasft.tokens.wordpiece import tokenizers_matches
 
 HARD_TEXTS = [
     "grab them by the… hand: trump's nonverbal behavior",  # "…" folds to "..." after the split
@@ -34,7 +34,7 @@ HARD_TEXTS = [
 def preprocessor():
     import keras_hub
 
-    from kerasft.presets import minilm_source_dir
+    from kerasft.model.presets import minilm_source_dir
 
     tokenizer = keras_hub.models.DistilBertTokenizer(
         vocabulary=str(minilm_source_dir() / "vocab.txt"), lowercase=True
@@ -77,8 +77,8 @@ def test_training_tokenizer_gives_kerashub_ids_on_the_whole_file(sarcasm_file):
     KerasHub's preprocessor's (`kerashub_tokenize`), at the reference sequence length."""
     import keras_hub
 
-    from kerasft.batching import fast_tokenizer, kerashub_tokenize, tokenize
-    from kerasft.presets import minilm_source_dir
+    from kerasft.model.presets import minilm_source_dir
+    from kerasft.tokens.batching import fast_tokenizer, kerashub_tokenize, tokenize
 
     tokenizer = keras_hub.models.DistilBertTokenizer(
         vocabulary=str(minilm_source_dir() / "vocab.txt"), lowercase=True

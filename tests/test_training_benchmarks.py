@@ -54,7 +54,7 @@ def test_train_speed_times_kerasft_and_trainer_side_by_side(tiny_preset, toy_dat
         assert any("bf16" in name for name in kernels), kernels
     # torch cuts each batch to its longest text; Trainer pads random batches to theirs.
     assert results["torch"]["padded_tokens_per_row"] < results["trainer"]["padded_tokens_per_row"]
-    # and packs the real tokens of a bucket (`kerasft.encoder`); Trainer computes its padding
+    # and packs the real tokens of a bucket (`kerasft.model.encoder`); Trainer computes its padding
     torch = results["torch"]
     assert torch["computed_tokens_per_row"] < torch["padded_tokens_per_row"]
     trainer = results["trainer"]

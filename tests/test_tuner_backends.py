@@ -10,7 +10,7 @@ import numpy as np
 sys.path.insert(0, {tests!r})
 from conftest import toy_texts
 from kerasft import TwoStageFineTuner
-from kerasft.metrics import classification_metrics
+from kerasft.util.metrics import classification_metrics
 
 texts, labels = toy_texts(256, seed=0)
 val_texts, val_labels = toy_texts(64, seed=1)
@@ -84,8 +84,8 @@ def test_two_stage_fit_predict_save_load(backend, tiny_preset, tmp_path):
 HEAD_CODE = """
 import json
 import keras
-from kerasft.presets import load_classifier
-from kerasft.recipe import initialize_head
+from kerasft.model.presets import load_classifier
+from kerasft.training.recipe import initialize_head
 clf = load_classifier({preset!r}, num_classes=3, sequence_length=16)
 initialize_head(clf, seed=11)
 kernel = keras.ops.convert_to_numpy(clf.output_dense.kernel).ravel()[:20]

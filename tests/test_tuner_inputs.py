@@ -4,8 +4,8 @@ import pytest
 
 from kerasft.data import DataError
 from kerasft.data import label_ids as _label_ids
-from kerasft.stages import merge_histories
-from kerasft.tuner import TwoStageFineTuner
+from kerasft.training.stages import merge_histories
+from kerasft.training.tuner import TwoStageFineTuner
 
 
 def tuner(**kwargs):

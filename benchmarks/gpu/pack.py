@@ -61,7 +61,7 @@ def download_wheels(out: Path) -> list[Path]:
 
 def write_fp16_checkpoint(out: Path) -> Path:
     """The offline preset's DistilBERT checkpoint with float16 weights."""
-    from kerasft.presets import minilm_source_dir, write_distilbert_checkpoint
+    from kerasft.model.presets import minilm_source_dir, write_distilbert_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = write_distilbert_checkpoint(minilm_source_dir(), Path(tmp) / "fp32")

@@ -78,7 +78,7 @@ def fit_step(args) -> dict:
     """`kerasft fit` of one backend and precision; its metrics and the device it trained on."""
     processes = int(args.processes or 1)
     out = Path(args.work) / f"run-{args.backend}-{args.precision}-x{processes}"
-    launcher = [sys.executable, "-m", "kerasft.cli"]
+    launcher = [sys.executable, "-m", "kerasft"]
     if processes > 1:  # torchrun, one process per GPU (torch.distributed, NCCL)
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                     "--nproc-per-node", str(processes), "-m", "kerasft"]  # fmt: skip
@@ -164,8 +164,8 @@ def keras_step(args) -> dict:
     """Keras inference latency of the float32 run's model on this backend."""
     import keras
 
-    from kerasft.recipe import core_model
-    from kerasft.tuner import load_tuner
+    from kerasft.training.recipe import core_model
+    from kerasft.training.tuner import load_tuner
 
     tuner = load_tuner(args.run)
     core = core_model(tuner.model)
@@ -223,7 +223,7 @@ def _cells(args):
 def transformers_step(args) -> dict:
     """A transformers checkpoint of the run's weights (written on the CPU, Keras on torch)."""
     from kerasft.benchmarks.models import to_transformers
-    from kerasft.tuner import load_tuner
+    from kerasft.training.tuner import load_tuner
 
     tuner = load_tuner(args.run)
     out = Path(args.work) / "transformers"
@@ -315,8 +315,8 @@ STEPS = {"fit": fit_step, "keras": keras_step, "transformers": transformers_step
 
 def machine() -> dict:
     """GPU name and driver (nvidia-smi), CPU, and the versions this run used."""
-    from kerasft.machine import describe
-    from kerasft.versions import package_versions
+    from kerasft.util.machine import describe
+    from kerasft.util.versions import package_versions
 
     info = {**describe(), "gpu": None, "driver": None}
     try:
@@ -337,7 +337,7 @@ def machine() -> dict:
 
 def measure(args, progress=print) -> dict:
     """Runs every step (see the module docstring); returns the report."""
-    from kerasft.versions import source_commit
+    from kerasft.util.versions import source_commit
 
     started = time.perf_counter()
     work = Path(args.work or tempfile.mkdtemp(prefix="kerasft-gpu-"))
@@ -455,7 +455,7 @@ def render(report: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from kerasft.data import DATA_ENV
-    from kerasft.presets import DEFAULT_PRESET
+    from kerasft.model.presets import DEFAULT_PRESET
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=os.environ.get(DATA_ENV),

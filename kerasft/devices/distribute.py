@@ -16,7 +16,7 @@ prediction:
   over every process's rows (`share_across_processes`).
 
 `batch_size` stays the global batch: it must be a multiple of the device count, and every batch
-is split evenly (see `kerasft.batching.BucketedBatches` for the remainder rule).
+is split evenly (see `kerasft.tokens.batching.BucketedBatches` for the remainder rule).
 
 Without accelerators, the host CPU can be split into N virtual devices to run the multi-device
 path (how Keras tests it): set `KERASFT_CPU_DEVICES=N` before the backend starts.

@@ -19,15 +19,15 @@ import math
 import keras
 import numpy as np
 
-from kerasft import distribute
-from kerasft.allocator import keep_freed_memory
-from kerasft.batching import BucketedBatches, inference_batch_size, one_hot, tokenize
-from kerasft.config import default_bucket_width
-from kerasft.dropout import rand_masks
-from kerasft.encoder import cls_features, last_layer_at_cls
-from kerasft.lora import adapted_layers
-from kerasft.optimizers import adam
-from kerasft.presets import load_classifier
+from kerasft.devices import distribute
+from kerasft.devices.allocator import keep_freed_memory
+from kerasft.model.encoder import cls_features, last_layer_at_cls
+from kerasft.model.lora import adapted_layers
+from kerasft.model.presets import load_classifier
+from kerasft.tokens.batching import BucketedBatches, inference_batch_size, one_hot, tokenize
+from kerasft.training.config import default_bucket_width
+from kerasft.training.dropout import rand_masks
+from kerasft.training.optimizers import adam
 
 load_pretrained_classifier = load_classifier
 
@@ -70,7 +70,7 @@ def compile_classifier(
 
     A fresh optimizer every time: after `trainable` changes Keras needs a recompile, and Adam's
     moments from another stage (or none) must not leak in. On PyTorch the update runs as one
-    fused kernel (`kerasft.optimizers`).
+    fused kernel (`kerasft.training.optimizers`).
 
     Args:
         model: a classifier, or any model that outputs logits.
@@ -186,7 +186,7 @@ def stage_schedule(learning_rate: float, steps: int, linear_decay: bool, warmup_
 
 @keras.saving.register_keras_serializable(package="kerasft")
 class F1Score(keras.metrics.Metric):
-    """F1 of one-hot targets vs logits, as `kerasft.metrics.classification_metrics` scores it.
+    """F1 of one-hot targets vs logits, as `kerasft.util.metrics.classification_metrics` scores it.
 
     Binary tasks score the positive class (id 1); more classes take the macro average. Keras'
     own `F1Score` thresholds each class separately; this takes the argmax, like `predict`.
@@ -263,7 +263,7 @@ def encode(
         replicas: data-parallel devices each batch is split across (see `BucketedBatches`).
         shard: `(process index, process count)` in a multi-process run, else None.
         bucket_width: batches are padded to a multiple of this many tokens; None: the
-            backend's default (`kerasft.config.default_bucket_width`).
+            backend's default (`kerasft.training.config.default_bucket_width`).
 
     Returns:
         A `BucketedBatches` dataset usable by `fit`, `evaluate` and `predict` on every backend.
@@ -286,12 +286,12 @@ def core_model(classifier, skip_padding: bool = True) -> keras.Model:
 
     KerasHub's `Task.fit` re-applies the preprocessor to its input; training this plain functional
     view on pre-tokenized batches avoids that while updating the classifier's own variables. The
-    view computes only what `[CLS]` needs (`kerasft.encoder`): the same logits, to float
+    view computes only what `[CLS]` needs (`kerasft.model.encoder`): the same logits, to float
     rounding, for less work. Every export's serving graph is traced from it too.
 
     Args:
         classifier: a KerasHub text classifier.
-        skip_padding: see `kerasft.encoder.cls_features` (False for a traced graph).
+        skip_padding: see `kerasft.model.encoder.cls_features` (False for a traced graph).
 
     Returns:
         A functional `keras.Model` taking `{"token_ids", "padding_mask"}`.
@@ -453,7 +453,7 @@ def prepare_stage(
     """Freezes or unfreezes the backbone and returns what `fit` needs for one stage.
 
     See `train_stage` for the arguments. `epochs` sizes the learning-rate schedule. On PyTorch
-    and JAX it also keeps freed memory in the process for reuse (`kerasft.allocator`).
+    and JAX it also keeps freed memory in the process for reuse (`kerasft.devices.allocator`).
 
     Returns:
         `(model, fit_x, fit_validation)`: the compiled model that trains (the head alone on
@@ -464,7 +464,9 @@ def prepare_stage(
     """
     if train_base == "lora":  # the adapters and the head train; `enable_lora` set the flags
         if not adapted_layers(classifier):
-            raise ValueError("train_base='lora' needs adapters: call kerasft.lora.enable_lora.")
+            raise ValueError(
+                "train_base='lora' needs adapters: call kerasft.model.lora.enable_lora."
+            )
     else:
         classifier.backbone.trainable = train_base
         if train_base and freeze_word_embeddings:  # the rest of the backbone trains
@@ -520,7 +522,7 @@ def train_stage(
         epochs: epochs of this stage (0 returns an empty History).
         learning_rate: Adam's learning rate for this stage.
         train_base: whether the backbone is trained: True, False, or `"lora"` (only its LoRA
-            adapters, added by `kerasft.lora.enable_lora` beforehand).
+            adapters, added by `kerasft.model.lora.enable_lora` beforehand).
         initial_epoch: first epoch number (to continue numbering across stages).
         callbacks: Keras callbacks; they see the model that trains (see `prepare_stage`).
         cache_features: use cached backbone features when the backbone is frozen.
@@ -555,7 +557,7 @@ def train_stage(
         verbose=verbose,
         **optimizer_options,
     )
-    with rand_masks(model):  # PyTorch: faster dropout masks (`kerasft.dropout`)
+    with rand_masks(model):  # PyTorch: faster dropout masks (`kerasft.training.dropout`)
         return model.fit(
             fit_x,
             validation_data=fit_val,

@@ -3,7 +3,7 @@
 Each field declares its default, its validation and its `kerasft fit` flag with help text
 (`option`); the CLI's flags, `config.json`, the `--resume` comparison and
 `TwoStageFineTuner(**options)` all derive from the fields. Adding an option means adding a field
-here and using it where it acts (`kerasft.recipe` or `kerasft.stages`).
+here and using it where it acts (`kerasft.training.recipe` or `kerasft.training.stages`).
 """
 
 from __future__ import annotations
@@ -13,20 +13,21 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from kerasft import wording
-from kerasft.presets import DEFAULT_PRESET, SEQUENCE_LENGTHS
+from kerasft.model.presets import DEFAULT_PRESET, SEQUENCE_LENGTHS
+from kerasft.util import wording
 
 SELECT_BEST = ("accuracy", "f1", "loss")
 MIXED_PRECISION = ("bfloat16", "float16")
 # `mixed_precision="auto"` (the default): bfloat16 where the backend trains faster in it on this
-# CPU class (`kerasft.precision.AUTO_BF16`, measured), else float32; resolved when `fit` starts
-# (`kerasft.precision.resolve_mixed_precision`) and recorded resolved in config.json.
+# CPU class (`kerasft.training.precision.AUTO_BF16`, measured), else float32; resolved when `fit`
+# starts (`kerasft.training.precision.resolve_mixed_precision`) and recorded resolved in
+# config.json.
 AUTO_PRECISION = "auto"
 FINETUNE_METHODS = ("full", "lora")
 SCHEDULES = ("constant", "linear")
 STAGES = ("warmup", "finetune")
 # `bucket_width`'s default (None: resolved when `fit` starts, by
-# `kerasft.batching.default_bucket_width`, and recorded resolved in config.json): a batch is
+# `kerasft.tokens.batching.default_bucket_width`, and recorded resolved in config.json): a batch is
 # padded to a multiple of this many tokens. XLA (JAX, TensorFlow) compiles every distinct batch
 # shape, and 8 keeps those to about 6 on the reference data for ~3.5 padding tokens per row:
 # `BUCKET_WIDTH`. Eager PyTorch compiles nothing and takes 4 (`BUCKET_WIDTHS`): it held accuracy
@@ -198,14 +199,15 @@ class RecipeConfig:
         mixed_precision: `"bfloat16"` or `"float16"`: train with a Keras mixed dtype policy
             (float32 variables; float16 adds loss scaling). The fitted model is returned and
             saved in float32. None: float32 throughout. `"auto"` (default): `"bfloat16"` where
-            the backend trains faster in it on this CPU class (`kerasft.precision.AUTO_BF16`:
-            PyTorch and TensorFlow on CPUs with AVX512_BF16 or AMX-BF16; JAX never), else
-            None; `fit` replaces it with the value it resolved to (what config.json records).
+            the backend trains faster in it on this CPU class
+            (`kerasft.training.precision.AUTO_BF16`: PyTorch and TensorFlow on CPUs with AVX512_BF16
+            or AMX-BF16; JAX never), else None; `fit` replaces it with the value it resolved to
+            (what config.json records).
         class_weight: `"balanced"` (weights `n / (k * count)`, as scikit-learn computes them)
             or a mapping `{label: weight}` by label name; classes not named weigh 1. Scales
             the training loss per row in both stages. None (default): every row weighs 1.
         finetune_method: `"full"` (default) trains every weight in stage 2; `"lora"` freezes
-            the backbone and trains low-rank adapters with the head (`kerasft.lora`).
+            the backbone and trains low-rank adapters with the head (`kerasft.model.lora`).
         lora_rank: the adapters' rank (LoRA only).
         lora_alpha: the adapters' scale is `lora_alpha / lora_rank`; None (default) is
             `lora_rank` (scale 1, KerasHub's default).
@@ -217,10 +219,10 @@ class RecipeConfig:
         bucket_width: training and validation batches are padded to a multiple of this many
             tokens; 1 groups texts of equal length and pads nothing. It decides which texts
             share a batch, so it changes the run. None (default): 4 on PyTorch, 8 on JAX and
-            TensorFlow, which compile every batch shape (`kerasft.config.BUCKET_WIDTHS`); `fit`
-            replaces it with the value it resolved to (what config.json records).
+            TensorFlow, which compile every batch shape (`kerasft.training.config.BUCKET_WIDTHS`);
+            `fit` replaces it with the value it resolved to (what config.json records).
             (Unshuffled passes on PyTorch always cut a batch to its longest text:
-            `kerasft.batching.unshuffled_bucket_width`.)
+            `kerasft.tokens.batching.unshuffled_bucket_width`.)
 
     Raises:
         ValueError: on construction, for any out-of-range value (the message names it).
@@ -455,8 +457,8 @@ class RecipeConfig:
 
     def stage_options(self, stage: str) -> dict:
         """The optimizer, schedule and frozen-weight options of `stage` (`"warmup"` or
-        `"finetune"`), as `kerasft.recipe.prepare_stage` takes them: the one place that maps
-        the recipe's per-stage values (`<stage>_learning_rate`, `weight_decay`, the stage-2
+        `"finetune"`), as `kerasft.training.recipe.prepare_stage` takes them: the one place that
+        maps the recipe's per-stage values (`<stage>_learning_rate`, `weight_decay`, the stage-2
         schedule, `freeze_word_embeddings`) to a stage."""
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {list(STAGES)}. Received: stage={stage!r}")

@@ -20,9 +20,9 @@ every thread allocates from the main heap, where the thresholds apply: on the AM
 (`benchmarks/results/train_speed_amx.md` at commits f735dcf and 950fd87). A thread keeps the
 arena it first allocated from, so this must run before XLA starts its threads, i.e. before the
 first JAX computation: `TwoStageFineTuner.fit` calls it first thing
-(`kerasft.recipe.prepare_stage` again, a no-op by then). TensorFlow and PyTorch gained nothing
-from one arena in single-engine runs there (107.2 vs 108.0 and 202.0 vs 205.7 samples/s), and
-TensorFlow's faults were few (2,365 per step), so TensorFlow keeps glibc's defaults.
+(`kerasft.training.recipe.prepare_stage` again, a no-op by then). TensorFlow and PyTorch gained
+nothing from one arena in single-engine runs there (107.2 vs 108.0 and 202.0 vs 205.7 samples/s),
+and TensorFlow's faults were few (2,365 per step), so TensorFlow keeps glibc's defaults.
 Settings already chosen for the process are kept: `GLIBC_TUNABLES` with a malloc tunable,
 glibc's `MALLOC_MMAP_THRESHOLD_` / `MALLOC_TRIM_THRESHOLD_` / `MALLOC_ARENA_MAX`, or jemalloc or
 tcmalloc in `LD_PRELOAD`. Elsewhere than glibc (macOS, musl) nothing changes.

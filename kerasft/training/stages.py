@@ -2,9 +2,9 @@
 
 `StageLoop(classifier, recipe).run(train, validation)` trains stage 1 (backbone frozen) and
 stage 2 (everything, or LoRA adapters), tracks the best stage-2 epoch, stops early, and with a
-`kerasft.checkpoint.CheckpointDir` saves after every epoch and resumes from its state so that a
-resumed run ends with the same weights as an uninterrupted one. It knows nothing of texts,
-labels or files: `kerasft.tuner.TwoStageFineTuner` gives it encoded batches.
+`kerasft.training.checkpoint.CheckpointDir` saves after every epoch and resumes from its state so
+that a resumed run ends with the same weights as an uninterrupted one. It knows nothing of texts,
+labels or files: `kerasft.training.tuner.TwoStageFineTuner` gives it encoded batches.
 
 Example:
     >>> loop = StageLoop(classifier, RecipeConfig(warmup_epochs=1, finetune_epochs=1))
@@ -21,17 +21,18 @@ import time
 import keras
 import numpy as np
 
-from kerasft import lora, recipe
-from kerasft.checkpoint import (
+from kerasft.model import lora
+from kerasft.training import recipe
+from kerasft.training.checkpoint import (
     CheckpointDir,
     restore_optimizer,
     set_global_rng_state,
     weights_sha256,
 )
-from kerasft.config import STAGES, RecipeConfig
-from kerasft.dropout import rand_masks
+from kerasft.training.config import STAGES, RecipeConfig
+from kerasft.training.dropout import rand_masks
 
-log = logging.getLogger("kerasft.tuner")
+log = logging.getLogger("kerasft.training.tuner")
 
 
 @dataclasses.dataclass

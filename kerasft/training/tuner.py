@@ -1,9 +1,9 @@
 """`TwoStageFineTuner`: warm up the head on a frozen backbone, then fine-tune everything.
 
 The tuner is a facade that reads like the recipe: `fit` checks the data
-(`kerasft.data`), loads the classifier (`kerasft.recipe`), encodes the texts and hands the
-batches to the resumable stage loop (`kerasft.stages`); `save`/`load` persist the model with
-its label names and `RecipeConfig`; `save_run` writes a run directory (`kerasft.rundir`).
+(`kerasft.data`), loads the classifier (`kerasft.training.recipe`), encodes the texts and hands the
+batches to the resumable stage loop (`kerasft.training.stages`); `save`/`load` persist the model
+with its label names and `RecipeConfig`; `save_run` writes a run directory (`kerasft.runs.rundir`).
 """
 
 from __future__ import annotations
@@ -19,11 +19,6 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from kerasft import distribute, lora, machine, recipe, rundir
-from kerasft.allocator import keep_freed_memory
-from kerasft.batching import inference_batch_size
-from kerasft.checkpoint import CheckpointDir, rows_sha256, run_fingerprint, weights_sha256
-from kerasft.config import RecipeConfig, default_bucket_width
 from kerasft.data import (
     TextDataset,
     as_texts,
@@ -32,15 +27,24 @@ from kerasft.data import (
     texts_and_labels,
     training_classes,
 )
-from kerasft.fileio import atomic_write_file, atomic_write_text
-from kerasft.metrics import classification_metrics, confusion_metrics
-from kerasft.precision import (
+from kerasft.devices import distribute
+from kerasft.devices.allocator import keep_freed_memory
+from kerasft.model import lora
+from kerasft.runs import rundir
+from kerasft.tokens.batching import inference_batch_size
+from kerasft.training import recipe
+from kerasft.training.checkpoint import CheckpointDir, rows_sha256, run_fingerprint, weights_sha256
+from kerasft.training.config import RecipeConfig, default_bucket_width
+from kerasft.training.precision import (
     check_mixed_precision,
     policy_name,
     resolve_mixed_precision,
     to_float32,
 )
-from kerasft.stages import StageLoop, padding_scale
+from kerasft.training.stages import StageLoop, padding_scale
+from kerasft.util import machine
+from kerasft.util.fileio import atomic_write_file, atomic_write_text
+from kerasft.util.metrics import classification_metrics, confusion_metrics
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +66,12 @@ class TwoStageFineTuner:
         distribution: data-parallel training: None (one device), a device count, `"all"`, or a
             ready `keras.distribution.DataParallel` / `tf.distribute.Strategy`; on PyTorch,
             one process per device started by `torchrun` (then `"all"`); see
-            `kerasft.distribute.data_parallel`. `batch_size` stays the global batch and must be
-            a multiple of the device count.
+            `kerasft.devices.distribute.data_parallel`. `batch_size` stays the global batch and must
+            be a multiple of the device count.
         callbacks: Keras callbacks for both stages (not part of `get_config`). They see the
             whole classifier (raw strings in), so a `ModelCheckpoint` saves a usable model.
         verbose: Keras verbosity for fit/predict progress.
-        **options: any other `kerasft.config.RecipeConfig` field (`warmup_epochs`,
+        **options: any other `kerasft.training.config.RecipeConfig` field (`warmup_epochs`,
             `finetune_learning_rate`, `select_best`, `finetune_method`, ...), validated there;
             each is readable as an attribute (`tuner.batch_size`).
 
@@ -159,7 +163,8 @@ class TwoStageFineTuner:
 
     def _resolved_recipe(self) -> RecipeConfig:
         """The recipe with what `fit` resolves on this machine and backend: `auto` precision
-        (`kerasft.precision.AUTO_BF16`) and the default bucket width; config.json records it."""
+        (`kerasft.training.precision.AUTO_BF16`) and the default bucket width; config.json
+        records it."""
         recipe = self.recipe
         precision = resolve_mixed_precision(recipe.mixed_precision)
         if precision != recipe.mixed_precision:  # "auto": what trains fastest here
@@ -181,8 +186,8 @@ class TwoStageFineTuner:
         """Runs both stages and returns one merged `History`.
 
         With `checkpoint_dir`, the run is saved there after every epoch of both stages (weights,
-        optimizer, data order, history; see `kerasft.checkpoint`). Calling `fit` again with the
-        same arguments and directory resumes from the last completed epoch and ends with the
+        optimizer, data order, history; see `kerasft.training.checkpoint`). Calling `fit` again with
+        the same arguments and directory resumes from the last completed epoch and ends with the
         same weights as an uninterrupted run; a finished checkpoint returns at once.
 
         Args:
@@ -203,7 +208,7 @@ class TwoStageFineTuner:
             DataError: mismatched lengths, fewer rows than one batch, a single class, or labels
                 outside the known classes.
             ValueError: `select_best` or `early_stopping_patience` without `validation_data`.
-            kerasft.checkpoint.CheckpointMismatchError: `checkpoint_dir` holds another run.
+            kerasft.training.checkpoint.CheckpointMismatchError: `checkpoint_dir` holds another run.
 
         Example:
             >>> tuner = TwoStageFineTuner(select_best="f1", early_stopping_patience=2)
@@ -332,7 +337,7 @@ class TwoStageFineTuner:
 
     def score(self, x, y=None) -> dict:
         """Returns accuracy, precision, recall, F1 and the confusion matrix on `x`, `y` (labels
-        as in `fit`, matched to `label_names` by name; `kerasft.metrics`).
+        as in `fit`, matched to `label_names` by name; `kerasft.util.metrics`).
 
         Scoring `fit`'s own `validation_data` with the weights it selected reuses the confusion
         matrix of that epoch's validation pass instead of predicting again, where it is the
@@ -409,7 +414,7 @@ class TwoStageFineTuner:
         overwrite: bool = False,
     ) -> Path:
         """Writes a run directory, as `kerasft fit` does, that `kerasft export`, `predict`,
-        `evaluate` and `bench` accept; see `kerasft.rundir.save_run` for the arguments.
+        `evaluate` and `bench` accept; see `kerasft.runs.rundir.save_run` for the arguments.
 
         Example:
             >>> tuner.save_run("runs/mine", validation=(val_x, val_y), test=(test_x, test_y))

@@ -5,7 +5,7 @@ and the exact pre-tokenisation rules, shared by training and the export runtime.
 pre-tokenisation, WordPiece, `[CLS] text [SEP]`, truncation to `sequence_length`);
 `tokenizers_matches` says for which texts its ids are KerasHub's, and `kerashub_words` splits
 the others exactly as KerasHub does; `token_ids` puts the two together. Training
-(`kerasft.batching`) and the export runtime both tokenize with it, so neither needs
+(`kerasft.tokens.batching`) and the export runtime both tokenize with it, so neither needs
 TensorFlow. Exports ship the tokenizer as `tokenizer.json` (`kerasft.exporters.tokenizer`),
 whose verification checks identical ids on real texts; a test checks training's ids against
 KerasHub's preprocessor on every reference headline.

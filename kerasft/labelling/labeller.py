@@ -1,13 +1,13 @@
 """Labelling a file of texts in bounded memory: read, predict and write a chunk at a time.
 
-`label_file` reads rows from a `TextStream` (`kerasft.textstream.read_texts`), predicts each
-chunk with any `predict_proba(texts) -> (N, K)` (a `TwoStageFineTuner`'s, or an export runtime's)
-and writes one output row per input row, in input order, as JSON Lines or CSV. Memory holds one
-chunk, so it stays flat in the file's size. A file target is written under a temporary name and
-renamed when complete: a killed run leaves no half file under the target's name.
+`label_file` reads rows from a `TextStream` (`kerasft.labelling.textstream.read_texts`), predicts
+each chunk with any `predict_proba(texts) -> (N, K)` (a `TwoStageFineTuner`'s, or an export
+runtime's) and writes one output row per input row, in input order, as JSON Lines or CSV. Memory
+holds one chunk, so it stays flat in the file's size. A file target is written under a temporary
+name and renamed when complete: a killed run leaves no half file under the target's name.
 
 Example:
-    >>> from kerasft.textstream import read_texts
+    >>> from kerasft.labelling.textstream import read_texts
     >>> summary = label_file(read_texts("tickets.csv"), tuner.predict_proba, tuner.label_names,
     ...                      out="labels.jsonl")
 """
@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from kerasft.data import DataError, encode_labels
-from kerasft.fileio import atomic_write_file
-from kerasft.wording import option
+from kerasft.util.fileio import atomic_write_file
+from kerasft.util.wording import option
 
 OUTPUT_FORMATS = ("jsonl", "csv")
 CHUNK_ROWS = 1024
@@ -100,7 +100,7 @@ def label_file(
     summary = {"rows": rows, "skipped": stream.skipped, "seconds": seconds,
                "rows_per_second": rows / seconds if seconds else 0.0}  # fmt: skip
     if scored and rows:
-        from kerasft.metrics import classification_metrics
+        from kerasft.util.metrics import classification_metrics
 
         summary["metrics"] = classification_metrics(
             np.concatenate(truth), np.concatenate(predicted), len(label_names)

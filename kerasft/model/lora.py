@@ -5,14 +5,14 @@ adapters on its attention projections (KerasHub's default targets: `query` and `
 freezes every base weight; the adapters train with the head. Keras merges the adapters into the
 kernels whenever a layer is saved, so `model.keras` is an ordinary classifier that every
 exporter handles unchanged. The adapter on its own (the low-rank factors and the head, a few
-hundred KB) is `save_adapter`'s directory, which `kerasft.tuner.load_adapter` puts back onto the
-same base preset.
+hundred KB) is `save_adapter`'s directory, which `kerasft.training.tuner.load_adapter` puts back
+onto the same base preset.
 
 Example:
     >>> tuner = TwoStageFineTuner(finetune_method="lora", lora_rank=8)
     >>> tuner.fit(train, validation_data=val)
     >>> tuner.save_adapter("sarcasm-lora")  # small; tuner.save() writes the merged model
-    >>> again = kerasft.tuner.load_adapter("sarcasm-lora")  # base preset + adapter
+    >>> again = kerasft.training.tuner.load_adapter("sarcasm-lora")  # base preset + adapter
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from kerasft.fileio import atomic_write_text
-from kerasft.presets import load_classifier
+from kerasft.model.presets import load_classifier
+from kerasft.util.fileio import atomic_write_text
 
 ADAPTER_FILE = "adapter.lora.h5"  # KerasHub's `save_lora_weights` format (the backbone's part)
 HEAD_FILE = "head.weights.h5"
@@ -140,7 +140,7 @@ def save_adapter(
 def load_adapter_classifier(directory: str | os.PathLike, preset: str | None = None):
     """The base preset's classifier with a saved adapter put back on it (not merged).
 
-    `kerasft.tuner.load_adapter` wraps it in a fitted `TwoStageFineTuner`.
+    `kerasft.training.tuner.load_adapter` wraps it in a fitted `TwoStageFineTuner`.
 
     Args:
         directory: a `save_adapter` directory.

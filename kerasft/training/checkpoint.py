@@ -33,8 +33,8 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from kerasft.distribute import barrier, gather, process_rank
-from kerasft.fileio import atomic_write_file, atomic_write_text
+from kerasft.devices.distribute import barrier, gather, process_rank
+from kerasft.util.fileio import atomic_write_file, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ class CheckpointDir:
             different fingerprint is refused on `load`.
         writer: whether this process writes them. In a multi-process PyTorch run process 0
             writes (every process's random state included) and every process reads, after
-            waiting for the others (`kerasft.distribute.barrier`).
+            waiting for the others (`kerasft.devices.distribute.barrier`).
     """
 
     def __init__(self, directory: str | os.PathLike, fingerprint: dict, writer: bool = True):

@@ -10,9 +10,9 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from kerasft import machine
-from kerasft.config import AUTO_PRECISION, MIXED_PRECISION
-from kerasft.lora import adapted_layers
+from kerasft.model.lora import adapted_layers
+from kerasft.training.config import AUTO_PRECISION, MIXED_PRECISION
+from kerasft.util import machine
 
 # `mixed_precision="auto"` per backend and CPU class, as measured side by side
 # (`benchmarks/results/train_speed*.md`): the CPU classes on which bfloat16 trains faster than
@@ -116,8 +116,8 @@ def to_float32(classifier, copy: bool = False):
     With `copy=True` always a new model (e.g. one whose variables are local to this process,
     made outside a distribution's scope).
 
-    "Plain": trained under a mixed policy, or with LoRA adapters (`kerasft.lora`), the copy has
-    float32 compute and ordinary kernels with the adapters merged in. Each layer's variables
+    "Plain": trained under a mixed policy, or with LoRA adapters (`kerasft.model.lora`), the copy
+    has float32 compute and ordinary kernels with the adapters merged in. Each layer's variables
     are copied through its own `save_own_variables` / `load_own_variables`, exactly as Keras
     writes and reads a `.keras` file (which merges LoRA the same way).
     """

@@ -38,7 +38,7 @@ from kerasft.data import (
     pick_column,
     records,
 )
-from kerasft.wording import option
+from kerasft.util.wording import option
 
 STDIN = "-"
 INPUT_FORMATS = ("jsonl", "json", "csv", "tsv", "lines")

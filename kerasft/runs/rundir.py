@@ -9,17 +9,17 @@ A run directory holds:
   or `"splits"`, meaning the splits are stored in `splits/*.jsonl` inside the run;
 - `metrics.json`: validation and test metrics, row counts, seconds, the kept epoch, trainable
   and total parameters of stage 2;
-- `adapter/` (LoRA runs): the adapter alone, which `kerasft.tuner.load_adapter` puts back onto
+- `adapter/` (LoRA runs): the adapter alone, which `kerasft.training.tuner.load_adapter` puts back onto
   the base preset (`model.keras` is the merged model);
 - `history.json` and `training_curves.png`.
 
 `kerasft fit`, `save_run` (`TwoStageFineTuner.save_run`), the exporters and the benchmarks all
-go through this module; `kerasft.tuner.load_tuner` loads a run's tuner. While a fit is in
+go through this module; `kerasft.training.tuner.load_tuner` loads a run's tuner. While a fit is in
 progress its files live in a hidden `.<name>.partial` directory beside the target (with the
 per-epoch `checkpoint/`), which is renamed into place when complete.
 
 Example:
-    >>> from kerasft import rundir
+    >>> from kerasft.runs import rundir
     >>> config = rundir.read_config("runs/sarcasm")
     >>> train, validation, test = rundir.run_splits("runs/sarcasm")
 """
@@ -49,9 +49,9 @@ from kerasft.data import (
     split_dataset,
     stratified_limit,
 )
-from kerasft.fileio import atomic_write_text, publish_target
-from kerasft.plots import plot_history
-from kerasft.versions import TRAINING, package_versions
+from kerasft.util.fileio import atomic_write_text, publish_target
+from kerasft.runs.plots import plot_history
+from kerasft.util.versions import TRAINING, package_versions
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ HISTORY_FILE = "history.json"
 CURVES_FILE = "training_curves.png"
 SPLITS_DIR = "splits"
 CHECKPOINT_DIR = "checkpoint"
-ADAPTER_DIR = "adapter"  # LoRA runs: the adapter alone (`kerasft.tuner.load_adapter`)
+ADAPTER_DIR = "adapter"  # LoRA runs: the adapter alone (`kerasft.training.tuner.load_adapter`)
 FIT_ARGS_FILE = "fit-args.json"  # in the partial directory: the options `--resume` reuses
 SPLIT_NAMES = ("train", "validation", "test")
 FORMAT_VERSION = 2
@@ -300,6 +300,13 @@ def partial_dir(target: str | os.PathLike) -> Path:
     return target.parent / f".{target.name}.partial"
 
 
+def saved_fit_args(target: str | os.PathLike) -> dict | None:
+    """The options an interrupted fit of `target` was started with (`--resume` reuses them), or
+    None when no fit of it was interrupted."""
+    path = partial_dir(target) / FIT_ARGS_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def write_run(
     directory: str | os.PathLike,
     tuner,
@@ -414,7 +421,7 @@ def save_run(
     overwrite: bool = False,
 ) -> Path:
     """Writes a fitted tuner's run directory, as `kerasft fit` does, built beside `run_dir` and
-    renamed into place under a lock on it (`kerasft.fileio.publish_target`).
+    renamed into place under a lock on it (`kerasft.util.fileio.publish_target`).
 
     The model is saved first, then `validation` and `test` are scored into `metrics.json`.
     Without `source`, the given splits are stored in the run (`splits/*.jsonl`) so that an
@@ -435,7 +442,7 @@ def save_run(
 
     Raises:
         FileExistsError: `run_dir` is not empty and `overwrite` is False.
-        kerasft.fileio.LockError: another process is writing `run_dir`.
+        kerasft.util.fileio.LockError: another process is writing `run_dir`.
     """
     run_dir = Path(run_dir)
     with publish_target(run_dir, overwrite, "Run directory") as work:

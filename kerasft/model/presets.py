@@ -17,7 +17,7 @@ import os
 import shutil
 from pathlib import Path
 
-from kerasft.fileio import temp_dir_beside
+from kerasft.util.fileio import temp_dir_beside
 
 OFFLINE_PRESET = "all_minilm_l6_v2"
 # The default of the API and the CLI alike: the offline preset, which works without a network.

@@ -4,7 +4,7 @@ Headlines are short (p50 12 tokens) but a fixed-length pipeline pads every one o
 preprocessor's `sequence_length`. Here every text is tokenized once (`tokenize`) and kept
 unpadded in a `TokenIds`: one flat array of ids (uint16 when the vocabulary fits) plus offsets.
 Each batch is then cut to its bucket length (a multiple of `bucket_width`, which the recipe
-resolves per backend: `kerasft.config.default_bucket_width`), so compute follows the real
+resolves per backend: `kerasft.training.config.default_bucket_width`), so compute follows the real
 lengths while the set of shapes compiled backends see stays small: one `(batch_size, L)` per
 bucket plus at most one short remainder batch.
 Unshuffled passes (evaluation, prediction) sort rows by length; on eager PyTorch their batches
@@ -13,7 +13,7 @@ One-hot targets are built per batch.
 
 DistilBERT's WordPiece texts are tokenized without TensorFlow: the Rust `tokenizers` library
 where it gives KerasHub's ids exactly (the `tokenizer.json` that exports ship), KerasHub's exact
-pre-tokenisation with the same WordPiece model for the rest (`kerasft.wordpiece.token_ids`).
+pre-tokenisation with the same WordPiece model for the rest (`kerasft.tokens.wordpiece.token_ids`).
 Any other preprocessor tokenizes through KerasHub itself.
 """
 
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 
-from kerasft.wordpiece import rust_tokenizer, token_ids
+from kerasft.tokens.wordpiece import rust_tokenizer, token_ids
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def tokenize(
 
     Texts longer than the preprocessor's `sequence_length` are truncated (as KerasHub does);
     how many were is logged (a warning) when any were. For KerasHub's WordPiece preprocessors
-    (DistilBERT's) the ids come from `kerasft.wordpiece.token_ids` (the Rust `tokenizers`
+    (DistilBERT's) the ids come from `kerasft.tokens.wordpiece.token_ids` (the Rust `tokenizers`
     library, and KerasHub's exact pre-tokenisation where that differs; no TensorFlow); every
     other tokenizer runs through the preprocessor itself.
 
@@ -170,8 +170,8 @@ def fast_tokenizer(preprocessor, sequence_length: int | None = None):
     """`(tokenizers.Tokenizer, settings)` reproducing `preprocessor`, or None where there is none.
 
     Only KerasHub's DistilBERT preprocessor with its WordPiece tokenizer has one (the
-    `tokenizer.json` of `kerasft.wordpiece`); `kerasft.wordpiece.token_ids` gives KerasHub's
-    ids with it for every text. `sequence_length` overrides the preprocessor's.
+    `tokenizer.json` of `kerasft.tokens.wordpiece`); `kerasft.tokens.wordpiece.token_ids` gives
+    KerasHub's ids with it for every text. `sequence_length` overrides the preprocessor's.
     """
     import keras_hub
 
@@ -244,7 +244,7 @@ class BucketedBatches(keras.utils.PyDataset):
         shuffle: reshuffle every epoch.
         seed: base seed for the shuffles.
         bucket_width: bucket lengths are multiples of this (the recipe's default per backend:
-            `kerasft.config.default_bucket_width`);
+            `kerasft.training.config.default_bucket_width`);
             1 cuts every batch to its longest text and groups rows by exact length. An
             unshuffled pass on PyTorch always cuts to the longest text
             (`unshuffled_bucket_width`).

@@ -1,0 +1,5 @@
+"""Tokens: KerasHub's WordPiece without TensorFlow (`wordpiece`) and length-bucketed batches of
+token ids (`batching`).
+
+May import: `kerasft.util`.
+"""
