@@ -24,8 +24,15 @@ import os
 import sys
 from pathlib import Path
 
+from kerasft.benchmarks.models import optimum_export, optimum_intel_export, to_transformers
+from kerasft.benchmarks.models import widen as widen_model
+from kerasft.exporters import openvino
 from kerasft.exporters.exportdir import is_export
+from kerasft.exporters.formats import AUTO_VARIANTS, FORMATS, VARIANTS
+from kerasft.exporters.isolated import exports_in_subprocess, log_progress
+from kerasft.exporters.vset import verification_set
 from kerasft.runs.rundir import MODEL_FILE
+from kerasft.util.fileio import publish_target
 
 BASE_CALIBRATION_TEXTS = 8
 # The harness verifies each export on up to this many texts per split (3,072 in all): the gate
@@ -44,15 +51,11 @@ def has_peers() -> bool:
 
 def has_openvino_peer() -> bool:
     """Whether optimum-intel (the OpenVINO peer, `bench` extra) is installed."""
-    from kerasft.exporters import openvino
-
     return all(importlib.util.find_spec(m) for m in ("optimum.intel", *openvino.CONTRACT.needs))
 
 
 def _build(target: Path, make) -> Path:
     """Calls `make(tmp_dir)` and publishes the result as `target`; skips a complete `target`."""
-    from kerasft.util.fileio import publish_target
-
     if target.is_dir() and (target / ".complete").is_file():
         return target
     with publish_target(target, overwrite=True, what="Artifact directory") as tmp:
@@ -87,9 +90,7 @@ def prepare(
     With `auto_only` (`bench --quick`), only the variants `--int8 auto` chooses among
     (`formats.AUTO_VARIANTS`); the index lists what was built, and a later full run reuses it.
     """
-    from kerasft.exporters.formats import AUTO_VARIANTS, FORMATS, VARIANTS
-    from kerasft.exporters.isolated import exports_in_subprocess
-    from kerasft.exporters.vset import verification_set
+    # lazy: loads Keras, under the backend this process was given
     from kerasft.training.tuner import TwoStageFineTuner
 
     out = root / role
@@ -106,7 +107,6 @@ def prepare(
     tuner = TwoStageFineTuner.load(run / MODEL_FILE)
     model_file = run / MODEL_FILE
     if role == "base":
-        from kerasft.benchmarks.models import widen as widen_model
 
         def make_base(tmp):
             wide = TwoStageFineTuner.load(run / MODEL_FILE)
@@ -163,8 +163,6 @@ def prepare(
 def _peer_exports(out: Path, role: str, tuner, calibration: list[str], log) -> dict:
     """The peers' artifacts of the same weights: a transformers checkpoint, Optimum's ONNX
     fp32 + INT8 and, when optimum-intel is installed, its OpenVINO fp32 + INT8."""
-    from kerasft.benchmarks.models import optimum_export, optimum_intel_export, to_transformers
-
     log(f"{role}: transformers checkpoint of the same weights")
     hf = _build(
         out / "transformers", lambda tmp: to_transformers(tuner.model, tmp, tuner.label_names)
@@ -195,7 +193,6 @@ def main(argv=None) -> int:
     parser.add_argument("--auto-only", action="store_true", help="only `--int8 auto`'s variants")
     args = parser.parse_args(argv)
     os.environ["KERAS_BACKEND"] = "tensorflow"
-    from kerasft.exporters.isolated import log_progress
 
     log_progress("[bench] ")  # the exports' progress, as the harness shows it
 

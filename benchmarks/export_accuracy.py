@@ -24,9 +24,14 @@ import sys
 import time
 from pathlib import Path
 
-from kerasft.benchmarks.report import results_parser
+from kerasft.benchmarks.report import cpu_line, header, provenance, results_parser, write_results
+from kerasft.exporters import VerificationError, export
 from kerasft.exporters.exportdir import is_export, read_manifest
-from kerasft.exporters.formats import FORMATS
+from kerasft.exporters.formats import EXPORT_PACKAGES as EXPORT
+from kerasft.exporters.formats import FORMATS, VARIANTS
+from kerasft.exporters.runtime import load
+from kerasft.runs.rundir import run_splits
+from kerasft.util.versions import source_commit
 
 
 def _model_size(export_dir: Path, manifest: dict) -> int:
@@ -51,8 +56,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _chosen(parser, args) -> list[tuple[str, str | None]]:
-    from kerasft.exporters.formats import VARIANTS
-
     formats = args.formats.split(",")
     unknown = sorted(set(formats) - {fmt for fmt, _ in VARIANTS})
     if unknown:
@@ -70,8 +73,6 @@ def _chosen(parser, args) -> list[tuple[str, str | None]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kerasft.benchmarks.report import write_results
-
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -95,11 +96,8 @@ def measure(args, chosen) -> dict:
     """Scores Keras and every chosen export on the run's test split; the report."""
     import numpy as np
 
-    from kerasft.benchmarks.report import provenance
-    from kerasft.exporters.formats import EXPORT_PACKAGES as EXPORT
-    from kerasft.runs.rundir import run_splits
+    # lazy: loads Keras, under the backend this process was given
     from kerasft.training.tuner import load_tuner
-    from kerasft.util.versions import source_commit
 
     source = source_commit()
     test = run_splits(args.run)[2]
@@ -123,9 +121,6 @@ def _export_row(args, fmt: str, quantize: str | None, test, tuner, keras_ids) ->
     """Exports one variant (or reuses it), serves the test split through its runtime at each
     serving batch size; one report row."""
     import numpy as np
-
-    from kerasft.exporters import VerificationError, export
-    from kerasft.exporters.runtime import load
 
     name = f"{fmt} {quantize or 'fp32'}"
     out = args.exports / f"{fmt}-{quantize or 'fp32'}"
@@ -174,8 +169,6 @@ def _export_row(args, fmt: str, quantize: str | None, test, tuner, keras_ids) ->
 
 def render(report: dict) -> str:
     """The markdown report."""
-    from kerasft.benchmarks.report import cpu_line, header
-
     keras_acc, batches = report["keras_accuracy"], report["serving_batches"]
     machine = cpu_line(report["machine"])
     lines = [

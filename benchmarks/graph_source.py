@@ -26,9 +26,16 @@ from pathlib import Path
 
 import numpy as np
 
-from kerasft.benchmarks.report import results_parser
+from kerasft.benchmarks.report import cpu_line, header, provenance, results_parser, write_results
 from kerasft.exporters import onnx as onnx_format
 from kerasft.exporters import openvino as openvino_format
+from kerasft.exporters import runtime
+from kerasft.exporters.dispatch import export
+from kerasft.exporters.exportdir import is_export, read_manifest
+from kerasft.exporters.formats import EXPORT_PACKAGES as EXPORT
+from kerasft.runs.rundir import run_splits
+from kerasft.util.timing import median_ms
+from kerasft.util.versions import source_commit
 
 VARIANTS = (
     (onnx_format.CONTRACT.name, None),
@@ -52,10 +59,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kerasft.benchmarks.report import provenance, write_results
-    from kerasft.exporters.formats import EXPORT_PACKAGES as EXPORT
-    from kerasft.util.versions import source_commit
-
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     command = "python -m kerasft.benchmarks.graph_source " + shlex.join(argv)
@@ -63,7 +66,6 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         root = args.exports or Path(tmp)
         exports = _export_all(args.run, root, args.verify_per_split)
-        from kerasft.runs.rundir import run_splits
 
         texts = run_splits(args.run)[2].texts[:2000]  # held-out: the test split
         report["variants"] = _compare(exports, args.rounds, texts)
@@ -72,9 +74,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _export_all(run: Path, root: Path, verify_per_split: int) -> dict:
-    from kerasft.exporters.dispatch import export
-    from kerasft.exporters.exportdir import is_export
-
     exports = {}
     for fmt, quantize in VARIANTS:
         for source in SOURCES:
@@ -118,9 +117,6 @@ def _ops(served) -> dict:
 
 def _compare(exports: dict, rounds: int, texts: list[str]) -> list[dict]:
 
-    from kerasft.exporters import runtime
-    from kerasft.exporters.exportdir import read_manifest
-
     rng = np.random.default_rng(0)
     served = {key: runtime.load(path) for key, path in exports.items()}
     feeds = {}
@@ -134,12 +130,8 @@ def _compare(exports: dict, rounds: int, texts: list[str]) -> list[dict]:
         for cell in CELLS:
             random.shuffle(order)
             for key in order:
-                served[key].logits(feeds[cell])
-                start, n = time.perf_counter(), 0
-                while time.perf_counter() - start < 0.5 or n == 0:
-                    served[key].logits(feeds[cell])
-                    n += 1
-                times[key, cell].append((time.perf_counter() - start) / n * 1e3)
+                call = lambda m=served[key], f=feeds[cell]: m.logits(f)  # noqa: E731
+                times[key, cell].append(median_ms(call, warmup=1, seconds=0.5, min_calls=1))
     rows = []
     for fmt, quantize in VARIANTS:
         pair = [(fmt, quantize, source) for source in SOURCES]
@@ -165,8 +157,6 @@ def _compare(exports: dict, rounds: int, texts: list[str]) -> list[dict]:
 
 
 def render(report: dict) -> str:
-    from kerasft.benchmarks.report import cpu_line, header
-
     lines = [
         *header(
             "Graph source of the ONNX and OpenVINO exports",

@@ -38,8 +38,22 @@ import threading
 import time
 from pathlib import Path
 
-from kerasft.benchmarks.report import results_parser
+from kerasft.benchmarks.report import (
+    MAX_ACCURACY_DROP,
+    cpu_line,
+    header,
+    provenance,
+    results_parser,
+    write_results,
+)
 from kerasft.exporters import exportdir
+from kerasft.exporters.exportdir import read_manifest
+from kerasft.exporters.formats import EXPORT_PACKAGES as EXPORT
+from kerasft.exporters.runtime import load
+from kerasft.labelling.labeller import CHUNK_ROWS, label_file
+from kerasft.labelling.textstream import read_texts
+from kerasft.runs.rundir import run_splits
+from kerasft.util.versions import source_commit
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,10 +78,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print(json.dumps(_work(json.loads(args.worker))))
         return 0
-    from kerasft.benchmarks.report import provenance, write_results
-    from kerasft.exporters.formats import EXPORT_PACKAGES as EXPORT
-    from kerasft.runs.rundir import run_splits
-    from kerasft.util.versions import source_commit
 
     source = source_commit()
     threads = [int(t) for t in args.threads.split(",")]
@@ -173,8 +183,6 @@ def _accuracy(predicted: list, labels_file: str, names: list[str] | None) -> flo
 def summary(report: dict) -> dict | None:
     """kerasft's fastest export within 0.15 points of the run's test accuracy against the
     fastest peer pipeline: rows/s through the runtime (1 thread) and through the file CLI."""
-    from kerasft.benchmarks.report import MAX_ACCURACY_DROP
-
     accurate = [
         r
         for r in report["rows"]
@@ -198,13 +206,9 @@ def _work(job: dict) -> dict:
     for a peer, its pipeline)."""
     if job.get("peer"):
         return _peer_work(job)
-    from kerasft.labelling.labeller import CHUNK_ROWS, label_file
-    from kerasft.labelling.textstream import read_texts
 
     model = Path(job["model"])
     if exportdir.is_export(model):
-        from kerasft.exporters.runtime import load
-
         served = load(model)
         name = served.manifest["format"] + " " + exportdir.variant(served.manifest)
         predict_proba, chunk = (lambda t: served.predict(t).probabilities), served.chunk_rows
@@ -212,6 +216,7 @@ def _work(job: dict) -> dict:
     else:
         import keras
 
+        # lazy: loads Keras, which the export variants' runs never need
         from kerasft.training.tuner import load_tuner
 
         tuner = load_tuner(model)
@@ -269,7 +274,6 @@ def _memory(export: Path, texts: list[str], rows: int, tmp: str) -> dict:
         written = sum(1 for _ in f)
     data.unlink()
     out.unlink()
-    from kerasft.exporters.exportdir import read_manifest
 
     manifest = read_manifest(export)
     result = {"export": str(export), "export_mb": manifest["size_bytes"] / 1e6,
@@ -303,8 +307,6 @@ def _peer_lines(report: dict) -> list[str]:
 
 
 def render(report: dict) -> str:
-    from kerasft.benchmarks.report import cpu_line, header
-
     lines = [
         *header("Labelling files", report, cpu_line(report["machine"]), report["versions"]),
         "",

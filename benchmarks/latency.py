@@ -34,182 +34,29 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+import kerasft.exporters
+from kerasft.benchmarks.artifacts import has_peers
+from kerasft.benchmarks.pipe import Child
 from kerasft.benchmarks.report import BASELINE, write_report
-from kerasft.exporters import onnx as onnx_format
-from kerasft.exporters import openvino as openvino_format
-from kerasft.exporters.exportdir import read_manifest
-from kerasft.exporters.formats import FORMATS
-from kerasft.exporters.verify import FP32_TOLERANCE
-from kerasft.runs.rundir import MODEL_FILE
-
-# the formats the peers are served as (Optimum: ONNX; optimum-intel: OpenVINO IR)
-ONNX, OPENVINO = onnx_format.CONTRACT.name, openvino_format.CONTRACT.name
+from kerasft.benchmarks.variants import Variant, end_to_end_variants, variants
+from kerasft.exporters.formats import EXPORT_PACKAGES as EXPORT
+from kerasft.exporters.runtime import load
+from kerasft.model.presets import cache_dir
+from kerasft.runs.rundir import MODEL_FILE, read_config, run_splits
+from kerasft.util.fileio import publish_target
+from kerasft.util.machine import cpu_model, isa
+from kerasft.util.versions import package_versions, source_commit
 
 HERE = Path(__file__).resolve().parent
-KERAS_BACKENDS = ("jax", "tensorflow", "torch")
 
 
-@dataclass
-class Variant:
-    """One way of serving the model: a worker spec plus where its numbers go."""
-
-    name: str
-    family: str  # keras | export | peer
-    spec: dict
-    env: dict = field(default_factory=dict)
-    size_bytes: int | None = None
-    quantized: bool = False
-    onnx_int8: bool = False
-    batch_independent: bool = False  # a quantized text's label never depends on its batch
-    exact: bool = False  # fp32, served as verified: its export found the Keras logits (parity)
-
-
-def _size(path: Path) -> int:
-    path = Path(path)
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return path.stat().st_size
-
-
-def _installed(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is not None
-
-
-def variants(
-    index: dict, threads: int, device: str, quick: bool = False
-) -> tuple[list[Variant], list[str]]:
-    """The variants for one model role, and notes on those that cannot run here.
-
-    `quick`: the accuracy reference (Keras fp32 on one backend), the exports listed in `index`
-    and the peers that can be the fastest (INT8, and optimum-intel's fp32 at the plugin's
-    default precision): what decides the targets table.
-    """
-    base = {"threads": threads, "device": device, "vocabulary_size": index["vocabulary_size"]}
-    out, notes = [], []
-    keras_file = index["keras"]
-    installed = [b for b in KERAS_BACKENDS if _installed(b)]
-    reference = [b for b in installed if f"keras {b} fp32" == BASELINE] or installed[:1]
-    for backend in KERAS_BACKENDS:
-        if not _installed(backend):
-            notes.append(f"keras {backend}: {backend} is not installed")
-            continue
-        if quick and backend not in reference:
-            continue
-        out.append(
-            Variant(
-                f"keras {backend} fp32",
-                "keras",
-                {**base, "kind": "keras", "path": keras_file},
-                {"KERAS_BACKEND": backend},
-                _size(keras_file),
-            )
-        )
-    if not quick:
-        out.append(Variant("keras tensorflow int8", "keras",
-                           {**base, "kind": "keras", "int8": True, "path": keras_file},
-                           {"KERAS_BACKEND": "tensorflow"}, quantized=True))  # fmt: skip
-    out += _export_variants(index, base, device, notes)
-    out += _peer_variants(index, base, quick, notes)
-    return out, notes
-
-
-def _export_variants(index: dict, base: dict, device: str, notes: list[str]) -> list[Variant]:
-    """Every export of `index`; a format served at an inference precision (OpenVINO) at each
-    precision this CPU computes, the one it was verified with first."""
-    from kerasft.util.machine import computes_bf16
-
-    out = []
-    for name, export_dir in index["exports"].items():
-        manifest = read_manifest(export_dir)
-        fmt = manifest["format"]
-        contract = FORMATS[fmt]
-        model_path = Path(export_dir) / manifest["model_file"]
-        if contract.cpu_only and device == "gpu":
-            notes.append(f"{name}: its runtime runs on the CPU only; skipped on GPU")
-            continue
-        quant = manifest["quantization"]
-        label = f"{fmt.replace('_', '')} {quant or 'fp32'}"
-        spec = {**base, "kind": fmt, "path": str(model_path)}
-        precisions = [None]
-        if contract.precisions:  # as loaded (verified with), then the others this CPU computes
-            verified = manifest.get("inference_precision") or contract.precisions[0]
-            precisions = list(dict.fromkeys([verified, *contract.precisions]))
-            precisions = [p for p in precisions if p != "bf16" or computes_bf16()]
-        default = contract.precisions[0] if contract.precisions else None
-        mode = contract.int8.get((quant or "").removeprefix("int8-"))
-        check = manifest.get("verification", {})
-        parity = not quant and check.get("label_agreement") == 1.0
-        parity = parity and check.get("max_abs_logit_diff", 1.0) <= FP32_TOLERANCE
-        for precision in precisions:
-            suffix = "" if precision == default else f" {precision}"
-            served = spec if precision is None else {**spec, "precision": precision}
-            out.append(Variant(label + suffix, "export", served,
-                               size_bytes=contract.model_bytes(model_path),
-                               quantized=bool(quant), onnx_int8=fmt == ONNX and bool(quant),
-                               batch_independent=mode is not None and not mode.batch_dependent,
-                               exact=parity and precision in (None, precisions[0])))  # fmt: skip
-    return out
-
-
-def _peer_variants(index: dict, base: dict, quick: bool, notes: list[str]) -> list[Variant]:
-    """The peers on the same weights (`quick`: those that can be the fastest)."""
-    out = []
-    if "transformers" not in index:
-        notes.append(
-            "peers (transformers, Optimum) not installed: pip install -e '.[bench]' to compare"
-        )
-        return out
-    hf = index["transformers"]
-    if not quick:
-        out.append(Variant("transformers torch-eager fp32", "peer",
-                           {**base, "kind": "transformers", "path": hf},
-                           size_bytes=_size(Path(hf) / "model.safetensors")))  # fmt: skip
-    for precision in ("int8",) if quick else ("fp32", "int8"):
-        path = index["optimum"][precision]
-        out.append(Variant(f"optimum onnx {precision}", "peer",
-                           {**base, "kind": ONNX, "path": path}, size_bytes=_size(path),
-                           quantized=precision == "int8"))  # fmt: skip
-    if "optimum_intel" not in index:
-        notes.append("optimum-intel not installed: pip install -e '.[bench]' to compare")
-        return out
-    # fp32 and INT8 (static ranges) at f32 and at the plugin's default precision (bf16 where
-    # the CPU computes it), as a user who sets no hint runs them
-    for precision, hint in (("fp32", "f32"), ("fp32", "default"), ("int8", "f32"),
-                            ("int8", "default")):  # fmt: skip
-        if quick and (precision, hint) == ("fp32", "f32"):
-            continue
-        path = index["optimum_intel"][precision]
-        suffix = " (plugin default precision)" if hint == "default" else ""
-        out.append(Variant(f"optimum-intel openvino {precision}{suffix}", "peer",
-                           {**base, "kind": OPENVINO, "path": path, "precision": hint},
-                           size_bytes=FORMATS[OPENVINO].model_bytes(path),
-                           quantized=precision == "int8",
-                           batch_independent=precision == "int8"))  # fmt: skip
-    return out
-
-
-def end_to_end_variants(index: dict, threads: int, texts_file: Path) -> list[Variant]:
-    """One `runtime` variant per kerasft export: raw strings through `kerasft.exporters.runtime`."""
-    out = []
-    for export_dir in index["exports"].values():
-        manifest = read_manifest(export_dir)
-        fmt, quant = manifest["format"], manifest["quantization"]
-        spec = {"kind": "runtime", "format": fmt, "path": str(export_dir), "threads": threads,
-                "texts": str(texts_file)}  # fmt: skip
-        out.append(Variant(f"{fmt.replace('_', '')} {quant or 'fp32'} (runtime)", "export", spec,
-                           quantized=bool(quant)))  # fmt: skip
-    return out
-
-
-class Worker:
-    """A running `kerasft.benchmarks.worker` process for one variant."""
+class Worker(Child):
+    """A running `kerasft.benchmarks.worker` process for one variant; `info` is what it
+    loaded."""
 
     def __init__(self, variant: Variant, log_dir: Path, device: str):
         env = {**os.environ, **variant.env}
@@ -217,36 +64,10 @@ class Worker:
             env["CUDA_VISIBLE_DEVICES"] = ""  # no framework may grab a GPU in a CPU benchmark
         env["TF_CPP_MIN_LOG_LEVEL"] = "2"
         self.variant = variant
-        self.log = open(log_dir / f"{variant.name.replace(' ', '_')}.log", "w")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kerasft.benchmarks.worker", json.dumps(variant.spec)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env,
-        )  # fmt: skip
-        self.info = self._reply()
-
-    def _reply(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"{self.variant.name}: worker exited (see {self.log.name})")
-        reply = json.loads(line)
-        if "error" in reply:
-            raise RuntimeError(f"{self.variant.name}: {reply['error']} (see {self.log.name})")
-        return reply
-
-    def call(self, **cmd) -> dict:
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        self.proc.stdin.flush()
-        return self._reply()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.proc.stdin.write('{"op": "quit"}\n')
-                self.proc.stdin.flush()
-                self.proc.wait(timeout=60)
-            except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
-        self.log.close()
+        log = log_dir / f"{variant.name.replace(' ', '_')}.log"
+        super().__init__(variant.name, ["kerasft.benchmarks.worker", json.dumps(variant.spec)],
+                         log, env)  # fmt: skip
+        self.info = self.read()
 
 
 def detect_device(requested: str) -> tuple[str, str]:
@@ -266,10 +87,6 @@ def detect_device(requested: str) -> tuple[str, str]:
 
 
 def machine_info(threads: int, gpus: str) -> dict:
-    from kerasft.exporters.formats import EXPORT_PACKAGES as EXPORT
-    from kerasft.util.machine import cpu_model, isa
-    from kerasft.util.versions import package_versions
-
     names = (
         *EXPORT,
         "jax",
@@ -424,10 +241,7 @@ def _default_artifacts(run: Path) -> Path:
     rebuild."""
     import hashlib
 
-    from kerasft.model.presets import cache_dir
-
     h = hashlib.sha256()
-    import kerasft.exporters
 
     sources = sorted(Path(kerasft.exporters.__file__).parent.glob("*.py"))
     sources += [HERE / "artifacts.py", HERE / "models.py"]
@@ -440,9 +254,6 @@ def _default_artifacts(run: Path) -> Path:
 
 def _test_inputs(index: dict, run: Path, rows: int | None, path: Path) -> np.ndarray:
     """Tokenizes the run's test split with the export runtime's tokenizer (KerasHub-exact)."""
-    from kerasft.exporters.runtime import load
-    from kerasft.runs.rundir import run_splits
-
     test = run_splits(run)[2]
     order = np.arange(len(test))
     if rows is not None and rows < len(test):
@@ -629,8 +440,6 @@ QUICK_NOTE = (
 def measure_end_to_end(index, run, settings, work: Path, device, progress) -> dict:
     """Times `kerasft.exporters.runtime.load(dir).predict(texts)` on raw test strings (every
     export)."""
-    from kerasft.runs.rundir import run_splits
-
     texts_file = work / "test_texts.json"
     texts_file.write_text(json.dumps(run_splits(run)[2].texts))
     vs = end_to_end_variants(index, settings["threads"], texts_file)
@@ -683,9 +492,6 @@ def _check_seq_lens(seq_lens: list[int], longest: int | None) -> None:
 
 
 def run(args) -> int:
-    from kerasft.runs.rundir import read_config, run_splits
-    from kerasft.util.fileio import publish_target
-
     settings = _settings(args)
     read_config(args.run)  # a run directory, or a FileNotFoundError that says what is missing
     run_splits(args.run)  # its data file unchanged since the fit, or a DataChangedError
@@ -701,8 +507,6 @@ def run(args) -> int:
 def _measure(args, settings) -> dict:
     """Prepares the artifacts, measures every variant and returns the report."""
     from tqdm import tqdm
-
-    from kerasft.util.versions import source_commit
 
     started, commit = time.time(), source_commit()  # the code measured
     device, gpus = detect_device(args.device)
@@ -765,8 +569,6 @@ def _measure(args, settings) -> dict:
 
 def _prepare_roles(args, settings, device: str) -> tuple[dict, Path, list[str]]:
     """The artifact index of the run's model (and of the base-shaped latency model)."""
-    from kerasft.benchmarks.artifacts import has_peers
-
     peers, notes = not args.no_peers, []
     if peers and not has_peers():
         peers = False

@@ -11,6 +11,11 @@ import math
 import time
 from pathlib import Path
 
+from kerasft.data import DATA_ENV
+from kerasft.util.fileio import atomic_write_text
+from kerasft.util.machine import describe
+from kerasft.util.versions import package_versions
+
 BASELINE = "keras tensorflow fp32"
 OPTIMUM_INT8 = "optimum onnx int8"
 TARGET_CELLS = ("b1_s32", "b1_s128", "b32_s32", "b32_s128")
@@ -372,8 +377,6 @@ def require_data(parser, data) -> None:
     file."""
     from pathlib import Path
 
-    from kerasft.data import DATA_ENV
-
     if not data or not Path(data).is_file():
         parser.error(f"--data: no such file {data!r} (pass --data or set ${DATA_ENV})")
 
@@ -382,9 +385,6 @@ def provenance(command: str, commit: str, packages: tuple[str, ...]) -> dict:
     """What every results file records: the command, the date (now, UTC), the commit measured
     (`kerasft.util.versions.source_commit()`, read when the measurement began), the machine and the
     versions of `packages`."""
-    from kerasft.util.machine import describe
-    from kerasft.util.versions import package_versions
-
     return {
         "command": command,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -416,8 +416,6 @@ def cpu_line(machine: dict) -> str:
 def write_results(out: Path, report: dict, text: str) -> None:
     """Writes a benchmark's markdown `text` to `out` and its `report` as JSON beside it
     (`out` with `.json`), each atomically, and prints the markdown."""
-    from kerasft.util.fileio import atomic_write_text
-
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out.with_suffix(".json"), json.dumps(report, indent=1) + "\n")
     atomic_write_text(out, text)

@@ -29,7 +29,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from kerasft.data import DATA_ENV
+from kerasft.benchmarks.report import cpu_line, header, provenance, write_results
+from kerasft.data import DATA_ENV, load_dataset, split_dataset
+from kerasft.model.presets import load_classifier, minilm_source_dir
+from kerasft.util.versions import TRAINING, source_commit
 
 INSERTED = (
     "today", "again", "now", "also", "still", "really", "just", "even", "here", "there",
@@ -73,8 +76,6 @@ def _tiny_preset(directory: Path) -> Path:
     import keras
     import keras_hub
 
-    from kerasft.model.presets import minilm_source_dir
-
     keras.utils.set_random_seed(0)
     tokenizer = keras_hub.models.DistilBertTokenizer(
         vocabulary=str(minilm_source_dir() / "vocab.txt"), lowercase=True
@@ -92,8 +93,7 @@ def child(args) -> dict:
     """One size, in its own process: load, split, tokenize, one warm-up epoch."""
     import keras
 
-    from kerasft.data import load_dataset, split_dataset
-    from kerasft.model.presets import load_classifier
+    # lazy: they load Keras, under the backend this process was given
     from kerasft.tokens.batching import kerashub_tokenize, tokenize
     from kerasft.training.tuner import TwoStageFineTuner
 
@@ -153,8 +153,6 @@ def main(argv=None) -> int:
     if not args.data.is_file():
         parser.error(f"data file not found: {str(args.data)!r} (pass --data or ${DATA_ENV})")
 
-    from kerasft.util.versions import source_commit
-
     command, commit = "python -m kerasft.benchmarks.scale " + shlex.join(argv), source_commit()
     rows = [json.loads(line) for line in args.data.open() if line.strip()]
     text_key = "headline" if "headline" in rows[0] else "text"
@@ -177,9 +175,6 @@ def main(argv=None) -> int:
             results.append({"factor": factor, **json.loads(proc.stdout.strip().splitlines()[-1])})
     text = format_report(results, args, repeats, len(rows))
     if args.out:
-        from kerasft.benchmarks.report import cpu_line, header, provenance, write_results
-        from kerasft.util.versions import TRAINING
-
         measured = {**provenance(command, commit, TRAINING), "results": results}
         head = header("Memory and speed of the data path as rows grow", measured,
                       cpu_line(measured["machine"]), measured["versions"])  # fmt: skip

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from kerasft.data import DATA_ENV
+from kerasft.exporters import runtime as runtime_module
+from kerasft.exporters.runtime import load
 
 
 def typographic(text: str) -> str:
@@ -56,8 +58,6 @@ def main(argv=None) -> int:
         default=Path(os.environ.get(DATA_ENV, "../shared/data/sarcasm_headlines_v1.jsonl")),
     )
     args = parser.parse_args(argv)
-    from kerasft.exporters import runtime as runtime_module
-    from kerasft.exporters.runtime import load
 
     runtime = load(args.export)
     rows = [json.loads(line)["headline"] for line in args.data.open()]

@@ -49,15 +49,21 @@ import argparse
 import json
 import os
 import re
-import resource
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from kerasft.benchmarks.pipe import Child
+from kerasft.benchmarks.report import require_data, write_results
+from kerasft.benchmarks.train_report import render
+from kerasft.data import DATA_ENV, load_dataset, reference_split, stratified_limit
+from kerasft.model.presets import OFFLINE_PRESET
+from kerasft.util.machine import computes_bf16, describe, peak_fp32_gflops
+from kerasft.util.versions import package_versions, source_commit
 
 ENGINES = ("torch", "jax", "tensorflow", "trainer")
 PRECISIONS = {"fp32": None, "bf16": "bfloat16"}  # an engine's `:PRECISION` -> mixed_precision
@@ -73,456 +79,10 @@ def default_engines() -> list[str]:
     """kerasft on every backend and Trainer at its defaults; Trainer with `bf16=True` too where
     the CPU computes bfloat16 (`kerasft.util.machine.computes_bf16`): elsewhere bfloat16 is
     emulated, far slower than float32, and not what a Trainer user would pick."""
-    from kerasft.util.machine import computes_bf16
-
     return [*ENGINES, *(["trainer:bf16"] if computes_bf16() else [])]
 
 
-# --- workers (one engine per process) ----------------------------------------------------------
-
-
-class _Rounds:
-    """Times steps; after every `steps` of them reports to the parent and waits for its word."""
-
-    def __init__(self, steps: int, shapes: list[tuple[int, int]]):
-        # shapes[i]: (rows, padded length[, tokens per row computed]) of step i
-        self.steps, self.shapes = steps, shapes
-        self.done_steps = 0
-        self.times: list[float] = []
-        self.last = None
-        self.stop = False
-
-    def step_done(self) -> None:
-        now = time.perf_counter()
-        if self.last is not None:
-            self.times.append(now - self.last)
-        else:
-            self.faults = _minor_faults()
-        self.last = now
-        if len(self.times) == self.steps:
-            first = self.done_steps
-            shapes = self.shapes[first : first + self.steps]
-            faults = _minor_faults() - self.faults
-            _reply({"seconds": self.times, "shapes": shapes, "minor_faults": faults})
-            self.done_steps += self.steps
-            self.times = []
-            command = _read()
-            self.stop = command["op"] != "round"
-            self.faults = _minor_faults()
-            self.last = time.perf_counter()  # the wait for the parent is not a step
-
-
-def _minor_faults() -> int:
-    """The process's minor page faults so far (pages the kernel mapped in, zeroed if fresh)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
-_PROTOCOL = sys.stdout  # the parent's pipe; a worker sends everything else to stderr
-
-
-def _reply(message: dict) -> None:
-    _PROTOCOL.write(json.dumps(message) + "\n")
-    _PROTOCOL.flush()
-
-
-def _read() -> dict:
-    line = sys.stdin.readline()
-    return json.loads(line) if line else {"op": "quit"}
-
-
-def _encoder_parameters(backbone) -> int:
-    """Parameters of the transformer layers (what a token's matrix products touch)."""
-    layers = backbone.transformer_layers
-    return int(sum(np.prod(w.shape) for layer in layers for w in layer.weights))
-
-
-def _kerasft_worker(spec: dict, overrides: dict) -> None:
-    import keras
-
-    from kerasft.benchmarks.worker import set_threads
-    from kerasft.devices.allocator import keep_freed_memory
-    from kerasft.training import recipe
-    from kerasft.training.config import RecipeConfig, default_bucket_width
-    from kerasft.training.dropout import rand_masks
-    from kerasft.training.precision import resolve_mixed_precision
-
-    # As `TwoStageFineTuner.fit` does first thing: on JAX before XLA starts its threads.
-    keep_freed_memory(keras.backend.backend())
-    set_threads(spec["threads"])
-    # The recipe's stage 2 with its defaults, but for what the engine's name overrides.
-    padded = overrides.pop("padded", False)  # not the recipe's: see `_parse_engine`
-    jit = overrides.pop("jit", False)
-    config = RecipeConfig(batch_size=BATCH_SIZE, finetune_learning_rate=LEARNING_RATE,
-                          finetune_schedule="linear", seed=SEED, **overrides)  # fmt: skip
-    mixed = resolve_mixed_precision(config.mixed_precision)
-    width = config.bucket_width or default_bucket_width(keras.backend.backend())
-    data = json.loads(Path(spec["data"]).read_text())
-    keras.utils.set_random_seed(SEED)
-    started = time.perf_counter()
-    classifier, train, model = _stage_2(spec, data, config, mixed, width, padded, jit)
-    with rand_masks(model) as dropout_layers:  # as the recipe's `fit` trains
-        batches, lengths, first = _timed_batches(
-            train, WARMUP_STEPS + spec["rounds"] * spec["steps"] + 1
-        )
-        timed = _Batches(train, batches)
-        warm = _Batches(train, [batches[i] for i in sorted(first.values())])
-        load_seconds = time.perf_counter() - started
-        started = time.perf_counter()
-        model.fit(warm, epochs=1, verbose=0, shuffle=False)  # compiles every timed shape
-        compile_seconds = time.perf_counter() - started
-
-        feature_rows, feature_seconds = _feature_pass(classifier, train, spec["feature_rows"])
-        usual = np.bincount(lengths).argmax()
-        common = int(np.argmax(lengths == usual))  # a batch of the usual length
-        breakdown = _breakdown(model, train, batches[common])
-        # (rows, padded length, tokens per row the dense layers compute) of each timed step
-        computed = [_computed_tokens(model, train, b) for b in batches]
-        timed_shapes = zip(lengths[1 + WARMUP_STEPS :], computed[1 + WARMUP_STEPS :], strict=True)
-        rounds = _Rounds(spec["steps"], [(BATCH_SIZE, int(n), c) for n, c in timed_shapes])
-        notes = ["bf16" if mixed else "fp32", f"bucket width {width}"]
-        notes += ["word embeddings frozen"] if config.freeze_word_embeddings else []
-        notes += ["padding computed"] if padded else []
-        notes += ["torch.compile"] if jit else []
-        notes += ["16-bit dropout masks"] if dropout_layers else []
-        _reply({
-            "breakdown": breakdown,
-            "engine": f"kerasft {keras.backend.backend()} ({', '.join(notes)})",
-            "precision": mixed or "float32",
-            "load_seconds": load_seconds,
-            "compile_seconds": compile_seconds,
-            "jit_compile": str(model.jit_compile),
-            "optimizer": type(model.optimizer).__name__,
-            "shapes": len(first),
-            "encoder_parameters": _encoder_parameters(classifier.backbone),
-            "layers": classifier.backbone.num_layers,
-            "hidden": classifier.backbone.hidden_dim,
-            "last_layer_at_cls": recipe.last_layer_at_cls(classifier.backbone),
-            "feature_rows_per_second": feature_rows / feature_seconds,
-            "padded_tokens_per_row": float(np.mean(lengths)),
-        })  # fmt: skip
-        if _read()["op"] != "round":
-            return
-        model.fit(timed, epochs=1, verbose=0, shuffle=False, callbacks=[_timer(rounds)])
-
-
-def _stage_2(spec: dict, data: dict, config, mixed, width: int, padded: bool, jit: bool):
-    """`(classifier, train, model)`: the classifier loaded and its head initialised as the
-    recipe does, the training batches, and the compiled stage-2 model, with packing off where
-    `padded` and the step compiled by `torch.compile` where `jit` (see `_parse_engine`)."""
-    from kerasft.model.encoder import ClsEncoder
-    from kerasft.model.presets import load_classifier
-    from kerasft.training import recipe
-    from kerasft.training.precision import policy_name
-
-    classifier = load_classifier(spec["preset"], len(data["label_names"]), spec["sequence_length"],
-                                 policy_name(mixed))  # fmt: skip
-    recipe.initialize_head(classifier, SEED)
-    train = recipe.encode(
-        classifier, data["texts"], np.asarray(data["labels"]), batch_size=BATCH_SIZE,
-        shuffle=True, seed=SEED, bucket_width=width,
-    )  # fmt: skip
-    model, _, _ = recipe.prepare_stage(
-        classifier, train, epochs=1, train_base=True, verbose=0,
-        **config.stage_options("finetune"),
-    )  # fmt: skip
-    for view in model._flatten_layers():
-        if isinstance(view, ClsEncoder):
-            view.skip_padding = not padded
-    if jit:
-        model.jit_compile = True
-    return classifier, train, model
-
-
-def _timer(rounds):
-    """A callback that waits for each step's loss, counts the steps after warm-up into
-    `rounds`, and stops training when its rounds are done."""
-    import keras
-
-    class Timer(keras.callbacks.Callback):
-        def on_train_batch_end(self, batch, logs=None):
-            float(keras.ops.convert_to_numpy(logs["loss"]))  # waits for the step
-            if batch >= WARMUP_STEPS:
-                rounds.step_done()
-                if rounds.stop:
-                    self.model.stop_training = True
-
-    return Timer()
-
-
-def _timed_batches(train, need: int) -> tuple[list, np.ndarray, dict]:
-    """The timed steps: `need` full batches of as many epochs as needed, in training order;
-    their padded lengths; and `{length: index of its first batch}` (what warm-up compiles)."""
-    batches = []
-    while len(batches) < need:
-        batches += [b for b in train.batches if len(b) == BATCH_SIZE]
-        train.set_epoch(train.epoch + 1)
-    batches = batches[:need]
-    lengths = np.array([int(train.bucket_len[b].max()) for b in batches])
-    # TensorFlow infers the dataset's signature from its first batches: two lengths first.
-    other = next((i for i, n in enumerate(lengths) if n != lengths[0]), None)
-    if other is not None:
-        batches.insert(1, batches.pop(other))
-        lengths = np.insert(np.delete(lengths, other), 1, lengths[other])
-    first = {}
-    for i, n in enumerate(lengths):
-        first.setdefault(n, i)
-    return batches, lengths, first
-
-
-def _computed_tokens(model, train, rows) -> float:
-    """Tokens per row the encoder's dense layers compute for batch `rows`: its real tokens
-    filled up to `PACKED_ROWS_MULTIPLE` where the view packs them (`kerasft.model.encoder`,
-    PyTorch), else its padded length."""
-    from kerasft.model.encoder import PACKED_ROWS_MULTIPLE, ClsEncoder
-
-    view = next((x for x in model._flatten_layers() if isinstance(x, ClsEncoder)), None)
-    length = float(train.bucket_len[rows].max())
-    if view is None or not view.packs():
-        return length
-    real = int(np.minimum(np.maximum(train.lengths[rows], 1), length).sum())
-    packed = -(-real // PACKED_ROWS_MULTIPLE) * PACKED_ROWS_MULTIPLE
-    return min(length, packed / len(rows))
-
-
-def _feature_pass(classifier, train, feature_rows: int) -> tuple[int, float]:
-    """Stage 1's cached pass: rows and seconds of the frozen backbone's first pass over
-    `feature_rows` rows, its compilation included, as `fit` runs it."""
-    from kerasft.tokens.batching import BucketedBatches
-    from kerasft.training import recipe
-
-    rows = np.arange(min(feature_rows, len(train.lengths)))
-    subset = BucketedBatches(train.token_ids.padded(rows), train.lengths[rows],
-                             bucket_width=train.bucket_width)  # fmt: skip
-    started = time.perf_counter()
-    recipe.extract_features(classifier, subset, verbose=0)
-    return len(rows), time.perf_counter() - started
-
-
-# torch ops by what they do, for the step's profile (self CPU time).
-_TORCH_KINDS = {
-    "matmul": ("aten::mm", "aten::bmm", "aten::addmm", "aten::matmul"),
-    "optimizer": ("aten::_fused_adam_", "aten::_foreach_"),
-    "dropout RNG": ("aten::bernoulli_", "aten::uniform_", "aten::random_"),
-    "embedding gradient": ("aten::embedding_dense_backward", "aten::index_add_",
-                           "aten::index_fill_", "aten::fill_", "aten::zero_"),
-}  # fmt: skip
-
-
-def _breakdown(model, train, rows) -> dict:
-    """Where one step's time goes, on one batch after compilation (see the report)."""
-    import keras
-
-    from kerasft.util.timing import median_ms
-
-    x, y = train.batch(rows)
-    out = {
-        "shape": list(x["token_ids"].shape),
-        "batching_ms": median_ms(lambda: train.batch(rows), warmup=1, calls=20),
-        "forward_ms": median_ms(lambda: model.predict_on_batch(x), warmup=1, calls=5),
-        "step_ms": median_ms(lambda: model.train_on_batch(x, y), warmup=1, calls=5),
-    }
-    if keras.backend.backend() == "torch":
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(3):
-                model.train_on_batch(x, y)
-        events = prof.key_averages()
-        total = sum(e.self_cpu_time_total for e in events)
-        shares = dict.fromkeys(_TORCH_KINDS, 0.0)
-        for e in events:
-            kind = next((k for k, names in _TORCH_KINDS.items()
-                         if any(e.key.startswith(n) for n in names)), None)  # fmt: skip
-            if kind is not None:
-                shares[kind] += e.self_cpu_time_total / total
-        shares["everything else"] = 1.0 - sum(shares.values())
-        out["torch_profile"] = shares
-        out["onednn_matmul"] = _onednn_matmul_kernels(lambda: model.train_on_batch(x, y))
-    return out
-
-
-def _onednn_matmul_kernels(step) -> dict[str, int]:
-    """`{oneDNN implementation: calls}` of the matrix products one PyTorch `step()` ran through
-    oneDNN (its verbose log, which the library writes to file descriptor 1): e.g.
-    `brg_matmul:avx512_core_bf16` shows the bfloat16 kernels really run. Products computed
-    elsewhere (float32 goes to MKL/OpenBLAS GEMM) are not listed."""
-    import torch
-
-    sys.stdout.flush()
-    saved = os.dup(1)
-    with tempfile.TemporaryFile(mode="w+") as log:
-        os.dup2(log.fileno(), 1)
-        try:
-            with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
-                step()
-        finally:
-            sys.stdout.flush()
-            os.dup2(saved, 1)
-            os.close(saved)
-        log.seek(0)
-        kernels: dict[str, int] = {}
-        for line in log:  # onednn_verbose,v1,primitive,exec,cpu,matmul,IMPLEMENTATION,...
-            fields = line.split(",")
-            at = fields.index("exec") if "exec" in fields[:4] else -1
-            if at >= 0 and fields[at + 1 : at + 3] == ["cpu", "matmul"]:
-                kernels[fields[at + 3]] = kernels.get(fields[at + 3], 0) + 1
-    return kernels
-
-
-def _trainer_worker(spec: dict, bf16: bool) -> None:
-    import torch
-    from transformers import (
-        AutoTokenizer,
-        DataCollatorWithPadding,
-        DistilBertForSequenceClassification,
-        Trainer,
-        TrainerCallback,
-    )
-
-    torch.set_num_threads(spec["threads"])
-    data = json.loads(Path(spec["data"]).read_text())
-    started = time.perf_counter()
-    hf_dir = _same_initial_weights(spec, data)
-    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-    model = DistilBertForSequenceClassification.from_pretrained(hf_dir)
-    encoded = tokenizer(data["texts"], truncation=True, max_length=spec["sequence_length"])
-    rows = [
-        {"input_ids": ids, "attention_mask": mask, "labels": int(label)}
-        for ids, mask, label in zip(
-            encoded["input_ids"], encoded["attention_mask"], data["labels"], strict=True
-        )
-    ]
-    collate = DataCollatorWithPadding(tokenizer)
-    shapes: list[tuple[int, int]] = []
-
-    def collator(features):
-        batch = collate(features)
-        shapes.append(tuple(int(n) for n in batch["input_ids"].shape))
-        return batch
-
-    args = _trainer_arguments(spec, WARMUP_STEPS + spec["rounds"] * spec["steps"] + 1, bf16)
-    rounds = _Rounds(spec["steps"], shapes)
-    load_seconds = time.perf_counter() - started
-
-    class Timer(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step > WARMUP_STEPS:
-                rounds.step_done()
-                if rounds.stop:
-                    control.should_training_stop = True
-
-    trainer = Trainer(
-        model=model, args=args, train_dataset=rows, data_collator=collator, callbacks=[Timer()]
-    )
-    config = model.config
-    _reply({
-        "engine": "Hugging Face Trainer" + (" (bf16=True)" if bf16 else " (defaults, fp32)"),
-        "precision": "bfloat16 (autocast)" if bf16 else "float32",
-        "load_seconds": load_seconds,
-        "compile_seconds": 0.0,
-        "jit_compile": "False (eager)",
-        "optimizer": str(args.optim.value if hasattr(args.optim, "value") else args.optim),
-        "shapes": None,
-        "encoder_parameters": int(sum(
-            p.numel() for p in model.distilbert.transformer.parameters()
-        )),
-        "layers": config.n_layers,
-        "hidden": config.dim,
-        "feature_rows_per_second": None,
-        "padded_tokens_per_row": None,
-    })  # fmt: skip
-    if _read()["op"] != "round":
-        return
-    rounds.shapes = _ShiftedShapes(shapes, 1 + WARMUP_STEPS)
-    trainer.train()
-
-
-def _trainer_arguments(spec: dict, need: int, bf16: bool = False):
-    """Trainer's defaults (fused AdamW, linear schedule) at kerasft's batch, rate and seed;
-    `bf16`: its `bf16=True` (torch autocast to bfloat16 on the CPU)."""
-    from transformers import TrainingArguments
-
-    return TrainingArguments(
-        output_dir=str(Path(spec["work"]) / "trainer"),
-        per_device_train_batch_size=BATCH_SIZE,
-        learning_rate=LEARNING_RATE,
-        lr_scheduler_type="linear",
-        max_steps=need + 1,
-        save_strategy="no",
-        eval_strategy="no",
-        logging_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        seed=SEED,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        bf16=bf16,
-    )
-
-
-def _same_initial_weights(spec: dict, data: dict) -> Path:
-    """A transformers checkpoint of kerasft's initial classifier (same seeded head)."""
-    from kerasft.benchmarks.models import to_transformers
-    from kerasft.model.presets import load_classifier
-    from kerasft.training import recipe
-
-    classifier = load_classifier(spec["preset"], len(data["label_names"]), spec["sequence_length"])
-    recipe.initialize_head(classifier, SEED)  # the same initial weights as kerasft's
-    hf_dir = Path(spec["work"]) / "transformers"
-    to_transformers(classifier, hf_dir, data["label_names"])
-    return hf_dir
-
-
-class _ShiftedShapes:
-    """`shapes[offset:]` of a list that is still growing (Trainer collates step by step)."""
-
-    def __init__(self, shapes: list, offset: int):
-        self.shapes, self.offset = shapes, offset
-
-    def __getitem__(self, index: slice) -> list:
-        return self.shapes[self.offset + index.start : self.offset + index.stop]
-
-
-def _batches_class():
-    import keras
-
-    class Batches(keras.utils.PyDataset):
-        """Given batches (row indices) of a `BucketedBatches`, in order."""
-
-        def __init__(self, data, batches):
-            super().__init__()
-            self.data, self.batches = data, batches
-
-        def __len__(self):
-            return len(self.batches)
-
-        def __getitem__(self, i):
-            return self.data.batch(self.batches[i])
-
-    return Batches
-
-
-def _Batches(data, batches):  # noqa: N802  (a class built once Keras is imported)
-    return _batches_class()(data, batches)
-
-
-def worker(engine: str, spec: dict) -> None:
-    """Runs one engine's process: setup, then rounds on command (JSON lines on stdin/stdout)."""
-    global _PROTOCOL
-    _PROTOCOL = os.fdopen(os.dup(1), "w")  # libraries that print (Trainer does) go to stderr
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    name, overrides = _parse_engine(engine)
-    if name == "trainer":
-        _trainer_worker(spec, overrides.get("mixed_precision") == "bfloat16")
-    else:
-        _kerasft_worker(spec, overrides)
-    import resource
-
-    _reply({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
-
-
-def _parse_engine(name: str) -> tuple[str, dict]:
+def parse_engine(name: str) -> tuple[str, dict]:
     """`NAME[@WIDTH][:PRECISION][+frozen|-frozen][+padded][+jit]` -> `(name, overrides)`.
 
     The overrides are the recipe's (`RecipeConfig` fields) but for `"padded": True`, which runs
@@ -571,46 +131,19 @@ def _parse_engine(name: str) -> tuple[str, dict]:
 # --- the parent ----------------------------------------------------------------------------------
 
 
-class _Engine:
-    def __init__(self, engine: str, spec: dict, log_dir: Path):
-        env = dict(os.environ)
-        backend = _parse_engine(engine)[0]
-        env["KERAS_BACKEND"] = "torch" if backend == "trainer" else backend
-        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        if backend == "trainer":  # transformers' TensorFlow side needs tf-keras, not Keras 3
-            env["USE_TF"] = "0"
-        self.name = engine
-        self.log = open(log_dir / f"{engine}.log", "w")  # noqa: SIM115
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "kerasft.benchmarks.train_speed", "--worker", engine,
-             "--spec", json.dumps(spec)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env,
-        )  # fmt: skip
-
-    def read(self) -> dict:
-        line = self.process.stdout.readline()
-        if not line:
-            self.process.wait()
-            self.log.flush()
-            tail = Path(self.log.name).read_text()[-3000:]
-            raise RuntimeError(f"{self.name} worker exited ({self.process.returncode}):\n{tail}")
-        return json.loads(line)
-
-    def send(self, op: str) -> None:
-        self.process.stdin.write(json.dumps({"op": op}) + "\n")
-        self.process.stdin.flush()
-
-    def close(self) -> dict:
-        self.send("quit")
-        stats = self.read()
-        self.process.wait(timeout=120)
-        self.log.close()
-        return stats
+def _start_engine(engine: str, spec: dict, log_dir: Path) -> Child:
+    """The process of one engine (`kerasft.benchmarks.train_workers`), under its backend."""
+    env = dict(os.environ)
+    backend = parse_engine(engine)[0]
+    env["KERAS_BACKEND"] = "torch" if backend == "trainer" else backend
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if backend == "trainer":  # transformers' TensorFlow side needs tf-keras, not Keras 3
+        env["USE_TF"] = "0"
+    argv = ["kerasft.benchmarks.train_workers", engine, json.dumps(spec)]
+    return Child(engine, argv, log_dir / f"{engine}.log", env)
 
 
 def _training_rows(path: str, limit: int | None) -> dict:
-    from kerasft.data import load_dataset, reference_split, stratified_limit
-
     data = load_dataset(path)
     train, _, _ = reference_split(data.labels)
     if limit is not None and limit < len(train):
@@ -624,9 +157,6 @@ def _training_rows(path: str, limit: int | None) -> dict:
 
 def measure(args, progress=print) -> dict:
     """Runs every engine and returns the results (see the module docstring)."""
-    from kerasft.util.machine import describe, peak_fp32_gflops
-    from kerasft.util.versions import package_versions, source_commit
-
     started = time.perf_counter()
     source = source_commit()  # the code measured (later edits to the tree do not count)
     with tempfile.TemporaryDirectory(prefix="kerasft-train-speed-") as tmp:
@@ -692,7 +222,7 @@ def _run_engines(args, spec: dict, work: Path, progress):
     try:
         for name in args.engines:  # one at a time: setup and compilation do not overlap
             progress(f"starting {name} ...")
-            engines[name] = _Engine(name, spec, work)
+            engines[name] = _start_engine(name, spec, work)
             setup[name] = engines[name].read()
             progress(f"  {name}: ready ({setup[name]['load_seconds']:.0f} s loading, "
                      f"{setup[name]['compile_seconds']:.0f} s compiling)")  # fmt: skip
@@ -703,19 +233,22 @@ def _run_engines(args, spec: dict, work: Path, progress):
         for r in range(args.rounds):
             order = names[r % len(names) :] + names[: r % len(names)]
             for name in order:
-                engines[name].send("round")
-                reply = engines[name].read()
+                reply = engines[name].call(op="round")
                 steps[name].append(reply["seconds"])
                 faults[name] += reply["minor_faults"]
                 shapes[name] += [tuple(s) for s in reply["shapes"]]
             progress(f"round {r + 1}/{args.rounds}: " + ", ".join(
                 f"{n} {np.median(steps[n][-1]) * 1e3:.0f} ms/step" for n in order
             ))  # fmt: skip
-        stats = {name: {**engines.pop(name).close(), "minor_faults": faults[name]}
-                 for name in names}  # fmt: skip
+        stats = {}
+        for name in names:
+            engine = engines.pop(name)
+            stats[name] = {**engine.call(op="quit"), "minor_faults": faults[name]}
+            engine.close(timeout=120)
     finally:
         for engine in engines.values():
             engine.process.kill()
+            engine.close()
     return names, setup, steps, shapes, stats
 
 
@@ -761,121 +294,7 @@ def _engine_result(info: dict, per_round: list, shapes: list, stats: dict, peak)
     }
 
 
-def render(report: dict) -> str:
-    """The markdown report."""
-    m, s = report["machine"], report["settings"]
-    lines = [
-        "# Training speed: kerasft stage 2 vs Hugging Face Trainer",
-        "",
-        f"Command: `{report['command']}`  ",
-        f"Date: {report['date']}; commit {report['commit']}  ",
-        f"CPU: {m['cpu']}, {m['cores']} cores, ISA: {', '.join(m['isa']) or 'none found'}; "
-        f"{m['threads']} threads per engine; nominal fp32 peak "
-        + (f"{m['peak_gflops']:.0f} GFLOP/s ({m['peak_formula']})" if m["peak_gflops"] else "n/a")
-        + "  ",
-        "Versions: " + ", ".join(f"{k} {v}" for k, v in sorted(report["versions"].items())),
-        "",
-        f"Method: the reference training split ({s['training_rows']:,} rows), batch "
-        f"{s['batch_size']}, learning rate {s['learning_rate']:g} with linear decay, preset "
-        f"`{s['preset']}`. Each engine in its own process; {s['rounds']} rounds of "
-        f"{s['steps']} timed steps, engines alternated (order rotated each round). Excluded: "
-        f"loading, compilation (kerasft: a warm-up `fit` over every timed batch shape) and "
-        f"{s['warmup_steps']} more warm-up steps. A step runs from the previous step's end to its "
-        "own (loss read back), host-side batching included. samples/s: median over rounds; "
-        "page faults/step: the engine process's minor page faults over the timed steps, per "
-        "step (memory the kernel mapped in; kerasft keeps freed blocks, "
-        "`kerasft.devices.allocator`); "
-        "ratios: of those medians. FLOP/s: matrix FLOPs a step computes (3 x forward: 2 per "
-        "encoder parameter and computed token, padding included where it is computed, plus "
-        "attention's 4 x padded length x hidden per token; kerasft's last layer at [CLS] only "
-        "but for its keys and values; kerasft on PyTorch packs a batch's real tokens, "
-        "`kerasft.model.encoder`), "
-        "over the median step (bfloat16 engines too, against the float32 peak). Precision: "
-        "kerasft's engines in the recipe's default unless named (`auto`: bfloat16 where the "
-        "backend measured faster in it on this CPU class, "
-        "`kerasft.training.precision.AUTO_BF16`), "
-        "Trainer at its defaults (float32) and, where the CPU computes bfloat16, with "
-        "`bf16=True`"
-        + (
-            "."
-            if "trainer:bf16" in report["results"]
-            else " (not run here: without native bfloat16 it is emulated and slower than float32)."
-        ),
-        "",
-        "| engine | ms/step p50 (p10-p90) | samples/s | vs Trainer | vs Trainer bf16 | "
-        "tokens/row padded (computed) | GFLOP/s | share of peak | stage-1 feature pass rows/s | "
-        "optimizer | page faults/step | compile s |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
-    ]
-
-    def ratio(r, key):
-        return f"{r[key]:.2f}x" if key in r else "-"
-
-    for r in sorted(report["results"].values(), key=lambda r: -r["samples_per_second"]):
-        share = "" if r["share_of_peak"] is None else f"{r['share_of_peak']:.0%}"
-        feature = r["feature_rows_per_second"]
-        lines.append(
-            f"| {r['engine']} | {r['ms_per_step_p50']:.0f} ({r['ms_per_step_p10']:.0f}-"
-            f"{r['ms_per_step_p90']:.0f}) | {r['samples_per_second']:.1f} | "
-            f"{ratio(r, 'vs_trainer')} | {ratio(r, 'vs_trainer_bf16')} | "
-            f"{r['padded_tokens_per_row']:.1f} "
-            f"({r.get('computed_tokens_per_row', r['padded_tokens_per_row']):.1f}) | "
-            f"{r['gflops']:.0f} | {share} | {'-' if feature is None else f'{feature:.0f}'} | "
-            f"{r['optimizer']} | {r['page_faults_per_step']:,.0f} | {r['compile_seconds']:.0f} |"
-        )
-    lines += _breakdown_lines(report)
-    lines += [
-        "",
-        "Per round, samples/s: "
-        + "; ".join(
-            f"{r['engine']} " + ", ".join(f"{x:.1f}" for x in r["samples_per_second_rounds"])
-            for r in report["results"].values()
-        ),
-        "",
-        f"Total {report['seconds']:.0f} s.",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def _breakdown_lines(report: dict) -> list[str]:
-    """The report's table of where a kerasft step's time goes (none when not measured)."""
-    broken = [r for r in report["results"].values() if r.get("breakdown")]
-    if not broken:
-        return []
-    lines = [
-        "",
-        "Where a kerasft step's time goes, on one batch of the most common timed length after"
-        " compilation (median of 5 calls; batching: of 20): host-side batching, the forward "
-        "pass alone (inference, `predict_on_batch`), the whole training step "
-        "(`train_on_batch`: forward with dropout, backward, optimizer); on PyTorch also the "
-        "step's profile (self CPU time by kind of op, `torch.profiler`, 3 steps) and the "
-        "matrix products one step ran through oneDNN, by kernel (its verbose log; float32 "
-        "products go to another GEMM library and are not listed).",
-        "",
-        "| engine | batch | batching ms | forward ms | step ms | backward + optimizer ms | "
-        "profile (torch) | oneDNN matmul kernels (torch) |",
-        "| --- | --- | ---: | ---: | ---: | ---: | --- | --- |",
-    ]
-    for r in broken:
-        b = r["breakdown"]
-        profile = ", ".join(f"{k} {v:.0%}" for k, v in b.get("torch_profile", {}).items())
-        kernels = b.get("onednn_matmul")
-        kernels = "-" if kernels is None else (
-            ", ".join(f"`{k}` x{n}" for k, n in sorted(kernels.items())) or "none"
-        )  # fmt: skip
-        lines.append(
-            f"| {r['engine']} | {b['shape'][0]} x {b['shape'][1]} | {b['batching_ms']:.2f} | "
-            f"{b['forward_ms']:.0f} | {b['step_ms']:.0f} | "
-            f"{b['step_ms'] - b['forward_ms']:.0f} | {profile or '-'} | {kernels} |"
-        )
-    return lines
-
-
 def build_parser(prog: str = "python -m kerasft.benchmarks.train_speed") -> argparse.ArgumentParser:
-    from kerasft.data import DATA_ENV
-    from kerasft.model.presets import OFFLINE_PRESET
-
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument(
         "--data", default=os.environ.get(DATA_ENV), help=f"the reference data file (or ${DATA_ENV})"
@@ -912,12 +331,7 @@ def build_parser(prog: str = "python -m kerasft.benchmarks.train_speed") -> argp
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kerasft.benchmarks.report import require_data, write_results
-
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--worker"]:
-        worker(argv[1], json.loads(argv[3]))
-        return 0
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.quick:
@@ -928,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     bad = []
     for engine in args.engines:
         try:
-            _parse_engine(engine)
+            parse_engine(engine)
         except ValueError:
             bad.append(engine)
     if bad or not args.engines:

@@ -37,6 +37,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from kerasft.benchmarks.report import cpu_line, header, provenance, require_data, write_results
+from kerasft.data import DATA_ENV
+from kerasft.model.presets import OFFLINE_PRESET
+from kerasft.util.versions import TRAINING, source_commit
+
 BACKENDS = ("torch", "jax", "tensorflow")
 
 
@@ -79,9 +84,6 @@ def fit_command(args, backend: str | None, out: Path, variant: str = "") -> list
 
 def measure(args, progress=print) -> dict:
     """Runs every backend's fit, one at a time, and collects the results."""
-    from kerasft.benchmarks.report import provenance
-    from kerasft.util.versions import TRAINING, source_commit
-
     source = source_commit()  # the code measured (later edits to the tree do not count)
     runs = []
     with tempfile.TemporaryDirectory(prefix="kerasft-training-runs-") as tmp:
@@ -118,8 +120,6 @@ def measure(args, progress=print) -> dict:
 
 def render(report: dict) -> str:
     """The markdown report."""
-    from kerasft.benchmarks.report import cpu_line, header
-
     lines = [
         *header("kerasft fit runs", report, cpu_line(report["machine"]), report["versions"]),
         "",
@@ -210,10 +210,6 @@ def _seed_summary(runs: list[dict]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kerasft.benchmarks.report import require_data, write_results
-    from kerasft.data import DATA_ENV
-    from kerasft.model.presets import OFFLINE_PRESET
-
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(
         prog="python -m kerasft.benchmarks.training_runs", description=__doc__.splitlines()[0]

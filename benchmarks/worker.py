@@ -23,7 +23,6 @@ timed cell are the same everywhere: token ids drawn with seed 0, every position 
 from __future__ import annotations
 
 import json
-import os
 import resource
 import sys
 import time
@@ -33,7 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
+from kerasft.benchmarks.pipe import child_pipe, reply
 from kerasft.exporters import litert, onnx, openvino, saved_model
+from kerasft.exporters.runtime import load
+from kerasft.util.timing import call_seconds
 
 MAX_RUNS = 10_000  # per timed block
 
@@ -59,6 +61,7 @@ def _keras(spec):
     """A Keras model on the current backend, through its compiled `predict_on_batch`."""
     import keras
 
+    # lazy: they load Keras, which only the Keras variants' workers need
     from kerasft.training.recipe import core_model
     from kerasft.training.tuner import TwoStageFineTuner
 
@@ -126,8 +129,6 @@ def _openvino(spec):
 
 def _runtime(spec):
     """`kerasft.exporters.runtime.load(dir).predict(texts)`: raw strings in, tokenized inside."""
-    from kerasft.exporters.runtime import load
-
     tensorflow_session = spec["format"] == saved_model.CONTRACT.name  # TF's own thread pools
     options = {} if tensorflow_session else {"threads": spec["threads"]}
     if tensorflow_session:
@@ -210,79 +211,64 @@ def timing_inputs(batch: int, seq: int, vocabulary_size: int) -> tuple[np.ndarra
     return ids, np.ones((batch, seq), dtype="int32")
 
 
+def _timed(call, cmd: dict, inputs=None) -> list[float]:
+    """Seconds of each timed call of a `time` command: one untimed call, then calls for
+    `cmd["seconds"]` (at least `min_runs`, at most `MAX_RUNS`)."""
+    return call_seconds(
+        call, warmup=1, seconds=cmd.get("seconds", 0.0), min_calls=cmd.get("min_runs", 1),
+        max_calls=MAX_RUNS, inputs=inputs,
+    )  # fmt: skip
+
+
 def _serve(spec, proto) -> None:
     run, info = LOADERS[spec["kind"]](spec)
     # raw strings for `time_texts`, taken in order across blocks so that every text is timed
     texts = json.loads(Path(spec["texts"]).read_text()) if spec.get("texts") else []
     cursor = {"next": 0}
-    proto.write(json.dumps({"ready": True, "info": info}) + "\n")
-    proto.flush()
+    reply(proto, {"ready": True, "info": info})
     for line in sys.stdin:
         cmd = json.loads(line)
         try:
             if cmd["op"] == "time":
                 ids, mask = timing_inputs(cmd["batch"], cmd["seq"], spec["vocabulary_size"])
                 time.sleep(cmd.get("settle", 0.0))
-                run(ids, mask)
-                seconds, began = [], time.perf_counter()
-                while len(seconds) < MAX_RUNS and (
-                    len(seconds) < cmd.get("min_runs", 1)
-                    or time.perf_counter() - began < cmd.get("seconds", 0.0)
-                ):
-                    start = time.perf_counter()
-                    run(ids, mask)
-                    seconds.append(time.perf_counter() - start)
-                reply = {"seconds": seconds}
+                answer = {"seconds": _timed(lambda i=ids, m=mask: run(i, m), cmd)}
             elif cmd["op"] == "time_texts":
 
-                def chunk(b=cmd["batch"]):
+                def chunk(b=cmd["batch"]):  # texts in order across blocks: every one is timed
                     start = cursor["next"]
                     cursor["next"] = (start + b) % len(texts)
                     return [texts[(start + i) % len(texts)] for i in range(b)]
 
                 time.sleep(cmd.get("settle", 0.0))
-                run(chunk())
-                seconds, began = [], time.perf_counter()
-                while len(seconds) < MAX_RUNS and (
-                    len(seconds) < cmd.get("min_runs", 1)
-                    or time.perf_counter() - began < cmd.get("seconds", 0.0)
-                ):
-                    rows = chunk()
-                    start = time.perf_counter()
-                    run(rows)
-                    seconds.append(time.perf_counter() - start)
-                reply = {"seconds": seconds}
+                answer = {"seconds": _timed(run, cmd, inputs=chunk)}
             elif cmd["op"] == "predict":
                 data = np.load(cmd["inputs"])
                 n = len([k for k in data.files if k.startswith("ids_")])
                 logits = [run(data[f"ids_{i}"], data[f"mask_{i}"]) for i in range(n)]
                 np.save(cmd["out"], np.concatenate(logits).astype("float32"))
-                reply = {"ok": True}
+                answer = {"ok": True}
             elif cmd["op"] == "stats":
                 kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                reply = {"peak_rss_mb": round(kib / 1024, 1)}
+                answer = {"peak_rss_mb": round(kib / 1024, 1)}
             elif cmd["op"] == "quit":
                 return
             else:
-                reply = {"error": f"unknown op {cmd['op']!r}"}
+                answer = {"error": f"unknown op {cmd['op']!r}"}
         except Exception as e:  # reported to the harness, which marks the variant failed
             traceback.print_exc()
-            reply = {"error": f"{type(e).__name__}: {e}"}
-        proto.write(json.dumps(reply) + "\n")
-        proto.flush()
+            answer = {"error": f"{type(e).__name__}: {e}"}
+        reply(proto, answer)
 
 
 def main() -> None:
     spec = json.loads(sys.argv[1])
-    # The protocol owns the real stdout; anything a library prints goes to stderr (the log).
-    proto = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)
+    proto = child_pipe()  # anything a library prints goes to stderr (the log)
     try:
         _serve(spec, proto)
     except Exception as e:
         traceback.print_exc()
-        proto.write(json.dumps({"error": f"{type(e).__name__}: {e}"}) + "\n")
-        proto.flush()
+        reply(proto, {"error": f"{type(e).__name__}: {e}"})
         sys.exit(1)
 
 

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
+from kerasft.exporters import runtime
 from kerasft.exporters.contract import FormatContract
-from kerasft.util.machine import cpu_model, isa
+from kerasft.exporters.verify import SERVING_BATCHES
+from kerasft.util.machine import computes_bf16, cpu_model, isa
 from kerasft.util.timing import median_ms
 
 
@@ -24,9 +26,6 @@ def rank_auto(contract: FormatContract, write_attempt, vset, scratch: Path):
         those already written (`{(mode, label): (dir, manifest)}`); and what was measured, for
         the manifest.
     """
-    from kerasft.exporters import runtime
-    from kerasft.exporters.verify import SERVING_BATCHES
-
     timed, untimed, written = [], [], {}
     for mode, overrides in auto_candidates(contract):
         for attempt, settings in contract.attempts(mode):
@@ -55,8 +54,6 @@ def rank_auto(contract: FormatContract, write_attempt, vset, scratch: Path):
 
 def auto_candidates(contract: FormatContract) -> list[tuple[str, dict]]:
     """The format's `auto` candidates this CPU can run as meant (bf16 ones need bf16 hardware)."""
-    from kerasft.util.machine import computes_bf16
-
     return [(mode, over) for mode, over in contract.auto
             if over.get("precision") != "bf16" or computes_bf16()]  # fmt: skip
 

@@ -12,6 +12,9 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass, field
 
+from kerasft.exporters.keras_graph import ServingGraph
+from kerasft.exporters.torch_graph import TorchServingGraph
+
 # The packages a graph source traces with: the one mapping from source to packages, for what an
 # export needs (`needs_with`) and what its manifest records (`formats.traced_with`).
 SOURCE_PACKAGES = {"torch": ("torch",), "tensorflow": ("tensorflow", "tf2onnx")}
@@ -113,10 +116,7 @@ class FormatContract:
     def graph_class(source: str):
         """The serving-graph class that traces under `source`."""
         if source == "torch":
-            from kerasft.exporters.torch_graph import TorchServingGraph
-
             return TorchServingGraph
-        from kerasft.exporters.keras_graph import ServingGraph
 
         return ServingGraph
 

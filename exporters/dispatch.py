@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kerasft.exporters import exportdir
+from kerasft.exporters import exportdir, runtime
 from kerasft.exporters.auto import latency_b1, rank_auto, recipe_label
 from kerasft.exporters.contract import FormatContract
 from kerasft.exporters.formats import (
@@ -27,12 +27,18 @@ from kerasft.exporters.formats import (
     check_format,
     traced_with,
 )
-from kerasft.exporters.isolated import export_in_subprocess, passed_on_errors
+from kerasft.exporters.isolated import export_in_subprocess, log_progress, passed_on_errors
+from kerasft.exporters.keras_graph import fused_attention, onnx_friendly_ops
+from kerasft.exporters.model_card import write_model_card
 from kerasft.exporters.onnx import DEFAULT_OPSET
+from kerasft.exporters.tokenizer import write_tokenizer_assets
 from kerasft.exporters.verify import (
     AUTO_MIN_AGREEMENT,
     INT8_MAX_ACCURACY_DROP,
     INT8_MIN_AGREEMENT,
+    SERVING_BATCHES,
+    VerificationError,
+    verify,
 )
 from kerasft.exporters.vset import (
     VERIFY_PER_SPLIT,
@@ -84,6 +90,7 @@ def _reference(graph, clf, src: _Source, contract: FormatContract, texts: list[s
 
 def _load_source(source, copy: bool) -> _Source:
     """Opens the model to export; `copy` gives an in-memory tuner's model as a fresh copy."""
+    # lazy: loads Keras, under the graph source's backend
     from kerasft.training.tuner import TwoStageFineTuner
 
     if isinstance(source, TwoStageFineTuner):
@@ -124,8 +131,6 @@ def _run_request(request_file: str, error_file: str) -> None:
     """The subprocess of `exports_in_subprocess`: `export` as requested, job by job; a
     documented error is written to `error_file` (type, message, report) for the parent to raise
     again."""
-    from kerasft.exporters.isolated import log_progress
-
     log_progress()  # read by the parent
     request = json.loads(Path(request_file).read_text())
     for job in request["jobs"]:
@@ -266,8 +271,6 @@ def _write_verified(
     Raises:
         VerificationError: the last recipe failed too (the message lists the earlier ones).
     """
-    from kerasft.exporters.verify import VerificationError
-
     graph_class = contract.graph_class(graph_source)
     clf = src.classifier
     shape = check_fixed_shape(fixed_shape, clf.backbone.max_sequence_length)
@@ -336,8 +339,6 @@ def _serving_copy(contract: FormatContract, clf, shape):
     """The classifier as every serving graph is traced from it: capped at a fixed sequence
     length, attention through `ops.dot_product_attention`, and (ONNX graphs) GELU and LayerNorm
     in the forms onnxruntime fuses; restored on exit."""
-    from kerasft.exporters.keras_graph import fused_attention, onnx_friendly_ops
-
     onnx_ops = onnx_friendly_ops(clf) if contract.onnx_graph else contextlib.nullcontext()
     with _serving_length(clf, shape[1]), fused_attention(clf), onnx_ops:
         yield clf
@@ -362,8 +363,6 @@ def _other_recipes(contract: FormatContract, quantize) -> str:
 
 def _manifest(contract, quantize, attempt, info, src, clf, shape, graph_source, tmp: Path) -> dict:
     """Writes the tokenizer assets and a manifest for what `write` just wrote."""
-    from kerasft.exporters.tokenizer import write_tokenizer_assets
-
     tokenizer = write_tokenizer_assets(
         clf.preprocessor.tokenizer, clf.preprocessor.sequence_length, tmp
     )
@@ -394,9 +393,6 @@ def _verify(
 ) -> tuple[dict, object]:
     """Loads the export with its own runtime and verifies it against the Keras reference (at
     every serving batch size when the recipe's output depends on the batch)."""
-    from kerasft.exporters import runtime
-    from kerasft.exporters.verify import SERVING_BATCHES, verify
-
     served = runtime.load(tmp)
     sizes = f" at batch sizes {list(SERVING_BATCHES)}" if reduced and batch_dependent else ""
     log.info("verifying on %d texts with %s%s", len(vset.texts), type(served).__name__, sizes)
@@ -410,8 +406,6 @@ def _verify(
 
 def _describe(tmp: Path, manifest: dict, served, vset, keras_ids, run_dir, started: float) -> None:
     """Adds the batch-1 latency and export time, writes the model card and the final manifest."""
-    from kerasft.exporters.model_card import write_model_card
-
     manifest["latency"] = latency_b1(served, vset.texts, keras_ids)
     manifest["export_seconds"] = round(time.perf_counter() - started, 1)
     write_model_card(tmp, manifest, run_dir)

@@ -19,7 +19,9 @@ import tempfile
 from pathlib import Path
 
 from kerasft.data import DataError
-from kerasft.runs.rundir import MODEL_FILE
+from kerasft.exporters.verify import VerificationError
+from kerasft.runs.rundir import MODEL_FILE, DataChangedError
+from kerasft.util.fileio import LockError
 
 log = logging.getLogger(__name__)
 PROGRESS_PREFIX = "[kerasft] "  # how `_run_request` logs; such lines are passed on as progress
@@ -93,10 +95,6 @@ def exports_in_subprocess(source, jobs: list[tuple], backend: str = "tensorflow"
 def passed_on_errors() -> dict[str, type[Exception]]:
     """The errors `export` documents, by name: raised again as themselves by the parent of an
     export subprocess."""
-    from kerasft.exporters.verify import VerificationError
-    from kerasft.runs.rundir import DataChangedError
-    from kerasft.util.fileio import LockError
-
     kinds = (ValueError, FileExistsError, FileNotFoundError, LockError, DataChangedError,
              DataError)  # fmt: skip
     return {kind.__name__: kind for kind in (*kinds, VerificationError)}
@@ -104,8 +102,6 @@ def passed_on_errors() -> dict[str, type[Exception]]:
 
 def subprocess_error(error: dict) -> Exception:
     """The exception an export subprocess wrote to its error file (`_run_request`)."""
-    from kerasft.exporters.verify import VerificationError
-
     kind = passed_on_errors()[error["type"]]
     if kind is VerificationError:
         return VerificationError(error["message"], error["report"])

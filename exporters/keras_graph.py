@@ -129,6 +129,7 @@ class ServingGraph:
         import keras
         import tensorflow as tf
 
+        # lazy: loads Keras; importing the format registry must not
         from kerasft.training.recipe import core_model
 
         if keras.backend.backend() != "tensorflow":

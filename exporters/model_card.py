@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from kerasft.exporters import exportdir
+from kerasft.runs import rundir
 
 
 def _yaml(value, indent: int = 0) -> str:
@@ -47,8 +48,6 @@ def _scalar(value) -> str:
 
 
 def _run_info(run_dir: Path | None) -> tuple[dict, dict]:
-    from kerasft.runs import rundir
-
     if run_dir is None or not (Path(run_dir) / rundir.CONFIG_FILE).is_file():
         return {}, {}  # an in-memory model (saved to a scratch directory): no run reports
     metrics_path = Path(run_dir) / rundir.METRICS_FILE

@@ -43,6 +43,7 @@ class TorchServingGraph:
         import keras
         import torch
 
+        # lazy: loads Keras; importing the format registry must not
         from kerasft.training.recipe import core_model
 
         if keras.backend.backend() != "torch":

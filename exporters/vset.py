@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from kerasft.data import DataError, encode_labels
-from kerasft.runs.rundir import CONFIG_FILE
+from kerasft.runs.rundir import CONFIG_FILE, run_splits
 
 # Verification texts per split of the run (train, validation, test): every split is used, each
 # capped so that the cost stays bounded (the reference run: 6,000 + 5,342 + 5,342 texts).
@@ -63,8 +63,6 @@ def verification_set(
     Raises:
         ValueError: if `run_dir` is not a run directory (then texts must be passed).
     """
-    from kerasft.runs.rundir import run_splits
-
     if run_dir is None or not (run_dir / CONFIG_FILE).is_file():
         raise ValueError(
             "No texts to verify the export with: pass texts=[...] (and calibration_texts for "
@@ -92,6 +90,7 @@ def keras_batches(classifier, texts: list[str], batch_size: int = 32, shape=(Non
     With a fixed `shape` (batch, sequence), feeds are padded to it instead: the sequence with
     padding tokens, a short batch by repeating its first row.
     """
+    # lazy: loads Keras; importing the exporters must not
     from kerasft.tokens.batching import tokenize
 
     batch_size = shape[0] or batch_size

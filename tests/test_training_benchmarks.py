@@ -66,7 +66,7 @@ def test_train_speed_times_kerasft_and_trainer_side_by_side(tiny_preset, toy_dat
 
 
 def test_an_engine_name_is_the_recipe_it_overrides():
-    from kerasft.benchmarks.train_speed import _parse_engine
+    from kerasft.benchmarks.train_speed import parse_engine as _parse_engine
 
     assert _parse_engine("torch") == ("torch", {})
     assert _parse_engine("torch@1:fp32-frozen") == (

@@ -27,6 +27,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from kerasft.model.presets import minilm_source_dir, write_distilbert_checkpoint
+
 # What the device image lacks (its package list: the device tool's KINDS.md).
 WHEELS = ("keras==3.15.1", "keras-hub==0.32.0", "namex==0.1.0", "optree==0.20.0",
           "kagglehub==1.0.2", "kagglesdk==0.1.28")  # fmt: skip
@@ -61,8 +63,6 @@ def download_wheels(out: Path) -> list[Path]:
 
 def write_fp16_checkpoint(out: Path) -> Path:
     """The offline preset's DistilBERT checkpoint with float16 weights."""
-    from kerasft.model.presets import minilm_source_dir, write_distilbert_checkpoint
-
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = write_distilbert_checkpoint(minilm_source_dir(), Path(tmp) / "fp32")
         return cast_checkpoint(fp32, out, "float16")

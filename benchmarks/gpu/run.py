@@ -38,6 +38,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from kerasft.benchmarks.models import to_transformers
+from kerasft.benchmarks.report import cpu_line, header, write_results
+from kerasft.data import DATA_ENV
+from kerasft.model.presets import DEFAULT_PRESET
+from kerasft.util.machine import describe
+from kerasft.util.timing import call_seconds
+from kerasft.util.versions import package_versions, source_commit
+
 BACKENDS = ("torch", "jax")
 PRECISIONS = ("float32", "bfloat16")
 BATCHES, LENGTHS = (1, 8, 32, 128), (32, 128)
@@ -137,14 +145,7 @@ def _sync_call(fn, sync):
 def _time(call, calls: int, warmup: int = 3) -> dict:
     import numpy as np
 
-    for _ in range(warmup):
-        call()
-    seconds = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        call()
-        seconds.append(time.perf_counter() - start)
-    ms = np.array(seconds) * 1e3
+    ms = np.array(call_seconds(call, warmup=warmup, calls=calls)) * 1e3
     return {"p50_ms": float(np.median(ms)), "p90_ms": float(np.percentile(ms, 90)), "n": calls}
 
 
@@ -164,6 +165,7 @@ def keras_step(args) -> dict:
     """Keras inference latency of the float32 run's model on this backend."""
     import keras
 
+    # lazy: loads Keras, under the backend this process was given
     from kerasft.training.recipe import core_model
     from kerasft.training.tuner import load_tuner
 
@@ -222,7 +224,7 @@ def _cells(args):
 
 def transformers_step(args) -> dict:
     """A transformers checkpoint of the run's weights (written on the CPU, Keras on torch)."""
-    from kerasft.benchmarks.models import to_transformers
+    # lazy: loads Keras, under the backend this process was given
     from kerasft.training.tuner import load_tuner
 
     tuner = load_tuner(args.run)
@@ -315,9 +317,6 @@ STEPS = {"fit": fit_step, "keras": keras_step, "transformers": transformers_step
 
 def machine() -> dict:
     """GPU name and driver (nvidia-smi), CPU, and the versions this run used."""
-    from kerasft.util.machine import describe
-    from kerasft.util.versions import package_versions
-
     info = {**describe(), "gpu": None, "driver": None}
     try:
         out = subprocess.run(
@@ -337,8 +336,6 @@ def machine() -> dict:
 
 def measure(args, progress=print) -> dict:
     """Runs every step (see the module docstring); returns the report."""
-    from kerasft.util.versions import source_commit
-
     started = time.perf_counter()
     work = Path(args.work or tempfile.mkdtemp(prefix="kerasft-gpu-"))
     logs = work / "logs"
@@ -399,8 +396,6 @@ def measure(args, progress=print) -> dict:
 
 def render(report: dict) -> str:
     """The report as markdown (`benchmarks.report.write_results` writes it with the JSON)."""
-    from kerasft.benchmarks.report import cpu_line, header
-
     m = report["machine"]
     device = (f"Device: **{report['device']}**; GPU: {m.get('gpu') or 'none'} (driver "
               f"{m.get('driver') or '-'}); {cpu_line(m)}")  # fmt: skip
@@ -454,9 +449,6 @@ def render(report: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from kerasft.data import DATA_ENV
-    from kerasft.model.presets import DEFAULT_PRESET
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=os.environ.get(DATA_ENV),
                         help=f"the reference data file (or ${DATA_ENV})")  # fmt: skip
@@ -489,7 +481,6 @@ def main(argv=None) -> int:
     args.command = "python -m kerasft.benchmarks.gpu.run " + shlex.join(
         sys.argv[1:] if argv is None else argv
     )
-    from kerasft.benchmarks.report import write_results
 
     report = measure(args, progress=lambda s: print(s, file=sys.stderr, flush=True))
     text = render(report)

@@ -26,6 +26,7 @@ import numpy as np
 
 from kerasft.data import DataError, encode_labels
 from kerasft.util.fileio import atomic_write_file
+from kerasft.util.metrics import classification_metrics
 from kerasft.util.wording import option
 
 OUTPUT_FORMATS = ("jsonl", "csv")
@@ -100,8 +101,6 @@ def label_file(
     summary = {"rows": rows, "skipped": stream.skipped, "seconds": seconds,
                "rows_per_second": rows / seconds if seconds else 0.0}  # fmt: skip
     if scored and rows:
-        from kerasft.util.metrics import classification_metrics
-
         summary["metrics"] = classification_metrics(
             np.concatenate(truth), np.concatenate(predicted), len(label_names)
         )
