@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -12,7 +11,6 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +29,7 @@ from kerasft.exporters.isolated import export_in_subprocess, log_progress, passe
 from kerasft.exporters.keras_graph import fused_attention, onnx_friendly_ops
 from kerasft.exporters.model_card import write_model_card
 from kerasft.exporters.onnx import DEFAULT_OPSET
+from kerasft.exporters.source import cached_reference, load_source
 from kerasft.exporters.tokenizer import write_tokenizer_assets
 from kerasft.exporters.verify import (
     AUTO_MIN_AGREEMENT,
@@ -44,71 +43,14 @@ from kerasft.exporters.vset import (
     VERIFY_PER_SPLIT,
     label_ids,
     quantization_feeds,
-    reference_logits,
     verification_texts,
 )
-from kerasft.runs.rundir import MODEL_FILE
 from kerasft.util.fileio import check_target_dir, publish_target
 from kerasft.util.versions import package_versions
 
 log = logging.getLogger("kerasft.export")
 
 AUTO = "auto"
-
-
-@dataclass
-class _Source:
-    classifier: object
-    label_names: list[str]
-    backend: str
-    run_dir: Path | None
-    model_file: Path | None = None  # the .keras file it was read from
-
-
-# The last Keras reference computed in this process, by what it depends on: the exports of one
-# `exports_in_subprocess` call (the bench's artifacts) share it instead of recomputing it.
-_LAST_REFERENCE: dict[tuple, tuple] = {}
-
-
-def _reference(graph, clf, src: _Source, contract: FormatContract, texts: list[str]):
-    """`vset.reference_logits`, reused for the same model file, texts and serving graph."""
-    key = None
-    if src.model_file is not None:
-        stat = src.model_file.stat()
-        digest = hashlib.sha256("\0".join(texts).encode()).hexdigest()
-        key = (str(src.model_file.resolve()), stat.st_mtime_ns, stat.st_size, type(graph).__name__,
-               contract.onnx_graph, clf.preprocessor.sequence_length, digest)  # fmt: skip
-    if key is None or key not in _LAST_REFERENCE:
-        log.info("Keras reference logits for %d verification texts", len(texts))
-        reference = reference_logits(graph, clf, texts)
-        if key is None:
-            return reference
-        _LAST_REFERENCE.clear()
-        _LAST_REFERENCE[key] = reference
-    return _LAST_REFERENCE[key]
-
-
-def _load_source(source, copy: bool) -> _Source:
-    """Opens the model to export; `copy` gives an in-memory tuner's model as a fresh copy."""
-    # lazy: loads Keras, under the graph source's backend
-    from kerasft.training.tuner import TwoStageFineTuner
-
-    if isinstance(source, TwoStageFineTuner):
-        if not copy:
-            return _Source(source._fitted(), source.label_names, source.backend or "", None)
-        with tempfile.TemporaryDirectory() as tmp:
-            source.save(Path(tmp) / MODEL_FILE)
-            return _Source(TwoStageFineTuner.load(Path(tmp) / MODEL_FILE).model,
-                           source.label_names, source.backend or "", None)  # fmt: skip
-    path = Path(source)
-    model_path = path / MODEL_FILE if path.is_dir() else path
-    if not model_path.is_file():
-        raise FileNotFoundError(
-            f"No model at {str(model_path)!r}. Pass a `kerasft fit` run directory or a .keras file."
-        )
-    tuner = TwoStageFineTuner.load(model_path)
-    return _Source(tuner.model, tuner.label_names, tuner.backend or "",
-                   path if path.is_dir() else None, model_path)  # fmt: skip
 
 
 def check_fixed_shape(fixed_shape, max_positions: int) -> tuple[int | None, int | None]:
@@ -234,7 +176,7 @@ def _export_here(
     """`export` in this process (under the graph source's backend), into the work directory
     `tmp`: the Keras reference, then write and verify, then the model card and the manifest."""
     started = time.perf_counter()
-    src = _load_source(source, copy=quantize == "keras")  # never quantize the caller's model
+    src = load_source(source, copy=quantize == "keras")  # never quantize the caller's model
     vset = verification_texts(src, texts, labels, splits, calibration_texts, verify_per_split)
     vset.label_ids = label_ids(vset.labels, src.label_names)  # checked before any work
     gate = {"min_agreement": min_agreement, "max_accuracy_drop": max_accuracy_drop}
@@ -276,7 +218,7 @@ def _write_verified(
     shape = check_fixed_shape(fixed_shape, clf.backbone.max_sequence_length)
     with _serving_copy(contract, clf, shape), tempfile.TemporaryDirectory() as scratch:
         graph = graph_class(clf)  # dynamic: the Keras reference for every text
-        reference = _reference(graph, clf, src, contract, vset.texts)
+        reference = cached_reference(graph, clf, src, contract, vset.texts)
         if quantize == "keras":
             with warnings.catch_warnings():  # "Layer X has no quantize method" for each
                 warnings.simplefilter("ignore")  # non-Dense layer: expected, not news

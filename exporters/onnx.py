@@ -5,8 +5,8 @@ INT8 recipes (onnxruntime's quantization tools):
   with each activation's quantization range calibrated once on training texts (MinMax, texts
   one at a time) instead of measured per call: the same integer kernels, and a text's output
   no longer depends on the rest of its batch. First, the few outlier channels of each weight
-  input are scaled into the weight (`smooth_outliers`, SmoothQuant's transform on those
-  channels only), so that one range resolves the other channels finely: on the reference run,
+  input are scaled into the weight (`onnx_calibration.smooth_outliers`, SmoothQuant's transform on
+  those channels only), so that one range resolves the other channels finely: on the reference run,
   115 -> 52 of 10,684 held-out labels changed with no node kept in fp32, for one `Mul` per
   input, and `--int8 auto` needs no fp32 node (`benchmarks/results/exports_amx.md`).
 - `dynamic`: `quantize_dynamic`, INT8 weights (MatMul, embedding Gather), activations quantized on
@@ -24,18 +24,17 @@ from pathlib import Path
 import numpy as np
 
 from kerasft.exporters.contract import FormatContract, int8
+from kerasft.exporters.onnx_attention import fuse_attention
+from kerasft.exporters.onnx_calibration import calibrate_activation_ranges, smooth_outliers
 from kerasft.exporters.onnx_graph import (
     drop_index_wrap,
     drop_redundant_expand,
     fold_head_bias,
     fold_tensordot,
-    fuse_attention,
     gemm_to_matmul,
     global_average_pool_to_reduce_mean,
     lower_einsum,
-    replace_nodes,
     residual_add_to_sum,
-    smooth_input_channels,
 )
 
 DEFAULT_OPSET = 17
@@ -385,190 +384,6 @@ def write(
         recipe += f", {len(keep)} most sensitive nodes kept in fp32"
     info["quantization_recipe"] = recipe
     return info
-
-
-def _per_text(fp32: Path, tensors: list[str], feeds: list[dict]):
-    """Yields the values of `tensors` (a list, in order) of the fp32 model for each feed row,
-    run alone and unpadded (as a text is served at batch 1), so padding never counts."""
-    import onnx
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
-
-    model = onnx.load(str(fp32))
-    known = {o.name for o in model.graph.output}
-    model.graph.output.extend(
-        helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in tensors if t not in known
-    )
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    for feed in feeds:
-        for row, width in enumerate(feed["padding_mask"].sum(axis=1)):
-            yield session.run(tensors, {k: v[row : row + 1, : int(width)] for k, v in feed.items()})
-
-
-def activation_ranges(fp32: Path, tensors: list[str], feeds: list[dict]) -> dict:
-    """The (min, max) of each of `tensors` of the fp32 model over `feeds`, texts one at a time.
-
-    Returns:
-        `{tensor: (min, max)}`.
-    """
-    low, high = dict.fromkeys(tensors, np.inf), dict.fromkeys(tensors, -np.inf)
-    for values in _per_text(fp32, tensors, feeds):
-        for name, value in zip(tensors, values, strict=True):
-            low[name] = min(low[name], float(value.min()))
-            high[name] = max(high[name], float(value.max()))
-    return {t: (low[t], high[t]) for t in tensors}
-
-
-# Calibrated INT8 smooths an input's outlier channels: those whose largest |value| on the
-# calibration texts is over OUTLIER_RATIO times the median channel's, at most OUTLIER_CHANNELS
-# of them per input (on the reference model, 20 of its 28 weight nodes have such inputs).
-OUTLIER_RATIO = 4.0
-OUTLIER_CHANNELS = 8
-
-
-def outlier_scales(fp32: Path, feeds: list[dict]) -> dict:
-    """Per-channel scales that bring each weight input's outlier channels into the range of
-    its other channels, for `onnx_graph.smooth_input_channels`.
-
-    The inputs of `MatMul` nodes with a constant 2-D weight and of onnxruntime's fused
-    `Attention` are run on `feeds`, texts one at a time; an input channel whose largest
-    |value| is over `OUTLIER_RATIO` x the median channel's (the `OUTLIER_CHANNELS` largest at
-    most) gets the scale (its largest |value|) / (the largest of the other channels'), every
-    other channel 1.
-
-    Returns:
-        `{node name: scales}` for the nodes whose input has outlier channels.
-    """
-    import onnx
-
-    model = onnx.load(str(fp32))
-    weights = {i.name for i in model.graph.initializer if len(i.dims) == 2}
-    nodes = [n for n in model.graph.node
-             if n.op_type in ("MatMul", "Attention") and n.input[1] in weights]  # fmt: skip
-    inputs = sorted({n.input[0] for n in nodes})
-    peak = dict.fromkeys(inputs, 0.0)
-    for values in _per_text(fp32, inputs, feeds):
-        for name, value in zip(inputs, values, strict=True):
-            peak[name] = np.maximum(peak[name], np.abs(value).reshape(-1, value.shape[-1]).max(0))
-    scales = {}
-    for node in nodes:
-        a = peak[node.input[0]]
-        top = np.argsort(-a, kind="stable")[:OUTLIER_CHANNELS]
-        top = top[a[top] > OUTLIER_RATIO * np.median(a)]
-        rest = np.delete(a, top).max() if len(top) < len(a) else 0.0
-        if len(top) and rest > 0:
-            s = np.ones(len(a), dtype=np.float32)
-            s[top] = a[top] / rest
-            scales[node.name] = s
-    return scales
-
-
-def smooth_outliers(fp32: Path, feeds: list[dict]) -> int:
-    """Rewrites `fp32` with its weight inputs' outlier channels moved into the weights
-    (`outlier_scales`, `onnx_graph.smooth_input_channels`); returns the nodes rewritten."""
-    import onnx
-
-    scales = outlier_scales(fp32, feeds)
-    model = onnx.load(str(fp32))
-    rewritten = smooth_input_channels(model, scales)
-    onnx.save(model, str(fp32))
-    return rewritten
-
-
-def calibrate_activation_ranges(fp32: Path, int8: Path, calibration: list[dict]) -> int:
-    """Turns `quantize_dynamic`'s per-call activation quantization into calibrated constants.
-
-    Each `DynamicQuantizeLinear(x) -> (x_q, scale, zero_point)` of the INT8 model becomes
-    `QuantizeLinear(x, scale, zero_point)` with uint8 asymmetric constants from the range of `x`
-    on `calibration` (`activation_ranges`, widened to include 0). The integer nodes it feeds
-    (`MatMulInteger`, which onnxruntime fuses into `MatMulIntegerToFloat`, and `QAttention`)
-    are unchanged, so the model computes in integers as fast as before; a text's output no
-    longer depends on the other texts of its batch. Values outside the calibrated range
-    saturate.
-
-    Args:
-        fp32: the fused fp32 model the INT8 one was quantized from (same tensor names).
-        int8: the `quantize_dynamic` model, rewritten in place.
-        calibration: input feeds of training texts.
-
-    Returns:
-        The number of activations given constant ranges.
-    """
-    import onnx
-    from onnx import helper, numpy_helper
-
-    model = onnx.load(str(int8))
-    dynamic = [n for n in model.graph.node if n.op_type == "DynamicQuantizeLinear"]
-    if not dynamic:  # e.g. only the embedding Gather quantized: no activation to calibrate
-        return 0
-    ranges = activation_ranges(fp32, [n.input[0] for n in dynamic], calibration)
-    nodes = []
-    for node in model.graph.node:
-        if node.op_type != "DynamicQuantizeLinear":
-            nodes.append(node)
-            continue
-        low, high = ranges[node.input[0]]
-        low, high = min(low, 0.0), max(high, 0.0)
-        scale = np.float32((high - low) / 255.0 or 1.0)
-        zero_point = np.uint8(np.clip(round(-low / scale), 0, 255))
-        x_q, scale_name, zero_point_name = node.output
-        model.graph.initializer.extend([
-            numpy_helper.from_array(np.array(scale, dtype="float32"), scale_name),
-            numpy_helper.from_array(np.array(zero_point, dtype="uint8"), zero_point_name),
-        ])  # fmt: skip
-        nodes.append(
-            helper.make_node(
-                "QuantizeLinear", [node.input[0], scale_name, zero_point_name], [x_q],
-                name=f"{node.name}_calibrated",
-            )
-        )  # fmt: skip
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    matmul_integer_to_float(model)
-    onnx.save(model, str(int8))
-    return len(dynamic)
-
-
-def matmul_integer_to_float(model) -> int:
-    """Writes each `MatMulInteger -> Cast -> Mul(a_scale * b_scale)` as one
-    `com.microsoft.MatMulIntegerToFloat`.
-
-    onnxruntime makes this fusion itself when the activation scale comes from a
-    `DynamicQuantizeLinear`, but not when it is a constant (the scale product is folded
-    first and the pattern no longer matches), which left the calibrated model with three nodes
-    where the dynamic one has one. Same arithmetic, in one kernel.
-
-    Returns:
-        The number of `MatMulInteger` nodes rewritten.
-    """
-    from onnx import helper
-
-    graph = model.graph
-    producers = {out: node for node in graph.node for out in node.output}
-    readers = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
-    replaced, rewritten = {}, 0
-    for node in graph.node:
-        after = readers.get(node.output[0], []) if node.op_type == "MatMulInteger" else []
-        cast = after[0] if len(after) == 1 and after[0].op_type == "Cast" else None
-        scaled = readers.get(cast.output[0], []) if cast is not None else []
-        if len(scaled) != 1 or scaled[0].op_type != "Mul":
-            continue
-        mul = scaled[0]
-        scales = producers.get(mul.input[1])
-        if scales is None or scales.op_type != "Mul" or len(node.input) != 4:
-            continue
-        a, b, a_zero_point, b_zero_point = node.input
-        replaced[mul.name] = helper.make_node(
-            "MatMulIntegerToFloat",
-            [a, b, scales.input[0], scales.input[1], a_zero_point, b_zero_point],
-            list(mul.output), name=f"{node.name}_to_float", domain="com.microsoft",
-        )  # fmt: skip
-        rewritten += 1
-    replace_nodes(graph, [replaced.get(node.name, node) for node in graph.node])
-    return rewritten
 
 
 def _quantize(

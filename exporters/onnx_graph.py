@@ -2,18 +2,17 @@
 
 Each pass keeps the function the graph computes and returns how many places it rewrote, which
 the export's manifest records under `fusions`. `kerasft.exporters.onnx` runs them:
-- the ONNX export (onnxruntime): `global_average_pool_to_reduce_mean`, `fuse_attention` (each
-  Keras attention block as onnxruntime's fused `Attention`), `fold_tensordot`, and after
-  onnxruntime's optimizer `gemm_to_matmul` and `residual_add_to_sum`;
-- before onnxruntime's calibrated INT8 (`onnx.write`): `smooth_input_channels`;
+- the ONNX export (onnxruntime): `global_average_pool_to_reduce_mean`,
+  `onnx_attention.fuse_attention` (each Keras attention block as onnxruntime's fused
+  `Attention`), `fold_tensordot`, and after onnxruntime's optimizer `gemm_to_matmul` and
+  `residual_add_to_sum`;
+- before onnxruntime's calibrated INT8 (`onnx.write`): `onnx_calibration.smooth_input_channels`;
 - the graph OpenVINO reads (attention as traced, fused by OpenVINO's front end into
   `ScaledDotProductAttention`): `lower_einsum`, `fold_head_bias`, `drop_index_wrap`,
   `drop_redundant_expand`, `fold_tensordot`.
 """
 
 from __future__ import annotations
-
-import re
 
 import numpy as np
 
@@ -118,185 +117,7 @@ def gemm_to_matmul(model):
     return rewritten
 
 
-# tf2onnx's node names: `.../transformer_layer_3/self_attention_layer/query/Add`, or for the
-# last layer, which `kerasft.model.encoder.ClsEncoder` calls at [CLS] itself,
-# `.../cls_encoder/self_attention_layer/query/Add` (no layer index: the last one).
-_LAYER = r"(?:transformer_layer_(\d+)[^/]*|cls_encoder[^/]*)/self_attention_layer[^/]*/"
-_QUERY_ADD = re.compile(_LAYER + r"query[^/]*/Add$")
-
-
-_KEY_ADD = re.compile(_LAYER + r"key[^/]*/Add$")
-
-
-_OUTPUT_ADD = re.compile(_LAYER + r"attention_output[^/]*/BiasAdd$")
-
-
-def _attention_input(producers: dict, query_add) -> str:
-    """Walks up the query projection (Squeeze/Reshape/MatMul/Unsqueeze) to the block's input."""
-    tensor = query_add.input[0]
-    while tensor in producers and producers[tensor].op_type in (
-        "Squeeze", "Reshape", "MatMul", "Gemm", "Unsqueeze",
-    ):  # fmt: skip
-        tensor = producers[tensor].input[0]
-    return tensor
-
-
-def _blocks_by_name(graph, backbone) -> dict:
-    """tf2onnx graphs: `{layer: (query input, key/value input, output-projection bias add
-    node)}` by node names."""
-    producers = {out: node for node in graph.node for out in node.output}
-    last = backbone.num_layers - 1
-
-    def layer(match) -> int:
-        return last if match.group(1) is None else int(match.group(1))
-
-    found = [
-        {layer(pattern.search(n.name)): n for n in graph.node if pattern.search(n.name)}
-        for pattern in (_QUERY_ADD, _KEY_ADD, _OUTPUT_ADD)
-    ]
-    if any(sorted(nodes) != list(range(backbone.num_layers)) for nodes in found):
-        return {}
-    queries, keys, outputs = found
-    return {
-        i: (_attention_input(producers, queries[i]), _attention_input(producers, keys[i]),
-            outputs[i])
-        for i in queries
-    }  # fmt: skip
-
-
-def _blocks_by_weights(graph, backbone) -> dict:
-    """Any producer (`torch.onnx` names nodes `/m/Einsum_5`): `{layer: (query input, key/value
-    input, output-projection bias add node)}`, found by the Keras weights the graph holds.
-
-    The query, key and output projections are the nodes that read the constants equal to the
-    layer's query, key and output kernels (trained or random: one per layer; biases are not used
-    to find nodes, since equal ones, e.g. all zero, may be one shared constant). The query's and
-    the key's data inputs, looked up through `Cast`s, are the block's inputs (the same tensor
-    but in a last layer computed at `[CLS]` alone); the output is the `Add` that follows the
-    output projection, through `Cast`s. Where any of this is ambiguous, `{}` (no fusion).
-    """
-    from onnx import numpy_helper
-
-    producers = {out: node for node in graph.node for out in node.output}
-    readers = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
-    consts = [(i.name, numpy_helper.to_array(i)) for i in graph.initializer]
-
-    def reader_of(weight, op_types):
-        weight = np.asarray(weight.numpy(), dtype="float32")
-        names = [n for n, v in consts if v.shape == weight.shape and np.array_equal(v, weight)]
-        nodes = [r for n in names for r in readers.get(n, []) if r.op_type in op_types]
-        return nodes[0] if len(nodes) == 1 else None
-
-    def add_after(node):
-        while node is not None and node.op_type != "Add":
-            following = readers.get(node.output[0], [])
-            ok = len(following) == 1 and following[0].op_type in ("Cast", "Add")
-            node = following[0] if ok else None
-        return node
-
-    blocks = {}
-    for i, layer in enumerate(backbone.transformer_layers):
-        att = layer._self_attention_layer
-        query = reader_of(att.query_dense.kernel, ("Einsum", "MatMul"))
-        key = reader_of(att.key_dense.kernel, ("Einsum", "MatMul"))
-        out_add = add_after(reader_of(att.output_dense.kernel, ("Einsum", "MatMul")))
-        if query is None or key is None or out_add is None:
-            return {}
-        inputs = []
-        for x in (query.input[0], key.input[0]):
-            while x in producers and producers[x].op_type == "Cast":
-                x = producers[x].input[0]
-            inputs.append(x)
-        blocks[i] = (*inputs, out_add)
-    if len({id(block[-1]) for block in blocks.values()}) < len(blocks):
-        return {}
-    return blocks
-
-
-def fuse_attention(model, backbone, mask_input: str = "padding_mask") -> int:
-    """Replaces each Keras self-attention block with one of onnxruntime's fused attention ops.
-
-    Neither tf2onnx nor `torch.onnx` writes Keras' einsum-based `MultiHeadAttention`
-    (projections, masked softmax, transposes) in a shape onnxruntime's attention fusion
-    recognises. Here each block, from its input to the output projection's bias add, becomes
-    `com.microsoft.Attention(x, W_qkv, b_qkv, padding_mask)` followed by the output projection
-    as `MatMul` + `Add`, with the weights taken from the Keras layers; the nodes left unused are
-    removed. A block whose queries are not its keys (the last layer, computed at `[CLS]` alone:
-    `kerasft.model.encoder`) becomes the query, key and value projections as `MatMul`s and
-    `com.microsoft.MultiHeadAttention(q, k, v, b_qkv, padding_mask)`. The blocks are found by
-    tf2onnx's node names, else by the weights they read. `Attention` is what onnxruntime's
-    dynamic quantizer turns into `QAttention`. Export verification compares the result with the
-    Keras model.
-
-    Args:
-        model: an `onnx.ModelProto` of the serving graph (tf2onnx or `torch.onnx`).
-        backbone: the KerasHub `DistilBertBackbone` the graph was traced from.
-        mask_input: the graph input holding the `(batch, sequence)` 0/1 padding mask.
-
-    Returns:
-        The number of attention blocks fused.
-    """
-    from onnx import helper, numpy_helper
-
-    graph = model.graph
-    blocks = _blocks_by_name(graph, backbone) or _blocks_by_weights(graph, backbone)
-    if not blocks:
-        return 0
-    h = backbone.hidden_dim
-    value = lambda w: np.asarray(w.numpy(), dtype="float32")  # noqa: E731
-    new_nodes = {}
-    for i, layer in enumerate(backbone.transformer_layers):
-        att = layer._self_attention_layer
-        dense = (att.query_dense, att.key_dense, att.value_dense)
-        w_qkv = np.concatenate([value(d.kernel).reshape(h, h) for d in dense], axis=1)
-        b_qkv = np.concatenate([value(d.bias).reshape(h) for d in dense])
-        w_out = value(att.output_dense.kernel).reshape(h, h)
-        b_out = value(att.output_dense.bias)
-        p = f"kerasft_attention_{i}"
-        graph.initializer.extend(
-            numpy_helper.from_array(a, f"{p}_{n}")
-            for a, n in ((w_qkv, "qkv_weight"), (b_qkv, "qkv_bias"), (w_out, "out_weight"),
-                         (b_out, "out_bias"))
-        )  # fmt: skip
-        x, kv, output = blocks[i]
-        if x == kv:
-            attention = [helper.make_node(
-                "Attention", [x, f"{p}_qkv_weight", f"{p}_qkv_bias", mask_input], [f"{p}_context"],
-                name=f"{p}", domain="com.microsoft", num_heads=backbone.num_heads,
-            )]  # fmt: skip
-        else:
-            graph.initializer.extend(
-                numpy_helper.from_array(np.ascontiguousarray(w), f"{p}_{n}_weight")
-                for w, n in zip(np.split(w_qkv, 3, axis=1), "qkv", strict=True)
-            )
-            attention = [
-                helper.make_node("MatMul", [source, f"{p}_{n}_weight"], [f"{p}_{n}"],
-                                 name=f"{p}_{n}_MatMul")
-                for source, n in ((x, "q"), (kv, "k"), (kv, "v"))
-            ] + [helper.make_node(
-                "MultiHeadAttention",
-                [f"{p}_q", f"{p}_k", f"{p}_v", f"{p}_qkv_bias", mask_input], [f"{p}_context"],
-                name=f"{p}", domain="com.microsoft", num_heads=backbone.num_heads,
-            )]  # fmt: skip
-        new_nodes[output.name] = attention + [
-            helper.make_node("MatMul", [f"{p}_context", f"{p}_out_weight"], [f"{p}_projected"],
-                             name=f"{p}_out_MatMul"),
-            helper.make_node("Add", [f"{p}_projected", f"{p}_out_bias"], list(output.output),
-                             name=f"{p}_out_Add"),
-        ]  # fmt: skip
-    nodes = []
-    for node in graph.node:
-        nodes += new_nodes.get(node.name, [node])
-    replace_nodes(graph, nodes)
-    if not any(op.domain == "com.microsoft" for op in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    return len(new_nodes)
-
-
-def _index(graph) -> tuple[dict, dict, dict]:
+def graph_index(graph) -> tuple[dict, dict, dict]:
     """`(constants, producers, consumers)` of a graph: initializer arrays by name, the node
     making each tensor, and the nodes reading each tensor."""
     from onnx import numpy_helper
@@ -326,7 +147,7 @@ def fold_tensordot(model) -> int:
     """
 
     graph = model.graph
-    consts, producers, consumers = _index(graph)
+    consts, producers, consumers = graph_index(graph)
 
     def source(tensor, *ops):
         """The node making `tensor`, looking through `Cast`; None unless its type is in `ops`."""
@@ -462,7 +283,7 @@ def fold_head_bias(model) -> int:
     from onnx import TensorProto, helper, numpy_helper
 
     graph = model.graph
-    consts, producers, consumers = _index(graph)
+    consts, producers, consumers = graph_index(graph)
 
     def only_consumer(tensor):
         after = consumers.get(tensor, [])
@@ -529,7 +350,7 @@ def drop_index_wrap(model) -> int:
     from onnx import helper, numpy_helper
 
     graph = model.graph
-    consts, producers, _ = _index(graph)
+    consts, producers, _ = graph_index(graph)
     consts.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node
                    if n.op_type == "Constant" and n.attribute[0].name == "value"})  # fmt: skip
     removed = 0
@@ -583,7 +404,7 @@ def drop_redundant_expand(model) -> int:
     for value in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
         dims = [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
         shapes[value.name] = dims if all(dims) else None  # an unknown dimension proves nothing
-    consumers = _index(graph)[2]
+    consumers = graph_index(graph)[2]
     removed = 0
     for node in graph.node:
         if node.op_type != "Expand" or shapes.get(node.output[0]) is None:
@@ -604,60 +425,43 @@ def drop_redundant_expand(model) -> int:
     return removed
 
 
-def smooth_input_channels(model, scales: dict) -> int:
-    """Moves each listed node's per-channel input scale into its weight: `x @ W` becomes
-    `(x * (1 / s)) @ (s[:, None] * W)`, the same product (SmoothQuant's transform).
+def matmul_integer_to_float(model) -> int:
+    """Writes each `MatMulInteger -> Cast -> Mul(a_scale * b_scale)` as one
+    `com.microsoft.MatMulIntegerToFloat`.
 
-    Used before INT8 quantization on the inputs that have a few outlier channels (BERT's
-    feed-forward inputs have one or two channels 5-15x larger than the rest): divided by `s`,
-    those channels fall in the range of the others, so the input's one quantization range
-    resolves every channel finely; `W`'s rows grow by `s`, which its per-column ranges absorb.
-    The division is a `Mul` by the constant `1 / s` before the node (it cannot fold into the
-    producer: a `LayerNormalization` whose output the residual also reads, or a GELU).
-
-    Args:
-        model: an `onnx.ModelProto`, rewritten in place.
-        scales: `{node name: s}` for `MatMul` nodes with a constant 2-D weight `(channels, n)`
-            and onnxruntime's fused `Attention` (weight `(channels, 3 x hidden)`), `s` a float
-            vector of one entry per input channel.
+    onnxruntime makes this fusion itself when the activation scale comes from a
+    `DynamicQuantizeLinear`, but not when it is a constant (the scale product is folded
+    first and the pattern no longer matches), which left the calibrated model with three nodes
+    where the dynamic one has one. Same arithmetic, in one kernel.
 
     Returns:
-        The number of nodes whose input was scaled.
+        The number of `MatMulInteger` nodes rewritten.
     """
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
     readers = {}
     for node in graph.node:
         for name in node.input:
-            readers[name] = readers.get(name, 0) + 1
-    nodes, divided, rewritten = [], {}, 0
+            readers.setdefault(name, []).append(node)
+    replaced, rewritten = {}, 0
     for node in graph.node:
-        s = scales.get(node.name)
-        if s is None:
-            nodes.append(node)
+        after = readers.get(node.output[0], []) if node.op_type == "MatMulInteger" else []
+        cast = after[0] if len(after) == 1 and after[0].op_type == "Cast" else None
+        scaled = readers.get(cast.output[0], []) if cast is not None else []
+        if len(scaled) != 1 or scaled[0].op_type != "Mul":
             continue
-        weight = numpy_helper.to_array(inits[node.input[1]])
-        s = np.asarray(s, dtype=np.float32)
-        if weight.ndim != 2 or weight.shape[0] != s.shape[0]:
-            raise ValueError(f"{node.name}: weight {weight.shape} does not match {s.shape[0]} "
-                             "input channels")  # fmt: skip
-        p = f"{node.name}_smooth"
-        scaled = (weight * s[:, None]).astype(weight.dtype)
-        if readers[node.input[1]] == 1:
-            inits[node.input[1]].CopyFrom(numpy_helper.from_array(scaled, node.input[1]))
-        else:  # a weight other nodes read too: a scaled copy of its own
-            graph.initializer.append(numpy_helper.from_array(scaled, f"{p}_weight"))
-            node.input[1] = f"{p}_weight"
-        key = (node.input[0], s.tobytes())  # one division for the nodes reading one input
-        if key not in divided:
-            graph.initializer.append(numpy_helper.from_array(1.0 / s, f"{p}_inverse"))
-            nodes.append(helper.make_node("Mul", [node.input[0], f"{p}_inverse"],
-                                          [f"{p}_input"], name=p))  # fmt: skip
-            divided[key] = f"{p}_input"
-        node.input[0] = divided[key]
-        nodes.append(node)
+        mul = scaled[0]
+        scales = producers.get(mul.input[1])
+        if scales is None or scales.op_type != "Mul" or len(node.input) != 4:
+            continue
+        a, b, a_zero_point, b_zero_point = node.input
+        replaced[mul.name] = helper.make_node(
+            "MatMulIntegerToFloat",
+            [a, b, scales.input[0], scales.input[1], a_zero_point, b_zero_point],
+            list(mul.output), name=f"{node.name}_to_float", domain="com.microsoft",
+        )  # fmt: skip
         rewritten += 1
-    replace_nodes(graph, nodes)
+    replace_nodes(graph, [replaced.get(node.name, node) for node in graph.node])
     return rewritten

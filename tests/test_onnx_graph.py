@@ -6,11 +6,11 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from kerasft.exporters.onnx_calibration import smooth_input_channels
 from kerasft.exporters.onnx_graph import (
     drop_index_wrap,
     drop_redundant_expand,
     fold_head_bias,
-    smooth_input_channels,
 )
 
 F, I64 = TensorProto.FLOAT, TensorProto.INT64
@@ -159,7 +159,7 @@ def test_smooth_input_channels_keeps_the_product():
 def test_outlier_scales_pick_the_outlier_channels(tmp_path):
     import onnx
 
-    from kerasft.exporters.onnx import outlier_scales
+    from kerasft.exporters.onnx_calibration import outlier_scales
 
     channels = np.array([1.0, -1.2, 40.0, 0.8, 1.1, 0.9], dtype="float32")  # channel 2 outlies
     nodes = [
