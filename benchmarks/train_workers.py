@@ -438,7 +438,10 @@ def worker(engine: str, spec: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     global _PIPE
-    engine, spec = sys.argv[1:3] if argv is None else argv
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2 or argv[0].startswith("-"):
+        sys.exit(f"usage: python -m kerasft.benchmarks.train_workers ENGINE SPEC_JSON\n{__doc__}")
+    engine, spec = argv
     _PIPE = child_pipe()  # libraries that print (Trainer does) go to stderr
     worker(engine, json.loads(spec))
 
