@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import CLI_ENV, HAS_TENSORFLOW, ROOT
 from kerasft.cli import main
 
 
@@ -195,3 +195,29 @@ def test_evaluate_names_and_takes_skip_invalid(toy_runs, tmp_path, capsys):
     assert main(["evaluate", str(toy_runs["torch"]), "--data", str(data), "--skip-invalid",
                  "--json"]) == 0  # fmt: skip
     assert json.loads(capsys.readouterr().out)["rows"] == 2
+
+
+TENSORFLOW_LINES = ("oneDNN custom operations", "cuda", "cuInit", "absl::InitializeLog", "XLA")
+
+
+@pytest.mark.skipif(not HAS_TENSORFLOW, reason="nothing to keep out without TensorFlow")
+def test_a_pytorch_fit_and_predict_print_no_tensorflow_line(tiny_preset, toy_data, tmp_path):
+    """keras-hub imports TensorFlow whenever it is installed; the `kerasft` command keeps it out
+    of a PyTorch run: none of its start-up lines, and not in the process at all."""
+    code = (
+        "import sys\nfrom kerasft.cli import main\nsys.argv[1:] = {argv!r}\ncode = main()\n"
+        "print('tensorflow imported:', 'tensorflow' in sys.modules, file=sys.stderr)\n"
+        "sys.exit(code)"
+    )
+    run = tmp_path / "run"
+    fit = ["--backend", "torch", "fit", "--data", str(toy_data), "--out", str(run), "--preset",
+           str(tiny_preset), "--sequence-length", "32", "--warmup-epochs", "1",
+           "--finetune-epochs", "1"]  # fmt: skip
+    for argv in (fit, ["predict", str(run), "area man wins argument"]):
+        env = {**CLI_ENV, "KERAS_BACKEND": "torch"}
+        proc = subprocess.run([sys.executable, "-c", code.format(argv=argv)], env=env,
+                              capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "tensorflow imported: False" in proc.stderr, proc.stderr[-3000:]
+        output = proc.stdout + proc.stderr
+        assert not [w for w in TENSORFLOW_LINES if w in output], output[-3000:]

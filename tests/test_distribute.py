@@ -174,13 +174,14 @@ def test_torch_processes_train_to_the_weights_of_one_process(
     tiny_preset_no_dropout, toy_data, tmp_path
 ):
     """PyTorch data parallelism (torch.distributed, gloo): `--devices 2` (kerasft starts the
-    processes with torch's launcher), `torchrun --nproc-per-node 2 -m kerasft fit` and two
+    processes with torch's launcher), `torchrun --nproc-per-node 2 -m kerasft fit` (no
+    `--devices`: the launcher's processes, as Trainer and Accelerate read `WORLD_SIZE`) and two
     torchrun "nodes" on a c10d rendezvous at 127.0.0.1 each train to the weights of one process
     with the same global batch, on both stages; process 0 alone writes the run directory."""
     preset, env = tiny_preset_no_dropout, {**CLI_ENV, **NO_HEAD_DROPOUT}
     fit = {name: _fit_args("torch", preset, toy_data, tmp_path / name, *extra) for name, extra in {
         "one": ["--no-feature-cache"], "devices": ["--devices", "2"],
-        "torchrun": ["--devices", "all"], "nodes": ["--devices", "all"]}.items()}  # fmt: skip
+        "torchrun": [], "nodes": ["--devices", "all"]}.items()}  # fmt: skip
     endpoint = f"127.0.0.1:{_free_port()}"
     nodes = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
              "--rdzv-endpoint", endpoint, "--rdzv-id", "kerasft-test"]  # fmt: skip
@@ -270,7 +271,8 @@ def test_torch_processes_resume_and_stop_together(tiny_preset, toy_data, tmp_pat
 
 
 def test_more_devices_than_there_are_is_refused(tiny_preset, toy_data, tmp_path):
-    proc = _fit_cli("jax", tiny_preset, toy_data, tmp_path / "run", "--devices", "3", env=TWO_CPUS)
+    proc = _fit_cli("jax", tiny_preset, toy_data, tmp_path / "run", "--devices", "3",
+                    "--batch-size", "24", env=TWO_CPUS)  # (a batch 3 devices split evenly)
     assert proc.returncode == 2
     assert "devices=3, but jax sees 2: ['cpu:0', 'cpu:1']" in proc.stderr
 

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from kerasft.cli import fit as cli_fit
 from kerasft.cli import parser as cli
+from kerasft.cli import preflight
 from kerasft.training.config import RecipeConfig, flag_name
 from kerasft.training.tuner import TwoStageFineTuner
 
@@ -90,7 +90,7 @@ def test_all_flags_round_trip_through_config_json_and_resume(tmp_path):
     options = cli.run_options()
     saved = json.loads(json.dumps({k: getattr(args, k) for k in options}))
     resumed = cli.build_parser().parse_args(["fit", "--resume", "run"])
-    cli_fit._resolve_interrupted(resumed, tmp_path / "run", saved, options)
+    preflight.resolve_interrupted(resumed, tmp_path / "run", saved, options)
     assert cli.recipe_from_args(resumed) == recipe
 
 
@@ -99,7 +99,7 @@ def test_an_interrupted_run_with_other_options_is_named_by_flag(tmp_path):
     saved = {k: getattr(parse_fit(), k) for k in options}
     typed = parse_fit("--warmup-lr", "0.002")
     with pytest.raises(FileExistsError, match=r"--warmup-lr 0.001 -> 0.002"):
-        cli_fit._resolve_interrupted(typed, tmp_path / "run", saved, options)
+        preflight.resolve_interrupted(typed, tmp_path / "run", saved, options)
 
 
 def test_tuner_keywords_are_the_recipe_fields():

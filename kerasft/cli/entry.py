@@ -11,13 +11,22 @@ from kerasft import BACKENDS
 from kerasft.cli.commands import cmd_evaluate, cmd_export, cmd_predict
 from kerasft.cli.parser import DEFAULT_BACKEND, build_parser
 from kerasft.data import DATA_ENV, DataError
+from kerasft.devices.backends import keep_to_backend
+from kerasft.devices.launcher import INPUT_ERROR, relay_error
+from kerasft.exporters.exportdir import is_export
 from kerasft.exporters.formats import FORMATS
 from kerasft.runs.rundir import saved_fit_args
 from kerasft.util.wording import command_line
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `kerasft` console script. Returns the exit code."""
+    """Entry point of the `kerasft` console script. Returns the exit code.
+
+    Args:
+        argv: the arguments; None reads `sys.argv` and makes this process the command's own
+            (`kerasft`, `python -m kerasft`), which also keeps TensorFlow out of a PyTorch or
+            JAX run (`kerasft.devices.backends.keep_to_backend`).
+    """
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what another process re-runs
@@ -50,7 +59,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"(--backend NAME, or unset KERAS_BACKEND for {DEFAULT_BACKEND}).",
                 file=sys.stderr,
             )
-            return 2
+            return INPUT_ERROR
+    if argv is None and not _runs_on_tensorflow(args):
+        # No TensorFlow behind a PyTorch or JAX run, in the command's own process only: a
+        # caller's (argv given) is left as it is.
+        keep_to_backend(os.environ["KERAS_BACKEND"])
     # kerasft's own progress at INFO; other libraries' INFO lines (onnxruntime's quantizer logs
     # through the root logger) stay hidden.
     logging.basicConfig(level=logging.WARNING, format="[kerasft] %(message)s")
@@ -63,8 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, OSError, ValueError, RuntimeError) as e:
         # One line, no traceback: bad input, a lock held by another writer, a full disk or a
         # read-only target (OSError covers FileNotFoundError and FileExistsError).
-        print(f"kerasft {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        line = f"kerasft {args.command}: error: {e}"
+        if not relay_error(line):  # a process of `kerasft fit --devices N`: the launcher prints
+            print(line, file=sys.stderr)
+        return INPUT_ERROR
 
 
 def _has_flag(words: list[str]) -> bool:
@@ -79,3 +94,8 @@ def _command(name: str):
 
         return cmd_fit
     return {"export": cmd_export, "predict": cmd_predict, "evaluate": cmd_evaluate}[name]
+
+
+def _runs_on_tensorflow(args) -> bool:
+    """Whether the command serves an export (whose runtime may be TensorFlow's)."""
+    return args.command == "predict" and is_export(args.run_dir)

@@ -20,9 +20,11 @@ from pathlib import Path
 import keras
 
 from kerasft.cli.parser import recipe_from_args, run_options
+from kerasft.cli.preflight import DATA_FLAGS, check_fit, fit_target, resolve_interrupted
 from kerasft.data import DATA_ENV, DataError, load_dataset
 from kerasft.devices import distribute
 from kerasft.devices.allocator import keep_freed_memory
+from kerasft.devices.launcher import launch_local, local_processes, torch_rank, torch_world
 from kerasft.runs import rundir
 from kerasft.runs.rundir import (
     CHECKPOINT_DIR,
@@ -42,31 +44,57 @@ class TrainedModelKept(RuntimeError):
     """A failure after training; the message says where the trained model is."""
 
 
-def _fit_target(args) -> Path:
-    if args.resume and args.out and Path(args.out) != Path(args.resume):
-        raise ValueError(f"--resume {args.resume!r} and --out {args.out!r} name different runs.")
-    if not (args.resume or args.out):
-        raise ValueError("Name the run directory: --out RUN (or --resume RUN).")
-    return Path(args.resume or args.out)
-
-
 def cmd_fit(args) -> int:
-    out = _fit_target(args)
+    out = fit_target(args)
     args.backend = os.environ["KERAS_BACKEND"]  # the one `main` chose, recorded for --resume
     distribute.check_devices(args.devices, args.backend)  # a bad count: before any work
-    for name in ("data", "validation_data", "test_data"):
+    for name in DATA_FLAGS:
         if getattr(args, name):
             setattr(args, name, str(Path(getattr(args, name)).resolve()))
-    if args.backend == "torch" and args.devices not in (None, 1) and distribute.torch_world() == 1:
-        processes = distribute.local_processes(args.devices)  # torch: one process per device
-        if processes > 1:
-            return distribute.launch_local(args.argv, processes)
-        args.devices = None  # `all` of one device
+    processes, replicas = _process_count(args)
+    if _first_process():  # the others start after process 0 (or the launcher) checked it all
+        check_fit(args, out, processes, replicas)
+    if processes > 1 and torch_world() == 1:  # torch: one process per device, started here
+        return launch_local(args.argv, processes)
     if distribute.initialize():  # one process of a multi-process run (torchrun's, or Keras')
         if args.backend == "torch":
             return _fit_torch_process(args, out)
         return _fit_multi_process(args, out)
     return _fit_here(args, out)
+
+
+def _process_count(args) -> tuple[int, int | None]:
+    """`(processes, replicas)` of the run `args` asks for: its processes (more than one only on
+    PyTorch, one per device), and the devices each batch is split across (None: not known
+    before the backend starts). Under a launcher (torchrun), no `--devices` means all of its
+    processes.
+
+    Raises:
+        ValueError: a `--devices` count other than the launcher's process count.
+    """
+    world = torch_world() if args.backend == "torch" else 1
+    if world > 1:
+        if args.devices is None:
+            args.devices = "all"
+        elif args.devices not in ("all", world) and _first_process():
+            # (the other processes wait for process 0, whose error stops the run: one line)
+            raise ValueError(
+                f"--devices {args.devices}, but this run has {world} processes (one device "
+                f"each, from the launcher's WORLD_SIZE): pass --devices all or {world}, or "
+                "leave --devices out."
+            )
+        return world, world
+    if args.backend == "torch" and args.devices not in (None, 1):
+        processes = local_processes(args.devices)
+        if processes == 1:
+            args.devices = None  # `all` of one device
+        return processes, processes
+    return 1, args.devices if isinstance(args.devices, int) else None
+
+
+def _first_process() -> bool:
+    """Whether this is a run's first (or only) process, by its launcher's variables."""
+    return torch_rank() == 0 and os.environ.get(distribute.PROCESS_ID_ENV, "0") in ("", "0")
 
 
 def _fit_here(args, out: Path, shared: bool = False) -> int:
@@ -86,7 +114,7 @@ def _fit_here(args, out: Path, shared: bool = False) -> int:
     try:
         with publish_target(out, args.overwrite, "Run directory", work=work, keep_work=keep):
             saved = saved_fit_args(out)
-            _resolve_interrupted(args, out, saved, options)
+            resolve_interrupted(args, out, saved, options)
             recipe = recipe_from_args(args)  # bad values refused before any work
             if not args.data:
                 raise DataError(f"No data file: pass --data FILE or set ${DATA_ENV}.")
@@ -98,7 +126,8 @@ def _fit_here(args, out: Path, shared: bool = False) -> int:
             fit_args = json.dumps({k: getattr(args, k) for k in options})
             atomic_write_text(work / FIT_ARGS_FILE, fit_args)
             if shared:
-                distribute.barrier()  # the other processes read the options and checkpoint
+                distribute.barrier()  # the options are written: the other processes read them
+                distribute.barrier()  # and have: a failure from here on cannot hide them
             metrics = _fit_into(args, recipe, out, work)
     except OSError as e:
         if e.errno not in DISK_FULL:
@@ -128,30 +157,6 @@ def _disk_full(error: OSError, out: Path, work: Path) -> str:
     )
 
 
-def _resolve_interrupted(args, out: Path, saved: dict | None, options: dict[str, str]) -> None:
-    """`--resume`: takes the interrupted run's options. Otherwise refuses to start over an
-    interrupted run of `out` with other options (unless `--overwrite`)."""
-    if args.resume:
-        if saved is None:
-            raise FileNotFoundError(
-                f"Nothing to resume for {str(out)!r}: no interrupted run in "
-                f"{str(partial_dir(out))!r}."
-            )
-        for name in options:  # the interrupted run's options, whatever was typed now
-            setattr(args, name, saved.get(name, getattr(args, name)))
-    elif saved is not None and not args.overwrite:
-        # (an option the interrupted run's kerasft did not know yet keeps its default)
-        typed = {k: getattr(args, k) for k in options}
-        differ = [f"{options[k]} {saved[k]!r} -> {v!r}"
-                  for k, v in typed.items() if saved.get(k, v) != v]  # fmt: skip
-        if differ:
-            raise FileExistsError(
-                f"An interrupted run of {str(out)!r} with other options is in "
-                f"{str(partial_dir(out))!r} ({'; '.join(differ)}). `kerasft fit --resume "
-                f"{out}` continues it; --overwrite discards it."
-            )
-
-
 def _clear(directory: Path) -> None:
     for path in directory.iterdir():
         shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -170,6 +175,8 @@ def _fit_multi_process(args, out: Path) -> int:
 
     if args.resume:
         raise ValueError("--resume is not supported in a multi-process run (no checkpoints).")
+    if args.devices is None:  # under a launcher: every device of every process
+        args.devices = "all"
     if args.devices != "all":
         raise ValueError(
             f"A multi-process run trains on every device of every process: pass --devices all. "
@@ -197,16 +204,12 @@ def _fit_torch_process(args, out: Path) -> int:
     import torch.distributed as dist  # this backend's own process API
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    if args.devices not in ("all", world):
-        raise ValueError(
-            f"--devices {args.devices}, but this run has {world} processes (one device each): "
-            f"pass --devices all or {world}."
-        )
     if rank == 0:
         return _fit_here(args, out, shared=True)
     distribute.barrier()  # process 0 has prepared the run directory
     work = partial_dir(out)
     saved = json.loads((work / FIT_ARGS_FILE).read_text())
+    distribute.barrier()  # read: process 0 may go on (and fail) now
     for name in run_options():
         setattr(args, name, saved.get(name, getattr(args, name)))
     recipe = recipe_from_args(args)

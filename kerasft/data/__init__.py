@@ -13,6 +13,7 @@ from kerasft.data.files import (
     HEAD_LINES,
     LABEL_COLUMNS,
     TEXT_COLUMNS,
+    check_data_file,
     decode_error,
     detect_header,
     headerless_columns,
@@ -42,9 +43,9 @@ from kerasft.data.splits import (
 
 __all__ = [
     "DATA_ENV", "FILE_FORMATS", "HEAD_LINES", "LABEL_COLUMNS", "MIN_PER_CLASS", "MISSING_LABELS",
-    "REFERENCE_SEED", "TEXT_COLUMNS", "DataError", "TextDataset", "align_labels", "as_texts",
-    "class_weight_ids", "decode_error", "detect_header", "encode_labels", "headerless_columns",
-    "holdout_split", "is_missing", "label_ids", "label_values", "load_dataset", "pick_column",
-    "records", "reference_split", "split_dataset", "stratified_limit", "texts_and_labels",
-    "training_classes",
+    "REFERENCE_SEED", "TEXT_COLUMNS", "align_labels", "as_texts", "check_data_file",
+    "class_weight_ids", "DataError", "decode_error", "detect_header", "encode_labels",
+    "headerless_columns", "holdout_split", "is_missing", "label_ids", "label_values",
+    "load_dataset", "pick_column", "records", "reference_split", "split_dataset",
+    "stratified_limit", "TextDataset", "texts_and_labels", "training_classes",
 ]  # fmt: skip

@@ -175,6 +175,28 @@ def headerless_columns(rows: list[dict]) -> tuple[str, str]:
     return ("1", "0") if distinct[0] < distinct[1] else ("0", "1")
 
 
+def check_data_file(path: str | Path) -> str:
+    """The checks `load_dataset` makes before it reads a row: the file exists, its suffix names
+    a supported format, and it is not empty. Returns the format.
+
+    Raises:
+        FileNotFoundError: no file at `path`.
+        DataError: an unsupported suffix (the supported ones are listed), or an empty file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Data file not found: {str(path)!r}")
+    fmt = _format_of(path)
+    if fmt is None:
+        raise DataError(
+            f"{path}: unsupported file type {''.join(path.suffixes)!r}. Supported: "
+            f"{sorted(FILE_FORMATS)}, each optionally gzipped (.gz)."
+        )
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: the file is empty.")
+    return fmt
+
+
 def load_dataset(
     path: str | Path,
     text_column: str | None = None,
@@ -214,16 +236,7 @@ def load_dataset(
         ['0', '1']
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Data file not found: {str(path)!r}")
-    fmt = _format_of(path)
-    if fmt is None:
-        raise DataError(
-            f"{path}: unsupported file type {''.join(path.suffixes)!r}. Supported: "
-            f"{sorted(FILE_FORMATS)}, each optionally gzipped (.gz)."
-        )
-    if path.stat().st_size == 0:
-        raise DataError(f"{path}: the file is empty.")
+    fmt = check_data_file(path)
     try:
         if header is None and fmt in ("csv", "tsv") and text_column is label_column is None:
             header = _has_header(path, fmt, encoding)

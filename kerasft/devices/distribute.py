@@ -10,10 +10,10 @@ prediction:
 - TensorFlow: `tf.distribute.MirroredStrategy` over the chosen GPUs (or logical CPUs).
 - PyTorch: `torch.distributed` (gloo on CPUs, NCCL on GPUs), one process per device, launched
   by `torchrun` or, for `kerasft fit --devices N` on one host, by kerasft through torch's own
-  launcher (`launch_local`). Keras 3.15 has no distribution for PyTorch, and DDP cannot sit
-  inside Keras' `fit` (which calls the model itself, then `optimizer.apply`), so the gradients
-  are averaged with torch.distributed's `all_reduce` in the optimizer step and the metrics read
-  over every process's rows (`share_across_processes`).
+  launcher (`kerasft.devices.launcher.launch_local`). Keras 3.15 has no distribution for PyTorch,
+  and DDP cannot sit inside Keras' `fit` (which calls the model itself, then `optimizer.apply`), so
+  the gradients are averaged with torch.distributed's `all_reduce` in the optimizer step and the
+  metrics read over every process's rows (`share_across_processes`).
 
 `batch_size` stays the global batch: it must be a multiple of the device count, and every batch
 is split evenly (see `kerasft.tokens.batching.BucketedBatches` for the remainder rule).
@@ -34,17 +34,17 @@ import contextlib
 import datetime
 import logging
 import os
-import sys
-import uuid
 
 import keras
+
+from kerasft.devices.launcher import torch_world
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("jax", "tensorflow", "torch")  # the backends kerasft distributes
 CPU_DEVICES_ENV = "KERASFT_CPU_DEVICES"
 PROCESS_ENV = "KERAS_DISTRIBUTION_NUM_PROCESSES"  # Keras' own multi-process variables
-TORCH_WORLD_ENV = "WORLD_SIZE"  # set by torchrun (and `launch_local`) in every process
+PROCESS_ID_ENV = "KERAS_DISTRIBUTION_PROCESS_ID"
 TIMEOUT_ENV = "KERASFT_COLLECTIVE_TIMEOUT"  # seconds a torch collective waits for the others
 DEFAULT_TIMEOUT = 600
 
@@ -212,12 +212,6 @@ class TorchProcessGroup:
         return contextlib.nullcontext()
 
 
-def torch_world() -> int:
-    """The process count torchrun (or `launch_local`) gave this process; 1 outside a group."""
-    value = os.environ.get(TORCH_WORLD_ENV, "1")
-    return int(value) if value.isdigit() else 1
-
-
 def _torch_plan(devices: int | str) -> DataParallelPlan:
     import torch.distributed as dist
 
@@ -352,53 +346,6 @@ def barrier() -> None:
         import torch.distributed as dist
 
         dist.barrier()
-
-
-def local_processes(devices: int | str) -> int:
-    """How many processes `kerasft fit --devices N|all` starts on one PyTorch host: N, or for
-    `all` one per GPU (else one per CPU core)."""
-    if devices != "all":
-        return int(devices)
-    import torch
-
-    return torch.cuda.device_count() or os.cpu_count() or 1
-
-
-def launch_local(argv: list[str], processes: int) -> int:
-    """Runs `python -m kerasft ARGV` as `processes` processes of one PyTorch run on this host,
-    with torch's own launcher (`torch.distributed.launcher.api.elastic_launch`, what `torchrun`
-    runs: c10d rendezvous on 127.0.0.1, no restarts). Each process gets an equal share of the
-    CPU's threads. When one process fails, the launcher stops the others.
-
-    Returns:
-        0, or 1 after logging which process failed and how.
-    """
-    import socket
-
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
-    config = LaunchConfig(
-        min_nodes=1, max_nodes=1, nproc_per_node=processes, run_id=f"kerasft-{uuid.uuid4().hex}",
-        rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{port}", max_restarts=0,
-        monitor_interval=0.5,
-    )  # fmt: skip
-    log.info("starting %d PyTorch processes (torch.distributed, %s threads each)",
-             processes, os.environ["OMP_NUM_THREADS"])  # fmt: skip
-    try:
-        elastic_launch(config, entrypoint=sys.executable)("-m", "kerasft", *argv)
-    except ChildFailedError as e:
-        for rank, failure in sorted(e.failures.items()):
-            how = (f"signal {failure.signal_name()}" if failure.exitcode < 0
-                   else f"exit code {failure.exitcode}")  # fmt: skip
-            log.error("process %d of %d failed (%s); the launcher stopped the others",
-                      rank, processes, how)  # fmt: skip
-        return 1
-    return 0
 
 
 def _pick(available: list[str], devices: int | str) -> list[str]:
