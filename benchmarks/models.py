@@ -8,7 +8,8 @@
   this gives real DistilBERT-base timings with weights whose predictions mean something (INT8
   exports of it still verify against it), where the pretrained base preset is unreachable.
 - `to_transformers`: the same weights as a Hugging Face `DistilBertForSequenceClassification`
-  checkpoint, for the peers (transformers eager, Optimum's ONNX export and INT8 quantization).
+  checkpoint (the exporter's mapping) with Hugging Face's own tokenizer, for the peers
+  (transformers eager, Optimum's ONNX export and INT8 quantization).
 - `optimum_export`: Optimum's own export and dynamic INT8 recipe, as its documentation shows it.
 - `optimum_intel_export`: optimum-intel's OpenVINO export (`OVModelForSequenceClassification`)
   and its post-training INT8 (`OVQuantizer` with the default `OVQuantizationConfig`), the path a
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kerasft.exporters.hf_checkpoint import write_model
 from kerasft.util.machine import cpu_flags
 
 
@@ -96,10 +98,11 @@ def _head_weights(classifier) -> list:
 
 
 def to_transformers(classifier, out_dir: str | Path, label_names: list[str]) -> Path:
-    """Writes the classifier as a Hugging Face `DistilBertForSequenceClassification` checkpoint.
+    """Writes the classifier as a Hugging Face `DistilBertForSequenceClassification` checkpoint
+    with Hugging Face's own DistilBERT tokenizer (from `vocab.txt`), as a Trainer user has it.
 
-    The inverse of KerasHub's DistilBERT converter, plus the classification head
-    (`pooled_dense` -> `pre_classifier`, `output_dense` -> `classifier`).
+    The weights through the exporter's mapping (`kerasft.exporters.hf_checkpoint.write_model`,
+    the one home of it); unlike `kerasft export --format transformers`, no kerasft tokenizer.
 
     Args:
         classifier: a KerasHub `DistilBertTextClassifier`.
@@ -109,63 +112,7 @@ def to_transformers(classifier, out_dir: str | Path, label_names: list[str]) -> 
     Returns:
         `out_dir` as a `Path`.
     """
-    import torch
-    from transformers import DistilBertConfig, DistilBertForSequenceClassification
-
-    b = classifier.backbone
-    h = b.hidden_dim
-    t = lambda w: np.asarray(w.numpy() if hasattr(w, "numpy") else w)  # noqa: E731
-    emb = b.get_layer("token_and_position_embedding")
-    sd = {
-        "distilbert.embeddings.word_embeddings.weight": t(emb.token_embedding.embeddings),
-        "distilbert.embeddings.position_embeddings.weight": t(
-            emb.position_embedding.position_embeddings
-        ),
-        "distilbert.embeddings.LayerNorm.weight": t(b.embeddings_layer_norm.gamma),
-        "distilbert.embeddings.LayerNorm.bias": t(b.embeddings_layer_norm.beta),
-        "pre_classifier.weight": t(classifier.pooled_dense.kernel).T,
-        "pre_classifier.bias": t(classifier.pooled_dense.bias),
-        "classifier.weight": t(classifier.output_dense.kernel).T,
-        "classifier.bias": t(classifier.output_dense.bias),
-    }
-    for i, layer in enumerate(b.transformer_layers):
-        p = f"distilbert.transformer.layer.{i}."
-        att = layer._self_attention_layer
-        for ours, theirs in (("query", "q_lin"), ("key", "k_lin"), ("value", "v_lin")):
-            dense = getattr(att, f"{ours}_dense")
-            sd[p + f"attention.{theirs}.weight"] = t(dense.kernel).reshape(h, h).T
-            sd[p + f"attention.{theirs}.bias"] = t(dense.bias).reshape(h)
-        sd[p + "attention.out_lin.weight"] = t(att.output_dense.kernel).reshape(h, h).T
-        sd[p + "attention.out_lin.bias"] = t(att.output_dense.bias)
-        for ours, theirs in (
-            (layer._self_attention_layer_norm, "sa_layer_norm"),
-            (layer._feedforward_layer_norm, "output_layer_norm"),
-        ):
-            sd[p + f"{theirs}.weight"] = t(ours.gamma)
-            sd[p + f"{theirs}.bias"] = t(ours.beta)
-        sd[p + "ffn.lin1.weight"] = t(layer._feedforward_intermediate_dense.kernel).T
-        sd[p + "ffn.lin1.bias"] = t(layer._feedforward_intermediate_dense.bias)
-        sd[p + "ffn.lin2.weight"] = t(layer._feedforward_output_dense.kernel).T
-        sd[p + "ffn.lin2.bias"] = t(layer._feedforward_output_dense.bias)
-    config = DistilBertConfig(
-        vocab_size=b.vocabulary_size,
-        max_position_embeddings=b.max_sequence_length,
-        n_layers=b.num_layers,
-        n_heads=b.num_heads,
-        dim=h,
-        hidden_dim=b.intermediate_dim,
-        activation="gelu",
-        num_labels=classifier.num_classes,
-        id2label=dict(enumerate(label_names)),
-        label2id={name: i for i, name in enumerate(label_names)},
-    )
-    model = DistilBertForSequenceClassification(config).eval()
-    state = {k: torch.from_numpy(np.ascontiguousarray(v, dtype="float32")) for k, v in sd.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or missing:
-        raise ValueError(f"Weight mapping incomplete: missing={missing}, unexpected={unexpected}")
-    out_dir = Path(out_dir)
-    model.save_pretrained(out_dir)
+    out_dir = write_model(classifier, out_dir, label_names)
     vocab = classifier.preprocessor.tokenizer.get_vocabulary()
     (out_dir / "vocab.txt").write_text("\n".join(vocab) + "\n")
     (out_dir / "tokenizer_config.json").write_text(

@@ -1,6 +1,8 @@
-"""Exporters: SavedModel, ONNX, OpenVINO and LiteRT (+ INT8), verified against the Keras model.
+"""Exporters: SavedModel, ONNX, OpenVINO and LiteRT (+ INT8) for serving, a KerasHub preset and a
+transformers checkpoint for sharing, each verified against the Keras model.
 
-One module per format (`saved_model`, `onnx`, `openvino`, `litert`), each with a `CONTRACT`
+One module per format (`saved_model`, `onnx`, `openvino`, `litert`, `kerashub`, `hf_checkpoint`;
+ONNX's graph passes in `onnx_graph`, `onnx_attention`, `onnx_calibration`), each with a `CONTRACT`
 (its INT8 modes and recipes, collected in the `formats` registry) and one `write()`; one
 dispatcher (`export`); one shared verification step (`verify`); one owner of the export
 directory's manifest (`exportdir`); and a dependency-light `runtime` for the exports. Importing

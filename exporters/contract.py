@@ -71,6 +71,12 @@ class FormatContract:
             `.bin`), counted in its size.
         cpu_only: its runtime runs on the CPU only (skipped on a GPU).
         packages: the distributions whose versions its manifests record (default: `needs`).
+        checkpoint: written from the trained classifier as it is (a KerasHub preset, a
+            transformers checkpoint), not from a traced serving graph: no fixed shapes, and
+            the classifier is not rewritten for tracing first.
+        tokenizer_dir: where in the export kerasft's `tokenizer.json` and `vocab.txt` go
+            ("": its root; a KerasHub preset keeps a `tokenizer.json` of its own there).
+        extra: the kerasft extra that installs `needs` (TensorFlow's: `export`).
     """
 
     name: str
@@ -86,6 +92,9 @@ class FormatContract:
     companion_suffixes: tuple[str, ...] = ()
     cpu_only: bool = False
     packages: tuple[str, ...] | None = None
+    checkpoint: bool = False
+    tokenizer_dir: str = ""
+    extra: str = "edge"
 
     @property
     def modes(self) -> tuple[str | None, ...]:
@@ -133,7 +142,7 @@ class FormatContract:
         needs = self.needs_with(source)
         missing = [name for name in needs if not _installed(name)]
         if missing:
-            extra = "export" if "tensorflow" in missing or "tf2onnx" in missing else "edge"
+            extra = "export" if "tensorflow" in missing or "tf2onnx" in missing else self.extra
             raise RuntimeError(
                 f"format {self.name!r} needs {', '.join(needs)} to export (not "
                 f"installed: {', '.join(missing)}): pip install 'kerasft[{extra}]'"

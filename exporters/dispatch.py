@@ -157,7 +157,7 @@ def export(
     graph_source = contract.resolve_source(graph_source)
     contract.check_installed(graph_source)
     _check_options(contract, quantize, min_agreement, max_accuracy_drop, precision,
-                   verify_per_split, keep_fp32)  # fmt: skip
+                   verify_per_split, keep_fp32, fixed_shape)  # fmt: skip
     check_target_dir(out_dir, overwrite, "Export directory")
     options.update(min_agreement=min_agreement, graph_source=graph_source)  # as resolved
     import keras
@@ -177,6 +177,10 @@ def _export_here(
     `tmp`: the Keras reference, then write and verify, then the model card and the manifest."""
     started = time.perf_counter()
     src = load_source(source, copy=quantize == "keras")  # never quantize the caller's model
+    src.label_names = exportdir.label_strings(src.label_names)  # as every manifest holds them
+    check = getattr(MODULES[contract.name], "check", None)  # a model the format cannot hold
+    if check is not None:
+        check(src.classifier)
     vset = verification_texts(src, texts, labels, splits, calibration_texts, verify_per_split)
     vset.label_ids = label_ids(vset.labels, src.label_names)  # checked before any work
     gate = {"min_agreement": min_agreement, "max_accuracy_drop": max_accuracy_drop}
@@ -228,7 +232,7 @@ def _write_verified(
         feeds = quantization_feeds(contract, quantize, clf, vset, src.label_names, shape)
         write = {"opset": opset or DEFAULT_OPSET, "backbone": clf.backbone, "precision": precision,
                  "max_accuracy_drop": gate["max_accuracy_drop"], "sensitivity": {},
-                 **feeds}  # fmt: skip
+                 "classifier": clf, "label_names": src.label_names, **feeds}  # fmt: skip
 
         def write_attempt(mode, attempt, settings, out: Path) -> dict:
             _clear(out)
@@ -281,6 +285,9 @@ def _serving_copy(contract: FormatContract, clf, shape):
     """The classifier as every serving graph is traced from it: capped at a fixed sequence
     length, attention through `ops.dot_product_attention`, and (ONNX graphs) GELU and LayerNorm
     in the forms onnxruntime fuses; restored on exit."""
+    if contract.checkpoint:  # saved as trained: nothing rewritten
+        yield clf
+        return
     onnx_ops = onnx_friendly_ops(clf) if contract.onnx_graph else contextlib.nullcontext()
     with _serving_length(clf, shape[1]), fused_attention(clf), onnx_ops:
         yield clf
@@ -305,8 +312,10 @@ def _other_recipes(contract: FormatContract, quantize) -> str:
 
 def _manifest(contract, quantize, attempt, info, src, clf, shape, graph_source, tmp: Path) -> dict:
     """Writes the tokenizer assets and a manifest for what `write` just wrote."""
+    assets = tmp / contract.tokenizer_dir
+    assets.mkdir(exist_ok=True)
     tokenizer = write_tokenizer_assets(
-        clf.preprocessor.tokenizer, clf.preprocessor.sequence_length, tmp
+        clf.preprocessor.tokenizer, clf.preprocessor.sequence_length, assets
     )
     manifest = {
         "format": contract.name,
@@ -316,6 +325,7 @@ def _manifest(contract, quantize, attempt, info, src, clf, shape, graph_source, 
         "label_names": src.label_names,
         "sequence_length": clf.preprocessor.sequence_length,
         "tokenizer": tokenizer,
+        "tokenizer_file": (Path(contract.tokenizer_dir) / exportdir.TOKENIZER_FILE).as_posix(),
         "inputs": ["token_ids", "padding_mask"],
         "input_shape": list(shape),
         "opset": info.get("opset"),
@@ -343,6 +353,9 @@ def _verify(
         served, vset.texts, keras_ids, keras_logits, reduced,
         labels=vset.label_ids, splits=vset.splits, batch_dependent=batch_dependent, **gate,
     )  # fmt: skip
+    checks = getattr(served, "checks", None)  # what the format's own users load, checked too
+    if checks is not None:
+        report.update(checks(vset.texts, keras_ids))
     return report, served
 
 
@@ -355,9 +368,17 @@ def _describe(tmp: Path, manifest: dict, served, vset, keras_ids, run_dir, start
 
 
 def _check_options(
-    contract, quantize, min_agreement, max_accuracy_drop, precision, verify_per_split, keep_fp32
-) -> None:
+    contract, quantize, min_agreement, max_accuracy_drop, precision, verify_per_split, keep_fp32,
+    fixed_shape,
+) -> None:  # fmt: skip
     """Raises `ValueError` naming the first bad option, its value and what is allowed."""
+    if contract.checkpoint and fixed_shape not in (None, (None, None)):
+        traced = [name for name, c in FORMATS.items() if not c.checkpoint]
+        raise ValueError(
+            f"fixed_shape (--batch-size, --sequence-length) applies to the traced formats "
+            f"({', '.join(traced)}); format {contract.name!r} saves the model as it is. "
+            f"Received: fixed_shape={fixed_shape!r}"
+        )
     if keep_fp32 is not None and not (
         quantize in contract.keep_fp32_modes and isinstance(keep_fp32, int) and keep_fp32 >= 0
     ):

@@ -22,6 +22,7 @@ from pathlib import Path, PurePosixPath
 
 MANIFEST_FILE = "manifest.json"
 CARD_FILE = "README.md"  # not counted in `size_bytes`
+TOKENIZER_FILE = "tokenizer.json"
 
 
 class IntegrityError(ValueError):
@@ -54,6 +55,25 @@ def _inside(export_dir: Path, name: str, what: str) -> Path:
             f"({path.resolve()}); refusing to load it."
         )
     return path
+
+
+def label_strings(label_names: list) -> list[str]:
+    """The label names as every export stores them: strings, which must stay distinct.
+
+    Raises:
+        ValueError: naming the names that become the same string.
+    """
+    names = [str(name) for name in label_names]
+    if len(set(names)) == len(names):
+        return names
+    clash: dict[str, list] = {}
+    for name in label_names:
+        clash.setdefault(str(name), []).append(name)
+    clash = {k: v for k, v in clash.items() if len(v) > 1}
+    raise ValueError(
+        f"Label names must stay distinct as strings: {clash} collide. Received: "
+        f"label_names={list(label_names)!r}"
+    )
 
 
 def read_manifest(export_dir: str | Path, manifest_sha256: str | None = None) -> dict:
@@ -91,15 +111,16 @@ def read_manifest(export_dir: str | Path, manifest_sha256: str | None = None) ->
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
         raise IntegrityError(f"{manifest_path}: lists no files with their sha256; not loadable.")
-    model_file = manifest.get("model_file")
-    if not isinstance(model_file, str):
-        raise IntegrityError(f"{manifest_path}: model_file={model_file!r} is not a path.")
-    _inside(export_dir, model_file, "model_file")
-    if model_file not in files and not any(n.startswith(f"{model_file}/") for n in files):
-        raise IntegrityError(
-            f"{export_dir}: model_file {model_file!r} is not among the files the manifest lists "
-            f"with a sha256 ({sorted(files)[:8]}); refusing to load an unlisted model file."
-        )
+    for key, path in (("model_file", manifest.get("model_file")),
+                      ("tokenizer_file", tokenizer_file(manifest))):  # fmt: skip
+        if not isinstance(path, str):
+            raise IntegrityError(f"{manifest_path}: {key}={path!r} is not a path.")
+        _inside(export_dir, path, key)
+        if path not in files and not any(n.startswith(f"{path}/") for n in files):
+            raise IntegrityError(
+                f"{export_dir}: {key} {path!r} is not among the files the manifest lists with a "
+                f"sha256 ({sorted(files)[:8]}); refusing to load an unlisted file."
+            )
     for name, expected in files.items():
         path = _inside(export_dir, name, "file")
         if not path.is_file():
@@ -111,6 +132,12 @@ def read_manifest(export_dir: str | Path, manifest_sha256: str | None = None) ->
                 "file was changed or corrupted. Refusing to load it."
             )
     return manifest
+
+
+def tokenizer_file(manifest: dict) -> str:
+    """The export's `tokenizers` file, relative to it (`tokenizer.json` unless the format keeps
+    a file of that name for itself, as a KerasHub preset does)."""
+    return manifest.get("tokenizer_file") or TOKENIZER_FILE
 
 
 def is_export(directory: str | Path) -> bool:

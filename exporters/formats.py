@@ -13,10 +13,12 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from kerasft.exporters import litert, onnx, openvino, saved_model
+from kerasft.exporters import hf_checkpoint, kerashub, litert, onnx, openvino, saved_model
 from kerasft.exporters.contract import SOURCE_PACKAGES, FormatContract
 
-MODULES: dict[str, ModuleType] = {m.CONTRACT.name: m for m in (saved_model, onnx, openvino, litert)}
+MODULES: dict[str, ModuleType] = {
+    m.CONTRACT.name: m for m in (saved_model, onnx, openvino, litert, kerashub, hf_checkpoint)
+}
 FORMATS: dict[str, FormatContract] = {name: m.CONTRACT for name, m in MODULES.items()}
 DEFAULT_FORMAT = onnx.CONTRACT.name  # `export`'s default
 # The distributions an export may use, whose versions manifests and results files record:

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from kerasft.exporters import exportdir
+from kerasft.exporters.formats import MODULES
 from kerasft.runs import rundir
 
 
@@ -70,8 +71,10 @@ def write_model_card(export_dir: Path, manifest: dict, run_dir: Path | None) -> 
     variant = exportdir.variant(manifest)
     preset = metrics.get("preset") or config.get("recipe", {}).get("preset") or "model"
     name = f"kerasft-{Path(str(preset)).name}-{manifest['format']}-{variant}"
+    module = MODULES[manifest["format"]]
+    library, usage = getattr(module, "CARD_LIBRARY", "kerasft"), getattr(module, "CARD_USE", ())
     front = {
-        "library_name": "kerasft",
+        "library_name": library,
         "pipeline_tag": "text-classification",
         "tags": ["kerasft", "keras-hub", "distilbert", manifest["format"], variant],
         "model-index": [{"name": name, "results": _results(manifest, metrics, config)}],
@@ -94,6 +97,8 @@ def write_model_card(export_dir: Path, manifest: dict, run_dir: Path | None) -> 
         "## Use",
         "",
         "```python",
+        *usage,
+        *(["", "# or, with kerasft's runtime:"] if usage else []),
         "from kerasft.exporters.runtime import load",
         'model = load("path/to/this/dir", manifest_sha256="<sha256 printed by kerasft export>")',
         'model.predict(["some text"]).labels',

@@ -10,6 +10,8 @@ runs the model with its own runtime and returns labels and probabilities:
   graph, which can hold arbitrary operations (file reads and writes included): load SavedModels
   only from sources you trust, and prefer ONNX or OpenVINO on devices.
 - LiteRT: the LiteRT interpreter (`ai-edge-litert`, or `tf.lite` when TensorFlow is installed).
+- KerasHub preset: Keras and KerasHub, under the process's backend (`TextClassifier.from_preset`).
+- transformers checkpoint: `transformers` on PyTorch (`AutoModelForSequenceClassification`).
 
 Before anything is loaded, every file the manifest lists is checked against its sha256, and the
 model file must be one of them, inside the export directory. The manifest itself is covered by
@@ -32,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from kerasft.exporters import hf_checkpoint as hf_format
+from kerasft.exporters import kerashub as kerashub_format
 from kerasft.exporters import litert as litert_format
 from kerasft.exporters import onnx as onnx_format
 from kerasft.exporters import openvino as openvino_format
@@ -41,6 +45,7 @@ from kerasft.exporters.exportdir import (  # noqa: F401  (re-exported: the runti
     manifest_format,
     read_manifest,
     sha256_file,
+    tokenizer_file,
 )
 from kerasft.tokens.wordpiece import token_ids
 
@@ -78,7 +83,7 @@ class ExportedClassifier:
         self.manifest = read_manifest(self.export_dir, manifest_sha256)
         self.model_path = self.export_dir / self.manifest["model_file"]
         self.label_names = self.manifest["label_names"]
-        self.tokenizer = Tokenizer.from_file(str(self.export_dir / "tokenizer.json"))
+        self.tokenizer = Tokenizer.from_file(str(self.export_dir / tokenizer_file(self.manifest)))
         self.tokenizer.no_padding()
         self._settings = self.manifest["tokenizer"]
         self._max_len = self.manifest["sequence_length"]
@@ -291,6 +296,63 @@ class LiteRTClassifier(ExportedClassifier):
         return next(iter(out.values()))
 
 
+class KerasHubClassifier(ExportedClassifier):
+    """KerasHub preset export on Keras, under the process's backend:
+    `keras_hub.models.TextClassifier.from_preset(DIR)` fed kerasft's token ids (KerasHub's own
+    preprocessing of raw strings needs TensorFlow or `grain`). One call at a time (a lock):
+    Keras models are not documented as thread-safe.
+    """
+
+    def __init__(self, export_dir, manifest_sha256: str | None = None):
+        super().__init__(export_dir, manifest_sha256)
+        import keras_hub
+
+        self.model = keras_hub.models.TextClassifier.from_preset(
+            str(self.export_dir), preprocessor=None
+        )
+        self._lock = threading.Lock()
+
+    def logits(self, inputs):
+        with self._lock:
+            return np.asarray(self.model.predict_on_batch(inputs), dtype="float32")
+
+
+class TransformersClassifier(ExportedClassifier):
+    """transformers checkpoint export on PyTorch: `AutoModelForSequenceClassification` fed
+    kerasft's token ids, under `torch.inference_mode` (thread-safe)."""
+
+    def __init__(self, export_dir, threads: int | None = None, manifest_sha256: str | None = None):
+        super().__init__(export_dir, manifest_sha256)
+        import torch
+        from transformers import AutoModelForSequenceClassification
+
+        if threads:
+            torch.set_num_threads(threads)
+        self._torch = torch
+        self.model = AutoModelForSequenceClassification.from_pretrained(str(self.export_dir))
+        self.model.eval()
+
+    def logits(self, inputs):
+        torch = self._torch
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=torch.from_numpy(inputs["token_ids"]).long(),
+                attention_mask=torch.from_numpy(inputs["padding_mask"]).long(),
+            )
+        return out.logits.float().numpy()
+
+    def checks(self, texts: list[str], keras_ids: np.ndarray) -> dict:
+        """What a transformers user's own tokenizer gives: the texts whose
+        `AutoTokenizer.from_pretrained(DIR)` ids (the `pipeline()` path) differ from KerasHub's."""
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(self.export_dir))
+        rows = tokenizer(list(texts), truncation=True, max_length=self._max_len)["input_ids"]
+        differ = sum(list(row) != [int(i) for i in ids if i != 0]
+                     for row, ids in zip(rows, keras_ids, strict=True))  # fmt: skip
+        return {"transformers_tokenizer_mismatches": int(differ)}
+
+
 def verify_checksums(export_dir: str | Path, manifest_sha256: str | None = None) -> None:
     """Checks every file of an export against the sha256 in its manifest (see `read_manifest`).
 
@@ -307,7 +369,11 @@ _RUNTIMES = {
     openvino_format.CONTRACT.name: OpenVINOClassifier,
     saved_model_format.CONTRACT.name: SavedModelClassifier,
     litert_format.CONTRACT.name: LiteRTClassifier,
+    kerashub_format.CONTRACT.name: KerasHubClassifier,
+    hf_format.CONTRACT.name: TransformersClassifier,
 }
+# The exports whose runtime is TensorFlow's (LiteRT's interpreter falls back to `tf.lite`).
+TENSORFLOW_FORMATS = (saved_model_format.CONTRACT.name, litert_format.CONTRACT.name)
 
 
 def load(

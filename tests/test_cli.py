@@ -206,7 +206,8 @@ def test_a_pytorch_fit_and_predict_print_no_tensorflow_line(tiny_preset, toy_dat
     of a PyTorch run: none of its start-up lines, and not in the process at all."""
     code = (
         "import sys\nfrom kerasft.cli import main\nsys.argv[1:] = {argv!r}\ncode = main()\n"
-        "print('tensorflow imported:', 'tensorflow' in sys.modules, file=sys.stderr)\n"
+        "imported = sys.modules.get('tensorflow') is not None\n"
+        "print('tensorflow imported:', imported, file=sys.stderr)\n"
         "sys.exit(code)"
     )
     run = tmp_path / "run"

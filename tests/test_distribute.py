@@ -271,8 +271,17 @@ def test_torch_processes_resume_and_stop_together(tiny_preset, toy_data, tmp_pat
 
 
 def test_more_devices_than_there_are_is_refused(tiny_preset, toy_data, tmp_path):
-    proc = _fit_cli("jax", tiny_preset, toy_data, tmp_path / "run", "--devices", "3",
-                    "--batch-size", "24", env=TWO_CPUS)  # (a batch 3 devices split evenly)
+    proc = _fit_cli(
+        "jax",
+        tiny_preset,
+        toy_data,
+        tmp_path / "run",
+        "--devices",
+        "3",
+        "--batch-size",
+        "24",
+        env=TWO_CPUS,
+    )  # (a batch 3 devices split evenly)
     assert proc.returncode == 2
     assert "devices=3, but jax sees 2: ['cpu:0', 'cpu:1']" in proc.stderr
 

@@ -186,3 +186,21 @@ def test_reference_ids_without_tensorflow(backend, sarcasm_file):
     code = REF_IDS_CODE.format(tests=str(ROOT / "tests"), data=str(sarcasm_file))
     r = run_backend(backend, BLOCK_TF + code)
     assert r == {"rows": 26709, "digest": REFERENCE_IDS_SHA256}
+
+
+@pytest.mark.slow
+def test_sharing_formats_without_tensorflow(tf_free_runs, tmp_path):
+    """A KerasHub preset and a transformers checkpoint of a JAX run, exported and served
+    without TensorFlow (KerasHub's `save_to_preset` needs none), each verified."""
+    for fmt in ("keras_hub", "transformers"):
+        out = tmp_path / fmt
+        result = _cli(
+            "torch", "export", str(tf_free_runs["jax"]), "--format", fmt, "--out", str(out)
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["verification"]["passed"] and manifest["source_backend"] == "jax"
+        assert "tensorflow" not in manifest["versions"]
+        labels = _cli("torch", "predict", str(out), "a good day", "--json")
+        assert labels.returncode == 0, labels.stderr[-3000:]
+        assert json.loads(labels.stdout)[0]["label"] in ("neg", "pos")

@@ -13,8 +13,9 @@ from kerasft.cli.parser import DEFAULT_BACKEND, build_parser
 from kerasft.data import DATA_ENV, DataError
 from kerasft.devices.backends import keep_to_backend
 from kerasft.devices.launcher import INPUT_ERROR, relay_error
-from kerasft.exporters.exportdir import is_export
+from kerasft.exporters.exportdir import is_export, manifest_format
 from kerasft.exporters.formats import FORMATS
+from kerasft.exporters.runtime import TENSORFLOW_FORMATS
 from kerasft.runs.rundir import saved_fit_args
 from kerasft.util.wording import command_line
 
@@ -97,5 +98,7 @@ def _command(name: str):
 
 
 def _runs_on_tensorflow(args) -> bool:
-    """Whether the command serves an export (whose runtime may be TensorFlow's)."""
-    return args.command == "predict" and is_export(args.run_dir)
+    """Whether the command serves an export whose runtime is TensorFlow's (SavedModel, LiteRT)."""
+    if args.command != "predict" or not is_export(args.run_dir):
+        return False
+    return manifest_format(args.run_dir) in TENSORFLOW_FORMATS

@@ -187,7 +187,9 @@ def _fit_parser(sub, data_file: argparse.ArgumentParser) -> None:
 
 def _export_parser(sub) -> None:
     export = sub.add_parser(
-        "export", help="export a run to ONNX, OpenVINO, SavedModel or LiteRT, verified"
+        "export",
+        help="export a run to ONNX, OpenVINO, SavedModel, LiteRT, a KerasHub preset or a "
+        "transformers checkpoint, verified",
     )
     export.add_argument("run_dir", help="a `kerasft fit` run directory")
     export.add_argument("--format", required=True, choices=list(FORMATS), help="artifact format")

@@ -6,7 +6,7 @@ and about 600 MB, and prints TensorFlow's start-up lines to the user's terminal:
 operations are on", "Could not find cuda drivers", "failed call to cuInit: INTERNAL: CUDA error".
 `keep_to_backend` makes TensorFlow look not installed to the rest of the process, as in a
 TensorFlow-free install, where kerasft's whole JAX and PyTorch path runs and is tested (the
-`tf_free` tests): KerasHub then takes its own TensorFlow-free path.
+`tf_free` tests): KerasHub, transformers and the rest take their own TensorFlow-free paths.
 
 The `kerasft` command calls it once its backend is chosen. A Python program that imports
 kerasft decides for itself (call it before `import keras_hub`).
@@ -14,41 +14,20 @@ kerasft decides for itself (call it before `import keras_hub`).
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.machinery
-import os
 import sys
 
-TENSORFLOW = ("tensorflow", "tensorflow_text")  # what KerasHub imports when it finds them
-
-
-class _NotHere(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Finds `names` and refuses to load them: `import tensorflow` raises ModuleNotFoundError
-    (`except ImportError` paths run), where a finder returning None would let the next finder
-    load it."""
-
-    def __init__(self, names: tuple[str, ...], why: str):
-        self.names, self.why = names, why
-
-    def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] in self.names:
-            return importlib.machinery.ModuleSpec(name, self)
-        return None
-
-    def create_module(self, spec):
-        raise ModuleNotFoundError(f"No module named {spec.name!r} ({self.why})", name=spec.name)
-
-    def exec_module(self, module):  # (not reached: create_module refuses)
-        raise ModuleNotFoundError(module.__name__)
+TENSORFLOW = ("tensorflow", "tensorflow_text", "tf_keras")  # what KerasHub and others look for
 
 
 def keep_to_backend(backend: str) -> bool:
     """On a backend other than TensorFlow, keeps TensorFlow out of this process from now on.
 
+    Python's own way to mark a module absent: `sys.modules[name] = None` makes `import name`
+    raise ImportError and `importlib.util.find_spec(name)` return None, so libraries that look
+    before they import see no TensorFlow either.
+
     Args:
         backend: the Keras backend the process runs (`KERAS_BACKEND`).
-
-    Also sets `USE_TF=0` (unless set), transformers' switch for the same.
 
     Returns:
         True when TensorFlow is kept out; False on the TensorFlow backend, or when TensorFlow
@@ -58,12 +37,8 @@ def keep_to_backend(backend: str) -> bool:
         >>> keep_to_backend("torch")  # before `import keras_hub`
         True
     """
-    if backend == "tensorflow" or any(name in sys.modules for name in TENSORFLOW):
+    if backend == "tensorflow" or any(sys.modules.get(name) for name in TENSORFLOW):
         return False
-    if not any(isinstance(f, _NotHere) for f in sys.meta_path):
-        why = f"kept out of a KERAS_BACKEND={backend} run by kerasft.devices.backends"
-        sys.meta_path.insert(0, _NotHere(TENSORFLOW, why))
-    # transformers asks `find_spec` whether TensorFlow is there (it finds this finder's spec):
-    # its own switch tells it not to look
-    os.environ.setdefault("USE_TF", "0")
+    for name in TENSORFLOW:
+        sys.modules.setdefault(name, None)
     return True
