@@ -45,8 +45,8 @@ from kerasft.benchmarks.report import BASELINE, write_report
 from kerasft.benchmarks.variants import Variant, end_to_end_variants, variants
 from kerasft.exporters.formats import EXPORT_PACKAGES as EXPORT
 from kerasft.exporters.runtime import load
-from kerasft.model.presets import cache_dir
 from kerasft.runs.rundir import MODEL_FILE, read_config, run_splits
+from kerasft.util.cache import cache_dir
 from kerasft.util.fileio import publish_target
 from kerasft.util.machine import cpu_model, isa
 from kerasft.util.versions import package_versions, source_commit

@@ -290,9 +290,11 @@ def _fit_into(
 
 def _print_fit(metrics: dict, out: Path) -> None:
     test_m, seconds = metrics["test"], metrics["seconds"]
+    compiled = sum(metrics.get("compile_seconds", {}).values())
+    compiling = f"; compiling {compiled:.0f} s of them" if compiled >= 0.5 else ""
     print(
         f"test accuracy {test_m['accuracy']:.4f}  f1 {test_m['f1']:.4f}  precision "
         f"{test_m['precision']:.4f}  recall {test_m['recall']:.4f}  "
         f"({seconds['total']:.0f} s; warm-up {seconds.get('warmup', 0):.0f} s, "
-        f"fine-tune {seconds.get('finetune', 0):.0f} s) -> {out}"
+        f"fine-tune {seconds.get('finetune', 0):.0f} s{compiling}) -> {out}"
     )

@@ -17,13 +17,13 @@ import os
 import shutil
 from pathlib import Path
 
+from kerasft.util.cache import cache_dir
 from kerasft.util.fileio import temp_dir_beside
 
 OFFLINE_PRESET = "all_minilm_l6_v2"
 # The default of the API and the CLI alike: the offline preset, which works without a network.
 # KerasHub presets such as "distil_bert_base_en_uncased" are chosen by name.
 DEFAULT_PRESET = OFFLINE_PRESET
-CACHE_ENV = "KERASFT_CACHE"
 # Tokens per text a classifier is built with: at least [CLS], [SEP] and a few words; at most the
 # position embeddings of DistilBERT-sized checkpoints (the one home of these bounds).
 SEQUENCE_LENGTHS = (8, 512)
@@ -45,14 +45,6 @@ _TOKENIZER_FILES = (
     "tokenizer_config.json",
     "special_tokens_map.json",
 )
-
-
-def cache_dir() -> Path:
-    """Returns the directory where converted presets are cached.
-
-    `$KERASFT_CACHE` when set, else `~/.cache/kerasft`.
-    """
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "kerasft")
 
 
 def bert_to_distilbert(tensors: dict, bert_config: dict) -> tuple[dict, dict]:

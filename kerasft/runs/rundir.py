@@ -7,8 +7,8 @@ A run directory holds:
 - `config.json`: the recipe, the backend and package versions, and `data`, which rebuilds the
   exact splits: either a data file (path, sha256, size, columns, `skip_invalid`, `limit`, seeds)
   or `"splits"`, meaning the splits are stored in `splits/*.jsonl` inside the run;
-- `metrics.json`: validation and test metrics, row counts, seconds, the kept epoch, trainable
-  and total parameters of stage 2;
+- `metrics.json`: validation and test metrics, row counts, seconds (and the compiling in them),
+  the kept epoch, trainable and total parameters of stage 2;
 - `adapter/` (LoRA runs): the adapter alone, which `kerasft.training.tuner.load_adapter` puts back onto
   the base preset (`model.keras` is the merged model);
 - `history.json` and `training_curves.png`.
@@ -395,6 +395,7 @@ def _score(tuner, splits: dict, rows: dict | None) -> dict:
         label_names=tuner.label_names,
         rows=rows or {k: len(v) for k, v in splits.items() if v is not None},
         seconds=dict(tuner.stage_seconds),
+        compile_seconds=dict(getattr(tuner, "compile_seconds", {})),
         samples_per_second=tuner.stage_samples_per_second,
         selected_epoch=tuner.selected_epoch,
         parameters=tuner.parameters,

@@ -349,6 +349,11 @@ class BucketedBatches(keras.utils.PyDataset):
     def __getitem__(self, index):
         return self.batch(self.batches[index])
 
+    def shape_of(self, index: int) -> tuple[int, int]:
+        """`(rows, tokens)` of batch `index` as `__getitem__` gives it (in this process)."""
+        rows = self.batches[index]
+        return len(rows), int(self.bucket_len[rows].max())
+
     def batch(self, rows: np.ndarray):
         """The batch of rows `rows` (indices into the data), as `__getitem__` yields batches."""
         length = int(self.bucket_len[rows].max())

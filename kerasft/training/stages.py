@@ -48,6 +48,8 @@ class TrainingResult:
         validated: `(confusion matrix, weights' SHA-256)` of the selected epoch's validation
             pass as `fit` scored it, or None (no validation, a stage-1 epoch, or one from
             before a resume).
+        compile_seconds: per stage, the part of its seconds spent compiling or building
+            kernels (`_CompileTime`).
     """
 
     history: keras.callbacks.History
@@ -56,6 +58,7 @@ class TrainingResult:
     selected_epoch: dict
     parameters: dict[str, int]
     validated: tuple[np.ndarray, str] | None = None
+    compile_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 class StageLoop:
@@ -132,6 +135,7 @@ class StageLoop:
             # as stage 2 trained them (its frozen weights), or as they are when it did not run here
             parameters=run.parameters or lora.parameter_counts(self.core()),
             validated=run.validated.get(selected["epoch"]),
+            compile_seconds=dict(run.compile_seconds),
         )
 
     def enable_lora(self) -> None:
@@ -178,18 +182,21 @@ class StageLoop:
         tracker = _EpochEnd(self, stage, run, fit_x, train, first + epochs, run.rng)
         tracker.val_loss_scale, tracker.start = padding_scale(fit_val), start
         run.rng = None
+        compiling = _CompileTime(fit_x, fit_val)
         with rand_masks(model):
             model.fit(
                 fit_x,
                 validation_data=fit_val,
                 epochs=first + epochs,
                 initial_epoch=first + done,
-                callbacks=[tracker] + [_OnClassifier(cb, classifier) for cb in self.callbacks],
+                callbacks=[tracker, compiling]
+                + [_OnClassifier(cb, classifier) for cb in self.callbacks],
                 class_weight=self.class_weight,
                 verbose=self.verbose,
                 shuffle=False,  # `fit_x` reshuffles itself from the seed and its epoch number
             )
         run.seconds[stage] = base_seconds + time.perf_counter() - start
+        run.compile_seconds[stage] = run.compile_seconds.get(stage, 0.0) + compiling.seconds()
         run.finish_stage(stage, train.epoch)
         if self.store is not None:
             self.store.save(run.to_state(stage), self.core(), model.optimizer)
@@ -252,6 +259,7 @@ class RunState:
         self.logs: list[dict] = list(self.state.get("history", []))
         self.stages_done: list[str] = list(self.state.get("stages_done", []))
         self.seconds: dict[str, float] = dict(self.state.get("seconds", {}))
+        self.compile_seconds: dict[str, float] = dict(self.state.get("compile_seconds", {}))
         self.best: dict | None = self.state.get("best")
         self.wait: int = self.state.get("wait", 0)
         self.stopped_early: int | None = self.state.get("stopped_early")
@@ -284,6 +292,7 @@ class RunState:
             "wait": self.wait,
             "stopped_early": self.stopped_early,
             "seconds": self.seconds,
+            "compile_seconds": self.compile_seconds,
             "train_epoch": self.state.get("train_epoch", 0),
             **extra,
         }
@@ -375,6 +384,50 @@ class _EpochEnd(keras.callbacks.Callback):
             run.stopped_early = len(run.logs)
             log.info("early stopping after epoch %d: %s did not improve for %d epochs",
                      len(run.logs), key, run.wait)  # fmt: skip
+
+
+class _CompileTime(keras.callbacks.Callback):
+    """Seconds a stage spent compiling or building kernels, on every backend alike: for each
+    batch shape, its first step's time beyond that shape's usual step (XLA compiles the train
+    and validation steps once per shape on JAX and TensorFlow; PyTorch's oneDNN builds its
+    kernels for a new shape), training and validation steps apiece.
+
+    A shape's usual step is the median of its other steps (of every other step, for a shape
+    seen once). The first epoch of a run pays them; a resumed or cached run pays less.
+    """
+
+    def __init__(self, train, validation):
+        super().__init__()
+        self.data = {"train": train, "test": validation}
+        self.steps: dict[str, dict] = {"train": {}, "test": {}}  # phase -> shape -> [seconds]
+        self._start = 0.0
+
+    def _begin(self, batch, logs=None):
+        self._start = time.perf_counter()
+
+    def _end(self, phase: str, batch: int) -> None:
+        seconds = time.perf_counter() - self._start
+        shape_of = getattr(self.data[phase], "shape_of", None)
+        shape = shape_of(batch) if shape_of is not None else None
+        self.steps[phase].setdefault(shape, []).append(seconds)
+
+    on_train_batch_begin = on_test_batch_begin = _begin
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._end("train", batch)
+
+    def on_test_batch_end(self, batch, logs=None):
+        self._end("test", batch)
+
+    def seconds(self) -> float:
+        """The stage's compile seconds so far."""
+        total = 0.0
+        for shapes in self.steps.values():
+            later = [s for times in shapes.values() for s in times[1:]]
+            for times in shapes.values():
+                usual = times[1:] or later
+                total += max(0.0, times[0] - (float(np.median(usual)) if usual else 0.0))
+        return total
 
 
 class _OnClassifier(keras.callbacks.Callback):

@@ -29,6 +29,7 @@ from kerasft.data import (
 )
 from kerasft.devices import distribute
 from kerasft.devices.allocator import keep_freed_memory
+from kerasft.devices.compile_cache import persistent_compile_cache
 from kerasft.model import lora
 from kerasft.runs import rundir
 from kerasft.tokens.batching import inference_batch_size
@@ -83,6 +84,7 @@ class TwoStageFineTuner:
         history: the merged `History` of the last `fit`.
         backend: the Keras backend the model was trained on.
         stage_seconds: wall seconds per stage of the last `fit` (`"checkpoints"`: writing them).
+        compile_seconds: the part of each stage's seconds spent compiling or building kernels.
         data_parallel: how the last `fit` was distributed, or None on one device.
 
     Raises:
@@ -123,6 +125,7 @@ class TwoStageFineTuner:
         self.history: keras.callbacks.History | None = None
         self.backend: str | None = None
         self.stage_seconds: dict[str, float] = {}
+        self.compile_seconds: dict[str, float] = {}
         self.stage_samples_per_second: dict[str, float] = {}
         self.selected_epoch: dict | None = None
         self.parameters: dict[str, int] = {}
@@ -216,6 +219,7 @@ class TwoStageFineTuner:
         """
         # Before any computation: on JAX, XLA's threads must find malloc's settings made.
         keep_freed_memory(keras.backend.backend())
+        persistent_compile_cache(keras.backend.backend())  # JAX: compiled once, across runs
         self.recipe = r = self._resolved_recipe()
         texts, labels, val_texts, val_labels = self._fit_inputs(x, y, validation_data)
         self._class_weights = class_weight_ids(r.class_weight, labels, self.label_names)
@@ -294,6 +298,7 @@ class TwoStageFineTuner:
             confusion, weights = result.validated
             self._validated = (validation_sha256, weights, confusion)
         self.history, self.stage_seconds = result.history, result.seconds
+        self.compile_seconds = result.compile_seconds
         self.stage_samples_per_second = result.samples_per_second
         self.selected_epoch, self.parameters = result.selected_epoch, result.parameters
 
