@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from kerasft.benchmarks.report import cpu_line, header, provenance, results_parser, write_results
+from kerasft.devices.backends import keep_to_backend
 from kerasft.exporters.dispatch import export
 from kerasft.exporters.exportdir import is_export, read_manifest
 from kerasft.exporters.formats import EXPORT_PACKAGES
@@ -47,8 +48,10 @@ def build_parser():
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    # every format here is written under PyTorch, and Keras is loaded there too (no subprocess)
+    # every format here is written under PyTorch, and Keras is loaded there too (no subprocess);
+    # no TensorFlow, as `kerasft` keeps it out of a PyTorch run (transformers would try it)
     os.environ.setdefault("KERAS_BACKEND", "torch")
+    keep_to_backend(os.environ["KERAS_BACKEND"])
     args.command = "python -m kerasft.benchmarks.sharing " + shlex.join(argv)
     report = measure(args)
     write_results(args.out, report, render(report))
