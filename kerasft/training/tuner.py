@@ -29,7 +29,7 @@ from kerasft.data import (
 )
 from kerasft.devices import distribute
 from kerasft.devices.allocator import keep_freed_memory
-from kerasft.devices.compile_cache import persistent_compile_cache
+from kerasft.devices.compile_cache import persistent_compile_cache, quicker_compiles
 from kerasft.model import lora
 from kerasft.runs import rundir
 from kerasft.tokens.batching import inference_batch_size
@@ -220,6 +220,7 @@ class TwoStageFineTuner:
         # Before any computation: on JAX, XLA's threads must find malloc's settings made.
         keep_freed_memory(keras.backend.backend())
         persistent_compile_cache(keras.backend.backend())  # JAX: compiled once, across runs
+        quicker_compiles(keras.backend.backend())  # and at -O1
         self.recipe = r = self._resolved_recipe()
         texts, labels, val_texts, val_labels = self._fit_inputs(x, y, validation_data)
         self._class_weights = class_weight_ids(r.class_weight, labels, self.label_names)
