@@ -45,11 +45,11 @@ from kerasft.util.versions import TRAINING, source_commit
 BACKENDS = ("torch", "jax", "tensorflow")
 
 
-def run_fit(command: list[str], log_path: Path, env: dict | None = None) -> dict:
-    """Runs one command; returns its wall seconds, peak RSS (MB) and exit code."""
+def run_fit(command: list[str], log_path: Path, env: dict | None = None, cwd=None) -> dict:
+    """Runs one command (in `cwd`); returns its wall seconds, peak RSS (MB) and exit code."""
     started = time.perf_counter()
     with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
         _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)
     return {

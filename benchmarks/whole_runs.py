@@ -69,10 +69,12 @@ def measure(args, progress=print) -> dict:
                 out = root / f"{backend}-{attempt}"
                 command = _fit(args, backend, out)
                 progress(f"running {shlex.join(command)} (run {attempt})")
+                # (in `root`: `python -m` would import the kerasft of the current directory)
                 result = run_fit(
                     [sys.executable, "-m", "kerasft", *command[1:]],
                     root / f"{backend}-{attempt}.log",
                     env,
+                    cwd=root,
                 )
                 if result["returncode"] != 0:
                     tail = (root / f"{backend}-{attempt}.log").read_text()[-3000:]
@@ -216,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
             f"backends: {list(BACKENDS)}, Trainer: {list(TRAINER)}, --repeat >= 1"
         )
     require_data(parser, args.data)
+    args.data = str(Path(args.data).resolve())  # the runs start in a directory of their own
+    args.source = args.source.resolve() if args.source else None
     args.command = "python -m kerasft.benchmarks.whole_runs " + shlex.join(argv)
     report = measure(args, progress=lambda text: print(text, flush=True))
     write_results(args.out, report, render(report))
