@@ -22,10 +22,12 @@ import importlib.util
 import json
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from kerasft.benchmarks.models import optimum_export, optimum_intel_export, to_transformers
 from kerasft.benchmarks.models import widen as widen_model
+from kerasft.devices.backends import keep_to_backend
 from kerasft.exporters import openvino
 from kerasft.exporters.exportdir import is_export
 from kerasft.exporters.formats import AUTO_VARIANTS, FORMATS, VARIANTS
@@ -136,6 +138,8 @@ def prepare(
     for fmt, quantize in AUTO_VARIANTS if auto_only else VARIANTS:
         if quantize == "auto":  # one of the format's other variants, chosen on the machine
             continue
+        if FORMATS[fmt].checkpoint:  # a format to share, not to serve (`sharing.py` loads it)
+            continue
         name = export_name(fmt, quantize)
         target = out / "exports" / name
         if not is_export(target):  # exports publish atomically
@@ -146,16 +150,29 @@ def prepare(
             )  # fmt: skip
             jobs.setdefault(FORMATS[fmt].default_source, []).append((target, options))
         index["exports"][name] = str(target)
+
     # Under each format's graph source (else each export would start another process): the
     # run's own model, one process per graph source; the base shape, one per export, whose
     # memory returns when it ends (static INT8 needs ~17 GB alone and was killed at 24 GB
-    # after other exports in the same process).
-    for backend, pending in jobs.items():
-        for group in [pending] if role == "run" else [[job] for job in pending]:
-            log(f"{role}: export {', '.join(Path(target).name for target, _ in group)}")
-            exports_in_subprocess(model_file, group, backend=backend)
-    if peers and has_peers():
-        index.update(_peer_exports(out, role, tuner, vset.calibration, log))
+    # after other exports in the same process). Two export processes side by side were slower:
+    # each computes the Keras reference with both cores' threads (267 s against 202 s for a
+    # first `bench --quick`).
+    def export_all():
+        for backend, pending in jobs.items():
+            for group in [pending] if role == "run" else [[job] for job in pending]:
+                log(f"{role}: export {', '.join(Path(target).name for target, _ in group)}")
+                exports_in_subprocess(model_file, group, backend=backend)
+
+    peers = peers and has_peers()
+    if peers and role == "run":  # the exports' subprocess and the peers side by side
+        with ThreadPoolExecutor(1) as pool:
+            exporting = pool.submit(export_all)
+            index.update(_peer_exports(out, role, tuner, vset.calibration, log))
+            exporting.result()
+    else:  # the base shape's builds one at a time: together they would not fit in memory
+        export_all()
+        if peers:
+            index.update(_peer_exports(out, role, tuner, vset.calibration, log))
     (out / "index.json").write_text(json.dumps(index, indent=2))
     return index
 
@@ -191,8 +208,14 @@ def main(argv=None) -> int:
     parser.add_argument("--verify-per-split", type=int, default=VERIFY_PER_SPLIT)
     parser.add_argument("--no-peers", action="store_true")
     parser.add_argument("--auto-only", action="store_true", help="only `--int8 auto`'s variants")
+    parser.add_argument(
+        "--backend", default="tensorflow", choices=("tensorflow", "torch"),
+        help="this process's Keras backend (torch: no TensorFlow, for the ONNX and OpenVINO "
+        "exports alone)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
-    os.environ["KERAS_BACKEND"] = "tensorflow"
+    os.environ["KERAS_BACKEND"] = args.backend
+    keep_to_backend(args.backend)  # KerasHub would import TensorFlow on PyTorch too
 
     log_progress("[bench] ")  # the exports' progress, as the harness shows it
 

@@ -29,8 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import shutil
 import subprocess
 import sys
 import time
@@ -40,16 +38,15 @@ import numpy as np
 
 import kerasft.exporters
 from kerasft.benchmarks.artifacts import has_peers
+from kerasft.benchmarks.device import detect_device, machine_info
 from kerasft.benchmarks.pipe import Child
-from kerasft.benchmarks.report import BASELINE, write_report
+from kerasft.benchmarks.report import BASELINE, OPTIMUM_INT8, write_report
 from kerasft.benchmarks.variants import Variant, end_to_end_variants, variants
-from kerasft.exporters.formats import EXPORT_PACKAGES as EXPORT
 from kerasft.exporters.runtime import load
 from kerasft.runs.rundir import MODEL_FILE, read_config, run_splits
 from kerasft.util.cache import cache_dir
 from kerasft.util.fileio import publish_target
-from kerasft.util.machine import cpu_model, isa
-from kerasft.util.versions import package_versions, source_commit
+from kerasft.util.versions import source_commit
 
 HERE = Path(__file__).resolve().parent
 
@@ -68,45 +65,6 @@ class Worker(Child):
         super().__init__(variant.name, ["kerasft.benchmarks.worker", json.dumps(variant.spec)],
                          log, env)  # fmt: skip
         self.info = self.read()
-
-
-def detect_device(requested: str) -> tuple[str, str]:
-    """Returns `(device, description)`; `auto` picks the GPU when `nvidia-smi` lists one.
-
-    Raises:
-        ValueError: `gpu` was requested and no NVIDIA GPU is visible.
-    """
-    gpus = ""
-    if shutil.which("nvidia-smi"):
-        proc = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
-        gpus = proc.stdout.strip() if proc.returncode == 0 else ""
-    if requested == "gpu" and not gpus:
-        raise ValueError("--device gpu was requested but `nvidia-smi -L` lists no NVIDIA GPU.")
-    device = "gpu" if requested == "gpu" or (requested == "auto" and gpus) else "cpu"
-    return device, gpus or "none"
-
-
-def machine_info(threads: int, gpus: str) -> dict:
-    names = (
-        *EXPORT,
-        "jax",
-        "torch",
-        "optimum-intel",
-        "transformers",
-        "optimum",
-        "optimum-onnx",
-        "numpy",
-    )
-    return {
-        "cpu": cpu_model(),
-        "isa": isa(),
-        "cores": os.cpu_count(),
-        "threads": threads,
-        "gpu": gpus,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "versions": package_versions(names),
-    }
 
 
 def _parse_ints(text: str, name: str, low: int, high: int) -> list[int]:
@@ -217,8 +175,10 @@ def _prepare(run: Path, root: Path, role: str, widen: int, peers: bool, auto_onl
     cmd = [sys.executable, "-m", "kerasft.benchmarks.artifacts", "--run", str(run),
            "--root", str(root), "--role", role, "--widen", str(widen)]  # fmt: skip
     cmd += ["--no-peers"] if not peers else []
-    cmd += ["--auto-only"] if auto_only else []
-    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    # --quick's variants (ONNX, OpenVINO) trace under PyTorch: no TensorFlow to load for them
+    backend = "torch" if auto_only else "tensorflow"
+    cmd += ["--auto-only", "--backend", backend] if auto_only else []
+    env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "2"}
     log, started = root / f"prepare-{role}.log", time.time()
     with log.open("w") as f, subprocess.Popen(
         cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -291,8 +251,9 @@ def _close(workers: dict) -> None:
 
 
 def measure_accuracy(
-    index, run, rows, work: Path, progress, workers: dict, vs, quick: bool = False
-) -> dict:
+    index, run, rows, work: Path, progress, workers: dict, vs, quick: bool = False,
+    only: set[str] | None = None,
+) -> dict:  # fmt: skip
     """Classifies the test split with every variant's worker: at batch 32, and quantized ones
     also at batch 1.
 
@@ -300,7 +261,7 @@ def measure_accuracy(
     fp32 export served as verified (`Variant.exact`) is given the reference's labels, as its
     export's parity check (every verification text within `verify.FP32_TOLERANCE`) found, and
     the peers are not classified (the targets hold kerasft to the fastest peer whatever its
-    accuracy).
+    accuracy). `only`: the variants to classify (None: every one); the rest get no accuracy.
     """
     labels = _test_inputs(index, run, rows, work / "test_inputs.npz")
     results, preds, exact = {}, {}, []
@@ -310,6 +271,9 @@ def measure_accuracy(
         if quick and (v.exact or v.family == "peer"):
             if v.exact:
                 exact.append(v.name)
+            progress.update(1)
+            continue
+        if only is not None and v.name not in only:  # never a contender: not classified
             progress.update(1)
             continue
         try:
@@ -346,14 +310,19 @@ def measure_accuracy(
 
 
 def measure_latency(
-    settings, progress, workers: dict, failed: dict, vs, cells=None, op: str = "time"
-) -> tuple[dict, dict]:
+    settings, progress, workers: dict, failed: dict, vs, cells=None, op: str = "time",
+    prune: float | None = None, keep: frozenset = frozenset(),
+) -> tuple[dict, dict]:  # fmt: skip
     """Interleaved timing of every variant on every cell.
 
     Args:
         cells: `(batch, sequence)` pairs (default: every configured batch size x sequence
             length); with `op="time_texts"`, `(batch, "text")`: raw test strings end to end.
         op: the worker command, `"time"` (token ids) or `"time_texts"` (raw strings).
+        prune: after the first round, a cell times on only the variants within `prune` times
+            its fastest (`--quick`: what decides its targets), and those of `keep` within
+            `prune` times the fastest of `keep`. A variant left out is timed in one round: it
+            is fastest nowhere and tied with nothing (`report.tied_with` needs every round).
     """
     if cells is None:
         cells = [(b, s) for s in settings["seq_lens"] for b in settings["batch_sizes"]]
@@ -383,6 +352,8 @@ def measure_latency(
     # previous variant's idle runtime threads (which spin for a while after work) leave the cores.
     rng = np.random.default_rng(0)
     for r in range(settings["rounds"]):
+        if r == 1 and prune:
+            warm = _contenders(warm, per_round, prune, keep)
         for cell in cells:
             for name in rng.permutation([n for n in workers if (n, cell) in warm]):
                 progress.set_description(f"latency: round {r + 1} b{cell[0]} s{cell[1]}")
@@ -427,7 +398,39 @@ def measure_latency(
     return table, {"cells": [f"b{b}_s{s}" for b, s in cells]}
 
 
+def _contenders_of(latency: dict, rounds: int) -> set[str]:
+    """The variants timed in every round of some cell (`measure_latency`'s `prune` kept them:
+    the ones a targets verdict can name, or tie) and the accuracy reference."""
+    return {BASELINE} | {
+        name for name, row in latency.items()
+        for cell in row.get("cells", {}).values() if len(cell.get("round_p50_ms", [])) == rounds
+    }  # fmt: skip
+
+
+def _contenders(warm: set, per_round: dict, prune: float, keep: frozenset) -> set:
+    """The `(variant, cell)` pairs whose first round came within `prune` times the cell's
+    fastest, or, for a variant in `keep`, within `prune` times the fastest of `keep`."""
+    first = {pair: medians[0] for pair, medians in per_round.items() if medians}
+
+    def fastest(names) -> dict:
+        best = {}
+        for (name, cell), median in first.items():
+            if name in names:
+                best[cell] = min(best.get(cell, np.inf), median)
+        return best
+
+    every, kept = fastest({name for name, _ in first}), fastest(keep)
+    return {
+        (name, cell) for name, cell in warm
+        if first.get((name, cell), np.inf)
+        <= prune * (kept[cell] if name in keep else every[cell])
+        or first.get((name, cell), np.inf) <= prune * every[cell]
+    }  # fmt: skip
+
+
 END_TO_END_BATCHES = (1, 32)
+# --quick times, after its first round, the variants within this factor of each cell's fastest
+QUICK_PRUNE = 1.3
 QUICK_NOTE = (
     "--quick: no end-to-end (raw strings) pass; the batch-1 accuracy pass only for recipes "
     "whose activation ranges are taken per batch; fp32 exports served as verified take the "
@@ -524,20 +527,25 @@ def _measure(args, settings) -> dict:
     with tqdm(total=total, unit="step", file=sys.stderr, dynamic_ncols=True) as progress:
         workers, failed = open_workers(run_vs, work, device, progress)
         try:
-            accuracy = measure_accuracy(
-                indexes["run"],
-                args.run,
-                settings["test_rows"],
-                work,
-                progress,
-                workers,
-                run_vs,
-                args.quick,
-            )
+            if args.quick:  # the run's own workers time first, then classify what contends
+                accuracy = None
+            else:
+                accuracy = measure_accuracy(indexes["run"], args.run, settings["test_rows"],
+                                            work, progress, workers, run_vs)  # fmt: skip
             if latency_index is not indexes["run"]:  # new workers on the latency model
                 _close(workers)
                 workers, failed = open_workers(lat_vs, work, device, progress)
-            latency, cells = measure_latency(settings, progress, workers, failed, lat_vs)
+            # --quick: after one round, only the contenders of each cell, and those of the ONNX
+            # INT8 table (this project's recipes against Optimum's)
+            keep = frozenset(v.name for v in lat_vs if v.onnx_int8 or v.name == OPTIMUM_INT8)
+            latency, cells = measure_latency(settings, progress, workers, failed, lat_vs,
+                                             prune=QUICK_PRUNE if args.quick else None,
+                                             keep=keep)  # fmt: skip
+            if accuracy is None:  # --quick: the variants a verdict can name, and the reference
+                accuracy = measure_accuracy(
+                    indexes["run"], args.run, settings["test_rows"], work, progress, workers,
+                    run_vs, quick=True, only=_contenders_of(latency, settings["rounds"]),
+                )  # fmt: skip
         finally:
             _close(workers)
         end_to_end = None
