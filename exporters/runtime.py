@@ -75,6 +75,7 @@ class ExportedClassifier:
     """
 
     chunk_rows = 1024  # texts sorted by length together (`predict`)
+    pad_multiple = 1  # a batch is padded to its longest text, rounded up to a multiple of this
 
     def __init__(self, export_dir: str | Path, manifest_sha256: str | None = None):
         from tokenizers import Tokenizer
@@ -109,7 +110,8 @@ class ExportedClassifier:
     def _pad(self, rows: list) -> dict[str, np.ndarray]:
         """Token id rows as the model's int32 inputs, padded to the longest (or fixed) length."""
         lengths = np.array([len(r) for r in rows])
-        width = self.fixed_length or lengths.max(initial=0)
+        step = self.pad_multiple
+        width = self.fixed_length or -(-lengths.max(initial=0) // step) * step
         ids = np.full((len(rows), width), self._pad_id, dtype="int32")
         for i, r in enumerate(rows):
             ids[i, : len(r)] = r
@@ -210,6 +212,8 @@ class OpenVINOClassifier(ExportedClassifier):
         device: the OpenVINO device.
         manifest_sha256: pin the manifest's sha256.
     """
+
+    pad_multiple = 2  # (see above)
 
     def __init__(
         self,
