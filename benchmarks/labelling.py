@@ -6,10 +6,12 @@
 them: `onnx-dynamic`, `openvino-nncf`, ...). Each measurement runs in its own process:
 
 - **File**: `kerasft predict EXPORT --data TEST --out FILE` as the CLI runs it
-  (`kerasft.labelling.labeller.label_file`: read, tokenize, sort by length, predict, write), on the
-  run's test split, after a warm-up on 256 texts; the run directory (Keras) too.
-- **Threads**: one loaded export, its `predict` called from 1, 2 and 4 threads at once, each
-  thread on its own share of the test split; rows/s of the whole.
+  (`kerasft.labelling.labeller.label_file`: read, tokenize, sort by length, predict, write; the
+  export loaded for throughput, `runtime.load(..., throughput=True)`), on the run's test
+  split, after a warm-up on 256 texts; the run directory (Keras) too.
+- **Threads**: one export as `runtime.load(dir)` loads it by default, its `predict` called
+  from 1, 2 and 4 threads at once, each thread on its own share of the test split; rows/s of
+  the whole, after a warm-up on 256 texts.
 - **Peers** (`--peers`): the pipelines a Hugging Face user writes for the same job,
   `transformers.pipeline("text-classification", model=..., batch_size=32)` over optimum-intel's
   `OVModelForSequenceClassification` and over Optimum's `ORTModelForSequenceClassification`, each
@@ -209,10 +211,10 @@ def _work(job: dict) -> dict:
 
     model = Path(job["model"])
     if exportdir.is_export(model):
-        served = load(model)
-        name = served.manifest["format"] + " " + exportdir.variant(served.manifest)
-        predict_proba, chunk = (lambda t: served.predict(t).probabilities), served.chunk_rows
-        names = served.label_names
+        for_file = load(model, throughput=True)  # as `kerasft predict --data` loads it
+        name = for_file.manifest["format"] + " " + exportdir.variant(for_file.manifest)
+        predict_proba, chunk = (lambda t: for_file.predict(t).probabilities), for_file.chunk_rows
+        names = for_file.label_names
     else:
         import keras
 
@@ -229,10 +231,13 @@ def _work(job: dict) -> dict:
                          chunk_rows=chunk, overwrite=True)  # fmt: skip
     row = {"name": name, "model": str(model), "rows": summary["rows"],
            "file_rows_per_second": summary["rows_per_second"]}  # fmt: skip
-    if job["threads"]:
-        row["threads"] = {str(n): _threaded(served, texts, n) for n in job["threads"]}
-    if job.get("labels"):
-        row["accuracy"] = _accuracy(served.predict(texts).labels, job["labels"], names)
+    if exportdir.is_export(model):  # `runtime.load(dir)` as it loads by default
+        served = load(model)
+        served.predict(texts[:256])  # warm-up
+        if job["threads"]:
+            row["threads"] = {str(n): _threaded(served, texts, n) for n in job["threads"]}
+        if job.get("labels"):
+            row["accuracy"] = _accuracy(served.predict(texts).labels, job["labels"], names)
     return row
 
 

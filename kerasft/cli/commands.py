@@ -91,11 +91,11 @@ def cmd_predict(args) -> int:
     return 0
 
 
-def _predictor(args):
+def _predictor(args, file: bool = False):
     """`(label_names, predict_proba, chunk_rows)` of a run directory (Keras) or an export (its
-    runtime, no Keras)."""
+    runtime, no Keras; for a `file`, loaded for throughput)."""
     if is_export(args.run_dir):
-        model = load(args.run_dir, manifest_sha256=args.manifest_sha256)
+        model = load(args.run_dir, manifest_sha256=args.manifest_sha256, throughput=file)
         return model.label_names, lambda texts: model.predict(texts).probabilities, model.chunk_rows
     if args.manifest_sha256:
         raise ValueError(
@@ -120,7 +120,7 @@ def _predict_file(args) -> int:
         header=False if args.no_header else None, input_format=args.input_format,
         labels=args.score, skip_invalid=args.skip_invalid,
     )  # fmt: skip
-    names, predict_proba, chunk_rows = _predictor(args)
+    names, predict_proba, chunk_rows = _predictor(args, file=True)
     summary = label_file(
         stream, predict_proba, names, out=args.out, output_format=args.output_format,
         chunk_rows=chunk_rows, overwrite=args.overwrite,
