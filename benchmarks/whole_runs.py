@@ -27,27 +27,16 @@ from pathlib import Path
 from kerasft.benchmarks.report import cpu_line, header, provenance, require_data, write_results
 from kerasft.benchmarks.training_runs import BACKENDS, run_fit
 from kerasft.data import DATA_ENV
+from kerasft.model.presets import OFFLINE_PRESET
 from kerasft.util.versions import TRAINING, source_commit
 
 TRAINER = {"fp32": [], "bf16": ["--bf16"]}
 
 
 def _fit(args, backend: str, out: Path) -> list[str]:
-    command = [
-        "kerasft",
-        "--backend",
-        backend,
-        "fit",
-        "--data",
-        args.data,
-        "--out",
-        str(out),
-        "--warmup-epochs",
-        "0",
-        "--finetune-epochs",
-        "1",
-        "--quiet",
-    ]
+    command = ["kerasft", "--backend", backend, "fit", "--data", args.data, "--out", str(out),
+               "--preset", args.preset, "--sequence-length", str(args.sequence_length),
+               "--warmup-epochs", "0", "--finetune-epochs", "1", "--quiet"]  # fmt: skip
     return command + (["--limit", str(args.limit)] if args.limit else [])
 
 
@@ -111,6 +100,7 @@ def measure(args, progress=print) -> dict:
                 *TRAINER[name],
             ]
             command += ["--limit", str(args.limit)] if args.limit else []
+            command += ["--preset", args.preset, "--sequence-length", str(args.sequence_length)]
             progress(f"running Trainer ({name})")
             subprocess.run(
                 command,
@@ -205,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=2, help="runs per backend (default 2)")
     parser.add_argument("--trainer", default="fp32,bf16", help="Trainer peers: fp32,bf16 or ''")
     parser.add_argument("--source", type=Path, help="another checkout's kerasft to measure")
+    parser.add_argument("--preset", default=OFFLINE_PRESET, help=f"default {OFFLINE_PRESET}")
+    parser.add_argument("--sequence-length", type=int, default=128, help="default 128")
     parser.add_argument("--out", type=Path, required=True, help="markdown report (JSON beside)")
     args = parser.parse_args(argv)
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]

@@ -341,3 +341,20 @@ def test_labelling_summary_takes_the_fastest_accurate_export_against_the_fastest
         ("optimum_intel", "/oi/int8", "openvino_model.xml"),
         ("optimum", "/o/int8", "model_quantized.onnx"),
     ]
+
+
+def test_quick_times_only_the_contenders_after_its_first_round():
+    """`bench --quick` keeps, after round 1, a cell's variants within 1.3x of its fastest, and
+    the ONNX INT8 table's within 1.3x of that table's fastest; it classifies only those."""
+    from kerasft.benchmarks.latency import QUICK_PRUNE, _contenders, _contenders_of
+
+    first = {"ov": 1.0, "peer": 1.2, "slow": 1.4, "onnx-a": 1.8, "onnx-b": 2.5, "optimum": 2.2}
+    per_round = {(n, "b1"): [ms] for n, ms in first.items()}
+    warm = set(per_round)
+    kept = _contenders(warm, per_round, QUICK_PRUNE, frozenset({"onnx-a", "onnx-b", "optimum"}))
+    assert {n for n, _ in kept} == {"ov", "peer", "onnx-a", "optimum"}
+    latency = {n: {"cells": {"b1": {"round_p50_ms": [1.0] * (3 if (n, "b1") in kept else 1)}}}
+               for n in first}  # fmt: skip
+    from kerasft.benchmarks.report import BASELINE
+
+    assert _contenders_of(latency, 3) == {"ov", "peer", "onnx-a", "optimum", BASELINE}

@@ -55,3 +55,16 @@ def test_a_second_jax_run_loads_its_compiled_steps(tiny_preset, tmp_path):
     second = run_backend("jax", code, env=env)
     assert second["misses"] == 0 and second["hits"] >= first["misses"], (first, second)
     assert second["entries"] == first["entries"], (first, second)
+
+
+def test_jax_compiles_at_o1_unless_the_user_chose_a_level(monkeypatch):
+    from kerasft.devices.compile_cache import XLA_OPTIMIZATION, quicker_compiles
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
+    assert quicker_compiles("jax")
+    import os
+
+    assert os.environ["XLA_FLAGS"] == f"--xla_cpu_enable_fast_math=false {XLA_OPTIMIZATION}"
+    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=3")
+    assert not quicker_compiles("jax") and not quicker_compiles("torch")
+    assert os.environ["XLA_FLAGS"] == "--xla_backend_optimization_level=3"

@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import sys
+from pathlib import PurePosixPath
 
 import numpy as np
 import pytest
@@ -92,7 +93,10 @@ def test_export_matrix(format, quantize, backend, toy_runs, tmp_path):
     assert manifest["graph_source"] == FORMATS[format].default_source
     assert manifest["source_backend"] == backend
     assert manifest["label_names"] == ["neg", "pos"] and manifest["sequence_length"] == 32
-    assert {"tokenizer.json", "vocab.txt", "README.md"} <= set(manifest["files"])
+    tokenizer = PurePosixPath(manifest["tokenizer_file"])  # serving/ in a KerasHub preset
+    assert {str(tokenizer), str(tokenizer.parent / "vocab.txt"), "README.md"} <= set(
+        manifest["files"]
+    )
     card = (out / "README.md").read_text()
     assert card.startswith("---\nlibrary_name:") and "model-index:" in card
     assert f"exported by kerasft as **{format} {manifest['quantization'] or 'fp32'}**" in card

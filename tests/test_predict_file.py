@@ -214,3 +214,23 @@ def test_every_runtime_serves_many_threads_at_once(toy_export, format):
     for logits in results:
         np.testing.assert_allclose(logits, serial, atol=1e-4)
         assert (logits.argmax(-1) == serial.argmax(-1)).all()
+
+
+@pytest.mark.slow
+def test_an_openvino_export_loaded_for_throughput_gives_the_same_answers(toy_export):
+    """`runtime.load(dir, throughput=True)` (how `kerasft predict --data` loads an export):
+    OpenVINO's THROUGHPUT hint and a chunk's batches in flight side by side, the same labels
+    and logits as one batch at a time; even batch lengths (fewer shapes to prepare)."""
+    from conftest import toy_texts
+    from kerasft.exporters.runtime import load
+
+    texts = toy_texts(150, seed=9)[0]
+    export = toy_export("openvino")
+    one, many = load(export), load(export, throughput=True)
+    assert many.throughput and not one.throughput
+    a, b = one.predict(texts), many.predict(texts, batch_size=8)
+    assert a.labels == b.labels
+    np.testing.assert_allclose(a.logits, b.logits, atol=1e-4)
+    assert one._pad([[101, 7, 102]])["token_ids"].shape == (1, 4)  # 3 ids: padded to 4
+    onnx = load(toy_export("onnx"), throughput=True)  # ignored where it means nothing
+    assert onnx._pad([[101, 7, 102]])["token_ids"].shape == (1, 3)

@@ -242,3 +242,12 @@ def test_quantizer_log_lines_go_to_debug(caplog):
         ("kerasft.exporters.onnx", logging.DEBUG)
     ]
     assert "onnxruntime: Quantization parameters" in caplog.records[0].getMessage()
+
+
+@pytest.mark.parametrize("tokenizer_file", ["../tokenizer.json", "unlisted.json"])
+def test_a_tokenizer_file_outside_or_unlisted_is_refused(copy, tokenizer_file):
+    """A manifest may name its `tokenizers` file (a KerasHub preset keeps `tokenizer.json`
+    for its own): it must be inside the export and listed with its sha256."""
+    _edit_manifest(copy, tokenizer_file=tokenizer_file)
+    with pytest.raises(IntegrityError, match="tokenizer_file"):
+        load(copy)

@@ -146,3 +146,23 @@ def test_runs_over_seeds_are_summarized_per_backend_and_options():
         "| torch | `--bucket-width 1` | 2 | 0.9050 | 0.9000 | 0.9100 | 100.0 | 300 |",
     ]
     assert _seed_summary(runs[:1] + runs[-1:]) == []  # no two runs differ only in the seed
+
+
+@pytest.mark.slow
+def test_whole_runs_time_a_first_and_a_second_fit_against_trainer(tiny_preset, toy_data, tmp_path):
+    out = tmp_path / "whole.md"
+    proc = _run(
+        "kerasft.benchmarks.whole_runs", "--data", toy_data, "--preset", tiny_preset,
+        "--sequence-length", 32, "--limit", 200, "--backends", "jax", "--repeat", 2,
+        "--trainer", "fp32", "--out", out,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(out.with_suffix(".json").read_text())
+    first, second = report["runs"]
+    assert (first["run"], second["run"]) == (1, 2)
+    for run in (first, second):
+        assert run["metrics"]["samples_per_second"]["finetune"] > 0, run
+        assert run["metrics"]["compile_seconds"]["finetune"] >= 0, run
+    trainer = report["trainer"]["fp32"]
+    assert trainer["rows"]["train"] == 120 and trainer["samples_per_second"] > 0
+    assert "| kerasft jax | 2 |" in out.read_text() and "vs Trainer defaults" in out.read_text()
