@@ -118,22 +118,7 @@ def prepare(
         log(f"widening the model x{widen} to the DistilBERT-base shape")
         model_file = _build(out / "keras", make_base) / MODEL_FILE
         tuner = TwoStageFineTuner.load(model_file)
-    backbone = tuner.model.backbone
-    index = {
-        "role": role,
-        "keras": str(model_file),
-        "shape": {
-            "layers": backbone.num_layers,
-            "hidden": backbone.hidden_dim,
-            "heads": backbone.num_heads,
-            "intermediate": backbone.intermediate_dim,
-            "parameters": int(tuner.model.count_params()),
-            "max_sequence_length": backbone.max_sequence_length,
-        },
-        "vocabulary_size": backbone.vocabulary_size,
-        "label_names": tuner.label_names,
-        "exports": {},
-    }
+    index = _index(role, model_file, tuner)
     jobs: dict[str, list] = {}  # by graph source
     for fmt, quantize in AUTO_VARIANTS if auto_only else VARIANTS:
         if quantize == "auto":  # one of the format's other variants, chosen on the machine
@@ -174,6 +159,27 @@ def prepare(
         if peers:
             index.update(_peer_exports(out, role, tuner, vset.calibration, log))
     (out / "index.json").write_text(json.dumps(index, indent=2))
+    return index
+
+
+def _index(role: str, model_file: Path, tuner) -> dict:
+    """The role's `index.json` before its exports are listed: the model and its shape."""
+    backbone = tuner.model.backbone
+    index = {
+        "role": role,
+        "keras": str(model_file),
+        "shape": {
+            "layers": backbone.num_layers,
+            "hidden": backbone.hidden_dim,
+            "heads": backbone.num_heads,
+            "intermediate": backbone.intermediate_dim,
+            "parameters": int(tuner.model.count_params()),
+            "max_sequence_length": backbone.max_sequence_length,
+        },
+        "vocabulary_size": backbone.vocabulary_size,
+        "label_names": tuner.label_names,
+        "exports": {},
+    }
     return index
 
 

@@ -365,6 +365,13 @@ def measure_latency(
                 if t:
                     per_round[(name, cell)].append(float(np.median(t) * 1e3))
                 progress.update(1)
+    table = _latency_table(workers, failed, vs, cells, samples, per_round)
+    return table, {"cells": [f"b{b}_s{s}" for b, s in cells]}
+
+
+def _latency_table(workers: dict, failed: dict, vs, cells, samples: dict, per_round: dict):
+    """`{variant: {family, ..., "cells": {"bB_sS": percentiles}}}` of the timed samples (and
+    the failed variants' errors); each worker's peak memory asked for last."""
     memory = {name: w.call(op="stats")["peak_rss_mb"] for name, w in workers.items()}
     info = {name: w.info["info"] for name, w in workers.items()}
     table = {}
@@ -395,7 +402,7 @@ def measure_latency(
             }  # fmt: skip
     for name, error in failed.items():
         table[name] = {"error": error, "cells": {}}
-    return table, {"cells": [f"b{b}_s{s}" for b, s in cells]}
+    return table
 
 
 def _contenders_of(latency: dict, rounds: int) -> set[str]:

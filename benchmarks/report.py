@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import time
 from pathlib import Path
 
@@ -411,6 +412,15 @@ def cpu_line(machine: dict) -> str:
     """`CPU: model, N cores, ISA: flags` of `kerasft.util.machine.describe()`."""
     isa = ", ".join(machine["isa"]) or "none found"
     return f"CPU: {machine['cpu']}, {machine['cores']} cores, ISA: {isa}"
+
+
+def measure_and_write(module: str, argv: list[str], args, measure, render) -> int:
+    """The end of a results benchmark's `main`: records its command (`python -m
+    kerasft.benchmarks.MODULE ARGV`), measures (progress on stdout), writes the report."""
+    args.command = f"python -m kerasft.benchmarks.{module} " + shlex.join(argv)
+    report = measure(args, progress=lambda text: print(text, flush=True))
+    write_results(args.out, report, render(report))
+    return 0
 
 
 def write_results(out: Path, report: dict, text: str) -> None:

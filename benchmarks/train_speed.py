@@ -49,7 +49,6 @@ import argparse
 import json
 import os
 import re
-import shlex
 import sys
 import tempfile
 import time
@@ -58,7 +57,7 @@ from pathlib import Path
 import numpy as np
 
 from kerasft.benchmarks.pipe import Child
-from kerasft.benchmarks.report import require_data, write_results
+from kerasft.benchmarks.report import measure_and_write, require_data
 from kerasft.benchmarks.train_report import render
 from kerasft.data import DATA_ENV, load_dataset, reference_split, stratified_limit
 from kerasft.model.presets import OFFLINE_PRESET
@@ -356,10 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         if value < low:
             parser.error(f"--{name} must be >= {low}. Received: {value}")
     require_data(parser, args.data)
-    args.command = "python -m kerasft.benchmarks.train_speed " + shlex.join(argv)
-    report = measure(args, progress=lambda text: print(text, flush=True))
-    write_results(args.out, report, render(report))
-    return 0
+    return measure_and_write("train_speed", argv, args, measure, render)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from typing import TextIO
 import keras  # under the engine's backend: the parent sets KERAS_BACKEND
 import numpy as np
 
-from kerasft.benchmarks.models import to_transformers
 from kerasft.benchmarks.pipe import child_pipe, next_command, reply
 from kerasft.benchmarks.train_speed import (
     BATCH_SIZE,
@@ -31,6 +30,7 @@ from kerasft.benchmarks.train_speed import (
     WARMUP_STEPS,
     parse_engine,
 )
+from kerasft.benchmarks.trainer_run import initial_checkpoint, trainer_arguments
 from kerasft.benchmarks.worker import set_threads
 from kerasft.devices.allocator import keep_freed_memory
 from kerasft.model.encoder import PACKED_ROWS_MULTIPLE, ClsEncoder
@@ -314,7 +314,8 @@ def _trainer_worker(spec: dict, bf16: bool) -> None:
     torch.set_num_threads(spec["threads"])
     data = json.loads(Path(spec["data"]).read_text())
     started = time.perf_counter()
-    hf_dir = _same_initial_weights(spec, data)
+    hf_dir = initial_checkpoint(spec["preset"], data["label_names"], spec["sequence_length"],
+                                Path(spec["work"]) / "transformers")  # fmt: skip
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     model = DistilBertForSequenceClassification.from_pretrained(hf_dir)
     encoded = tokenizer(data["texts"], truncation=True, max_length=spec["sequence_length"])
@@ -332,7 +333,9 @@ def _trainer_worker(spec: dict, bf16: bool) -> None:
         shapes.append(tuple(int(n) for n in batch["input_ids"].shape))
         return batch
 
-    args = _trainer_arguments(spec, WARMUP_STEPS + spec["rounds"] * spec["steps"] + 1, bf16)
+    need = WARMUP_STEPS + spec["rounds"] * spec["steps"] + 1
+    args = trainer_arguments(Path(spec["work"]) / "trainer", bf16, max_steps=need + 1,
+                             eval_strategy="no")  # fmt: skip
     rounds = _Rounds(spec["steps"], shapes)
     load_seconds = time.perf_counter() - started
 
@@ -367,38 +370,6 @@ def _trainer_worker(spec: dict, bf16: bool) -> None:
         return
     rounds.shapes = _ShiftedShapes(shapes, 1 + WARMUP_STEPS)
     trainer.train()
-
-
-def _trainer_arguments(spec: dict, need: int, bf16: bool = False):
-    """Trainer's defaults (fused AdamW, linear schedule) at kerasft's batch, rate and seed;
-    `bf16`: its `bf16=True` (torch autocast to bfloat16 on the CPU)."""
-    from transformers import TrainingArguments  # lazy: only Trainer's engine loads transformers
-
-    return TrainingArguments(
-        output_dir=str(Path(spec["work"]) / "trainer"),
-        per_device_train_batch_size=BATCH_SIZE,
-        learning_rate=LEARNING_RATE,
-        lr_scheduler_type="linear",
-        max_steps=need + 1,
-        save_strategy="no",
-        eval_strategy="no",
-        logging_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        seed=SEED,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        bf16=bf16,
-    )
-
-
-def _same_initial_weights(spec: dict, data: dict) -> Path:
-    """A transformers checkpoint of kerasft's initial classifier (same seeded head)."""
-    classifier = load_classifier(spec["preset"], len(data["label_names"]), spec["sequence_length"])
-    recipe.initialize_head(classifier, SEED)  # the same initial weights as kerasft's
-    hf_dir = Path(spec["work"]) / "transformers"
-    to_transformers(classifier, hf_dir, data["label_names"])
-    return hf_dir
 
 
 class _ShiftedShapes:

@@ -27,20 +27,42 @@ from pathlib import Path
 import numpy as np
 
 from kerasft.benchmarks.models import to_transformers
+from kerasft.benchmarks.train_speed import BATCH_SIZE, LEARNING_RATE, SEED
 from kerasft.data import load_dataset
 from kerasft.devices.backends import keep_to_backend
 from kerasft.model.presets import OFFLINE_PRESET, load_classifier
 from kerasft.runs.rundir import DataSource
-
-BATCH_SIZE = 32
-LEARNING_RATE = 1e-4  # kerasft's stage-2 rate
-SEED = 30
 
 
 def splits(data: str, limit: int | None):
     """The `(train, validation, test)` rows `kerasft fit --data DATA --limit LIMIT` trains on."""
     source = DataSource.from_file(data, limit=limit, limit_seed=SEED, split_seed=SEED)
     return source.split(source.select(load_dataset(source.path)))
+
+
+def trainer_arguments(output_dir: Path, bf16: bool = False, **schedule):
+    """Trainer's defaults (fused AdamW, linear schedule) at kerasft's batch, rate and seed, no
+    checkpoint, no logging; `bf16`: its `bf16=True` (torch autocast to bfloat16 on the CPU);
+    `schedule`: how long (`num_train_epochs`, `max_steps`) and `eval_strategy`."""
+    from transformers import TrainingArguments  # lazily: the peer's library
+
+    return TrainingArguments(
+        output_dir=str(output_dir), per_device_train_batch_size=BATCH_SIZE,
+        learning_rate=LEARNING_RATE, lr_scheduler_type="linear", save_strategy="no",
+        logging_strategy="no", report_to="none", use_cpu=True, seed=SEED,
+        dataloader_num_workers=0, disable_tqdm=True, bf16=bf16, **schedule,
+    )  # fmt: skip
+
+
+def initial_checkpoint(preset: str, label_names: list[str], sequence_length: int, out: Path):
+    """A transformers checkpoint of kerasft's initial classifier: the preset, with the head
+    the recipe initialises (`recipe.initialize_head`, the same seed)."""
+    # lazy: loads Keras, under the backend this process was given
+    from kerasft.training import recipe
+
+    classifier = load_classifier(preset, len(label_names), sequence_length)
+    recipe.initialize_head(classifier, SEED)
+    return to_transformers(classifier, out, label_names)
 
 
 def run(args) -> dict:
@@ -51,17 +73,13 @@ def run(args) -> dict:
         DataCollatorWithPadding,
         DistilBertForSequenceClassification,
         Trainer,
-        TrainingArguments,
     )
-
-    from kerasft.training import recipe
 
     torch.set_num_threads(args.threads)
     train, val, test = splits(args.data, args.limit)
     work = Path(tempfile.mkdtemp(prefix="kerasft-trainer-run-"))
-    classifier = load_classifier(args.preset, len(train.label_names), args.sequence_length)
-    recipe.initialize_head(classifier, SEED)  # kerasft's initial weights
-    hf_dir = to_transformers(classifier, work / "transformers", train.label_names)
+    hf_dir = initial_checkpoint(args.preset, train.label_names, args.sequence_length,
+                                work / "transformers")  # fmt: skip
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     model = DistilBertForSequenceClassification.from_pretrained(hf_dir)
 
@@ -74,22 +92,8 @@ def run(args) -> dict:
             )
         ]
 
-    training = TrainingArguments(
-        output_dir=str(work / "trainer"),
-        per_device_train_batch_size=BATCH_SIZE,
-        learning_rate=LEARNING_RATE,
-        lr_scheduler_type="linear",
-        num_train_epochs=args.epochs,
-        eval_strategy="epoch",
-        save_strategy="no",
-        logging_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        seed=SEED,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        bf16=args.bf16,
-    )
+    training = trainer_arguments(work / "trainer", args.bf16, num_train_epochs=args.epochs,
+                                 eval_strategy="epoch")  # fmt: skip
     trainer = Trainer(
         model=model,
         args=training,

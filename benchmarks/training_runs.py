@@ -37,7 +37,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from kerasft.benchmarks.report import cpu_line, header, provenance, require_data, write_results
+from kerasft.benchmarks.report import (
+    cpu_line,
+    header,
+    measure_and_write,
+    provenance,
+    require_data,
+)
 from kerasft.data import DATA_ENV
 from kerasft.model.presets import OFFLINE_PRESET
 from kerasft.util.versions import TRAINING, source_commit
@@ -241,10 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     args.backends = [None if b == "default" else b for b in names]
     args.variants = args.variants or [""]
     require_data(parser, args.data)
-    args.command = "python -m kerasft.benchmarks.training_runs " + shlex.join(argv)
-    report = measure(args, progress=lambda text: print(text, flush=True))
-    write_results(args.out, report, render(report))
-    return 0
+    return measure_and_write("training_runs", argv, args, measure, render)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from kerasft.benchmarks.report import cpu_line, header, provenance, require_data, write_results
+from kerasft.benchmarks.report import (
+    cpu_line,
+    header,
+    measure_and_write,
+    provenance,
+    require_data,
+)
 from kerasft.benchmarks.training_runs import BACKENDS, run_fit
 from kerasft.data import DATA_ENV
 from kerasft.model.presets import OFFLINE_PRESET
@@ -212,10 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     require_data(parser, args.data)
     args.data = str(Path(args.data).resolve())  # the runs start in a directory of their own
     args.source = args.source.resolve() if args.source else None
-    args.command = "python -m kerasft.benchmarks.whole_runs " + shlex.join(argv)
-    report = measure(args, progress=lambda text: print(text, flush=True))
-    write_results(args.out, report, render(report))
-    return 0
+    return measure_and_write("whole_runs", argv, args, measure, render)
 
 
 if __name__ == "__main__":

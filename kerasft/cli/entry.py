@@ -101,4 +101,7 @@ def _runs_on_tensorflow(args) -> bool:
     """Whether the command serves an export whose runtime is TensorFlow's (SavedModel, LiteRT)."""
     if args.command != "predict" or not is_export(args.run_dir):
         return False
-    return manifest_format(args.run_dir) in TENSORFLOW_FORMATS
+    try:
+        return manifest_format(args.run_dir) in TENSORFLOW_FORMATS
+    except ValueError:  # an unreadable manifest: `predict` says so, in one line
+        return False
