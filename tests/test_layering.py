@@ -10,6 +10,8 @@ inside functions alike, so an import hidden in a function body cannot point up u
 import ast
 from pathlib import Path
 
+import pytest
+
 from conftest import ROOT
 
 PACKAGE = ROOT / "kerasft"
@@ -28,6 +30,7 @@ LAYERS = {
     "util": 0,
 }
 MAX_MODULES = 8  # per subpackage, `__init__` aside
+SOURCES = ("kerasft", "exporters", "benchmarks", "tests", ".ci")
 
 
 def imports_of(path: Path) -> set[str]:
@@ -181,11 +184,7 @@ def test_only_the_cli_imports_exporters_and_benchmarks():
 
 
 def test_no_module_is_over_600_lines():
-    paths = [
-        p
-        for folder in ("kerasft", "exporters", "benchmarks")
-        for p in (ROOT / folder).rglob("*.py")
-    ]
+    paths = [p for folder in SOURCES[:3] for p in (ROOT / folder).rglob("*.py")]
     long = {
         str(p.relative_to(ROOT)): n for p in paths if (n := len(p.read_text().splitlines())) > 600
     }
@@ -201,3 +200,18 @@ def test_exporters_and_benchmarks_point_down():
         for path in (ROOT / "exporters").glob("*.py")
     }
     assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_no_source_file_is_ignored_by_git():
+    """A clean checkout has every module this one has: a `.gitignore` line meant for the
+    repository root's run directories once hid `kerasft/runs/__init__.py` from commits."""
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    listed = subprocess.run(
+        ["git", "ls-files", "--others", "--ignored", "--exclude-standard", "--", *SOURCES],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    assert [p for p in listed if p.endswith((".py", ".md", ".json", ".toml"))] == []

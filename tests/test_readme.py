@@ -19,7 +19,7 @@ FLAG = re.compile(r"(?<![\w-])--[a-z0-9][a-z0-9-]*")
 
 def parsers() -> dict[str, argparse.ArgumentParser]:
     """`kerasft` and each of its commands' parsers, by command name."""
-    from kerasft.benchmarks.latency import build_parser as bench_parser
+    from kerasft.benchmarks.latency_options import build_parser as bench_parser
     from kerasft.cli import parser as cli
 
     parser = cli.build_parser()
