@@ -9,8 +9,8 @@ A run directory holds:
   or `"splits"`, meaning the splits are stored in `splits/*.jsonl` inside the run;
 - `metrics.json`: validation and test metrics, row counts, seconds (and the compiling in them),
   the kept epoch, trainable and total parameters of stage 2;
-- `adapter/` (LoRA runs): the adapter alone, which `kerasft.training.tuner.load_adapter` puts back onto
-  the base preset (`model.keras` is the merged model);
+- `adapter/` (LoRA runs): the adapter alone, which `kerasft.training.tuner.load_adapter` puts
+  back onto the base preset (`model.keras` is the merged model);
 - `history.json` and `training_curves.png`.
 
 `kerasft fit`, `save_run` (`TwoStageFineTuner.save_run`), the exporters and the benchmarks all
@@ -49,8 +49,8 @@ from kerasft.data import (
     split_dataset,
     stratified_limit,
 )
-from kerasft.util.fileio import atomic_write_text, publish_target
 from kerasft.runs.plots import plot_history
+from kerasft.util.fileio import atomic_write_text, publish_target
 from kerasft.util.versions import TRAINING, package_versions
 
 log = logging.getLogger(__name__)
