@@ -2,9 +2,11 @@
 before any process starts, one `error:` line, exit code 2, nothing written, the data file read at
 most once. An input error only a worker can see is printed once, by the launcher."""
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -111,3 +113,20 @@ def test_an_error_the_workers_find_is_printed_once(tiny_preset, toy_data, tmp_pa
     assert "peer" not in proc.stderr and "failed" not in proc.stderr, proc.stderr[-3000:]
     assert "starting 2 PyTorch processes" in proc.stderr  # the workers found it, not the launcher
     assert set(tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize(
+    "codes, input_error",
+    [
+        ([2, 2], True),
+        ([-signal.SIGTERM, 2], True),  # the slower process stopped by torch's agent (a CI run)
+        ([-signal.SIGTERM], False),  # no process met bad input
+        ([-signal.SIGKILL, 2], False),  # killed (out of memory): a crash, named as one
+        ([1, 2], False),
+    ],
+)
+def test_a_run_stopped_on_input_only_when_no_process_crashed(codes, input_error):
+    from kerasft.devices.launcher import _stopped_on_input
+
+    failures = [SimpleNamespace(exitcode=c) for c in codes]
+    assert _stopped_on_input(failures) is input_error

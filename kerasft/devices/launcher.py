@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import sys
 import tempfile
@@ -97,7 +98,7 @@ def launch_local(argv: list[str], processes: int) -> int:
             elastic_launch(config, entrypoint=sys.executable)("-m", "kerasft", *argv)
         except ChildFailedError as e:
             relayed = sorted(Path(errors).glob("[0-9]*"))
-            if relayed and all(f.exitcode == INPUT_ERROR for f in e.failures.values()):
+            if relayed and _stopped_on_input(list(e.failures.values())):
                 print(relayed[0].read_text(), file=sys.stderr)
                 return INPUT_ERROR
             for rank, failure in sorted(e.failures.items()):
@@ -110,3 +111,11 @@ def launch_local(argv: list[str], processes: int) -> int:
             del os.environ[ERRORS_ENV]
             agent_log.setLevel(level)
     return 0
+
+
+def _stopped_on_input(failures: list) -> bool:
+    """Whether a run's failed processes stopped on bad input: at least one exited with
+    `INPUT_ERROR`, and each other one too or by the SIGTERM with which torch's agent stops the
+    rest once one has failed (a process slower to read the same bad row gets that signal)."""
+    codes = [f.exitcode for f in failures]
+    return INPUT_ERROR in codes and all(c in (INPUT_ERROR, -signal.SIGTERM) for c in codes)
