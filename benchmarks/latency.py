@@ -10,8 +10,9 @@ LiteRT fp32 and INT8, and the peers on the same weights: transformers PyTorch ea
 ONNX export with its dynamic INT8 quantization, and optimum-intel's OpenVINO export with its INT8
 quantization (optional `bench` extra; the report says when they are missing).
 
-End to end: every kerasft export is also timed as users serve it, `runtime.load(dir)
-.predict(texts)` on raw test-split strings (tokenization included), at batch 1 and 32.
+End to end: every kerasft export is also timed as users serve it, with
+`runtime.load(dir).predict(texts)` on raw test-split strings (tokenization included), at batch
+1 and 32.
 
 Method: accuracy and label agreement are measured with the fine-tuned model on its sarcasm test
 split; latency with a DistilBERT-base-shaped model that computes the same function
